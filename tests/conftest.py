@@ -38,7 +38,7 @@ def run_torchrun(script: str | Path, *args: str, nproc: int = 2, timeout: int = 
     """Run `script` under torchrun on `nproc` CPU processes (gloo) and fail the test with its output if it fails."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run",
-        "--nproc-per-node", str(nproc), "--master-port", "0", "--standalone",
+        "--nproc-per-node", str(nproc), "--standalone",
         str(script), *map(str, args),
     ]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
