@@ -1,0 +1,383 @@
+"""Checkpoints: safetensors weights that other tools read, plus the recipe state for an exact resume.
+
+A checkpoint is one directory ``output_dir/step_N/``::
+
+    step_N/
+      adapter_model.safetensors   LoRA / QLoRA: the adapter, PEFT key names  ┐ loadable by `peft` /
+      adapter_config.json         PEFT's adapter config                      ┘ `transformers` as they are
+      model.safetensors           full: HF weights (or model-0000k-of-0000n.safetensors + index)
+      config.json                 full: the HF model config (+ tokenizer files copied from the base model)
+      mft_checkpoint.json         method, base model, chat format, EOS, task names, step, validation losses
+      recipe_state.pt             optimizer, scheduler, data loader + RNG per rank, step, best, patience, CoBa
+
+Atomicity: everything is written into ``step_N.tmp-XXXX`` (files fsynced), which is then renamed to ``step_N``.
+A rename within one directory is atomic, so a kill at any moment leaves either no ``step_N`` or a whole one; the
+``.tmp-`` leftovers of a killed save are ignored by :func:`list_checkpoints` and removed by
+:func:`remove_partial_checkpoints`. ``recipe_state.pt`` holds only tensors, numbers, strings and containers, so
+it loads with ``torch.load(weights_only=True)`` (no pickled code runs on resume).
+
+The recipe gathers what is sharded (:func:`gather_optimizer_state`, :func:`gather_rank_states`) on every rank and
+calls :func:`save_checkpoint` on rank 0 only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "META_FILE",
+    "STATE_FILE",
+    "capture_rng_state",
+    "restore_rng_state",
+    "gather_rank_states",
+    "gather_optimizer_state",
+    "load_optimizer_state",
+    "save_checkpoint",
+    "list_checkpoints",
+    "latest_checkpoint",
+    "resolve_resume",
+    "prune_checkpoints",
+    "remove_partial_checkpoints",
+    "read_checkpoint_meta",
+    "load_recipe_state",
+    "load_checkpoint_weights",
+    "peft_to_adapter_keys",
+]
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+META_FILE = "mft_checkpoint.json"
+STATE_FILE = "recipe_state.pt"
+FULL_WEIGHTS = "model.safetensors"
+FULL_INDEX = "model.safetensors.index.json"
+# Copied next to full weights so that the checkpoint is a loadable HF model directory on its own.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+    "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja",
+)
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+# ---------------------------------------------------------------------------------------------- RNG states
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """This process's RNG states (torch CPU, CUDA, numpy, python) in a ``weights_only``-loadable form."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# -------------------------------------------------------------------------------------- distributed gathering
+
+
+def gather_rank_states(local: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """Collect one small per-rank dict (data loader position, RNG) from every rank onto rank 0.
+
+    Collective: call on every rank. Returns the list indexed by rank on rank 0, None elsewhere; without a
+    process group, ``[local]``.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return [local]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(local, out, dst=0)
+    return out
+
+
+def gather_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer state as full (unsharded) CPU tensors keyed by parameter name, on rank 0 ({} elsewhere).
+
+    Keyed by name rather than by FSDP shard, so a run may resume on a different number of ranks. Collective under
+    FSDP2: call on every rank.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load a state from :func:`gather_optimizer_state` into (possibly sharded) parameters' optimizer.
+
+    Collective under FSDP2: every rank passes the same full state.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+def save_checkpoint(
+    output_dir: str | os.PathLike,
+    step: int,
+    *,
+    weights: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    recipe_state: dict[str, Any] | None = None,
+    adapter_config: dict[str, Any] | None = None,
+    model_config: dict[str, Any] | None = None,
+    base_model_dir: str | os.PathLike | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> Path:
+    """Write ``output_dir/step_{step}`` atomically (rank 0 only).
+
+    Args:
+        output_dir: the run's output directory.
+        step: optimizer step; names the directory.
+        weights: adapter weights with PEFT key names (``adapter_config`` given), or full HF weights (``model_config``
+            given), as CPU tensors.
+        meta: the content of ``mft_checkpoint.json`` (see CONTRACT); ``step`` is filled in.
+        recipe_state: what :func:`load_recipe_state` returns on resume; None writes no state (an export-only save).
+        adapter_config: PEFT's ``adapter_config.json`` content, for LoRA / QLoRA.
+        model_config: HF ``config.json`` content, for full fine-tuning.
+        base_model_dir: for full checkpoints, tokenizer files are copied from here.
+        max_shard_bytes: full weights above this size are split into HF-style shards with an index.
+
+    Returns:
+        The checkpoint directory.
+
+    Raises:
+        ValueError: neither or both of ``adapter_config`` and ``model_config`` given.
+    """
+    if (adapter_config is None) == (model_config is None):
+        raise ValueError("save_checkpoint: give exactly one of adapter_config (LoRA) or model_config (full)")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    final = output_dir / f"step_{step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f"step_{step}.tmp-", dir=output_dir))
+    try:
+        if adapter_config is not None:
+            save_file(_contiguous(weights), str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+            _write_json(tmp / ADAPTER_CONFIG, adapter_config)
+        else:
+            _save_full_weights(tmp, weights, model_config, max_shard_bytes)
+            _write_json(tmp / "config.json", model_config)
+            if base_model_dir is not None:
+                for name in TOKENIZER_FILES:
+                    if (Path(base_model_dir) / name).is_file():
+                        shutil.copy2(Path(base_model_dir) / name, tmp / name)
+        if recipe_state is not None:
+            with open(tmp / STATE_FILE, "wb") as f:
+                torch.save(recipe_state, f)
+        # The metadata is written last: a directory with mft_checkpoint.json is a finished one.
+        _write_json(tmp / META_FILE, {**meta, "step": step})
+        _fsync_dir_files(tmp)
+        if final.exists():  # re-saving a step (e.g. the final save after a periodic one at the same step)
+            old = Path(tempfile.mkdtemp(prefix=f"step_{step}.old-", dir=output_dir))
+            os.replace(final, old / "ckpt")
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync(output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _contiguous(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
+
+
+def _save_full_weights(tmp: Path, weights: dict[str, torch.Tensor], model_config: dict, max_shard_bytes: int) -> None:
+    weights = _contiguous(weights)
+    if model_config.get("tie_word_embeddings") and "lm_head.weight" in weights:
+        # HF stores tied embeddings once; safetensors refuses two names for one storage anyway.
+        weights.pop("lm_head.weight")
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in weights.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(tmp / FULL_WEIGHTS), metadata={"format": "pt"})
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards, start=1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(tmp / file), metadata={"format": "pt"})
+        for name, tensor in shard.items():
+            weight_map[name] = file
+            total += tensor.numel() * tensor.element_size()
+    _write_json(tmp / FULL_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir_files(directory: Path) -> None:
+    # Without fsync a power loss after the rename could leave a renamed directory of empty files.
+    for p in directory.iterdir():
+        _fsync(p)
+    _fsync(directory)
+
+
+# ---------------------------------------------------------------------------------------- finding, pruning
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Finished checkpoints in ``output_dir`` as ``(step, path)``, oldest first (``.tmp-`` leftovers excluded)."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for p in output_dir.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and p.is_dir() and (p / META_FILE).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: str | os.PathLike, *, resumable: bool = True) -> Path | None:
+    """The newest finished checkpoint (with a recipe state when ``resumable``), or None."""
+    for _, path in reversed(list_checkpoints(output_dir)):
+        if not resumable or (path / STATE_FILE).is_file():
+            return path
+    return None
+
+
+def resolve_resume(resume: str | os.PathLike | None, output_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint a run continues from.
+
+    Args:
+        resume: None / ``"none"`` / false (start fresh), ``"auto"`` (the newest whole checkpoint in
+            ``output_dir``, or fresh when there is none), or a checkpoint directory.
+        output_dir: the run's output directory.
+
+    Raises:
+        FileNotFoundError: a given path is not a finished checkpoint with a recipe state.
+    """
+    if resume in (None, False, "", "none", "null", "no"):
+        return None
+    if resume == "auto":
+        return latest_checkpoint(output_dir)
+    path = Path(os.path.expanduser(str(resume)))
+    for name in (META_FILE, STATE_FILE):
+        if not (path / name).is_file():
+            raise FileNotFoundError(
+                f"resume: {path} is not a resumable checkpoint (no {name}); expected an output_dir/step_N directory "
+                f"written by a recipe, or resume: auto"
+            )
+    return path
+
+
+def prune_checkpoints(output_dir: str | os.PathLike, saving_limit: int | None, keep: tuple[int, ...] = ()) -> list[Path]:
+    """Delete all but the ``saving_limit`` newest checkpoints and the steps in ``keep`` (e.g. the best).
+
+    Returns:
+        The directories removed. ``saving_limit`` None or <= 0 keeps everything.
+    """
+    if not saving_limit or saving_limit <= 0:
+        return []
+    ckpts = list_checkpoints(output_dir)
+    newest = {step for step, _ in ckpts[-saving_limit:]}
+    removed = []
+    for step, path in ckpts:
+        if step not in newest and step not in keep:
+            # Rename first so a kill during rmtree never leaves a half-deleted step_N that looks finished.
+            doomed = path.with_name(f"{path.name}.tmp-delete")
+            os.replace(path, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def remove_partial_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Remove ``step_N.tmp-*`` / ``step_N.old-*`` leftovers of a killed save (rank 0, before training)."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    leftovers = [p for p in output_dir.iterdir() if re.match(r"^step_\d+\.(tmp|old)-", p.name)]
+    for p in leftovers:
+        shutil.rmtree(p, ignore_errors=True)
+    return leftovers
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def read_checkpoint_meta(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
+    """The content of ``mft_checkpoint.json``."""
+    return json.loads((Path(ckpt_dir) / META_FILE).read_text(encoding="utf-8"))
+
+
+def load_recipe_state(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
+    """``recipe_state.pt`` loaded with ``weights_only=True`` onto the CPU."""
+    return torch.load(Path(ckpt_dir) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def load_checkpoint_weights(ckpt_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The saved weights as written: PEFT adapter keys, or full HF keys (all shards)."""
+    ckpt_dir = Path(ckpt_dir)
+    if (ckpt_dir / ADAPTER_WEIGHTS).is_file():
+        return load_file(str(ckpt_dir / ADAPTER_WEIGHTS))
+    if (ckpt_dir / FULL_INDEX).is_file():
+        index = json.loads((ckpt_dir / FULL_INDEX).read_text(encoding="utf-8"))
+        weights = {}
+        for file in sorted(set(index["weight_map"].values())):
+            weights.update(load_file(str(ckpt_dir / file)))
+        return weights
+    if (ckpt_dir / FULL_WEIGHTS).is_file():
+        return load_file(str(ckpt_dir / FULL_WEIGHTS))
+    raise FileNotFoundError(f"{ckpt_dir}: no {ADAPTER_WEIGHTS}, {FULL_INDEX} or {FULL_WEIGHTS}")
+
+
+def peft_to_adapter_keys(peft_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of ``lora.adapter_to_peft_state_dict``'s naming: ``base_model.model.P.lora_A.weight`` -> ``P.lora_a.weight``.
+
+    ``P`` is the module path inside the HF model (``model.layers.0.self_attn.q_proj``).
+    """
+    out = {}
+    for key, tensor in peft_state.items():
+        name = key.removeprefix("base_model.model.")
+        name = name.replace(".lora_A.", ".lora_a.").replace(".lora_B.", ".lora_b.")
+        out[name] = tensor
+    return out
