@@ -1,0 +1,559 @@
+"""Export a training checkpoint as a Hugging Face model directory and a PEFT adapter (`mft export`).
+
+A LoRA / QLoRA checkpoint is merged into the ORIGINAL base weights (read from the base model's safetensors, never
+from an NF4 copy, so a QLoRA export carries no quantisation error on the weights that were not trained)::
+
+    W_out = cast(W_base.float() + scale * B.float() @ A.float(), dtype)     scale = alpha / r  (rsLoRA: alpha / sqrt(r))
+
+A full fine-tuning checkpoint is re-cast and re-sharded into the same layout. The output directory::
+
+    OUT/
+      config.json  generation_config.json          (eos_token_id = the EOS the training used)
+      model.safetensors | model-0000k-of-0000n.safetensors + model.safetensors.index.json
+      tokenizer files                              (chat_template renders exactly the training format)
+      mft_chat_format.json                         (the ChatFormat dict; `mft generate` builds prompts from it)
+      README.md                                    (model card: base, method, tasks, steps, validation losses)
+      adapter/                                     (LoRA / QLoRA only: PEFT adapter_config.json + adapter_model.safetensors)
+
+Weights are streamed tensor by tensor: the shard plan is made from the safetensors headers, then each shard file is
+written one tensor at a time, so peak memory is about one tensor in float32, not the model (let alone twice).
+Everything is written into a temporary sibling directory and renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+OUTPUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+# safetensors header dtype codes -> (torch dtype, bytes per element)
+_ST_DTYPES = {
+    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2),
+    "I64": (torch.int64, 8), "I32": (torch.int32, 4), "I16": (torch.int16, 2), "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1),
+}
+_TORCH_TO_ST = {v[0]: k for k, v in _ST_DTYPES.items()}
+_PEFT_KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?P<which>[AB])\.weight$")
+CHECKPOINT_META = "mft_checkpoint.json"
+CHAT_FORMAT_FILE = "mft_chat_format.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+class ExportError(ValueError):
+    """A checkpoint, base model or output directory that cannot be exported; the message says what and where."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading checkpoints and adapters
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def read_checkpoint_meta(checkpoint_dir: str | Path) -> dict:
+    """Read `mft_checkpoint.json` of a training checkpoint.
+
+    Args:
+        checkpoint_dir: a `output_dir/step_N/` directory written by the recipes.
+
+    Returns:
+        The metadata dict (method, base_model_dir, chat_format, eos_token, task_names, ...).
+
+    Raises:
+        ExportError: the directory or its metadata file is missing or malformed.
+    """
+    path = Path(checkpoint_dir) / CHECKPOINT_META
+    if not Path(checkpoint_dir).is_dir():
+        raise ExportError(f"checkpoint directory {checkpoint_dir} does not exist (expected output_dir/step_N/)")
+    if not path.is_file():
+        raise ExportError(f"{path}: not found; {checkpoint_dir} is not an mft training checkpoint (expected "
+                          f"output_dir/step_N/ with {CHECKPOINT_META})")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from e
+    if meta.get("method") not in ("lora", "qlora", "full"):
+        raise ExportError(f"{path}: method: expected 'lora', 'qlora' or 'full', got {meta.get('method')!r}")
+    return meta
+
+
+@dataclass
+class LoRAAdapter:
+    """A PEFT-format LoRA adapter: per target module its `A [r, in]` and `B [out, r]` and the merge scale."""
+
+    config: dict
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path ("model.layers.0.self_attn.q_proj") -> (A, B)
+    scale: float
+
+
+def lora_scale(adapter_config: dict) -> float:
+    """`alpha / r`, or `alpha / sqrt(r)` for rsLoRA, as PEFT and `LoRALinear` define it."""
+    r, alpha = adapter_config["r"], adapter_config["lora_alpha"]
+    return alpha / math.sqrt(r) if adapter_config.get("use_rslora") else alpha / r
+
+
+def read_adapter(adapter_dir: str | Path) -> LoRAAdapter:
+    """Load `adapter_config.json` + `adapter_model.safetensors` (PEFT key names) from a checkpoint or adapter dir.
+
+    Args:
+        adapter_dir: directory holding the two PEFT files.
+
+    Returns:
+        LoRAAdapter with tensors as stored (not cast).
+
+    Raises:
+        ExportError: a file is missing, or the adapter uses a PEFT feature the merge does not implement
+            (per-module rank/alpha patterns, fan_in_fan_out, non-LoRA keys), or A/B do not pair up.
+    """
+    adapter_dir = Path(adapter_dir)
+    cfg_path, w_path = adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise ExportError(f"{p}: not found; a LoRA/QLoRA checkpoint holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
+    config = json.loads(cfg_path.read_text())
+    for key in ("rank_pattern", "alpha_pattern"):
+        if config.get(key):
+            raise ExportError(f"{cfg_path}: {key}: per-module ranks/alphas are not supported by the merge; expected {{}}")
+    if config.get("fan_in_fan_out"):
+        raise ExportError(f"{cfg_path}: fan_in_fan_out: true is not supported (expected nn.Linear targets)")
+    halves: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in load_file(w_path).items():
+        m = _PEFT_KEY.match(key)
+        if m is None:
+            raise ExportError(f"{w_path}: tensor {key!r} is not a LoRA weight "
+                              f"(expected base_model.model.<module>.lora_A.weight / .lora_B.weight)")
+        halves.setdefault(m["path"], {})[m["which"]] = tensor
+    pairs = {}
+    for path, h in halves.items():
+        if set(h) != {"A", "B"}:
+            raise ExportError(f"{w_path}: module {path} has only lora_{''.join(h)}; expected both lora_A and lora_B")
+        a, b = h["A"], h["B"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != config["r"] or b.shape[1] != config["r"]:
+            raise ExportError(f"{w_path}: module {path}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not "
+                              f"match r={config['r']} from {cfg_path} (expected [r, in] and [out, r])")
+        pairs[path] = (a, b)
+    return LoRAAdapter(config=config, pairs=pairs, scale=lora_scale(config))
+
+
+def merge_lora_tensor(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, name: str = "weight"
+                      ) -> torch.Tensor:
+    """Return `weight + scale * b @ a` in float32.
+
+    Raises:
+        ExportError: shapes do not fit (the adapter was trained on another base); names the tensor and both shapes.
+    """
+    expected = (b.shape[0], a.shape[1])
+    if tuple(weight.shape) != expected:
+        raise ExportError(f"shape mismatch for {name}: the base model has {tuple(weight.shape)}, the adapter expects "
+                          f"{expected} (lora_B {tuple(b.shape)} @ lora_A {tuple(a.shape)}); was this checkpoint "
+                          f"trained on another base model? Pass the right one with --base")
+    return torch.addmm(weight.float(), b.float(), a.float(), alpha=scale)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Streaming safetensors I/O
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def safetensors_files(model_dir: str | Path) -> list[Path]:
+    """The safetensors files of a HF model directory (from the index when sharded).
+
+    Raises:
+        ExportError: no safetensors weights in the directory.
+    """
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [model_dir / f for f in sorted(set(weight_map.values()))]
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise ExportError(f"{model_dir}: no model.safetensors or model.safetensors.index.json (expected a Hugging Face "
+                      f"model directory with safetensors weights)")
+
+
+@dataclass
+class _TensorSpec:
+    name: str
+    file: Path
+    shape: tuple[int, ...]
+    out_dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.out_dtype).element_size()
+
+
+def _read_specs(files: list[Path], dtype: torch.dtype) -> list[_TensorSpec]:
+    """Names and shapes from the headers only; floating tensors are cast to `dtype`, others keep theirs."""
+    specs = []
+    for f in files:
+        with safe_open(f, framework="pt") as st:
+            for name in st.keys():
+                sl = st.get_slice(name)
+                src = _ST_DTYPES[sl.get_dtype()][0]
+                specs.append(_TensorSpec(name, f, tuple(sl.get_shape()), dtype if src.is_floating_point else src))
+    return specs
+
+
+def parse_size(size: int | str) -> int:
+    """`"5GB"` -> 5 * 10**9, `"500MiB"` -> 500 * 2**20, ints pass through (the transformers convention).
+
+    Raises:
+        ExportError: not a size.
+    """
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*", str(size).upper())
+    if m is None:
+        raise ExportError(f"--max-shard-size: expected a size like 5GB, 500MB or 2GiB, got {size!r}")
+    unit = m[2] or "B"
+    power = " KMGT".index(unit[0]) if unit != "B" else 0
+    base = 1024 if "I" in unit else 1000
+    return int(float(m[1]) * base**power)
+
+
+def _plan_shards(specs: list[_TensorSpec], max_bytes: int) -> list[list[_TensorSpec]]:
+    """Greedy, in checkpoint order: start a new shard when the next tensor would overflow (a big tensor alone)."""
+    shards: list[list[_TensorSpec]] = [[]]
+    size = 0
+    for s in specs:
+        if shards[-1] and size + s.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(s)
+        size += s.nbytes
+    return shards
+
+
+class _StreamingSafetensorsWriter:
+    """Write one safetensors file tensor by tensor: the header (all shapes known up front), then each tensor's bytes.
+
+    The safetensors format is `u64 header length | JSON header | data`; the header is padded with spaces to a multiple
+    of 8 and the tensors are ordered by element size (largest first) so every tensor's data stays aligned.
+    """
+
+    def __init__(self, path: Path, specs: list[_TensorSpec]):
+        self.specs = sorted(specs, key=lambda s: -torch.empty((), dtype=s.out_dtype).element_size())
+        header: dict = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for s in self.specs:
+            header[s.name] = {"dtype": _TORCH_TO_ST[s.out_dtype], "shape": list(s.shape),
+                              "data_offsets": [offset, offset + s.nbytes]}
+            offset += s.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._file = open(path, "wb")
+        self._file.write(struct.pack("<Q", len(raw)) + raw)
+        self._next = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        spec = self.specs[self._next]
+        assert name == spec.name and tuple(tensor.shape) == spec.shape and tensor.dtype == spec.out_dtype, name
+        # A flat uint8 view of the tensor's own storage: no second copy of the data.
+        self._file.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        self._next += 1
+
+    def close(self) -> None:
+        assert self._next == len(self.specs), "not every tensor was written"
+        self._file.close()
+
+
+def write_sharded_weights(out_dir: Path, specs: list[_TensorSpec], max_shard_size: int | str, transform) -> list[Path]:
+    """Write `specs` as `model.safetensors` or `model-0000k-of-0000n.safetensors` + index, streaming.
+
+    Args:
+        out_dir: directory to write into.
+        specs: tensors to write, with their source file and output dtype.
+        max_shard_size: bytes per shard (or "5GB").
+        transform: `(spec, tensor) -> tensor` applied to each source tensor before the cast (the LoRA merge).
+
+    Returns:
+        The written weight files.
+    """
+    shards = _plan_shards(specs, parse_size(max_shard_size))
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    handles: dict[Path, object] = {}
+    try:
+        for shard, fname in zip(shards, names):
+            writer = _StreamingSafetensorsWriter(out_dir / fname, shard)
+            for spec in writer.specs:
+                if spec.file not in handles:
+                    handles[spec.file] = safe_open(spec.file, framework="pt").__enter__()
+                tensor = transform(spec, handles[spec.file].get_tensor(spec.name))
+                writer.write(spec.name, tensor.to(spec.out_dtype))
+                del tensor
+            writer.close()
+    finally:
+        for h in handles.values():
+            h.__exit__(None, None, None)
+    if n > 1:
+        index = {
+            "metadata": {"total_size": sum(s.nbytes for s in specs),
+                         "total_parameters": sum(math.prod(s.shape) for s in specs)},
+            "weight_map": {s.name: fname for shard, fname in zip(shards, names) for s in shard},
+        }
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return [out_dir / f for f in names]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Export
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _resolve_base(checkpoint_dir: Path, meta: dict, base: str | Path | None) -> Path:
+    if base is not None:
+        source, path = "--base", Path(base)
+    else:
+        if not meta.get("base_model_dir"):
+            raise ExportError(f"{checkpoint_dir / CHECKPOINT_META}: base_model_dir is empty; pass the base model "
+                              f"directory with --base")
+        source, path = f"{checkpoint_dir / CHECKPOINT_META}: base_model_dir", Path(meta["base_model_dir"])
+    if not path.is_dir():
+        raise ExportError(f"base model directory {path} (from {source}) does not exist; pass the directory of the "
+                          f"model the checkpoint was trained from with --base")
+    if not (path / "config.json").is_file():
+        raise ExportError(f"base model directory {path} (from {source}) has no config.json; expected a Hugging Face "
+                          f"model directory")
+    return path
+
+
+def _check_output_dir(output_dir: Path, force: bool, inputs: list[Path]) -> None:
+    out = output_dir.resolve()
+    for p in inputs:
+        p = p.resolve()
+        if out == p or out in p.parents:
+            raise ExportError(f"output directory {output_dir} would overwrite the input {p}; choose another --output")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"output {output_dir} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ExportError(f"output directory {output_dir} exists and is not empty; choose another --output or pass "
+                          f"--force to replace it")
+
+
+def _find_tokenizer_dir(checkpoint_dir: Path, meta: dict, base_dir: Path | None) -> Path:
+    candidates = [Path(p) for p in (meta.get("tokenizer_dir"),) if p] + [checkpoint_dir]
+    candidates += [base_dir] if base_dir is not None else []
+    for c in candidates:
+        if (c / "tokenizer_config.json").is_file() or (c / "tokenizer.json").is_file():
+            return c
+    raise ExportError(f"no tokenizer found in {', '.join(map(str, candidates))} (expected tokenizer_config.json); "
+                      f"pass --base with the model directory that holds the tokenizer")
+
+
+def _load_tokenizer(tokenizer_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def _token_id(tokenizer, token: str) -> int:
+    """The id of the training EOS token; it must be a single vocabulary entry."""
+    tid = tokenizer.convert_tokens_to_ids(token)
+    if tid is None or (tid == tokenizer.unk_token_id and token != tokenizer.unk_token):
+        raise ExportError(f"training EOS token {token!r} (mft_checkpoint.json: eos_token) is not in the tokenizer's "
+                          f"vocabulary; was the checkpoint trained with another tokenizer?")
+    return tid
+
+
+def _write_configs(out_dir: Path, config_dir: Path, base_dir: Path | None, dtype: torch.dtype, eos_id: int) -> None:
+    config = json.loads((config_dir / "config.json").read_text())
+    config["dtype"] = _DTYPE_NAMES[dtype]
+    if "torch_dtype" in config:  # older transformers read this key
+        config["torch_dtype"] = _DTYPE_NAMES[dtype]
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    gen_path = next((d / "generation_config.json" for d in (config_dir, base_dir)
+                     if d is not None and (d / "generation_config.json").is_file()), None)
+    gen = json.loads(gen_path.read_text()) if gen_path else {
+        k: config[k] for k in ("bos_token_id", "pad_token_id") if config.get(k) is not None}
+    # Generation must stop where training taught the model to stop.
+    gen["eos_token_id"] = eos_id
+    (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    # Models with remote code need their modelling files next to config.json.
+    for d in dict.fromkeys(x for x in (config_dir, base_dir) if x is not None):
+        for py in d.glob("*.py"):
+            if not (out_dir / py.name).exists():
+                shutil.copyfile(py, out_dir / py.name)
+
+
+def _write_adapter(adapter_out: Path, checkpoint_dir: Path, base_dir: Path, chat_meta: dict) -> None:
+    adapter_out.mkdir(parents=True)
+    config = json.loads((checkpoint_dir / ADAPTER_CONFIG).read_text())
+    config["base_model_name_or_path"] = str(base_dir.resolve())
+    (adapter_out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    shutil.copyfile(checkpoint_dir / ADAPTER_WEIGHTS, adapter_out / ADAPTER_WEIGHTS)
+    (adapter_out / CHAT_FORMAT_FILE).write_text(json.dumps(chat_meta, indent=2) + "\n")
+
+
+def model_card(meta: dict, base_name: str, adapter_only: bool = False) -> str:
+    """A short README.md: base model, method, tasks with sample counts, steps, per-task validation loss."""
+    method = {"lora": "LoRA", "qlora": "QLoRA", "full": "full-parameter"}[meta["method"]]
+    lines = [f"# Multi-task fine-tune of {base_name}", "",
+             f"Fine-tuned with [mft](https://github.com/) ({method} multi-task fine-tuning, MFTCoder-style).", "",
+             f"- Base model: `{base_name}`", f"- Method: {method}"]
+    if meta.get("lora") and meta["method"] != "full":
+        lo = meta["lora"]
+        lines.append("- LoRA: " + ", ".join(f"{k}={lo[k]}" for k in ("rank", "alpha", "dropout", "use_rslora",
+                                                                       "target_modules") if k in lo))
+    lines.append(f"- Training steps: {meta.get('step', 'unknown')}")
+    lines += ["", "## Tasks", "", "| task | training samples | validation loss |", "|---|---:|---:|"]
+    counts, losses = meta.get("task_sample_counts") or {}, meta.get("valid_losses") or {}
+    for t in meta.get("task_names") or sorted(set(counts) | set(losses)):
+        loss = losses.get(t)
+        lines.append(f"| {t} | {counts.get(t, '')} | {'' if loss is None else f'{loss:.4f}'} |")
+    lines += ["", "## Prompt format", "",
+              "The tokenizer's `chat_template` renders exactly the training format; use "
+              "`tokenizer.apply_chat_template(messages, add_generation_prompt=True)` or `mft generate`."]
+    if adapter_only:
+        lines += ["", "This directory holds a PEFT adapter: `PeftModel.from_pretrained(base_model, adapter_dir)`."]
+    elif meta["method"] != "full":
+        lines += ["", "`adapter/` holds the PEFT adapter: `PeftModel.from_pretrained(base_model, 'adapter')`."]
+    return "\n".join(lines) + "\n"
+
+
+def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, base: str | Path | None = None,
+                      dtype: str = "bf16", max_shard_size: int | str = "5GB", adapter_only: bool = False,
+                      force: bool = False) -> Path:
+    """Export a training checkpoint as a Hugging Face model directory (and a PEFT adapter for LoRA / QLoRA).
+
+    Args:
+        checkpoint_dir: `output_dir/step_N/` written by a recipe (holds `mft_checkpoint.json`).
+        output_dir: directory to create; see the module docstring for its layout.
+        base: the base model directory; default `base_model_dir` from the checkpoint metadata.
+        dtype: "bf16" | "fp16" | "fp32" for the written weights (the merge itself runs in float32).
+        max_shard_size: largest safetensors file, e.g. "5GB" (one file when the model fits).
+        adapter_only: write only `output_dir/adapter/` (LoRA / QLoRA checkpoints).
+        force: replace a non-empty `output_dir`.
+
+    Returns:
+        The output directory.
+
+    Raises:
+        ExportError: missing checkpoint/base/tokenizer, shape mismatch with the base (names the tensor and both
+            shapes), non-empty output without `force`, `adapter_only` for a full checkpoint, bad dtype/size.
+    """
+    from mft_components.templates import ChatFormat
+
+    checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
+    if dtype not in OUTPUT_DTYPES:
+        raise ExportError(f"--dtype: expected one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}")
+    out_dtype = OUTPUT_DTYPES[dtype]
+    parse_size(max_shard_size)  # fail before any work
+    meta = read_checkpoint_meta(checkpoint_dir)
+    full = meta["method"] == "full"
+    if adapter_only and full:
+        raise ExportError(f"--adapter-only: {checkpoint_dir} is a full fine-tuning checkpoint, it has no adapter")
+    # A full checkpoint is self-contained; the base is only needed there for the tokenizer, and only when given.
+    base_dir = _resolve_base(checkpoint_dir, meta, base) if not full or base is not None else None
+    _check_output_dir(output_dir, force, [checkpoint_dir] + ([base_dir] if base_dir else []))
+
+    chat_format = ChatFormat.from_config(meta.get("chat_format"))
+    base_name = meta.get("base_model_name") or (base_dir.name if base_dir else checkpoint_dir.name)
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        if full:
+            weights_dir, transform = checkpoint_dir, (lambda spec, t: t)
+        else:
+            adapter = read_adapter(checkpoint_dir)
+            weights_dir = base_dir
+            by_weight = {f"{path}.weight": ab for path, ab in adapter.pairs.items()}
+
+            def transform(spec, t):
+                if spec.name not in by_weight:
+                    return t
+                a, b = by_weight[spec.name]
+                return merge_lora_tensor(t, a, b, adapter.scale, f"{spec.name} (from {spec.file})")
+
+        specs = _read_specs(safetensors_files(weights_dir), out_dtype)
+        if not full:
+            _check_adapter_against_base(adapter, specs, weights_dir)
+
+        tokenizer = _load_tokenizer(_find_tokenizer_dir(checkpoint_dir, meta, base_dir))
+        eos_token = meta.get("eos_token") or tokenizer.eos_token
+        eos_id = _token_id(tokenizer, eos_token)
+        chat_meta = {"chat_format": chat_format.to_dict(), "eos_token": eos_token}
+        if adapter_only:
+            _write_adapter(tmp / "adapter", checkpoint_dir, base_dir, chat_meta)
+            (tmp / "adapter" / "README.md").write_text(model_card(meta, base_name, adapter_only=True))
+        else:
+            write_sharded_weights(tmp, specs, max_shard_size, transform)
+            # The training template becomes the model's chat template: apply_chat_template == training prompt.
+            tokenizer.chat_template = chat_format.jinja_chat_template(tokenizer)
+            tokenizer.save_pretrained(tmp)
+            _write_configs(tmp, checkpoint_dir if full else base_dir, base_dir, out_dtype, eos_id)
+            (tmp / CHAT_FORMAT_FILE).write_text(json.dumps(chat_meta, indent=2) + "\n")
+            (tmp / "README.md").write_text(model_card(meta, base_name))
+            if not full:
+                _write_adapter(tmp / "adapter", checkpoint_dir, base_dir, chat_meta)
+        # Replace only once everything is written: an interrupted export never leaves a half directory behind.
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        os.replace(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def _check_adapter_against_base(adapter: LoRAAdapter, specs: list[_TensorSpec], base_dir: Path) -> None:
+    """Every adapted module exists in the base with the shape the adapter expects (headers only, before writing)."""
+    shapes = {s.name: s.shape for s in specs}
+    for path, (a, b) in adapter.pairs.items():
+        name = f"{path}.weight"
+        if name not in shapes:
+            raise ExportError(f"the adapter targets {path}, but the base model in {base_dir} has no tensor {name}; was "
+                              f"this checkpoint trained on another base model? Pass the right one with --base")
+        expected = (b.shape[0], a.shape[1])
+        if shapes[name] != expected:
+            raise ExportError(f"shape mismatch for {name}: the base model in {base_dir} has {shapes[name]}, the "
+                              f"adapter expects {expected} (lora_B {tuple(b.shape)} @ lora_A {tuple(a.shape)}); was "
+                              f"this checkpoint trained on another base model? Pass the right one with --base")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `mft export`."""
+    parser.add_argument("checkpoint_dir", help="a training checkpoint: output_dir/step_N/")
+    parser.add_argument("--output", "-o", required=True, help="directory to write (must not exist or be empty)")
+    parser.add_argument("--base", default=None,
+                        help="base model directory (default: base_model_dir from the checkpoint's mft_checkpoint.json)")
+    parser.add_argument("--dtype", default="bf16", choices=list(OUTPUT_DTYPES), help="dtype of the written weights")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+    parser.add_argument("--adapter-only", action="store_true", help="write only OUTPUT/adapter/ (PEFT format)")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `mft export`; returns the exit status (errors for people go to stderr, status 2)."""
+    import sys
+
+    try:
+        out = export_checkpoint(args.checkpoint_dir, args.output, base=args.base, dtype=args.dtype,
+                                max_shard_size=args.max_shard_size, adapter_only=args.adapter_only, force=args.force)
+    except ExportError as e:
+        print(f"mft export: error: {e}", file=sys.stderr)
+        return 2
+    what = "PEFT adapter" if args.adapter_only else "Hugging Face model"
+    print(f"mft export: wrote {what} to {out}")
+    return 0

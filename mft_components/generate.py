@@ -1,0 +1,283 @@
+"""Generate with a fine-tuned model using the exact training prompt format (`mft generate`).
+
+The prompt is built by the same code that rendered the training data, `ChatFormat.prompt_ids` (history + user turn,
+ending with the assistant marker), so the model sees at inference what it saw in training. The format comes from
+
+    MODEL_OR_ADAPTER/mft_chat_format.json   written by `mft export` (the exported dir and its adapter/)
+    MODEL_OR_ADAPTER/mft_checkpoint.json    a training checkpoint (output_dir/step_N/)
+
+Two ways to get a model:
+
+    mft generate --model OUT                              an exported directory
+    mft generate --model BASE --adapter output/step_N     the base + a LoRA / QLoRA checkpoint's adapter, merged in
+                                                          float32 by the same code as `mft export`
+
+Generation uses `transformers`' `generate`, stops at the training EOS and prints only the new text. With
+`--file PROMPTS.jsonl` each line is `{"prompt": "..."}` or `{"messages": [...]}` (optionally `"system"`) and the
+output is one JSON line per input: the input record plus `"response"`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mft_components.export import (
+    ADAPTER_CONFIG,
+    CHAT_FORMAT_FILE,
+    CHECKPOINT_META,
+    OUTPUT_DTYPES,
+    ExportError,
+    merge_lora_tensor,
+    read_adapter,
+)
+
+_ROLES = ("system", "user", "assistant")
+
+
+class GenerateError(ValueError):
+    """Bad model/adapter directory or prompt file; the message says what and where."""
+
+
+@dataclass
+class GenerationModel:
+    """What `generate` needs: the HF model, its tokenizer, the training chat format and EOS id."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    chat_format: object  # mft_components.templates.ChatFormat
+    eos_token_id: int
+
+
+@dataclass
+class Generation:
+    """One answer: `text` is the decoded new tokens before the EOS; `finished` is True when the EOS was produced."""
+
+    text: str
+    prompt_ids: list[int]
+    new_ids: list[int] = field(default_factory=list)
+    finished: bool = False
+
+
+def _read_chat_meta(dirs: list[Path]) -> tuple[dict | None, str | None, Path]:
+    """(chat_format dict, eos token, file) from the first dir holding mft_chat_format.json or mft_checkpoint.json."""
+    for d in dirs:
+        for name in (CHAT_FORMAT_FILE, CHECKPOINT_META):
+            p = d / name
+            if p.is_file():
+                meta = json.loads(p.read_text())
+                return meta.get("chat_format"), meta.get("eos_token"), p
+    raise GenerateError(f"no training chat format found in {', '.join(map(str, dirs))} (expected {CHAT_FORMAT_FILE} "
+                        f"from `mft export` or {CHECKPOINT_META} from a training checkpoint)")
+
+
+def _tokenizer_dir(model_dir: Path, adapter_dir: Path | None) -> Path:
+    candidates = [model_dir] + ([adapter_dir] if adapter_dir else [])
+    if (model_dir / CHECKPOINT_META).is_file():  # a full checkpoint used directly as --model
+        base = json.loads((model_dir / CHECKPOINT_META).read_text()).get("base_model_dir")
+        candidates += [Path(base)] if base else []
+    for c in candidates:
+        if (c / "tokenizer_config.json").is_file() or (c / "tokenizer.json").is_file():
+            return c
+    raise GenerateError(f"no tokenizer in {', '.join(map(str, candidates))} (expected tokenizer_config.json)")
+
+
+def merge_adapter_into(model: torch.nn.Module, adapter_dir: str | Path) -> None:
+    """Merge a PEFT-format LoRA adapter into `model`'s float32 weights in place (`W += scale * B @ A`).
+
+    Raises:
+        GenerateError: the adapter targets a module the model does not have, or a shape does not fit.
+    """
+    adapter = read_adapter(adapter_dir)
+    with torch.no_grad():
+        for path, (a, b) in adapter.pairs.items():
+            try:
+                linear = model.get_submodule(path)
+            except AttributeError as e:
+                raise GenerateError(f"{Path(adapter_dir) / ADAPTER_CONFIG}: the adapter targets {path}, which the "
+                                    f"model has not; is --model the base the adapter was trained on?") from e
+            merged = merge_lora_tensor(linear.weight, a, b, adapter.scale, f"{path}.weight")
+            linear.weight.copy_(merged)
+
+
+def load_generation_model(model_dir: str | Path, adapter: str | Path | None = None, dtype: str = "fp32",
+                          device: str | torch.device | None = None) -> GenerationModel:
+    """Load an exported directory, or a base model plus a checkpoint's LoRA adapter merged in float32.
+
+    Args:
+        model_dir: an `mft export` output, a HF model directory (with `adapter`), or a full checkpoint.
+        adapter: a LoRA / QLoRA checkpoint (`output_dir/step_N/`) or an exported `adapter/` directory.
+        dtype: "fp32" | "bf16" | "fp16" for inference (the merge runs in float32 first).
+        device: where to run (default cuda when available, else cpu).
+
+    Returns:
+        GenerationModel.
+
+    Raises:
+        GenerateError: missing directories, chat format, tokenizer or EOS; adapter that does not fit the model.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mft_components.templates import ChatFormat
+
+    model_dir = Path(model_dir)
+    adapter_dir = Path(adapter) if adapter is not None else None
+    for d, what in ((model_dir, "--model"), (adapter_dir, "--adapter")):
+        if d is not None and not d.is_dir():
+            raise GenerateError(f"{what} {d}: directory does not exist")
+    if adapter_dir is not None and not (adapter_dir / ADAPTER_CONFIG).is_file():
+        raise GenerateError(f"--adapter {adapter_dir}: no {ADAPTER_CONFIG}; expected a LoRA/QLoRA checkpoint or an "
+                            f"exported adapter/ directory (a full checkpoint is passed as --model)")
+    if dtype not in OUTPUT_DTYPES:
+        raise GenerateError(f"dtype: expected one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}")
+    chat_dict, eos_token, meta_path = _read_chat_meta(([adapter_dir] if adapter_dir else []) + [model_dir])
+    chat_format = ChatFormat.from_config(chat_dict)
+
+    tokenizer = AutoTokenizer.from_pretrained(_tokenizer_dir(model_dir, adapter_dir))
+    eos_token = eos_token or tokenizer.eos_token
+    eos_id = tokenizer.convert_tokens_to_ids(eos_token)
+    if eos_id is None or (eos_id == tokenizer.unk_token_id and eos_token != tokenizer.unk_token):
+        raise GenerateError(f"{meta_path}: eos_token {eos_token!r} is not in the tokenizer's vocabulary")
+
+    # Load in float32 so that an adapter merge is exact, then cast.
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter_dir is not None:
+        try:
+            merge_adapter_into(model, adapter_dir)
+        except ExportError as e:
+            raise GenerateError(str(e)) from e
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device=device, dtype=OUTPUT_DTYPES[dtype]).eval()
+    return GenerationModel(model=model, tokenizer=tokenizer, chat_format=chat_format, eos_token_id=eos_id)
+
+
+def to_messages(prompt: str | list[dict], system: str | None = None) -> list[dict]:
+    """A user prompt (or a message list ending with a user turn) plus an optional system prompt -> messages."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if system is not None and not (messages and messages[0]["role"] == "system"):
+        messages.insert(0, {"role": "system", "content": system})
+    return messages
+
+
+@torch.no_grad()
+def generate(gm: GenerationModel, prompt: str | list[dict], *, system: str | None = None, max_new_tokens: int = 512,
+             greedy: bool = False, temperature: float = 0.7, top_p: float = 0.95,
+             eos_token_id: int | None = None) -> Generation:
+    """Answer one prompt with the training prompt format.
+
+    Args:
+        gm: from `load_generation_model`.
+        prompt: the user's text, or a list of `{"role", "content"}` messages ending with a user turn.
+        system: a system prompt (ignored when `prompt` already starts with one).
+        max_new_tokens: generation budget.
+        greedy: argmax decoding; otherwise sample with `temperature` and `top_p`.
+        eos_token_id: stop token; default the training EOS.
+
+    Returns:
+        Generation (the text excludes the prompt and the EOS).
+
+    Raises:
+        GenerateError: roles other than system/user/assistant, or the conversation does not end with a user turn.
+    """
+    messages = to_messages(prompt, system)
+    for i, m in enumerate(messages):
+        if m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
+            raise GenerateError(f"message {i}: expected {{'role': one of {_ROLES}, 'content': str}}, got {m!r}")
+    if not messages or messages[-1]["role"] != "user":
+        raise GenerateError("the conversation must end with a user turn (the model answers it)")
+    eos = gm.eos_token_id if eos_token_id is None else eos_token_id
+    prompt_ids = list(gm.chat_format.prompt_ids(messages, gm.tokenizer))
+    device = next(gm.model.parameters()).device
+    input_ids = torch.tensor([prompt_ids], device=device)
+
+    config = copy.deepcopy(gm.model.generation_config)
+    config.max_new_tokens = max_new_tokens
+    config.eos_token_id = eos
+    config.pad_token_id = config.pad_token_id if config.pad_token_id is not None else eos
+    config.do_sample = not greedy
+    config.temperature = None if greedy else temperature
+    config.top_p = None if greedy else top_p
+    config.top_k = None  # only the knobs the user chose
+    out = gm.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config)
+    new_ids = out[0, len(prompt_ids):].tolist()
+    finished = eos in new_ids
+    if finished:
+        new_ids = new_ids[: new_ids.index(eos)]
+    text = gm.tokenizer.decode(new_ids, skip_special_tokens=False)
+    return Generation(text=text, prompt_ids=prompt_ids, new_ids=new_ids, finished=finished)
+
+
+def read_prompt_file(path: str | Path) -> list[dict]:
+    """Records of a prompts JSONL: each has `prompt` (str) or `messages` (list), optionally `system`.
+
+    Raises:
+        GenerateError: `path:line: problem` for the first bad line.
+    """
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise GenerateError(f"{path}:{lineno}: invalid JSON: {e.msg}") from e
+            if not isinstance(rec, dict) or not (isinstance(rec.get("prompt"), str)
+                                                 or isinstance(rec.get("messages"), list)):
+                raise GenerateError(f"{path}:{lineno}: expected an object with 'prompt' (string) or 'messages' "
+                                    f"(list of {{role, content}})")
+            records.append(rec)
+    return records
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `mft generate`."""
+    parser.add_argument("--model", required=True, help="an exported directory, or the base model with --adapter")
+    parser.add_argument("--adapter", default=None, help="a LoRA/QLoRA checkpoint (output_dir/step_N) or OUT/adapter")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one user prompt")
+    src.add_argument("--file", help="JSONL of {'prompt': ...} or {'messages': [...]}; writes JSONL answers")
+    parser.add_argument("--output", default=None, help="with --file: write the answers here (default stdout)")
+    parser.add_argument("--system", default=None, help="system prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    decoding = parser.add_mutually_exclusive_group()
+    decoding.add_argument("--greedy", action="store_true", help="argmax decoding")
+    decoding.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
+    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (default 0.95)")
+    parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    parser.add_argument("--dtype", default="fp32", choices=list(OUTPUT_DTYPES))
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `mft generate`; returns the exit status (errors for people go to stderr, status 2)."""
+    try:
+        records = read_prompt_file(args.file) if args.file else None
+        gm = load_generation_model(args.model, args.adapter, dtype=args.dtype, device=args.device)
+        if args.seed is not None:
+            torch.manual_seed(args.seed)
+        kwargs = dict(system=args.system, max_new_tokens=args.max_new_tokens, greedy=args.greedy,
+                      temperature=args.temperature, top_p=args.top_p)
+        if records is None:
+            print(generate(gm, args.prompt, **kwargs).text)
+            return 0
+        out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+        try:
+            for rec in records:
+                g = generate(gm, rec.get("messages") or rec["prompt"], **{**kwargs, "system": rec.get("system",
+                                                                                                 args.system)})
+                out.write(json.dumps({**rec, "response": g.text}, ensure_ascii=False) + "\n")
+                out.flush()
+        finally:
+            if out is not sys.stdout:
+                out.close()
+    except (GenerateError, ExportError) as e:
+        print(f"mft generate: error: {e}", file=sys.stderr)
+        return 2
+    return 0
