@@ -1,0 +1,256 @@
+"""The `mft` command: run recipes, copy them to customise, list and validate configs, inspect data, export.
+
+    mft ls                                        recipes and their built-in configs
+    mft cp NAME DEST [--make-parents] [--force]   copy a built-in recipe or config
+    mft run RECIPE --config CONFIG [torchrun flags] [key=value | ~key ...]
+    mft validate --config CONFIG [--recipe RECIPE] [key=value ...]
+    mft data --config CONFIG [key=value ...] [--show N]
+    mft export CHECKPOINT_DIR --output OUT_DIR [...]
+    mft generate --model DIR (--prompt TEXT | --file PROMPTS.jsonl) [...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import runpy
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from mft_components import registry
+from mft_components.config import ConfigError, check_config, load_config
+
+# Commands whose implementation lives with the component they expose (module: add_arguments, run).
+COMPONENT_COMMANDS = {
+    "data": ("mft_components.data_report", "per-task data statistics and rendered samples with loss marked"),
+    "export": ("mft_components.export", "merge LoRA and write a Hugging Face model directory and a PEFT adapter"),
+    "generate": ("mft_components.generate", "generate with the training prompt format"),
+}
+
+
+# ------------------------------------------------------------------------------------------------------- ls
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    rows = [("RECIPE", "CONFIG")]
+    for recipe, configs in registry.RECIPE_CONFIGS.items():
+        available = [c for c in configs if registry.builtin_config(c)]
+        rows.append((recipe, available[0] if available else ""))
+        rows.extend(("", c) for c in available[1:])
+    width = max(len(r[0]) for r in rows) + 3
+    for recipe, config in rows:
+        print(f"{recipe:<{width}}{config}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------- cp
+
+
+def cmd_cp(args: argparse.Namespace) -> int:
+    builtin = registry.builtin_recipe(args.name) or registry.builtin_config(args.name)
+    if builtin is None:
+        print(f"mft cp: no built-in recipe or config named {args.name!r} (see `mft ls`)", file=sys.stderr)
+        return 1
+    dest = Path(args.destination)
+    if dest.is_dir():
+        dest = dest / builtin.path.name
+    elif not dest.suffix:
+        dest = dest.with_suffix(builtin.path.suffix)  # `mft cp demo my_demo` -> my_demo.yaml
+    if dest.exists() and not args.force:
+        print(f"mft cp: {dest} exists; pass --force to overwrite it", file=sys.stderr)
+        return 1
+    if not dest.parent.exists():
+        if not args.make_parents:
+            print(f"mft cp: directory {dest.parent} does not exist; pass --make-parents to create it", file=sys.stderr)
+            return 1
+        dest.parent.mkdir(parents=True)
+    shutil.copyfile(builtin.path, dest)
+    print(f"copied {builtin.path.name} to {dest}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------ run
+
+
+def torchrun_options() -> dict[str, bool]:
+    """torchrun's option strings -> whether the option takes a value, read from torchrun's own parser."""
+    from torch.distributed.run import get_args_parser
+
+    options = {}
+    for action in get_args_parser()._actions:
+        takes_value = action.nargs != 0
+        for option in action.option_strings:
+            options[option] = takes_value
+    options.pop("-h", None)
+    options.pop("--help", None)
+    return options
+
+
+def split_run_args(argv: list[str]) -> tuple[str, str | None, list[str], list[str]]:
+    """``mft run`` arguments -> (recipe, config, torchrun flags, recipe overrides).
+
+    Raises:
+        SystemExit: an option that is neither ``--config`` nor a torchrun flag.
+    """
+    known = torchrun_options()
+    recipe = config = None
+    launcher, overrides = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, value = arg.partition("=")
+        if arg == "--config" or name == "--config":
+            config = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+            i += 1 if eq else 2
+            continue
+        if arg.startswith("-") and not arg.startswith("~"):
+            if name not in known:
+                sys.exit(f"mft run: unknown option {name!r}: neither --config nor a torchrun flag (torchrun --help)")
+            launcher.append(arg)
+            if known[name] and not eq:
+                if i + 1 >= len(argv):
+                    sys.exit(f"mft run: {name} needs a value")
+                launcher.append(argv[i + 1])
+                i += 1
+        elif recipe is None and "=" not in arg and not arg.startswith("~"):
+            recipe = arg
+        else:
+            overrides.append(arg)
+        i += 1
+    if recipe is None:
+        sys.exit("mft run: which recipe? usage: mft run RECIPE --config CONFIG [torchrun flags] [key=value ...]")
+    return recipe, config, launcher, overrides
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    recipe_name, config, launcher, overrides = split_run_args(args.rest)
+    try:
+        recipe = registry.resolve_recipe(recipe_name)
+    except FileNotFoundError as e:
+        print(f"mft run: {e}", file=sys.stderr)
+        return 1
+    if config is None:
+        print("mft run: --config CONFIG is required (a built-in name from `mft ls` or a YAML file)", file=sys.stderr)
+        return 1
+    try:
+        config_file = str(registry.resolve_config(config))
+    except ConfigError as e:
+        print(f"mft run: {e}", file=sys.stderr)
+        return 1
+    recipe_argv = ["--config", config_file, *overrides]
+    if launcher:
+        cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, str(recipe), *recipe_argv]
+        return subprocess.call(cmd)
+    # One rank, in this process: the recipe sees the same argv as under torchrun.
+    saved_argv = sys.argv
+    sys.argv = [str(recipe), *recipe_argv]
+    try:
+        runpy.run_path(str(recipe), run_name="__main__")
+    except SystemExit as e:
+        if e.code in (None, 0):
+            return 0
+        if not isinstance(e.code, int):
+            print(e.code, file=sys.stderr)
+            return 1
+        return e.code
+    finally:
+        sys.argv = saved_argv
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- validate
+
+
+def recipe_schema(recipe: Path) -> type | None:
+    """The ``CONFIG_SCHEMA`` a recipe file declares (its module is loaded, its main is not run)."""
+    return runpy.run_path(str(recipe), run_name="mft_validate").get("CONFIG_SCHEMA")
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 1
+    recipe_name = args.recipe or registry.recipe_of_config(args.config) or "lora_finetune_distributed"
+    try:
+        recipe = registry.resolve_recipe(recipe_name)
+    except FileNotFoundError as e:
+        print(f"mft validate: {e}", file=sys.stderr)
+        return 1
+    problems = check_config(cfg, recipe_schema(recipe))
+    if problems:
+        print(f"{len(problems)} problem(s) in {args.config} (checked against recipe {recipe.stem}):", file=sys.stderr)
+        for problem in problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 1
+    print(f"{args.config}: OK for recipe {recipe.stem}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mft",
+        description="Multi-task fine-tuning of code LLMs: PyTorch-native recipes, MFTCoder's multi-task loss.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("ls", help="list recipes and their built-in configs")
+    p.set_defaults(func=cmd_ls)
+
+    p = sub.add_parser("cp", help="copy a built-in recipe or config to customise it")
+    p.add_argument("name", help="recipe or config name (see `mft ls`)")
+    p.add_argument("destination", help="file or directory to copy to")
+    p.add_argument("--make-parents", action="store_true", help="create missing parent directories")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p.set_defaults(func=cmd_cp)
+
+    p = sub.add_parser(
+        "run",
+        help="run a recipe: in this process, or under torchrun when any torchrun flag is given",
+        usage="mft run RECIPE --config CONFIG [torchrun flags, e.g. --nproc-per-node 2] [key=value | ~key ...]",
+    )
+    p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("validate", help="check a config without training; report every problem")
+    p.add_argument("--config", required=True, help="built-in config name or YAML file")
+    p.add_argument("--recipe", help="recipe whose keys to check against (default: the config's built-in recipe)")
+    p.add_argument("overrides", nargs="*", help="key=value or ~key")
+    p.set_defaults(func=cmd_validate)
+
+    for name, (module, help_text) in COMPONENT_COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        p.set_defaults(func=_component_command(module), component_module=module)
+    return parser
+
+
+def _component_command(module_name: str):
+    def run(args: argparse.Namespace) -> int:
+        return importlib.import_module(module_name).run(args)
+
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    # `mft run` passes torchrun flags through, before or after RECIPE: argparse would reject them.
+    if len(argv) > 1 and argv[0] == "run" and not {"-h", "--help"} & set(argv[1:2]):
+        return cmd_run(argparse.Namespace(rest=argv[1:]))
+    # Component commands declare their own arguments; import a module only when its command is used.
+    if argv and argv[0] in COMPONENT_COMMANDS:
+        module = importlib.import_module(COMPONENT_COMMANDS[argv[0]][0])
+        module.add_arguments(parser._subparsers._group_actions[0].choices[argv[0]])
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
