@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mft_components.loss import chunked_cross_entropy
+from mft_components.loss import CoBa, StepCounts, TaskWeightedLoss, chunked_cross_entropy, router_aux_loss
 
 # ---------------------------------------------------------------------------------------------------------------
 # chunked_cross_entropy
@@ -115,3 +118,211 @@ def test_chunked_ce_errors():
     bad[0, 0] = 10_000
     with pytest.raises(ValueError, match=r"\[0, 37\)"):
         chunked_cross_entropy(hidden, weight, bad)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TaskWeightedLoss: modes against naive references, exactness over splits
+# ---------------------------------------------------------------------------------------------------------------
+
+NUM_TASKS, HID, VOCAB = 3, 8, 29
+ALL_MODES = ["token", "sample", "task", "task_sample", "coba"]
+
+
+def make_global_batch(num_micro_batches=4, rows=2, seq=16, seed=0, task_pool=(0, 1, 2)):
+    """Packed micro-batches in the collator's format: samples of random length and task, prompt tokens without
+    loss, padding at the row end, an all-padding row in micro-batch 0; plus random hidden inputs per micro-batch."""
+    g = torch.Generator().manual_seed(seed)
+    micro_batches = []
+    for mb in range(num_micro_batches):
+        labels = torch.full((rows, seq), -100)
+        sample_ids = torch.full((rows, seq), -1)
+        task_ids = torch.full((rows, seq), -1)
+        next_sample = 0
+        for r in range(rows):
+            if mb == 0 and r == rows - 1:
+                continue  # all-padding row
+            pos = 0
+            while pos < seq - 3:
+                length = int(torch.randint(3, 9, (1,), generator=g))
+                length = min(length, seq - pos)
+                prompt = int(torch.randint(1, length - 1, (1,), generator=g))
+                task = task_pool[int(torch.randint(0, len(task_pool), (1,), generator=g))]
+                sample_ids[r, pos : pos + length] = next_sample
+                task_ids[r, pos : pos + length] = task
+                # labels already shifted: the last token of a sample has no target inside the sample
+                labels[r, pos + prompt - 1 : pos + length - 1] = torch.randint(0, VOCAB, (length - prompt,), generator=g)
+                next_sample += 1
+                pos += length
+        x = torch.randn(rows, seq, HID, generator=g)
+        micro_batches.append({"labels": labels, "sample_ids": sample_ids, "task_ids": task_ids, "x": x})
+    return micro_batches
+
+
+def make_params(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    proj = (torch.randn(HID, HID, generator=g) / HID**0.5).requires_grad_()  # stands in for the decoder
+    lm_head = (torch.randn(VOCAB, HID, generator=g) * 0.3).requires_grad_()
+    return proj, lm_head
+
+
+def token_losses_of(batch, proj, lm_head, chunk_size=5):
+    return chunked_cross_entropy(batch["x"] @ proj, lm_head, batch["labels"], chunk_size=chunk_size)
+
+
+def reference_loss(micro_batches, proj, lm_head, mode, weights):
+    """The step loss written from the formulas on the concatenated global batch, with full logits."""
+    per_token, task_of, sample_of = [], [], []
+    for mb_index, batch in enumerate(micro_batches):
+        logits = (batch["x"] @ proj) @ lm_head.t()
+        flat = F.cross_entropy(logits.reshape(-1, VOCAB), batch["labels"].reshape(-1), reduction="none")
+        mask = batch["labels"].reshape(-1) != -100
+        per_token.append(flat[mask])
+        task_of += batch["task_ids"].reshape(-1)[mask].tolist()
+        sample_of += [(mb_index, s) for s in batch["sample_ids"].reshape(-1)[mask].tolist()]
+    losses = torch.cat(per_token)
+    samples = {}
+    for i, s in enumerate(sample_of):
+        samples.setdefault(s, []).append(i)
+    sample_mean = {s: losses[idx].mean() for s, idx in samples.items()}
+    sample_task = {s: task_of[idx[0]] for s, idx in samples.items()}
+    if mode == "token":
+        return losses.mean()
+    if mode == "sample":
+        return torch.stack(list(sample_mean.values())).mean()
+    total, total_w = 0.0, 0.0
+    for t in sorted(set(task_of)):
+        if mode == "task_sample":
+            value = torch.stack([m for s, m in sample_mean.items() if sample_task[s] == t]).mean()
+        else:
+            value = losses[[i for i, tt in enumerate(task_of) if tt == t]].mean()
+        total = total + weights[t] * value
+        total_w += weights[t]
+    return total / total_w
+
+
+def make_loss(mode, task_weights=None):
+    loss_fn = TaskWeightedLoss(mode=mode, task_weights=task_weights, coba_warmup_steps=0)
+    loss_fn.setup(["py", "java", "sql"])
+    if mode == "coba":  # non-uniform CoBa weights, so the test sees them used
+        for step, losses in enumerate([[2.0, 3.0, 1.0], [1.5, 2.9, 1.1], [1.2, 2.5, 1.15], [1.0, 2.4, 1.3]]):
+            loss_fn.update_coba(step, losses)
+    return loss_fn
+
+
+def run_split(loss_fn, micro_batches, proj, lm_head, ranks):
+    """Emulate `ranks` ranks in one process: counts summed over ranks (the all-reduce), each rank backprops
+    share * world_size, gradients averaged over ranks (FSDP). Returns (loss, grad proj, grad lm_head)."""
+    per_rank = [micro_batches[r :: ranks] for r in range(ranks)]
+    local = [loss_fn.step_counts(mbs) for mbs in per_rank]
+    counts = StepCounts(
+        tokens=sum(c.tokens for c in local), samples=sum(c.samples for c in local),
+        micro_batches=sum(c.micro_batches for c in local),
+    )
+    loss = 0.0
+    grads = [torch.zeros_like(proj), torch.zeros_like(lm_head)]
+    for mbs in per_rank:
+        for batch in mbs:
+            share = loss_fn(token_losses_of(batch, proj, lm_head), batch, counts)
+            g = torch.autograd.grad(share * ranks, (proj, lm_head))
+            grads = [a + b / ranks for a, b in zip(grads, g)]
+            loss += float(share.detach())
+    return loss, grads
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+@pytest.mark.parametrize("ranks", [1, 2, 4])
+def test_mode_matches_reference_for_any_split(mode, ranks):
+    micro_batches = make_global_batch()
+    proj, lm_head = make_params()
+    task_weights = [0.5, 2.0, 1.0] if mode in ("task", "task_sample") else None
+    loss_fn = make_loss(mode, task_weights)
+    weights = list(loss_fn.task_weights().values())
+    if mode == "coba":
+        assert max(weights) - min(weights) > 0.05
+    ref = reference_loss(micro_batches, proj, lm_head, mode, weights)
+    ref_grads = torch.autograd.grad(ref, (proj, lm_head))
+    loss, grads = run_split(loss_fn, micro_batches, proj, lm_head, ranks)
+    torch.testing.assert_close(torch.tensor(loss), ref.detach(), rtol=1e-5, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+
+
+def test_mfcoder_aliases_and_errors():
+    for alias, mode in [("case1", "token"), ("case2", "sample"), ("case3", "task"), ("case4", "task_sample")]:
+        assert TaskWeightedLoss(mode=alias).mode == mode
+    assert TaskWeightedLoss().mode == "task"
+    with pytest.raises(ValueError, match="loss.mode"):
+        TaskWeightedLoss(mode="case7")
+    with pytest.raises(ValueError, match="loss.task_weights"):
+        TaskWeightedLoss(mode="coba", task_weights=[1, 2])
+    with pytest.raises(ValueError, match="unknown task"):
+        TaskWeightedLoss(task_weights={"cobol": 2.0}).setup(["py", "java"])
+    with pytest.raises(ValueError, match="one weight per task"):
+        TaskWeightedLoss(task_weights=[1.0]).setup(["py", "java"])
+    loss_fn = TaskWeightedLoss(task_weights={"java": 3.0})
+    loss_fn.setup(["py", "java"])
+    assert loss_fn.task_weights() == {"py": 1.0, "java": 3.0}
+    with pytest.raises(RuntimeError, match="setup"):
+        TaskWeightedLoss().step_counts([])
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_task_missing_from_step(mode):
+    micro_batches = make_global_batch(task_pool=(0, 2))  # "java" (1) never appears
+    proj, lm_head = make_params()
+    loss_fn = make_loss(mode, [0.5, 2.0, 1.0] if mode in ("task", "task_sample") else None)
+    counts = loss_fn.step_counts(micro_batches)
+    assert int(counts.tokens[1]) == 0 and int(counts.samples[1]) == 0
+    loss, grads = run_split(loss_fn, micro_batches, proj, lm_head, 2)
+    ref = reference_loss(micro_batches, proj, lm_head, mode, list(loss_fn.task_weights().values()))
+    assert torch.isfinite(torch.tensor(loss)) and all(torch.isfinite(g).all() for g in grads)
+    torch.testing.assert_close(torch.tensor(loss), ref.detach(), rtol=1e-5, atol=1e-6)
+    metrics = loss_fn.step_metrics()
+    assert "loss/java" not in metrics and metrics["tokens/java"] == 0
+
+
+def test_step_without_loss_tokens_is_zero():
+    micro_batches = make_global_batch(num_micro_batches=2)
+    for batch in micro_batches:
+        batch["labels"][:] = -100
+    proj, lm_head = make_params()
+    for mode in ALL_MODES:
+        loss_fn = make_loss(mode)
+        loss, grads = run_split(loss_fn, micro_batches, proj, lm_head, 1)
+        assert loss == 0.0 and all(torch.all(g == 0) for g in grads)
+
+
+def test_step_metrics_token_mean_per_task():
+    micro_batches = make_global_batch()
+    proj, lm_head = make_params()
+    loss_fn = make_loss("task_sample", {"py": 2.0})
+    counts = loss_fn.step_counts(micro_batches)
+    total = 0.0
+    all_losses, all_tasks = [], []
+    for batch in micro_batches:
+        tl = token_losses_of(batch, proj, lm_head)
+        total += float(loss_fn(tl, batch, counts))
+        all_losses.append(tl.detach())
+        all_tasks.append(batch["task_ids"][batch["labels"] != -100])
+    losses, tasks = torch.cat(all_losses), torch.cat(all_tasks)
+    metrics = loss_fn.step_metrics()
+    assert metrics["loss"] == pytest.approx(total, rel=1e-6)
+    for t, name in enumerate(["py", "java", "sql"]):
+        assert metrics[f"tokens/{name}"] == int((tasks == t).sum())
+        assert metrics[f"loss/{name}"] == pytest.approx(float(losses[tasks == t].mean()), rel=1e-6)
+    assert metrics["weight/py"] == 2.0 and metrics["weight/sql"] == 1.0
+
+
+def test_token_losses_shape_checked():
+    micro_batches = make_global_batch(num_micro_batches=1)
+    loss_fn = make_loss("task")
+    counts = loss_fn.step_counts(micro_batches)
+    with pytest.raises(ValueError, match="labels != -100"):
+        loss_fn(torch.zeros(3), micro_batches[0], counts)
+
+
+def test_split_invariance_two_ranks_torchrun():
+    from tests.conftest import run_torchrun
+
+    proc = run_torchrun(Path(__file__).parent / "dist" / "loss_split.py", nproc=2, timeout=120)
+    assert "loss_split OK" in proc.stdout
