@@ -55,7 +55,6 @@ __all__ = [
     "read_checkpoint_meta",
     "load_recipe_state",
     "load_checkpoint_weights",
-    "peft_to_adapter_keys",
 ]
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -368,16 +367,3 @@ def load_checkpoint_weights(ckpt_dir: str | os.PathLike) -> dict[str, torch.Tens
     if (ckpt_dir / FULL_WEIGHTS).is_file():
         return load_file(str(ckpt_dir / FULL_WEIGHTS))
     raise FileNotFoundError(f"{ckpt_dir}: no {ADAPTER_WEIGHTS}, {FULL_INDEX} or {FULL_WEIGHTS}")
-
-
-def peft_to_adapter_keys(peft_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Inverse of ``lora.adapter_to_peft_state_dict``'s naming: ``base_model.model.P.lora_A.weight`` -> ``P.lora_a.weight``.
-
-    ``P`` is the module path inside the HF model (``model.layers.0.self_attn.q_proj``).
-    """
-    out = {}
-    for key, tensor in peft_state.items():
-        name = key.removeprefix("base_model.model.")
-        name = name.replace(".lora_A.", ".lora_a.").replace(".lora_B.", ".lora_b.")
-        out[name] = tensor
-    return out

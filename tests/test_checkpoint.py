@@ -107,11 +107,6 @@ def test_resolve_resume(tmp_path):
         ck.resolve_resume(str(tmp_path), tmp_path)
 
 
-def test_peft_key_inverse():
-    adapter = ck.peft_to_adapter_keys(_adapter())
-    assert sorted(adapter) == ["model.layers.0.self_attn.q_proj.lora_a.weight", "model.layers.0.self_attn.q_proj.lora_b.weight"]
-
-
 _WRITER = textwrap.dedent("""
     import sys, torch
     from mft_components import checkpoint as ck

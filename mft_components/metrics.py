@@ -1,0 +1,287 @@
+"""What a run tells people: progress bar, ``metrics.jsonl``, TensorBoard, evaluation, early stopping, summary.
+
+Everything that prints or writes is active on rank 0 only; :func:`evaluate` is collective (every rank calls it).
+
+``output_dir/metrics.jsonl`` holds one JSON object per line::
+
+    {"kind": "train", "step": 10, "loss": 1.93, "task_loss": {"pandas": 1.8, ...}, "lr": 2e-4, "grad_norm": 0.7,
+     "tokens_per_s": 5120.0, "peak_memory_gb": 3.1, ...}
+    {"kind": "eval", "step": 10, "loss": 1.88, "task_loss": {...}, "task_perplexity": {...}, "best_step": 10}
+
+TensorBoard (``output_dir/tb``) gets the same numbers as scalars: ``train/loss``, ``train/task_loss/pandas``, ...
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "MetricLogger",
+    "ProgressBar",
+    "EarlyStopping",
+    "EvalResult",
+    "NonFiniteLossError",
+    "check_finite",
+    "evaluate",
+    "peak_memory_gb",
+    "format_summary",
+]
+
+
+class MetricLogger:
+    """Appends metrics to ``output_dir/metrics.jsonl`` and TensorBoard (``output_dir/tb``); a no-op off rank 0.
+
+    Args:
+        output_dir: the run's output directory.
+        enabled: False on ranks other than 0.
+        tensorboard: also write TensorBoard events (skipped with a note when tensorboard is not installed).
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self._tb = None
+        self._file = None
+        if not enabled:
+            return
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        # Append: a resumed run continues the same file (lines carry their step, so readers can dedupe).
+        self._file = open(output_dir / "metrics.jsonl", "a", encoding="utf-8")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(output_dir / "tb"))
+            except ImportError:
+                print("note: tensorboard is not installed; metrics go to metrics.jsonl only", file=sys.stderr)
+
+    def log(self, kind: str, step: int, metrics: dict[str, Any]) -> None:
+        """Write one record. Nested dicts (per-task values) become ``kind/key/task`` TensorBoard scalars."""
+        if not self.enabled:
+            return
+        record = {"kind": kind, "step": step, **metrics}
+        self._file.write(json.dumps(record, default=float) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in metrics.items():
+                if isinstance(value, dict):
+                    for sub, v in value.items():
+                        if isinstance(v, (int, float)) and v is not None:
+                            self._tb.add_scalar(f"{kind}/{key}/{sub}", v, step)
+                elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(f"{kind}/{key}", value, step)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+class ProgressBar:
+    """tqdm bar on rank 0 showing step, loss, learning rate and tokens/s; tqdm adds the ETA.
+
+    Args:
+        total_steps: optimizer steps of the whole run.
+        initial: the step a resumed run starts from.
+        enabled: False on ranks other than 0.
+    """
+
+    def __init__(self, total_steps: int, initial: int = 0, enabled: bool = True):
+        self._bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=initial, unit="step", dynamic_ncols=True, file=sys.stdout,
+                             mininterval=0.5 if sys.stdout.isatty() else 10.0)
+
+    def update(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
+        if self._bar is None:
+            return
+        self._bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} tok/s {tokens_per_s:,.0f}", refresh=False)
+        self._bar.update(step - self._bar.n)
+
+    def write(self, text: str) -> None:
+        """Print a line above the bar (evaluations, checkpoints) without breaking it."""
+        if self._bar is not None:
+            self._bar.write(text)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+@dataclass
+class EarlyStopping:
+    """Tracks the best evaluation and stops after ``patience`` evaluations without improvement.
+
+    Args:
+        patience: evaluations without improvement before stopping; None never stops.
+        min_delta: an improvement must lower the loss by more than this.
+    """
+
+    patience: int | None = None
+    min_delta: float = 0.0
+    best_loss: float = math.inf
+    best_step: int | None = None
+    bad_evals: int = 0
+
+    def update(self, step: int, loss: float) -> bool:
+        """Record an evaluation; returns True when it is the new best."""
+        if loss < self.best_loss - self.min_delta:
+            self.best_loss, self.best_step, self.bad_evals = loss, step, 0
+            return True
+        self.bad_evals += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience is not None and self.bad_evals >= self.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_loss": self.best_loss, "best_step": self.best_step, "bad_evals": self.bad_evals}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best_loss, self.best_step, self.bad_evals = state["best_loss"], state["best_step"], state["bad_evals"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the message names the step and the tasks in the batch."""
+
+
+def check_finite(loss: torch.Tensor, step: int, task_ids: Iterable[torch.Tensor], task_names: list[str]) -> None:
+    """Raise :class:`NonFiniteLossError` when ``loss`` is NaN/inf (same value on every rank: it is all-reduced).
+
+    Args:
+        loss: the step's global loss (all-reduced, so every rank decides alike).
+        step: the 1-based optimizer step.
+        task_ids: the ``task_ids`` tensors of this rank's micro-batches, to name the tasks involved.
+        task_names: index -> task name.
+    """
+    if torch.isfinite(loss).all():
+        return
+    present = sorted({int(t) for ids in task_ids for t in torch.unique(ids) if int(t) >= 0})
+    names = ", ".join(task_names[t] for t in present) or "none"
+    raise NonFiniteLossError(
+        f"non-finite training loss ({loss.item()}) at step {step}; tasks in this rank's batch: {names}. "
+        "The optimizer step was skipped and the last checkpoint in output_dir is intact; try a lower optimizer.lr, "
+        "dtype: fp32, or check these tasks' data."
+    )
+
+
+@dataclass
+class EvalResult:
+    """Validation losses: ``loss`` (the mean of the task losses, the early-stopping criterion), ``token_loss``
+    (mean over all tokens), per-task token-mean losses and perplexities, and loss tokens per task."""
+
+    loss: float
+    token_loss: float
+    task_loss: dict[str, float]
+    task_tokens: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def task_perplexity(self) -> dict[str, float]:
+        return {t: math.exp(min(v, 50.0)) for t, v in self.task_loss.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"loss": self.loss, "token_loss": self.token_loss, "perplexity": math.exp(min(self.token_loss, 50.0)),
+                "task_loss": self.task_loss, "task_perplexity": self.task_perplexity, "task_tokens": self.task_tokens}
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: Iterable[dict], task_names: list[str], device: torch.device) -> EvalResult:
+    """Per-task validation loss (token-mean per task) over the whole validation split, summed over ranks.
+
+    Collective: every rank calls it. A rank that runs out of batches before the others keeps stepping with an
+    all-padding copy of its last batch, because FSDP's forward is itself collective.
+
+    Args:
+        model: the ``MFTModel`` (``forward(batch) -> (token_losses, aux)``).
+        loader: this rank's validation batches.
+        task_names: index -> task name.
+        device: where the batches go.
+
+    Returns:
+        An :class:`EvalResult`; tasks without validation tokens are left out.
+    """
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(len(task_names), dtype=torch.float64, device=device)
+    counts = torch.zeros(len(task_names), dtype=torch.float64, device=device)
+    batches = list(loader)
+    n = torch.tensor([len(batches)], device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(n, op=dist.ReduceOp.MAX)
+    for i in range(int(n.item())):
+        if not batches:
+            raise RuntimeError("evaluate: this rank got no validation batch while others did; the validation "
+                               "loader must give every rank at least one (possibly all-padding) batch")
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batches[min(i, len(batches) - 1)].items()}
+        if i >= len(batches):  # padding pass: same shapes, no loss tokens
+            batch["labels"] = torch.full_like(batch["labels"], -100)
+        token_losses, _ = model(batch)
+        mask = batch["labels"] != -100
+        tasks = batch["task_ids"][mask]
+        sums.index_add_(0, tasks, token_losses.double())
+        counts.index_add_(0, tasks, torch.ones_like(token_losses, dtype=torch.float64))
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sums)
+        dist.all_reduce(counts)
+    model.train(was_training)
+    task_loss = {name: (sums[i] / counts[i]).item() for i, name in enumerate(task_names) if counts[i] > 0}
+    total = counts.sum().item()
+    return EvalResult(
+        loss=sum(task_loss.values()) / max(1, len(task_loss)) if task_loss else math.nan,
+        token_loss=(sums.sum() / counts.sum()).item() if total > 0 else math.nan,
+        task_loss=task_loss,
+        task_tokens={name: int(counts[i].item()) for i, name in enumerate(task_names) if counts[i] > 0},
+    )
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak allocated accelerator memory on CUDA; peak resident host memory (max RSS) on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+class Throughput:
+    """Tokens per second between two calls of :meth:`rate`."""
+
+    def __init__(self):
+        self._t, self._tokens = time.perf_counter(), 0
+
+    def add(self, tokens: int) -> None:
+        self._tokens += tokens
+
+    def rate(self) -> float:
+        now = time.perf_counter()
+        rate = self._tokens / max(now - self._t, 1e-9)
+        self._t, self._tokens = now, 0
+        return rate
+
+
+def format_summary(*, steps: int, seconds: float, stop_reason: str, early_stopping: EarlyStopping,
+                   best_eval: EvalResult | None, checkpoints: list[Path], output_dir: str | os.PathLike) -> str:
+    """The lines printed when a run ends: steps, time, why it stopped, best step and its per-task losses."""
+    lines = [f"finished: {steps} steps in {seconds:.0f}s ({stop_reason})"]
+    if early_stopping.best_step is not None:
+        lines.append(f"best step: {early_stopping.best_step} (validation loss {early_stopping.best_loss:.4f})")
+    if best_eval is not None:
+        width = max(map(len, best_eval.task_loss), default=4)
+        for task, loss in best_eval.task_loss.items():
+            lines.append(f"  {task:<{width}}  loss {loss:.4f}  ppl {math.exp(min(loss, 50.0)):.2f}")
+    lines.append(f"checkpoints: {', '.join(p.name for p in checkpoints) or 'none'} in {output_dir}")
+    lines.append(f"metrics: {Path(output_dir) / 'metrics.jsonl'}, TensorBoard: {Path(output_dir) / 'tb'}")
+    return "\n".join(lines)

@@ -1,0 +1,84 @@
+"""The keys the fine-tuning recipes read, as a dataclass that ``mft validate`` and the recipes' ``@parse`` check.
+
+Top-level training keys are typed fields (a misspelt or mistyped key is reported with the closest valid one).
+The sections ``model``, ``tokenizer``, ``data``, ``loss``, ``optimizer`` and ``lr_scheduler`` are ``_component_``
+nodes: their arguments are checked against the builder's signature, and ``runtime_args`` lists the arguments the
+recipe itself passes at run time (so they may, and should, be absent from the config).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = ["RecipeConfig", "LoRARecipeConfig", "FullRecipeConfig"]
+
+
+def _component(*runtime_args: str, default: dict | None = None) -> Any:
+    meta = {"runtime_args": runtime_args}
+    if default is None:
+        return field(metadata=meta)
+    return field(default_factory=lambda: dict(default), metadata=meta)
+
+
+@dataclass
+class RecipeConfig:
+    """Keys of ``lora_finetune_distributed`` and ``full_finetune_distributed``.
+
+    Attributes:
+        output_dir: checkpoints (``step_N/``), ``metrics.jsonl`` and TensorBoard events (``tb/``) go here.
+        model: ``mft_components.models.build_model`` node (``model_dir``, ``method``, ``lora``, ...).
+        tokenizer: ``mft_components.models.load_tokenizer`` node (``path``).
+        data: ``mft_components.data.build_mft_data`` node (``data_paths``, ``seq_len``, ``packing``, ...).
+        loss: ``mft_components.loss.TaskWeightedLoss`` node (``mode``, ``task_weights``, CoBa settings).
+        optimizer: an optimizer class node, e.g. ``torch.optim.AdamW`` (``lr``, ``weight_decay``, ``betas``);
+            the parameters are passed by the recipe, and ``fused=True`` on CUDA.
+        lr_scheduler: ``mft_components.lr_schedule.cosine_with_warmup`` node (``warmup_steps``, ``min_lr``).
+        seed: seeds torch, numpy and python on every rank, and the data split and order.
+        dtype: parameter and compute dtype: ``bf16`` or ``fp32``.
+        epochs: passes over the training data (ignored when ``max_steps`` ends the run first).
+        max_steps: stop after this many optimizer steps (null: ``epochs`` decides).
+        micro_batch_size: rows of ``seq_len`` tokens per micro-batch per rank.
+        gradient_accumulation_steps: micro-batches per optimizer step per rank. The global batch is
+            ``micro_batch_size x gradient_accumulation_steps x world_size`` rows.
+        clip_grad_norm: clip the global gradient norm to this (null: no clipping; the norm is still logged).
+        eval_every_n_steps: evaluate on the validation split every N steps (null: at the end of each epoch).
+        eval_micro_batch_size: micro-batch size for evaluation (null: ``micro_batch_size``).
+        early_stopping_patience: stop after this many evaluations without a lower validation loss (null: never).
+        save_every_n_steps: also checkpoint every N steps (null: only at the end).
+        saving_limit: keep the N newest checkpoints plus the best one (null: keep all).
+        resume: ``auto`` (newest whole checkpoint in ``output_dir``, else a fresh start), a ``step_N`` directory,
+            or null (start fresh).
+        log_every_n_steps: write a ``metrics.jsonl`` line every N steps.
+        tensorboard: also write TensorBoard events to ``output_dir/tb``.
+    """
+
+    output_dir: str
+    model: dict = _component("device", "distributed", "dtype")
+    tokenizer: dict = _component()
+    data: dict = _component("tokenizer", "seed", "rank", "world_size")
+    optimizer: dict = _component("params")
+    loss: dict = _component(default={"_component_": "mft_components.loss.TaskWeightedLoss"})
+    lr_scheduler: dict = _component(
+        "optimizer", "num_training_steps", default={"_component_": "mft_components.lr_schedule.cosine_with_warmup"}
+    )
+    seed: int = 42
+    dtype: Literal["bf16", "fp32"] = "bf16"
+    epochs: int = 1
+    max_steps: int | None = None
+    micro_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    clip_grad_norm: float | None = 1.0
+    eval_every_n_steps: int | None = None
+    eval_micro_batch_size: int | None = None
+    early_stopping_patience: int | None = None
+    save_every_n_steps: int | None = None
+    saving_limit: int | None = None
+    resume: str | None = None
+    log_every_n_steps: int = 1
+    tensorboard: bool = True
+
+
+# The two recipes read the same keys; the names say which recipe a schema is declared for.
+LoRARecipeConfig = RecipeConfig
+FullRecipeConfig = RecipeConfig
