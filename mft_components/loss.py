@@ -649,11 +649,13 @@ class CoBa:
         m = len(self.max_slopes)
         max_abs = sum(abs(a) for a in self.max_slopes)
         df = min(1.0, m * _softmax([-self.tau * m * _safe_div(a, max_abs) for a in self.max_slopes])[-1])
-        w = _softmax([k * (df * r + (1 - df) * a) for r, a in zip(rcs, acs)])
-        if min(w) < self.floor:
-            w = [(1 - k * self.floor) * x + self.floor for x in w]
+        raw = _softmax([k * (df * r + (1 - df) * a) for r, a in zip(rcs, acs)])
+        w = raw
+        if min(raw) < self.floor:
+            w = [(1 - k * self.floor) * x + self.floor for x in raw]
         self.weights = w
-        self.last = {"df": df, "rcs": rcs, "acs": acs, "slopes": slopes, "max_slope": self.max_slopes[-1]}
+        # The terms of the last update, for logging and tests.
+        self.last = {"df": df, "rcs": rcs, "acs": acs, "raw": raw, "slopes": slopes, "max_slope": self.max_slopes[-1]}
         return w
 
     def state_dict(self) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -326,3 +327,178 @@ def test_split_invariance_two_ranks_torchrun():
 
     proc = run_torchrun(Path(__file__).parent / "dist" / "loss_split.py", nproc=2, timeout=120)
     assert "loss_split OK" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CoBa
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _np_softmax(v):
+    e = np.exp(v - np.max(v))
+    return e / e.sum()
+
+
+def reference_coba(steps, losses, warmup, history, tau):
+    """The CoBa formulas (paper / class docstring) on a whole synthetic history with numpy; weights per update."""
+    losses = np.asarray(losses, dtype=np.float64)
+    k = losses.shape[1]
+    y = losses / losses[0]
+    task_slopes, max_slopes, out = [], [], []
+    w = np.full(k, 1.0 / k)
+    for u, step in enumerate(steps):
+        if step >= warmup:
+            lo = max(0, u - history + 1)
+            x, window = np.asarray(steps[lo : u + 1], dtype=np.float64), y[lo : u + 1]
+            fit = lambda col: np.polyfit(x, col, 1)[0] if len(x) >= 2 else 0.0  # noqa: E731
+            a = np.array([fit(window[:, i]) for i in range(k)])
+            task_slopes.append(a)
+            max_slopes.append(fit(window.max(axis=1)))
+            rcs = _np_softmax(k * a / np.abs(a).sum()) if np.abs(a).sum() > 0 else np.full(k, 1.0 / k)
+            hist = np.stack(task_slopes[-history:])
+            n = len(hist)
+            denom = np.abs(hist).sum(axis=0)
+            acs = _np_softmax(np.where(denom > 0, -n * a / np.where(denom > 0, denom, 1), 0.0))
+            ms = np.asarray(max_slopes)
+            m = len(ms)
+            df = min(1.0, m * _np_softmax(-tau * m * ms / np.abs(ms).sum())[-1]) if np.abs(ms).sum() > 0 else 1.0
+            w = _np_softmax(k * (df * rcs + (1 - df) * acs))
+            floor = 1.0 / (10 * k)
+            if w.min() < floor:
+                w = (1 - k * floor) * w + floor
+        out.append(w.copy())
+    return out
+
+
+def synthetic_histories(num_updates=120, turn=60, seed=0):
+    """Validation losses of 3 tasks: A keeps falling, B falls then stalls at `turn`, C falls then rises."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(num_updates, dtype=np.float64)
+    a = 2.0 * np.exp(-t / 40) + 0.5
+    b_t = np.minimum(t, turn)
+    b = 3.0 * np.exp(-b_t / 40) + 0.6
+    c = 1.5 * np.exp(-np.minimum(t, turn) / 40) + 0.4 + 0.01 * np.maximum(t - turn, 0)
+    noise = 1 + 0.002 * rng.standard_normal((num_updates, 3))
+    return np.stack([a, b, c], axis=1) * noise
+
+
+def test_coba_matches_reference_formulas():
+    losses = synthetic_histories()
+    warmup, history, tau = 10, 25, 5.0
+    loss_fn = TaskWeightedLoss(mode="coba", coba_warmup_steps=warmup, coba_history_length=history, coba_tau=tau)
+    loss_fn.setup(["a", "b", "c"])
+    steps = list(range(len(losses)))
+    ref = reference_coba(steps, losses, warmup, history, tau)
+    for step, row, expected in zip(steps, losses, ref):
+        got = loss_fn.update_coba(step, {"a": row[0], "b": row[1], "c": row[2]})
+        np.testing.assert_allclose(list(got.values()), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_coba_downweights_stalling_and_rising_tasks():
+    losses = synthetic_histories(num_updates=140, turn=60)
+    loss_fn = TaskWeightedLoss(mode="coba", coba_warmup_steps=10, coba_history_length=40)
+    loss_fn.setup(["a", "b", "c"])
+    weights = []
+    for step, row in enumerate(losses):
+        if step < 10:  # uniform before warmup
+            assert loss_fn.task_weights() == pytest.approx({"a": 1 / 3, "b": 1 / 3, "c": 1 / 3})
+        weights.append(list(loss_fn.update_coba(step, row.tolist()).values()))
+    weights = np.asarray(weights)
+    assert np.all(weights >= 1 / 30) and np.allclose(weights.sum(axis=1), 1.0, rtol=1e-12)
+    before, after = weights[40:58].mean(axis=0), weights[70:100].mean(axis=0)  # all falling | B stalled, C rising
+    assert np.ptp(before) < 0.01  # similar convergence -> near-uniform
+    assert after[2] < after[1] < after[0]  # the rising task loses most, the stalled one loses to the falling one
+    assert after[2] < before[2] and after[1] < before[1]
+    assert np.all(weights[66:120].argmin(axis=1) == 2)
+
+
+def test_coba_floor_mixes_with_uniform():
+    """One task falling, five diverging: the raw softmax drops below 1/(10K); the floor lifts it, sum stays 1."""
+    k = 6
+    t = np.arange(60.0)
+    losses = np.stack([2 - 0.01 * t] + [1 + 0.02 * np.maximum(t - 20, 0) * (i + 1) for i in range(k - 1)], axis=1)
+    loss_fn = TaskWeightedLoss(mode="coba", coba_warmup_steps=5, coba_history_length=10)
+    loss_fn.setup([f"t{i}" for i in range(k)])
+    floored = 0
+    for step, row in enumerate(losses):
+        w = np.asarray(list(loss_fn.update_coba(step, row.tolist()).values()))
+        assert w.min() >= 1 / (10 * k) and w.sum() == pytest.approx(1.0, abs=1e-12)
+        raw = loss_fn.coba.last.get("raw")
+        if raw is not None and min(raw) < 1 / (10 * k):
+            floored += 1
+            np.testing.assert_allclose(w, 0.9 * np.asarray(raw) + 0.1 / k, rtol=1e-12)
+    assert floored > 0 and w.argmax() == 0
+
+
+def test_coba_state_dict_resume_is_exact(tmp_path):
+    losses = synthetic_histories(num_updates=80)
+    make = lambda: TaskWeightedLoss(mode="coba", coba_warmup_steps=5, coba_history_length=15)  # noqa: E731
+    full, resumed = make(), make()
+    full.setup(["a", "b", "c"])
+    resumed.setup(["a", "b", "c"])
+    for step in range(40):
+        full.update_coba(step, losses[step].tolist())
+    torch.save(full.state_dict(), tmp_path / "loss.pt")
+    resumed.load_state_dict(torch.load(tmp_path / "loss.pt", weights_only=True))
+    assert resumed.task_weights() == full.task_weights()
+    for step in range(40, 80):
+        assert resumed.update_coba(step, losses[step].tolist()) == full.update_coba(step, losses[step].tolist())
+    with pytest.raises(ValueError, match="loss.mode"):
+        TaskWeightedLoss(mode="task").load_state_dict(full.state_dict())
+
+
+def test_coba_missing_validation_task_and_interval():
+    loss_fn = TaskWeightedLoss(mode="coba", coba_warmup_steps=2, coba_update_interval=3)
+    loss_fn.setup(["a", "b"])
+    assert [loss_fn.coba_due(s) for s in range(5)] == [True, False, False, True, False]
+    for step in range(10):
+        w = loss_fn.update_coba(step, {"a": 2.0 - 0.1 * step})  # "b" has no validation data
+        assert all(math.isfinite(x) for x in w.values()) and sum(w.values()) == pytest.approx(1.0)
+    with pytest.raises(RuntimeError, match="coba"):
+        make_loss("task").update_coba(0, [1.0, 1.0, 1.0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MoE router auxiliary loss
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def reference_router_aux(layers, num_experts, top_k, mask):
+    """Switch Transformer eq. (4)-(6) / Mixtral: E * sum_e f_e * P_e over the real tokens of all layers."""
+    logits = torch.cat([l.reshape(-1, num_experts) for l in layers])
+    keep = mask.reshape(-1).repeat(len(layers))
+    probs = torch.softmax(logits[keep].float(), dim=-1)
+    chosen = torch.topk(probs, top_k, dim=-1).indices
+    f = torch.stack([(chosen == e).sum() for e in range(num_experts)]).float() / probs.shape[0]
+    return num_experts * (f * probs.mean(0)).sum()
+
+
+def test_router_aux_loss():
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    g = torch.Generator().manual_seed(0)
+    layers = tuple(torch.randn(2, 7, 6, generator=g, requires_grad=True) for _ in range(3))
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, 4:] = False  # padding
+    got = router_aux_loss(layers, num_experts=6, top_k=2, token_mask=mask)
+    torch.testing.assert_close(got, reference_router_aux(layers, 6, 2, mask))
+    got.backward()
+    assert all(l.grad is not None and torch.all(l.grad[1, 4:] == 0) for l in layers)  # padding gets no gradient
+    all_real = router_aux_loss(layers, 6, 2, None)
+    flat = tuple(l.reshape(-1, 6) for l in layers)
+    torch.testing.assert_close(all_real, load_balancing_loss_func(flat, 6, 2))
+    torch.testing.assert_close(all_real, reference_router_aux(layers, 6, 2, torch.ones(2, 7, dtype=torch.bool)))
+
+
+def test_router_aux_loss_added_per_micro_batch():
+    micro_batches = make_global_batch(num_micro_batches=2)
+    proj, lm_head = make_params()
+    loss_fn = TaskWeightedLoss(mode="token", router_aux_loss_coef=0.01)
+    loss_fn.setup(["py", "java", "sql"])
+    counts = loss_fn.step_counts(micro_batches)
+    aux = [torch.tensor(1.5), torch.tensor(2.5)]
+    total = sum(float(loss_fn(token_losses_of(b, proj, lm_head), b, counts, aux_loss=a).detach())
+                for b, a in zip(micro_batches, aux))
+    ref = reference_loss(micro_batches, proj, lm_head, "token", None)
+    assert total == pytest.approx(float(ref) + 0.01 * 2.0, rel=1e-6)
+    assert loss_fn.step_metrics()["aux_loss"] == pytest.approx(0.02)
