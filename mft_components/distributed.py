@@ -1,0 +1,202 @@
+"""Process group, FSDP2 sharding, activation checkpointing, per-layer compile, reductions, state-dict gathering.
+
+Order of the parallelisation steps (torchtitan's): activation checkpointing, then `torch.compile` per decoder
+layer, then FSDP2 — `fully_shard` on every decoder layer, then on the root `MFTModel` so that the root's
+parameter group holds the embeddings, the final norm and `lm_head` and unshards them inside
+`MFTModel.forward` (where the chunked loss reads `lm_head.weight`). Sharding happens while the parameters are
+still on the meta device; `make_param_like` then cuts each streamed full tensor down to this rank's shard.
+
+NF4 weights shard too: torchao's `NF4Tensor` implements FSDP2's `fsdp_pre_all_gather` / `fsdp_post_all_gather`
+(the 4-bit data, block scales and scaler factors are all-gathered; dequantisation happens in the matmul).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor, to_nf4
+
+
+def is_distributed() -> bool:
+    """True when a default process group is initialised."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Join the torchrun process group (nccl on CUDA, gloo on CPU) or run as a single process.
+
+    Returns:
+        (rank, world_size, device): device is cuda:LOCAL_RANK when CUDA is available, else cpu.
+    """
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if "WORLD_SIZE" in os.environ and not is_distributed():
+        dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=device if cuda else None)
+    return get_rank(), get_world_size(), device
+
+
+def destroy_distributed() -> None:
+    """Tear the process group down (no-op when none)."""
+    if is_distributed():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum `t` over ranks in place (no-op single-process) and return it."""
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t
+
+
+def _device_mesh():
+    from torch.distributed.device_mesh import init_device_mesh
+
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    return init_device_mesh(device_type, (get_world_size(),))
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute every decoder layer in backward (transformers' per-layer checkpointing, non-reentrant).
+
+    transformers' GradientCheckpointingLayer keeps parameter names unchanged (no wrapper module), so state
+    dicts and FSDP2's per-layer groups are the same with or without it.
+    """
+    model.hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def compile_layers(model: nn.Module) -> None:
+    """`torch.compile` each decoder layer in place (`nn.Module.compile` keeps parameter names)."""
+    for layer in model.decoder_layers():
+        layer.compile()
+
+
+def shard_model(
+    model: nn.Module,
+    *,
+    param_dtype: torch.dtype | None = torch.bfloat16,
+    reduce_dtype: torch.dtype = torch.float32,
+    cpu_offload: bool = False,
+    activation_checkpointing: bool = False,
+    compile: bool = False,
+    reshard_after_forward: bool = True,
+) -> None:
+    """Apply activation checkpointing, per-layer compile and FSDP2 to an `MFTModel` (meta or real parameters).
+
+    Args:
+        model: the MFTModel (its `decoder_layers()` are the sharding units; the root takes the rest).
+        param_dtype: compute dtype FSDP2 all-gathers parameters in (MixedPrecisionPolicy).
+        reduce_dtype: dtype gradients are reduce-scattered in (float32 keeps bf16 training stable).
+        cpu_offload: keep sharded parameters, gradients and optimizer state on CPU (CPUOffloadPolicy).
+        activation_checkpointing: recompute each decoder layer in backward.
+        compile: torch.compile each decoder layer.
+        reshard_after_forward: free unsharded layer parameters after forward (ZeRO-3); False = ZeRO-2.
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if compile:
+        compile_layers(model)
+    mesh = _device_mesh()
+    kwargs = dict(
+        mesh=mesh,
+        mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype),
+        offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy(),
+    )
+    for layer in model.decoder_layers():
+        fully_shard(layer, reshard_after_forward=reshard_after_forward, **kwargs)
+    # The root group (embeddings, final norm, lm_head) is needed right after the last layer for the loss:
+    # keeping it unsharded after forward saves one all-gather at the start of backward.
+    fully_shard(model, reshard_after_forward=False, **kwargs)
+
+
+@torch.no_grad()
+def make_param_like(old: torch.Tensor, full: torch.Tensor) -> nn.Parameter:
+    """A parameter holding `full`'s values laid out like `old`: plain, NF4, or this rank's FSDP2 shard of either.
+
+    Each rank reads the full tensor and keeps only its rows (no communication). An NF4 weight is quantised
+    whole and then split, as FSDP2 does: the scaler mean is per tensor, so every shard must share it.
+
+    Args:
+        old: the (meta) parameter being replaced.
+        full: the full tensor, already on the target device and in the target dtype.
+
+    Returns:
+        nn.Parameter with `old.requires_grad`.
+    """
+    if isinstance(old, DTensor):
+        local_old = old._local_tensor
+        if isinstance(local_old, NF4Tensor):
+            nf4 = to_nf4(full.contiguous(), local_old.block_size, local_old.scaler_block_size)
+            mesh = old.device_mesh
+            chunk = list(torch.chunk(nf4, mesh.size(0), dim=0))[mesh.get_local_rank(0)]
+            from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
+
+            # DTensor.from_local would view() the NF4 chunk, which NF4Tensor does not support; build it directly.
+            sharded = DTensor(
+                chunk,
+                DTensorSpec(mesh=mesh, placements=old.placements,
+                            tensor_meta=TensorMeta(shape=old.size(), stride=old.stride(), dtype=old.dtype)),
+                requires_grad=False,
+            )
+            return nn.Parameter(sharded, requires_grad=False)
+        sharded = distribute_tensor(full, old.device_mesh, old.placements, src_data_rank=None)
+        return nn.Parameter(sharded, requires_grad=old.requires_grad)
+    if isinstance(old, NF4Tensor):
+        return nn.Parameter(to_nf4(full.contiguous(), old.block_size, old.scaler_block_size), requires_grad=False)
+    return nn.Parameter(full, requires_grad=old.requires_grad)
+
+
+def _clean_name(name: str) -> str:
+    name = name.removeprefix("hf_model.")
+    for wrapper in ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module."):
+        name = name.replace(wrapper, "")
+    return name
+
+
+@torch.no_grad()
+def gather_state_dict(model: nn.Module, adapter_only: bool, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Full (unsharded) CPU tensors of the model's weights on rank 0; `{}` on other ranks.
+
+    One parameter is all-gathered at a time (every rank must call this), so no rank ever holds more than the
+    model's shards plus one full tensor. NF4 weights are dequantised. Keys are the transformers model's
+    (`model.layers.0.self_attn.q_proj.weight`, adapters `....q_proj.lora_a.weight`), tied weights once.
+
+    Args:
+        model: an MFTModel (sharded or not) or a bare transformers model.
+        adapter_only: only the LoRA adapter weights.
+        dtype: cast floating tensors to this dtype (default: keep).
+
+    Returns:
+        dict name -> CPU tensor on rank 0, {} elsewhere.
+    """
+    rank = get_rank()
+    out: dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters():
+        adapter = ".lora_a." in name or ".lora_b." in name
+        if adapter_only and not adapter:
+            continue
+        tensor = param.full_tensor() if isinstance(param, DTensor) else param.detach()
+        if isinstance(tensor, NF4Tensor):
+            tensor = tensor.get_original_weight()
+        if rank == 0:
+            tensor = tensor.detach().to("cpu", copy=True)
+            out[_clean_name(name)] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+        del tensor
+    return out
