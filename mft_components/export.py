@@ -463,7 +463,7 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, base: 
     _check_output_dir(output_dir, force, [checkpoint_dir] + ([base_dir] if base_dir else []))
 
     chat_format = ChatFormat.from_config(meta.get("chat_format"))
-    base_name = meta.get("base_model_name") or (base_dir.name if base_dir else checkpoint_dir.name)
+    base_name = str(base) if base is not None else str(meta.get("base_model_dir") or "unknown base model")
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
