@@ -40,9 +40,12 @@ How that mask reaches the attention (transformers 5.x, checked in ``masking_util
 for every sample (and are 0 on every padding token). With ``attention_mask=None`` and no KV cache,
 ``transformers.masking_utils.find_packed_sequence_indices`` starts a new sequence wherever a position id does not
 follow its left neighbour by exactly 1, and builds exactly the block-diagonal causal mask above, in the dtype
-and layout each implementation wants: a boolean mask for ``sdpa``, an additive float mask in the model's dtype
-for ``eager``, and varlen ``cu_seqlens`` for ``flash_attention_2``. Each padding token becomes a sequence of its
-own, so no softmax row is empty. Why not a ready-made 4D mask from the collator:
+and layout each implementation wants: a boolean mask for ``sdpa`` and an additive float mask in the model's dtype
+for ``eager``. Each padding token becomes a sequence of its own, so no softmax row is empty. ``flash_attention_2``
+is the exception: transformers infers varlen boundaries from ``position_ids`` only for ONE row
+(``_is_packed_sequence`` requires batch size 1) and otherwise runs plain causal flash attention across samples,
+so for it pass ``flash_attention_kwargs(position_ids)`` (``cu_seq_lens_q/k``, ``max_length_q/k``) as keyword
+arguments to the model. Why not a ready-made 4D mask from the collator:
 
 * a boolean ``[B, 1, T, T]`` mask is correct for ``sdpa`` but SILENTLY WRONG for ``eager``, which adds the mask
   to the scores (True -> +1, False -> +0: no masking at all);
@@ -75,6 +78,7 @@ __all__ = [
     "packing_efficiency",
     "collate",
     "block_causal_mask",
+    "flash_attention_kwargs",
 ]
 
 PACKING_MODES = ("pack", "padding")
@@ -273,3 +277,30 @@ def block_causal_mask(sample_ids: torch.Tensor, dtype: torch.dtype = torch.bool)
     if dtype == torch.bool:
         return mask
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+
+
+def flash_attention_kwargs(position_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Varlen boundaries of a packed micro-batch for ``attn_implementation="flash_attention_2"``.
+
+    transformers' flash-attention path flattens the batch to ``B*T`` tokens and uses these instead of inferring
+    them (which it only does for ``B == 1``). A sequence starts wherever ``position_ids`` is 0: at every sample and
+    at every padding token. Call it on the device tensor, once per micro-batch, and pass the result as keyword
+    arguments: ``hf_model(input_ids=..., position_ids=..., use_cache=False, **flash_attention_kwargs(pos))``.
+
+    Args:
+        position_ids: int64 ``[B, T]`` from ``collate``.
+
+    Returns:
+        dict[str, torch.Tensor]: ``cu_seq_lens_q`` / ``cu_seq_lens_k`` (int32, starts of the sequences in the
+        flattened batch plus ``B*T``) and ``max_length_q`` / ``max_length_k`` (the longest sequence).
+    """
+    flat = position_ids.reshape(-1)
+    starts = (flat == 0).nonzero().view(-1).to(torch.int32)
+    cu_seq_lens = torch.cat([starts, torch.tensor([flat.numel()], dtype=torch.int32, device=flat.device)])
+    max_length = int(cu_seq_lens.diff().max()) if flat.numel() else 0
+    return {
+        "cu_seq_lens_q": cu_seq_lens,
+        "cu_seq_lens_k": cu_seq_lens,
+        "max_length_q": max_length,
+        "max_length_k": max_length,
+    }

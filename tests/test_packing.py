@@ -15,6 +15,7 @@ import torch
 from mft_components.packing import (
     block_causal_mask,
     collate,
+    flash_attention_kwargs,
     pack_lengths,
     pack_samples,
     packing_efficiency,
@@ -209,3 +210,24 @@ def test_block_causal_mask_matches_docstring_picture():
     additive = block_causal_mask(batch["sample_ids"], torch.bfloat16)[0, 0]
     assert additive.dtype == torch.bfloat16
     assert torch.equal(additive == 0, expected.bool())
+
+
+def test_flash_attention_kwargs_mark_every_sample_and_match_transformers(packed_case):
+    samples, rows, batch = packed_case
+    kwargs = flash_attention_kwargs(batch["position_ids"])
+    # expected boundaries from the rows themselves: each sample, then each padding token, row after row
+    expected, offset = [], 0
+    for row in rows:
+        start = offset
+        for i in row:
+            expected.append(start)
+            start += len(samples[i].input_ids)
+        expected.extend(range(start, offset + 16))
+        offset += 16
+    assert kwargs["cu_seq_lens_q"].tolist() == expected + [offset]
+    assert kwargs["max_length_q"] == max(len(s.input_ids) for s in samples)
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+    (cu_q, cu_k), (max_q, _) = prepare_fa_kwargs_from_position_ids(batch["position_ids"])
+    assert torch.equal(kwargs["cu_seq_lens_q"], cu_q) and torch.equal(kwargs["cu_seq_lens_k"], cu_k)
+    assert kwargs["max_length_q"] == int(max_q)
