@@ -76,16 +76,19 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             end = min(start + chunk_size, n)
             h32 = h[start:end].float()
             logits = _chunk_logits(h32, w32, softcap)
-            # d loss / d logits = softmax(logits) - onehot(target), scaled by the incoming per-token gradient.
-            grad_logits = torch.exp(logits - lse[start:end, None])
+            # d(tanh(x / c) * c) / dx = 1 - tanh^2(x / c) = 1 - (capped / c)^2, taken before logits is overwritten
+            cap_grad = 1.0 - (logits / softcap).square() if softcap is not None else None
+            # d loss / d logits = softmax(logits) - onehot(target), scaled by the incoming per-token gradient;
+            # computed in place so that a chunk costs one [chunk, V] float32 buffer.
+            grad_logits = logits.sub_(lse[start:end, None]).exp_()
+            del logits
             grad_logits.scatter_add_(
                 1, targets[start:end, None], torch.full((end - start, 1), -1.0, device=h.device)
             )
             grad_logits.mul_(grad_losses[start:end, None])
-            if softcap is not None:
-                # d(tanh(x / c) * c) / dx = 1 - tanh^2(x / c) = 1 - (capped / c)^2
-                grad_logits.mul_(1.0 - (logits / softcap).square())
-            del logits
+            if cap_grad is not None:
+                grad_logits.mul_(cap_grad)
+                del cap_grad
             if need_h:
                 grad_h[start:end] = (grad_logits @ w32).to(h.dtype)
             if need_w:

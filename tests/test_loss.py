@@ -302,7 +302,7 @@ def test_step_metrics_token_mean_per_task():
     all_losses, all_tasks = [], []
     for batch in micro_batches:
         tl = token_losses_of(batch, proj, lm_head)
-        total += float(loss_fn(tl, batch, counts))
+        total += float(loss_fn(tl, batch, counts).detach())
         all_losses.append(tl.detach())
         all_tasks.append(batch["task_ids"][batch["labels"] != -100])
     losses, tasks = torch.cat(all_losses), torch.cat(all_tasks)
