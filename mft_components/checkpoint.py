@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 import re
 import shutil
 import tempfile
@@ -53,6 +54,10 @@ __all__ = [
     "prune_checkpoints",
     "remove_partial_checkpoints",
     "read_checkpoint_meta",
+    "gather_training_state",
+    "restore_training_state",
+    "checkpoint_meta",
+    "load_adapter",
     "load_recipe_state",
     "load_checkpoint_weights",
 ]
@@ -367,3 +372,131 @@ def load_checkpoint_weights(ckpt_dir: str | os.PathLike) -> dict[str, torch.Tens
     if (ckpt_dir / FULL_WEIGHTS).is_file():
         return load_file(str(ckpt_dir / FULL_WEIGHTS))
     raise FileNotFoundError(f"{ckpt_dir}: no {ADAPTER_WEIGHTS}, {FULL_INDEX} or {FULL_WEIGHTS}")
+
+
+# ------------------------------------------------------------------------------------- the recipes' state
+
+
+def gather_training_state(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    lr_scheduler: Any,
+    loss_fn: Any,
+    early_stopping: Any,
+    train_loader: Any,
+    step: int,
+    epoch: int,
+    step_in_epoch: int,
+) -> dict[str, Any] | None:
+    """Everything besides the weights that an exact resume needs, gathered onto rank 0.
+
+    Collective (every rank calls it). Returns the ``recipe_state.pt`` content on rank 0, None elsewhere::
+
+        step, epoch, step_in_epoch         where the loop is
+        optimizer                          full AdamW state keyed by parameter name (any world size can load it)
+        lr_scheduler, loss, early_stopping their state_dicts (CoBa history, best step, patience count)
+        ranks[r]                           rank r's data loader position and RNG states
+    """
+    optim = gather_optimizer_state(model, optimizer)
+    ranks = gather_rank_states({"dataloader": train_loader.state_dict(), "rng": capture_rng_state()})
+    if ranks is None:
+        return None
+    return {
+        "step": step,
+        "epoch": epoch,
+        "step_in_epoch": step_in_epoch,
+        "optimizer": optim,
+        "lr_scheduler": lr_scheduler.state_dict(),
+        "loss": loss_fn.state_dict(),
+        "early_stopping": early_stopping.state_dict(),
+        "ranks": ranks,
+    }
+
+
+def restore_training_state(
+    state: dict[str, Any],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    lr_scheduler: Any,
+    loss_fn: Any,
+    early_stopping: Any,
+    rank: int,
+    world_size: int,
+) -> dict[str, Any]:
+    """Load a :func:`gather_training_state` state (collective under FSDP2); returns this rank's
+    ``{"dataloader", "rng"}`` for the recipe to apply when it starts iterating.
+
+    On another number of ranks the data position carries over (the sampler converts it at an optimizer-step
+    boundary); RNG streams cannot, so dropout masks then differ from the uninterrupted run.
+    """
+    load_optimizer_state(model, optimizer, state["optimizer"])
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    loss_fn.load_state_dict(state["loss"])
+    early_stopping.load_state_dict(state["early_stopping"])
+    ranks = state["ranks"]
+    if len(ranks) != world_size and rank == 0:
+        print(f"note: resuming a {len(ranks)}-rank run on {world_size} ranks: data position kept, RNG streams not",
+              file=sys.stderr)
+    return ranks[rank] if len(ranks) == world_size else {"dataloader": ranks[0]["dataloader"],
+                                                         "rng": ranks[rank % len(ranks)]["rng"]}
+
+
+def checkpoint_meta(model: Any, data: Any, tokenizer: Any, last_eval: tuple[int, Any] | None,
+                    config: dict | None = None, base_model_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The ``mft_checkpoint.json`` content (CONTRACT: method, base model, chat format, EOS, tasks, losses, LoRA)."""
+
+    return {
+        "method": model.method,
+        "base_model_dir": str(base_model_dir or model.model_dir),
+        "chat_format": data.chat_format.to_dict(),
+        "eos_token": tokenizer.eos_token,
+        "task_names": list(data.task_names),
+        "task_sample_counts": dict(data.task_sample_counts),
+        "valid_losses": dict(last_eval[1].task_loss) if last_eval else {},
+        "valid_step": last_eval[0] if last_eval else None,
+        "lora": model.lora_config,
+        "config": config,
+    }
+
+
+def _model_key(name: str) -> str:
+    # MFTModel parameter name -> the transformers model's key (drop the wrapper and FSDP / checkpoint wrappers).
+    name = name.removeprefix("hf_model.")
+    for wrapper in ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module."):
+        name = name.replace(wrapper, "")
+    return name
+
+
+@torch.no_grad()
+def load_adapter(model: torch.nn.Module, ckpt_dir: str | os.PathLike) -> None:
+    """Copy a checkpoint's PEFT adapter into the (possibly FSDP2-sharded) model's LoRA parameters.
+
+    Every rank reads the file and keeps its own shard.
+
+    Raises:
+        ValueError: the checkpoint's adapter and the model's LoRA modules do not match (names or shapes).
+    """
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    from mft_components.lora import peft_to_adapter_state_dict
+
+    saved = peft_to_adapter_state_dict(load_checkpoint_weights(ckpt_dir))
+    seen = set()
+    for name, param in model.named_parameters():
+        key = _model_key(name)
+        if ".lora_a." not in key and ".lora_b." not in key:
+            continue
+        if key not in saved:
+            raise ValueError(f"{ckpt_dir}: the adapter has no {key}; was it trained with other model.lora settings?")
+        full = saved[key].to(device=param.device, dtype=param.dtype)
+        if tuple(full.shape) != tuple(param.shape):
+            raise ValueError(f"{ckpt_dir}: {key} has shape {tuple(full.shape)}, the model expects {tuple(param.shape)}")
+        if isinstance(param, DTensor):
+            full = distribute_tensor(full, param.device_mesh, param.placements)
+        param.copy_(full)
+        seen.add(key)
+    unused = sorted(set(saved) - seen)
+    if unused:
+        raise ValueError(f"{ckpt_dir}: adapter weights {unused[:5]} match no LoRA module of the model")

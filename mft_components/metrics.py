@@ -34,6 +34,8 @@ __all__ = [
     "NonFiniteLossError",
     "check_finite",
     "evaluate",
+    "Evaluator",
+    "Throughput",
     "peak_memory_gb",
     "format_summary",
 ]
@@ -265,6 +267,13 @@ class Throughput:
     def add(self, tokens: int) -> None:
         self._tokens += tokens
 
+    def add_step(self, micro_batches: list[dict], device: torch.device) -> None:
+        """Count the step's real (non-padding) tokens over all ranks (one small all-reduce)."""
+        n = torch.tensor([sum(int((b["sample_ids"] >= 0).sum()) for b in micro_batches)], device=device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(n)
+        self._tokens += int(n.item())
+
     def rate(self) -> float:
         now = time.perf_counter()
         rate = self._tokens / max(now - self._t, 1e-9)
@@ -285,3 +294,59 @@ def format_summary(*, steps: int, seconds: float, stop_reason: str, early_stoppi
     lines.append(f"checkpoints: {', '.join(p.name for p in checkpoints) or 'none'} in {output_dir}")
     lines.append(f"metrics: {Path(output_dir) / 'metrics.jsonl'}, TensorBoard: {Path(output_dir) / 'tb'}")
     return "\n".join(lines)
+
+
+class Evaluator:
+    """The recipe's evaluation bookkeeping: when to evaluate, the best step, early stopping, CoBa's inputs.
+
+    Args:
+        valid_batches: this rank's validation micro-batches (materialised once; evaluation is deterministic).
+        task_names: index -> task name.
+        device: where batches go.
+        eval_every_n_steps: evaluate every N steps; None evaluates at the end of each epoch.
+        early_stopping: the :class:`EarlyStopping` tracker (its state is part of the recipe state).
+        logger, progress: where results are written (rank 0).
+    """
+
+    def __init__(self, valid_batches: list[dict], task_names: list[str], device: torch.device,
+                 eval_every_n_steps: int | None, early_stopping: EarlyStopping, logger: MetricLogger,
+                 progress: ProgressBar):
+        self.valid_batches = valid_batches
+        self.task_names = task_names
+        self.device = device
+        self.every = eval_every_n_steps
+        self.early_stopping = early_stopping
+        self.logger, self.progress = logger, progress
+        self.best: EvalResult | None = None
+        self.last: tuple[int, EvalResult] | None = None
+
+    def due(self, step: int, epoch_end: bool) -> bool:
+        if not self.valid_batches:
+            return False
+        return step % self.every == 0 if self.every else epoch_end
+
+    def evaluated(self, step: int) -> bool:
+        return not self.valid_batches or (self.last is not None and self.last[0] == step)
+
+    def run(self, model: torch.nn.Module, step: int) -> bool:
+        """Evaluate the whole validation split (collective), log it; returns True on a new best."""
+        result = evaluate(model, self.valid_batches, self.task_names, self.device)
+        improved = self.early_stopping.update(step, result.loss)
+        if improved:
+            self.best = result
+        self.last = (step, result)
+        self.logger.log("eval", step, {**result.to_dict(), "best_step": self.early_stopping.best_step})
+        per_task = "  ".join(f"{t} {v:.3f}" for t, v in result.task_loss.items())
+        self.progress.write(f"step {step} eval loss {result.loss:.4f}{' (best)' if improved else ''}: {per_task}")
+        return improved
+
+    def update_coba(self, model: torch.nn.Module, loss_fn: Any, step: int) -> None:
+        """Feed CoBa per-task losses of ``loss_fn.coba_sample_valid_num`` validation micro-batches.
+
+        The micro-batches are picked by step (no iterator state), so a resumed run picks the same ones.
+        """
+        if not (self.valid_batches and loss_fn.coba_due(step)):
+            return
+        n, k = len(self.valid_batches), loss_fn.coba_sample_valid_num
+        picks = [self.valid_batches[(step * k + i) % n] for i in range(k)]
+        loss_fn.update_coba(step, evaluate(model, picks, self.task_names, self.device).task_loss)
