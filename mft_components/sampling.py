@@ -344,6 +344,10 @@ class MicroBatchSampler(Sampler):
     def __len__(self) -> int:
         return self.plan.num_micro_batches(self.epoch)
 
+    def steps_per_epoch(self, epoch: int | None = None) -> int:
+        """Optimizer steps in ``epoch`` (default: the current one); for the LR schedule's total."""
+        return self.plan.steps_per_epoch(self.epoch if epoch is None else epoch)
+
     def __iter__(self) -> Iterator[tuple[int, int]]:
         # Not a generator function: the position must be set when torchdata calls iter(), because it may ask for
         # state_dict() before the first next().
@@ -468,7 +472,7 @@ def build_train_loader(
 
     Returns:
         StatefulDataLoader: yields batch dicts; ``loader.sampler`` is the ``MicroBatchSampler``
-        (``set_epoch``, ``len`` = micro-batches per epoch, ``plan.steps_per_epoch(epoch)``).
+        (``set_epoch``, ``len`` = micro-batches per epoch, ``steps_per_epoch(epoch)``).
 
     Raises:
         ValueError: invalid mode, temperature, layout, or a sample longer than ``seq_len``.

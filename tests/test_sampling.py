@@ -147,6 +147,9 @@ def test_loader_same_step_rows_for_1x4_2x2_4x1(packing, mode):
     for world_size, gas in [(1, 4), (2, 2), (4, 1)]:
         per_rank = run_epoch(samples, world_size, gas, packing=packing, task_sampling=mode)
         assert len({len(r) for r in per_rank}) == 1 and len(per_rank[0]) % gas == 0
+        loader = build_train_loader(samples, TASKS, seq_len=32, seed=5, packing=packing, task_sampling=mode,
+                                    micro_batch_size=2, gradient_accumulation_steps=gas, world_size=world_size)
+        assert loader.sampler.steps_per_epoch(0) * gas == len(per_rank[0])
         results[world_size] = rows_per_step(per_rank, gas)
         seen = Counter(i for r in per_rank for mb in r for row in mb for i in row)
         assert sum(seen.values()) == len(samples)
