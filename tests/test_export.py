@@ -1,0 +1,310 @@
+"""`mft export`: the exported directory computes what the trained model computed, in every layout.
+
+The training side is built with the real components (tiny model dir, `build_model` with LoRA / QLoRA / full,
+`lora_b` perturbed so the adapter is non-trivial, `checkpoint.save_checkpoint`); references are the trained model
+itself, an independent float32 merge onto the original base, and `peft`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from mft_components import checkpoint as ckpt
+from mft_components import export
+from mft_components.export import ExportError, export_checkpoint
+from mft_components.lora import (
+    LoRALinear,
+    adapter_to_peft_state_dict,
+    get_adapter_state_dict,
+    lora_target_names,
+    peft_adapter_config,
+)
+from mft_components.models import build_model
+from mft_components.templates import ChatFormat
+from tests.tiny_models import make_tiny_model_dir
+
+TASKS = ["code_completion", "text2sql"]
+
+
+@pytest.fixture(scope="module")
+def tiny_bases(tmp_path_factory, smollm2_dir):
+    """Tiny llama (untied) and qwen2 (tied embeddings, q/k/v biases) dirs with the real SmolLM2 tokenizer."""
+    root = tmp_path_factory.mktemp("bases")
+    vocab = len(AutoTokenizer.from_pretrained(smollm2_dir))
+    return {f: make_tiny_model_dir(root / f, family=f, vocab_size=vocab, tokenizer_dir=smollm2_dir, seed=1)
+            for f in ("llama", "qwen2")}
+
+
+def train_and_save(base_dir: Path, out_root: Path, method: str, *, use_rslora: bool = False, seed: int = 0,
+                   eos_token: str | None = None, chat_format: ChatFormat | None = None):
+    """Build the training model, make its trainable weights non-trivial, save a checkpoint in the contract layout.
+
+    Returns:
+        (checkpoint_dir, trained MFTModel)
+    """
+    torch.manual_seed(seed)
+    lora = dict(rank=4, alpha=8.0, dropout=0.0, use_rslora=use_rslora,
+                target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    model = build_model(str(base_dir), method=method, lora=None if method == "full" else lora, dtype="fp32")
+    with torch.no_grad():
+        for name, p in model.hf_model.named_parameters():
+            if method == "full" and p.dtype.is_floating_point:
+                p.add_(torch.randn_like(p) * 0.02)
+            elif "lora_b" in name:
+                p.normal_(0.0, 0.05)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    meta = {
+        "method": method, "base_model_dir": str(base_dir),
+        "chat_format": (chat_format or ChatFormat()).to_dict(),
+        "eos_token": eos_token or tokenizer.eos_token, "task_names": TASKS,
+        "task_sample_counts": {"code_completion": 1200, "text2sql": 345},
+        "valid_losses": {"code_completion": 0.8123, "text2sql": 1.25}, "lora": None if method == "full" else lora,
+    }
+    if method == "full":
+        config = json.loads((base_dir / "config.json").read_text())
+        weights = {k: v.detach().clone() for k, v in model.hf_model.state_dict().items()}
+        path = ckpt.save_checkpoint(out_root, 7, weights=weights, meta=meta, model_config=config,
+                                    base_model_dir=base_dir)
+    else:
+        weights = adapter_to_peft_state_dict(get_adapter_state_dict(model))
+        adapter_config = peft_adapter_config(base_dir, lora["rank"], lora["alpha"], lora["dropout"],
+                                             lora_target_names(model.hf_model), use_rslora)
+        path = ckpt.save_checkpoint(out_root, 7, weights=weights, meta=meta, adapter_config=adapter_config)
+    return path, model
+
+
+def reference_merge(base_dir: Path, trained) -> torch.nn.Module:
+    """The original float32 base with W + scale * B @ A written in from the trained LoRALinears' own parameters."""
+    ref = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    with torch.no_grad():
+        for name, mod in trained.hf_model.named_modules():
+            if isinstance(mod, LoRALinear):
+                w = ref.get_submodule(name).weight
+                w.add_(mod.scaling * (mod.lora_b.weight.float() @ mod.lora_a.weight.float()))
+    return ref
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+IDS = torch.randint(0, 49152, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("family,method,rslora", [("llama", "lora", False), ("qwen2", "lora", True),
+                                                  ("llama", "full", False), ("qwen2", "full", False)])
+def test_exported_logits_equal_trained(tiny_bases, tmp_path, family, method, rslora):
+    base = tiny_bases[family]
+    ck, trained = train_and_save(base, tmp_path / "run", method, use_rslora=rslora)
+    out = export_checkpoint(ck, tmp_path / "out", dtype="fp32")
+    exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    torch.testing.assert_close(logits(exported, IDS), logits(trained.hf_model, IDS), atol=2e-5, rtol=1e-5)
+    assert (out / "adapter").is_dir() == (method != "full")
+
+
+def test_qlora_export_merges_onto_original_base(tiny_bases, tmp_path):
+    base = tiny_bases["llama"]
+    ck, trained = train_and_save(base, tmp_path / "run", "qlora")
+    out = export_checkpoint(ck, tmp_path / "out", dtype="fp32")
+    exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ref = reference_merge(base, trained)
+    torch.testing.assert_close(logits(exported, IDS), logits(ref, IDS), atol=2e-5, rtol=1e-5)
+    # The merged weight is the ORIGINAL base plus the update, not the NF4 copy: no quantisation error.
+    q = trained.hf_model.get_submodule("model.layers.0.self_attn.q_proj")
+    with safe_open(base / "model.safetensors", "pt") as f:
+        w0 = f.get_tensor("model.layers.0.self_attn.q_proj.weight")
+    w_out = exported.get_submodule("model.layers.0.self_attn.q_proj").weight
+    torch.testing.assert_close(w_out, w0 + q.scaling * q.lora_b.weight @ q.lora_a.weight, atol=1e-6, rtol=0)
+    assert (w_out - (q.weight.to(torch.float32) + q.scaling * q.lora_b.weight @ q.lora_a.weight)).abs().max() > 1e-4
+
+
+def test_peft_adapter_agrees_with_merged_model(tiny_bases, tmp_path):
+    peft = pytest.importorskip("peft")
+    base = tiny_bases["qwen2"]
+    ck, _ = train_and_save(base, tmp_path / "run", "lora", use_rslora=True)
+    out = export_checkpoint(ck, tmp_path / "out", dtype="fp32")
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    pm = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                        out / "adapter")
+    torch.testing.assert_close(logits(pm, IDS), logits(merged, IDS), atol=2e-5, rtol=1e-5)
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        base.resolve())
+
+
+def test_bf16_export_is_the_float32_merge_cast_once(tiny_bases, tmp_path):
+    base = tiny_bases["llama"]
+    ck, _ = train_and_save(base, tmp_path / "run", "lora")
+    f32 = export_checkpoint(ck, tmp_path / "f32", dtype="fp32")
+    b16 = export_checkpoint(ck, tmp_path / "b16", dtype="bf16")
+    assert json.loads((b16 / "config.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(f32 / "model.safetensors", "pt") as a, safe_open(b16 / "model.safetensors", "pt") as b:
+        assert set(a.keys()) == set(b.keys())
+        for k in a.keys():
+            tb = b.get_tensor(k)
+            assert tb.dtype == torch.bfloat16, k
+            assert torch.equal(tb, a.get_tensor(k).to(torch.bfloat16)), k
+    AutoModelForCausalLM.from_pretrained(b16)  # loads with no extra code
+
+
+def test_sharded_layout_loads_with_from_pretrained(tiny_bases, tmp_path):
+    base = tiny_bases["qwen2"]
+    ck, trained = train_and_save(base, tmp_path / "run", "lora")
+    max_bytes = 100_000
+    out = export_checkpoint(ck, tmp_path / "out", dtype="fp32", max_shard_size="100KB")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    n = len(files)
+    assert n > 2 and files == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    assert not (out / "model.safetensors").exists()
+    total, keys = 0, set()
+    for f in files:
+        with safe_open(out / f, "pt") as st:
+            names = list(st.keys())
+            sizes = [st.get_tensor(k).numel() * 4 for k in names]
+            assert all(index["weight_map"][k] == f for k in names)
+            assert sum(sizes) <= max_bytes or len(names) == 1, f  # only an oversized tensor stands alone
+            total += sum(sizes)
+            keys |= set(names)
+    assert keys == set(index["weight_map"]) and total == index["metadata"]["total_size"]
+    exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    torch.testing.assert_close(logits(exported, IDS), logits(trained.hf_model, IDS), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chat_format", [
+    ChatFormat(),
+    ChatFormat(role_markers={"system": "### System:\n", "user": "### Instruction: \"q\"\n",
+                             "assistant": "### Response:\n"}, add_bos=True),
+])
+def test_exported_chat_template_renders_training_prompt(tiny_bases, tmp_path, chat_format):
+    base = tiny_bases["llama"]
+    ck, _ = train_and_save(base, tmp_path / "run", "lora", chat_format=chat_format)
+    out = export_checkpoint(ck, tmp_path / "out", adapter_only=False)
+    tok = AutoTokenizer.from_pretrained(out)
+    conversations = [
+        [{"role": "user", "content": "Write a SQL query counting rows of `t`."}],
+        [{"role": "system", "content": "You are a careful coder.\nBe brief."},
+         {"role": "user", "content": "def f(x):"},
+         {"role": "assistant", "content": "    return x  # ünïcode, \"quotes\", {{braces}}"},
+         {"role": "user", "content": "and now in C?\n"}],
+    ]
+    for msgs in conversations:
+        text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        assert text == chat_format.render_text(msgs, tok, add_generation_prompt=True)
+        if len(msgs) == 1:
+            # Token ids too. (For a multi-turn history training tokenises the text in segments cut before each
+            # assistant reply, so BPE merges across that cut can differ from tokenising the whole text at once.)
+            ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
+            assert list(ids) == chat_format.prompt_ids(msgs, tok)
+        # The full conversation renders like training too (assistant turns end with the EOS).
+        full = msgs + [{"role": "assistant", "content": "SELECT 1;"}]
+        assert tok.apply_chat_template(full, tokenize=False) == chat_format.render_text(full, tok)
+    saved = json.loads((out / export.CHAT_FORMAT_FILE).read_text())
+    assert ChatFormat.from_config(saved["chat_format"]) == chat_format
+
+
+def test_generation_config_and_model_card(tiny_bases, tmp_path):
+    base = tiny_bases["llama"]
+    ck, _ = train_and_save(base, tmp_path / "run", "lora")
+    out = export_checkpoint(ck, tmp_path / "out")
+    tok = AutoTokenizer.from_pretrained(base)
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == tok.eos_token_id
+    card = (out / "README.md").read_text()
+    for needle in (str(base), "LoRA", "code_completion", "1200", "text2sql", "345", "0.8123", "1.2500",
+                   "Training steps: 7"):
+        assert needle in card, needle
+
+
+def test_adapter_only_writes_just_the_adapter(tiny_bases, tmp_path):
+    peft = pytest.importorskip("peft")
+    base = tiny_bases["llama"]
+    ck, trained = train_and_save(base, tmp_path / "run", "lora")
+    out = export_checkpoint(ck, tmp_path / "out", adapter_only=True)
+    assert sorted(p.name for p in out.iterdir()) == ["adapter"]
+    pm = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                        out / "adapter")
+    torch.testing.assert_close(logits(pm, IDS), logits(trained.hf_model, IDS), atol=2e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------- errors
+
+
+def test_shape_mismatch_names_tensor_and_both_shapes(tiny_bases, tmp_path, smollm2_dir):
+    ck, _ = train_and_save(tiny_bases["llama"], tmp_path / "run", "lora")
+    # Another base: the same family with a different MLP width.
+    from tests.tiny_models import TINY_CONFIGS
+
+    other = tmp_path / "other"
+    cfg = TINY_CONFIGS["llama"](len(AutoTokenizer.from_pretrained(smollm2_dir)))
+    cfg.intermediate_size = 96
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(other)
+    with pytest.raises(ExportError) as e:
+        export_checkpoint(ck, tmp_path / "out", base=other)
+    msg = str(e.value)
+    assert "model.layers.0.mlp.down_proj.weight" in msg and "(64, 96)" in msg and "(64, 128)" in msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_base_dir(tiny_bases, tmp_path):
+    ck, _ = train_and_save(tiny_bases["llama"], tmp_path / "run", "lora")
+    with pytest.raises(ExportError, match="base model directory .*nowhere.* does not exist"):
+        export_checkpoint(ck, tmp_path / "out", base=tmp_path / "nowhere")
+    meta = json.loads((ck / "mft_checkpoint.json").read_text())
+    meta["base_model_dir"] = str(tmp_path / "moved_away")
+    (ck / "mft_checkpoint.json").write_text(json.dumps(meta))
+    with pytest.raises(ExportError, match=r"moved_away.*mft_checkpoint.json: base_model_dir.*--base"):
+        export_checkpoint(ck, tmp_path / "out")
+
+
+def test_non_empty_output_needs_force(tiny_bases, tmp_path):
+    ck, _ = train_and_save(tiny_bases["llama"], tmp_path / "run", "lora")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(ExportError, match="not empty.*--force"):
+        export_checkpoint(ck, out)
+    assert (out / "precious.txt").read_text() == "keep me"
+    export_checkpoint(ck, out, force=True)
+    assert not (out / "precious.txt").exists() and (out / "config.json").is_file()
+    # An empty directory is fine without --force; the checkpoint itself is never a valid output.
+    (tmp_path / "empty").mkdir()
+    export_checkpoint(ck, tmp_path / "empty", adapter_only=True)
+    with pytest.raises(ExportError, match="would overwrite the input"):
+        export_checkpoint(ck, ck.parent, force=True)
+
+
+def test_other_errors(tiny_bases, tmp_path):
+    ck_full, _ = train_and_save(tiny_bases["llama"], tmp_path / "full", "full")
+    with pytest.raises(ExportError, match="--adapter-only.*full fine-tuning"):
+        export_checkpoint(ck_full, tmp_path / "o1", adapter_only=True)
+    with pytest.raises(ExportError, match="not an mft training checkpoint"):
+        export_checkpoint(tiny_bases["llama"], tmp_path / "o2")
+    with pytest.raises(ExportError, match="--dtype"):
+        export_checkpoint(ck_full, tmp_path / "o3", dtype="int8")
+    with pytest.raises(ExportError, match="--max-shard-size"):
+        export_checkpoint(ck_full, tmp_path / "o4", max_shard_size="lots")
+
+
+def test_parse_size():
+    assert export.parse_size("5GB") == 5 * 10**9
+    assert export.parse_size("500MiB") == 500 * 2**20
+    assert export.parse_size("1.5kb") == 1500
+    assert export.parse_size(1234) == 1234
+
+
+def test_cli_run(tiny_bases, tmp_path, capsys):
+    ck, _ = train_and_save(tiny_bases["llama"], tmp_path / "run", "lora")
+    parser = argparse.ArgumentParser()
+    export.add_arguments(parser)
+    out = tmp_path / "out"
+    assert export.run(parser.parse_args([str(ck), "--output", str(out), "--dtype", "fp16"])) == 0
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
+    assert export.run(parser.parse_args([str(ck), "--output", str(out)])) == 2
+    assert "not empty" in capsys.readouterr().err
