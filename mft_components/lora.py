@@ -278,15 +278,19 @@ def peft_adapter_config(
 def merge_lora_weights(model: nn.Module) -> nn.Module:
     """Replace every LoRALinear in `model` (in place) by an `nn.Linear` holding W + scale * B @ A.
 
-    NF4 bases are dequantised to the adapter's dtype first. Works on unsharded models only.
+    NF4 bases are dequantised to the adapter's dtype first; frozen NF4Linear layers become plain nn.Linear
+    with the dequantised weight. Works on unsharded models only.
 
     Returns:
         nn.Module: `model`, now free of LoRALinear modules (its state dict has the base model's keys).
     """
     for name, module in list(model.named_modules()):
-        if not isinstance(module, LoRALinear):
+        if isinstance(module, LoRALinear):
+            weight = module.merged_weight()
+        elif isinstance(module, NF4Linear):
+            weight = module.weight.get_original_weight()
+        else:
             continue
-        weight = module.merged_weight()
         linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
                            device=weight.device, dtype=weight.dtype)
         linear.weight.copy_(weight)
