@@ -34,9 +34,15 @@ TEMPLATES = ("mft", "hf")
 Segment = tuple["str | int", bool]
 
 
-def _encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+def encode_texts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each text, without special tokens added (what ``tokenizer(texts, add_special_tokens=False)``
+    returns; through the Rust backend's ``encode_batch_fast`` when there is one, which skips offsets and is
+    ~20% faster, the bulk of a cold data build)."""
     if not texts:
         return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "encode_batch_fast"):
+        return [e.ids for e in backend.encode_batch_fast(list(texts), add_special_tokens=False)]
     return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
 
 
@@ -51,7 +57,7 @@ def encode_segments(segment_lists: Sequence[Sequence[Segment]], tokenizer) -> li
         Per conversation ``(ids, loss_mask)``.
     """
     texts = [seg for segs in segment_lists for seg, _ in segs if isinstance(seg, str)]
-    encoded = iter(_encode(tokenizer, texts))
+    encoded = iter(encode_texts(tokenizer, texts))
     out = []
     for segs in segment_lists:
         ids: list[int] = []

@@ -164,3 +164,11 @@ def test_config_roundtrip_and_errors():
 def test_unknown_role_rejected(smollm2_tokenizer):
     with pytest.raises(ValueError, match="role 'bot'"):
         ChatFormat().render([{"role": "bot", "content": "x"}], smollm2_tokenizer)
+
+
+def test_encode_texts_equals_tokenizer_call(smollm2_tokenizer):
+    from mft_components.templates import encode_texts
+
+    tok = smollm2_tokenizer
+    texts = ["def f(x):\n    return x", "  leading\n\n\ttabs", "<|im_end|> special inside", "", "héllo 用户 🙂"]
+    assert encode_texts(tok, texts) == tok(texts, add_special_tokens=False)["input_ids"]

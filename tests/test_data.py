@@ -1,0 +1,293 @@
+"""Tests for mft_components/data.py: record shapes, bad-record reports, split, truncation, cache, workers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mft_components import data as data_mod
+from mft_components.data import DataError, build_mft_data, discover_tasks
+from mft_components.templates import ChatFormat, encode_segments
+
+
+def write_jsonl(path: Path, records, raw_lines=()) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps(r) if not isinstance(r, str) else r for r in records] + list(raw_lines)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def conv(i: int, turns: int = 1) -> dict:
+    rounds = []
+    for t in range(turns):
+        rounds += [{"role": "human", "content": f"Question {i}.{t}: add {i} and {t}."},
+                   {"role": "bot", "content": f"def f():\n    return {i} + {t}"}]
+    return {"id": i, "chat_rounds": rounds}
+
+
+def build(tok, paths, tmp_path, **kw):
+    kw.setdefault("cache_dir", str(tmp_path / "cache"))
+    kw.setdefault("valid_ratio", 0.0)
+    return build_mft_data(tok, data_paths=[str(p) for p in paths], **kw)
+
+
+def as_lists(samples):
+    return [(s.input_ids.tolist(), s.loss_mask.tolist(), s.task_id) for s in samples]
+
+
+def test_record_shapes_render_like_templates(smollm2_tokenizer, tmp_path):
+    tok = smollm2_tokenizer
+    records = [
+        {"chat_rounds": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                         {"role": "gpt", "content": "Hello"}, {"role": "Human", "content": "Bye"},
+                         {"role": "assistant", "content": "Bye!"}], "data_name": "ignored"},
+        {"prompt": "P1", "answer": "A1"},
+        {"prompt": "P2", "response": "R2", "system": "S2"},
+        {"instruction": "Sum", "input": "1 2", "output": "3"},
+        {"instruction": "Say x", "input": "", "output": "x"},
+        {"question": "Q?", "answer": "yes"},
+        {"input": "in", "output": "out"},
+        {"text": "def raw():\n    pass"},
+    ]
+    path = write_jsonl(tmp_path / "shapes" / "a.jsonl", records)
+    d = build(tok, [path.parent], tmp_path)
+    fmt = ChatFormat()
+    expected_msgs = [
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+         {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"},
+         {"role": "assistant", "content": "Bye!"}],
+        [{"role": "user", "content": "P1"}, {"role": "assistant", "content": "A1"}],
+        [{"role": "system", "content": "S2"}, {"role": "user", "content": "P2"}, {"role": "assistant", "content": "R2"}],
+        [{"role": "user", "content": "Sum\n\n1 2"}, {"role": "assistant", "content": "3"}],
+        [{"role": "user", "content": "Say x"}, {"role": "assistant", "content": "x"}],
+        [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "yes"}],
+        [{"role": "user", "content": "in"}, {"role": "assistant", "content": "out"}],
+    ]
+    assert d.task_names == ["shapes"]
+    for sample, msgs in zip(d.train_samples, expected_msgs):
+        ids, mask = fmt.render(msgs, tok)
+        assert sample.input_ids.tolist() == ids and sample.loss_mask.tolist() == mask
+        assert sample.input_ids.dtype == np.int32 and sample.loss_mask.dtype == np.bool_
+    text = d.train_samples[-1]
+    assert tok.decode(text.input_ids) == "def raw():\n    pass<|im_end|>" and text.loss_mask.all()
+    st = d.stats["shapes"]
+    assert (st["records"], st["kept"], st["bad"], st["turns"]) == (8, 8, 0, 8)
+    assert st["loss_tokens"] == sum(int(s.loss_mask.sum()) for s in d.train_samples)
+
+
+BAD_CASES = [  # (line text, field, words in the problem)
+    ('{"chat_rounds": [', "json", "invalid JSON"),
+    ('{"prompt": "x"}', "record", "no known shape"),
+    ('{"id": 3}', "record", "no known shape"),
+    ('{"chat_rounds": []}', "chat_rounds", "is empty"),
+    ('{"chat_rounds": [{"role": "narrator", "content": "x"}]}', "chat_rounds[0].role", "unknown role 'narrator'"),
+    ('{"chat_rounds": [{"role": "human", "content": "q"}, {"role": "system", "content": "s"}, '
+     '{"role": "bot", "content": "a"}]}', "chat_rounds[1].role", "only allowed as the first turn"),
+    ('{"chat_rounds": [{"role": "human", "content": "q"}, {"role": "human", "content": "q2"}, '
+     '{"role": "bot", "content": "a"}]}', "chat_rounds[1].role", "must alternate"),
+    ('{"chat_rounds": [{"role": "bot", "content": "a"}]}', "chat_rounds[0].role", "must alternate"),
+    ('{"chat_rounds": [{"role": "human", "content": 5}, {"role": "bot", "content": "a"}]}',
+     "chat_rounds[0].content", "expected a string, got int"),
+    ('{"chat_rounds": [{"role": "human", "content": "q"}]}', "chat_rounds", "no assistant turn"),
+    ('{"prompt": ["x"], "answer": "a"}', "prompt", "expected a string, got list"),
+    ('[1, 2]', "record", "expected a JSON object, got list"),
+    ('{"chat_rounds": "hello"}', "chat_rounds", "expected a list"),
+]
+
+
+def test_every_bad_record_is_reported_with_path_line_field(smollm2_tokenizer, tmp_path):
+    path = tmp_path / "task" / "bad.jsonl"
+    path.parent.mkdir()
+    lines = [json.dumps(conv(0))] + [line for line, _, _ in BAD_CASES]
+    body = "\n".join(lines).encode() + b'\n{"text": "caf\xe9"}\n'  # invalid UTF-8 on the last line
+    path.write_bytes(body)
+    with pytest.raises(DataError) as err:
+        build(tok := smollm2_tokenizer, [path.parent], tmp_path)
+    msg = str(err.value)
+    for k, (_, field, words) in enumerate(BAD_CASES):
+        line = next(x for x in msg.splitlines() if x.startswith(f"{path}:{k + 2}:"))
+        assert f"{path}:{k + 2}: {field}: " in line and words in line, line
+    assert f"{path}:{len(BAD_CASES) + 2}: line: invalid UTF-8" in msg
+    assert f"{len(BAD_CASES) + 1} bad record(s)" in msg and f"{path}:1:" not in msg
+    # skip: the good record is kept, the bad ones are counted for the task.
+    d = build(tok, [path.parent], tmp_path, on_bad_record="skip")
+    st = d.stats["task"]
+    assert (st["records"], st["bad"], st["kept"]) == (len(BAD_CASES) + 2, len(BAD_CASES) + 1, 1)
+    assert len(d.skipped) == len(BAD_CASES) + 1
+
+
+def test_at_most_20_problems_listed(smollm2_tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", [conv(0)] + ["{bad"] * 25)
+    with pytest.raises(DataError) as err:
+        build(smollm2_tokenizer, [path], tmp_path)
+    msg = str(err.value)
+    assert msg.count(f"{path}:") == 20 and "... and 5 more" in msg and "25 bad record(s)" in msg
+
+
+def test_bom_crlf_blank_lines(smollm2_tokenizer, tmp_path):
+    records = [conv(i) for i in range(3)]
+    clean = write_jsonl(tmp_path / "clean" / "x.jsonl", records)
+    messy = tmp_path / "messy" / "x.jsonl"
+    messy.parent.mkdir()
+    messy.write_bytes(b"\xef\xbb\xbf" + b"\r\n\r\n".join(json.dumps(r).encode() for r in records) + b"\r\n  \r\n")
+    a = build(smollm2_tokenizer, [clean.parent], tmp_path)
+    b = build(smollm2_tokenizer, [messy.parent], tmp_path)
+    assert as_lists(a.train_samples) == as_lists(b.train_samples)
+    assert b.stats["messy"]["records"] == 3 and b.stats["messy"]["bad"] == 0
+
+
+def test_task_discovery(tmp_path):
+    write_jsonl(tmp_path / "repair" / "a.jsonl", [conv(0)])
+    write_jsonl(tmp_path / "repair" / "sub" / "b.jsonl", [conv(1)])
+    (tmp_path / "repair" / "notes.txt").write_text("ignored")
+    write_jsonl(tmp_path / "extra" / "tests.jsonl", [conv(2)])
+    tasks = discover_tasks([tmp_path / "repair", tmp_path / "extra" / "tests.jsonl"])
+    assert list(tasks) == ["repair", "tests"]
+    assert [p.name for p in tasks["repair"]] == ["a.jsonl", "b.jsonl"]
+    write_jsonl(tmp_path / "other" / "repair" / "c.jsonl", [conv(3)])
+    with pytest.raises(DataError, match="'repair'") as err:
+        discover_tasks([tmp_path / "repair", tmp_path / "other" / "repair"])
+    assert str(tmp_path / "repair") in str(err.value) and str(tmp_path / "other" / "repair") in str(err.value)
+    with pytest.raises(DataError, match=r"data.data_paths\[0\]: .*no such file"):
+        discover_tasks([tmp_path / "missing"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no \\*.jsonl"):
+        discover_tasks([tmp_path / "empty"])
+
+
+def test_truncation_drop_and_truncate(smollm2_tokenizer, tmp_path):
+    tok = smollm2_tokenizer
+    long_answer = {"chat_rounds": [{"role": "human", "content": "q"}, {"role": "bot", "content": "word " * 200}]}
+    long_prompt = {"chat_rounds": [{"role": "human", "content": "word " * 200}, {"role": "bot", "content": "a"}]}
+    path = write_jsonl(tmp_path / "t" / "x.jsonl", [conv(0), long_answer, long_prompt, conv(1)])
+    d = build(tok, [path.parent], tmp_path, seq_len=64)
+    st = d.stats["t"]
+    assert (st["kept"], st["dropped"], st["truncated"]) == (2, 2, 0)
+    d = build(tok, [path.parent], tmp_path, seq_len=64, truncation="truncate")
+    st = d.stats["t"]
+    # The long prompt leaves no loss token within 64 tokens: dropped even when truncating.
+    assert (st["kept"], st["dropped"], st["truncated"]) == (3, 1, 1)
+    cut = d.train_samples[1]
+    full_ids, full_mask = ChatFormat().render(
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": "word " * 200}], tok)
+    assert cut.input_ids.tolist() == full_ids[:64] and cut.loss_mask.tolist() == full_mask[:64]
+    assert all(len(s.input_ids) <= 64 for s in d.train_samples)
+
+
+def test_split_per_task_deterministic(smollm2_tokenizer, tmp_path):
+    tok = smollm2_tokenizer
+    a = write_jsonl(tmp_path / "a.jsonl", [conv(i) for i in range(40)])
+    b = write_jsonl(tmp_path / "b.jsonl", [conv(100 + i) for i in range(3)])
+    c = write_jsonl(tmp_path / "c.jsonl", [conv(200)])
+    runs = [build(tok, [a, b, c], tmp_path, valid_ratio=0.1, seed=7, rank=r, world_size=w) for r, w in
+            ((0, 1), (1, 2), (3, 4))]
+    for d in runs[1:]:
+        assert as_lists(d.train_samples) == as_lists(runs[0].train_samples)
+        assert as_lists(d.valid_samples) == as_lists(runs[0].valid_samples)
+    d = runs[0]
+    assert [(d.stats[t]["train"], d.stats[t]["valid"]) for t in "abc"] == [(36, 4), (2, 1), (1, 0)]
+    # Train + valid is a partition of the kept samples.
+    every = sorted(map(str, as_lists(d.train_samples) + as_lists(d.valid_samples)))
+    assert every == sorted(map(str, as_lists(build(tok, [a, b, c], tmp_path).train_samples)))
+    other = build(tok, [a, b, c], tmp_path, valid_ratio=0.1, seed=8)
+    assert as_lists(other.valid_samples) != as_lists(d.valid_samples)
+    sized = build(tok, [a, b, c], tmp_path, valid_size=5)
+    assert [sized.stats[t]["valid"] for t in "abc"] == [5, 2, 0]
+
+
+def test_valid_data_paths(smollm2_tokenizer, tmp_path):
+    tok = smollm2_tokenizer
+    a = write_jsonl(tmp_path / "train" / "a.jsonl", [conv(i) for i in range(5)])
+    va = write_jsonl(tmp_path / "valid" / "a.jsonl", [conv(50), conv(51)])
+    d = build(tok, [a], tmp_path, valid_data_paths=[str(va)], valid_ratio=0.5)
+    assert (d.stats["a"]["train"], d.stats["a"]["valid"]) == (5, 2)
+    zz = write_jsonl(tmp_path / "valid" / "zz.jsonl", [conv(52)])
+    with pytest.raises(DataError, match="valid_data_paths.*'zz'"):
+        build(tok, [a], tmp_path, valid_data_paths=[str(zz)])
+
+
+def test_cache_warm_start_is_identical_and_memory_mapped(smollm2_tokenizer, tmp_path):
+    tok = smollm2_tokenizer
+    path = write_jsonl(tmp_path / "t" / "x.jsonl", [conv(i, turns=2) for i in range(20)] + ["{bad"])
+    uncached = build(tok, [path.parent], tmp_path, cache_dir="", on_bad_record="skip")
+    cold = build(tok, [path.parent], tmp_path, on_bad_record="skip")
+    entries = list((tmp_path / "cache").glob("*/*/info.json"))
+    assert len(entries) == 1
+    warm = build(tok, [path.parent], tmp_path, on_bad_record="skip")
+    assert isinstance(warm.train_samples[0].input_ids.base, np.memmap) or isinstance(warm.train_samples[0].input_ids, np.memmap)
+    assert as_lists(uncached.train_samples) == as_lists(cold.train_samples) == as_lists(warm.train_samples)
+    assert warm.stats == cold.stats
+    # Bad records are remembered by the cache: error mode still fails on a warm start.
+    with pytest.raises(DataError, match=":21: json:"):
+        build(tok, [path.parent], tmp_path)
+    # Changing the file, the seq_len or the template makes a new entry.
+    write_jsonl(path, [conv(i) for i in range(5)])
+    assert build(tok, [path.parent], tmp_path).stats["t"]["kept"] == 5
+    build(tok, [path.parent], tmp_path, seq_len=512)
+    build(tok, [path.parent], tmp_path, template="hf")
+    assert len(list((tmp_path / "cache").glob("*/*/info.json"))) == 4
+
+
+def test_worker_processes_match_in_process(smollm2_tokenizer, tmp_path, monkeypatch):
+    tok = smollm2_tokenizer
+    a = write_jsonl(tmp_path / "a.jsonl", [conv(i, turns=1 + i % 3) for i in range(150)] + ["{bad"])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"p{i}", "answer": f"a{i}"} for i in range(60)])
+    ref = build(tok, [a, b], tmp_path, cache_dir="", num_workers=1, on_bad_record="skip")
+    # Tiny chunks and no in-process shortcut: the work is spread over 2 forked workers in many byte ranges.
+    monkeypatch.setattr(data_mod, "_CHUNK_BYTES", 700)
+    monkeypatch.setattr(data_mod, "_IN_PROCESS_BYTES", 0)
+    par = build(tok, [a, b], tmp_path, cache_dir="", num_workers=2, on_bad_record="skip")
+    assert as_lists(par.train_samples) == as_lists(ref.train_samples)
+    assert par.skipped == ref.skipped == [f"{a}:151: json: invalid JSON: Expecting property name enclosed in double quotes at column 2"]
+
+
+def test_line_ranges_cover_file():
+    data = b"a\nbb\n\nccc\nd"
+    for chunk in (1, 2, 3, 100):
+        ranges = data_mod._line_ranges(data, chunk)
+        assert b"".join(data[s:e] for s, e, _ in ranges) == data
+        for s, _, line in ranges:
+            assert line == data[:s].count(b"\n") + 1
+
+
+def test_option_errors_name_the_key(smollm2_tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", [conv(0)])
+    for kw, key in [({"packing": "stack"}, "data.packing"), ({"truncation": "cut"}, "data.truncation"),
+                    ({"on_bad_record": "ignore"}, "data.on_bad_record"), ({"seq_len": 0}, "data.seq_len"),
+                    ({"task_sampling": "temperature"}, "data.temperature"), ({"template": "chatml"}, "data.template"),
+                    ({"valid_ratio": 1.5}, "data.valid_ratio")]:
+        with pytest.raises(DataError, match=key.replace(".", r"\.")):
+            build(smollm2_tokenizer, [path], tmp_path, **kw)
+
+
+def test_task_without_samples_is_an_error(smollm2_tokenizer, tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [conv(0)])
+    b = write_jsonl(tmp_path / "b.jsonl", ["{bad"])
+    with pytest.raises(DataError, match="without training samples: b: 1 records, 1 bad"):
+        build(smollm2_tokenizer, [a, b], tmp_path, on_bad_record="skip")
+
+
+def test_stats_and_loaders(smollm2_tokenizer, tmp_path):
+    tok = smollm2_tokenizer
+    a = write_jsonl(tmp_path / "alpha.jsonl", [conv(i) for i in range(30)])
+    b = write_jsonl(tmp_path / "beta.jsonl", [conv(100 + i, turns=2) for i in range(10)])
+    d = build(tok, [a, b], tmp_path, seq_len=128, valid_ratio=0.1)
+    table = d.format_stats()
+    assert "alpha" in table and "beta" in table and "total" in table and "pack_eff" in table
+    total = d.stats["total"]
+    assert total["kept"] == 40 and total["train"] + total["valid"] == 40 and total["rows"] >= 1
+    assert 0 < total["packing_efficiency"] <= 1
+    assert d.pad_id == tok.pad_token_id and d.task_sample_counts == {"alpha": 27, "beta": 9}
+    loader = d.train_loader(micro_batch_size=2, gradient_accumulation_steps=1, rank=0, world_size=1)
+    loader.sampler.set_epoch(0)
+    seen = 0
+    for batch in loader:
+        assert batch["input_ids"].shape[1] == 128
+        seen += int((batch["labels"] != -100).sum())
+    # Every loss token except a sample's first token (never a label after the shift) is trained once per epoch.
+    assert seen == sum(int(s.loss_mask[1:].sum()) for s in d.train_samples)
+    vseen = sum(int((bt["labels"] != -100).sum()) for bt in d.valid_loader(micro_batch_size=2))
+    assert vseen == sum(int(s.loss_mask[1:].sum()) for s in d.valid_samples)
