@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,20 @@ def tiny_bases(tmp_path_factory, smollm2_dir):
     vocab = len(AutoTokenizer.from_pretrained(smollm2_dir))
     return {f: make_tiny_model_dir(root / f, family=f, vocab_size=vocab, tokenizer_dir=smollm2_dir, seed=1)
             for f in ("llama", "qwen2")}
+
+
+@pytest.fixture(scope="module")
+def llama_lora(tiny_bases, tmp_path_factory):
+    """One trained LoRA checkpoint on the llama base, shared by the tests that only read it."""
+    return train_and_save(tiny_bases["llama"], tmp_path_factory.mktemp("llama_lora"), "lora")
+
+
+def copy_checkpoint(ck: Path, dest: Path, **meta_updates) -> Path:
+    """A private copy of a checkpoint (for tests that edit its metadata)."""
+    shutil.copytree(ck, dest)
+    meta = json.loads((dest / "mft_checkpoint.json").read_text())
+    (dest / "mft_checkpoint.json").write_text(json.dumps({**meta, **meta_updates}))
+    return dest
 
 
 def train_and_save(base_dir: Path, out_root: Path, method: str, *, use_rslora: bool = False, seed: int = 0,
@@ -99,7 +114,7 @@ def logits(model, ids):
 IDS = torch.randint(0, 49152, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("family,method,rslora", [("llama", "lora", False), ("qwen2", "lora", True),
+@pytest.mark.parametrize("family,method,rslora", [("qwen2", "lora", True),
                                                   ("llama", "full", False), ("qwen2", "full", False)])
 def test_exported_logits_equal_trained(tiny_bases, tmp_path, family, method, rslora):
     base = tiny_bases[family]
@@ -139,10 +154,13 @@ def test_peft_adapter_agrees_with_merged_model(tiny_bases, tmp_path):
         base.resolve())
 
 
-def test_bf16_export_is_the_float32_merge_cast_once(tiny_bases, tmp_path):
+def test_lora_export_fp32_and_bf16(tiny_bases, llama_lora, tmp_path):
     base = tiny_bases["llama"]
-    ck, _ = train_and_save(base, tmp_path / "run", "lora")
+    ck, trained = llama_lora
     f32 = export_checkpoint(ck, tmp_path / "f32", dtype="fp32")
+    exported = AutoModelForCausalLM.from_pretrained(f32, dtype=torch.float32)
+    torch.testing.assert_close(logits(exported, IDS), logits(trained.hf_model, IDS), atol=2e-5, rtol=1e-5)
+    # bf16: the float32 merge cast once, tensor for tensor.
     b16 = export_checkpoint(ck, tmp_path / "b16", dtype="bf16")
     assert json.loads((b16 / "config.json").read_text())["dtype"] == "bfloat16"
     with safe_open(f32 / "model.safetensors", "pt") as a, safe_open(b16 / "model.safetensors", "pt") as b:
@@ -151,7 +169,14 @@ def test_bf16_export_is_the_float32_merge_cast_once(tiny_bases, tmp_path):
             tb = b.get_tensor(k)
             assert tb.dtype == torch.bfloat16, k
             assert torch.equal(tb, a.get_tensor(k).to(torch.bfloat16)), k
-    AutoModelForCausalLM.from_pretrained(b16)  # loads with no extra code
+    assert AutoModelForCausalLM.from_pretrained(b16).dtype == torch.bfloat16  # loads with no extra code
+    # generation_config stops at the training EOS; the model card says what was trained.
+    tok = AutoTokenizer.from_pretrained(base)
+    assert json.loads((b16 / "generation_config.json").read_text())["eos_token_id"] == tok.eos_token_id
+    card = (b16 / "README.md").read_text()
+    for needle in (str(base), "LoRA", "code_completion", "1200", "text2sql", "345", "0.8123", "1.2500",
+                   "Training steps: 7"):
+        assert needle in card, needle
 
 
 def test_sharded_layout_loads_with_from_pretrained(tiny_bases, tmp_path):
@@ -183,9 +208,8 @@ def test_sharded_layout_loads_with_from_pretrained(tiny_bases, tmp_path):
     ChatFormat(role_markers={"system": "### System:\n", "user": "### Instruction: \"q\"\n",
                              "assistant": "### Response:\n"}, add_bos=True),
 ])
-def test_exported_chat_template_renders_training_prompt(tiny_bases, tmp_path, chat_format):
-    base = tiny_bases["llama"]
-    ck, _ = train_and_save(base, tmp_path / "run", "lora", chat_format=chat_format)
+def test_exported_chat_template_renders_training_prompt(llama_lora, tmp_path, chat_format):
+    ck = copy_checkpoint(llama_lora[0], tmp_path / "ck", chat_format=chat_format.to_dict())
     out = export_checkpoint(ck, tmp_path / "out", adapter_only=False)
     tok = AutoTokenizer.from_pretrained(out)
     conversations = [
@@ -210,22 +234,10 @@ def test_exported_chat_template_renders_training_prompt(tiny_bases, tmp_path, ch
     assert ChatFormat.from_config(saved["chat_format"]) == chat_format
 
 
-def test_generation_config_and_model_card(tiny_bases, tmp_path):
-    base = tiny_bases["llama"]
-    ck, _ = train_and_save(base, tmp_path / "run", "lora")
-    out = export_checkpoint(ck, tmp_path / "out")
-    tok = AutoTokenizer.from_pretrained(base)
-    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == tok.eos_token_id
-    card = (out / "README.md").read_text()
-    for needle in (str(base), "LoRA", "code_completion", "1200", "text2sql", "345", "0.8123", "1.2500",
-                   "Training steps: 7"):
-        assert needle in card, needle
-
-
-def test_adapter_only_writes_just_the_adapter(tiny_bases, tmp_path):
+def test_adapter_only_writes_just_the_adapter(tiny_bases, llama_lora, tmp_path):
     peft = pytest.importorskip("peft")
     base = tiny_bases["llama"]
-    ck, trained = train_and_save(base, tmp_path / "run", "lora")
+    ck, trained = llama_lora
     out = export_checkpoint(ck, tmp_path / "out", adapter_only=True)
     assert sorted(p.name for p in out.iterdir()) == ["adapter"]
     pm = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
@@ -236,8 +248,8 @@ def test_adapter_only_writes_just_the_adapter(tiny_bases, tmp_path):
 # ------------------------------------------------------------------------------------------------- errors
 
 
-def test_shape_mismatch_names_tensor_and_both_shapes(tiny_bases, tmp_path, smollm2_dir):
-    ck, _ = train_and_save(tiny_bases["llama"], tmp_path / "run", "lora")
+def test_shape_mismatch_names_tensor_and_both_shapes(llama_lora, tmp_path, smollm2_dir):
+    ck = llama_lora[0]
     # Another base: the same family with a different MLP width.
     from tests.tiny_models import TINY_CONFIGS
 
@@ -252,19 +264,16 @@ def test_shape_mismatch_names_tensor_and_both_shapes(tiny_bases, tmp_path, smoll
     assert not (tmp_path / "out").exists()
 
 
-def test_missing_base_dir(tiny_bases, tmp_path):
-    ck, _ = train_and_save(tiny_bases["llama"], tmp_path / "run", "lora")
+def test_missing_base_dir(llama_lora, tmp_path):
     with pytest.raises(ExportError, match="base model directory .*nowhere.* does not exist"):
-        export_checkpoint(ck, tmp_path / "out", base=tmp_path / "nowhere")
-    meta = json.loads((ck / "mft_checkpoint.json").read_text())
-    meta["base_model_dir"] = str(tmp_path / "moved_away")
-    (ck / "mft_checkpoint.json").write_text(json.dumps(meta))
+        export_checkpoint(llama_lora[0], tmp_path / "out", base=tmp_path / "nowhere")
+    ck = copy_checkpoint(llama_lora[0], tmp_path / "ck", base_model_dir=str(tmp_path / "moved_away"))
     with pytest.raises(ExportError, match=r"moved_away.*mft_checkpoint.json: base_model_dir.*--base"):
         export_checkpoint(ck, tmp_path / "out")
 
 
-def test_non_empty_output_needs_force(tiny_bases, tmp_path):
-    ck, _ = train_and_save(tiny_bases["llama"], tmp_path / "run", "lora")
+def test_non_empty_output_needs_force(llama_lora, tmp_path):
+    ck = copy_checkpoint(llama_lora[0], tmp_path / "run" / "step_7")
     out = tmp_path / "out"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
@@ -299,8 +308,8 @@ def test_parse_size():
     assert export.parse_size(1234) == 1234
 
 
-def test_cli_run(tiny_bases, tmp_path, capsys):
-    ck, _ = train_and_save(tiny_bases["llama"], tmp_path / "run", "lora")
+def test_cli_run(llama_lora, tmp_path, capsys):
+    ck = llama_lora[0]
     parser = argparse.ArgumentParser()
     export.add_arguments(parser)
     out = tmp_path / "out"
