@@ -1,0 +1,186 @@
+"""build_model against transformers' own from_pretrained, peft, and the LoRA invariants, for every tiny family."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from safetensors.torch import save_file
+from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor
+
+from mft_components.lora import (
+    LoRALinear,
+    adapter_to_peft_state_dict,
+    get_adapter_state_dict,
+    lora_target_names,
+    merge_lora_weights,
+    peft_adapter_config,
+)
+from mft_components.models import DEFAULT_LORA_TARGETS, build_model, load_tokenizer
+from tests.tiny_models import MOE_FAMILIES, TINY_CONFIGS, make_tiny_model_dir
+
+VOCAB = 1024
+T = 12
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    cache = {}
+
+    def get(family, **kwargs):
+        key = (family, tuple(sorted(kwargs.items())))
+        if key not in cache:
+            cache[key] = make_tiny_model_dir(tmp_path_factory.mktemp(family), family, vocab_size=VOCAB, **kwargs)
+        return cache[key]
+
+    return get
+
+
+def _batch(seed=1, rows=2):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (rows, T), generator=g)
+    labels = torch.cat([ids[:, 1:], torch.full((rows, 1), -100)], 1)
+    labels[0, :3] = -100
+    return {"input_ids": ids, "labels": labels, "position_ids": torch.arange(T).expand(rows, T).contiguous(),
+            "sample_ids": torch.zeros_like(ids)}
+
+
+def _reference_losses(hf_model, batch):
+    logits = hf_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    flat = batch["labels"].reshape(-1)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), flat, reduction="none")[flat != -100]
+
+
+def _randomise_lora_b(model, seed=3):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_b." in name:
+                p.normal_(0, 0.2)
+
+
+@pytest.mark.parametrize("family", list(TINY_CONFIGS))
+def test_family_matches_transformers_and_lora_init_is_exact(tiny_dir, family):
+    model_dir = tiny_dir(family)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    batch = _batch()
+    with torch.no_grad():
+        expected = _reference_losses(ref, batch)
+        full, _ = build_model(model_dir, method="full", dtype="fp32")(batch)
+        lora_model = build_model(model_dir, method="lora", dtype="fp32")
+        lora, aux = lora_model(batch)
+    torch.testing.assert_close(full, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(lora, full)  # lora_b == 0: exactly the base
+    assert (aux is not None) == (family in MOE_FAMILIES)
+    targets = lora_target_names(lora_model)
+    assert targets and set(targets) <= set(DEFAULT_LORA_TARGETS[lora_model.config.model_type])
+
+
+def test_one_step_changes_only_lora(tiny_dir):
+    model = build_model(tiny_dir("qwen2"), method="lora", dtype="fp32", lora={"rank": 4, "alpha": 8})
+    _randomise_lora_b(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    losses, _ = model(_batch())
+    losses.mean().backward()
+    opt.step()
+    for name, p in model.named_parameters():
+        changed = not torch.equal(before[name], p.detach())
+        assert changed == (".lora_a." in name or ".lora_b." in name), name
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3", "gpt_neox"])
+def test_qlora_close_to_bf16_and_grads_reach_adapters(tiny_dir, family):
+    model_dir = tiny_dir(family)
+    batch = _batch()
+    with torch.no_grad():
+        bf16, _ = build_model(model_dir, method="lora", dtype="bf16")(batch)
+    qlora = build_model(model_dir, method="qlora", dtype="bf16")
+    layer_linears = [m for n, m in qlora.decoder_layers().named_modules() if "lora_" not in n
+                     and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2]
+    assert layer_linears and all(isinstance(m.weight, NF4Tensor) for m in layer_linears)
+    assert not isinstance(qlora.hf_model.get_output_embeddings().weight, NF4Tensor)
+    _randomise_lora_b(qlora)
+    losses, _ = qlora(batch)
+    # NF4 error: a few percent of the per-token loss of a random model (measured ~1-2%)
+    assert (losses.float().mean() - bf16.float().mean()).abs() < 0.05 * bf16.float().mean()
+    losses.mean().backward()
+    grads = {n: p.grad for n, p in qlora.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_merge_equals_unmerged(tiny_dir, method):
+    model = build_model(tiny_dir("qwen3"), method=method, dtype="fp32", lora={"target_modules": "all-linear"})
+    _randomise_lora_b(model)
+    batch = _batch()
+    with torch.no_grad():
+        unmerged, _ = model(batch)
+        merge_lora_weights(model)
+        assert not any(isinstance(m, LoRALinear) for m in model.modules())
+        merged, _ = model(batch)
+    torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-4)
+
+
+def test_peft_loads_our_adapter(tiny_dir, tmp_path):
+    peft = pytest.importorskip("peft")
+    model_dir = tiny_dir("mistral")
+    lora = {"rank": 4, "alpha": 8, "use_rslora": True, "target_modules": ["q_proj", "v_proj", "down_proj"]}
+    model = build_model(model_dir, method="lora", dtype="fp32", lora=lora)
+    _randomise_lora_b(model)
+    batch = _batch()
+    with torch.no_grad():
+        ours, _ = model(batch)
+    save_file(adapter_to_peft_state_dict(get_adapter_state_dict(model)), str(tmp_path / "adapter_model.safetensors"))
+    cfg = peft_adapter_config(model_dir, 4, 8, 0.0, lora_target_names(model), use_rslora=True)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    base = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    peft_model = peft.PeftModel.from_pretrained(base, tmp_path)
+    with torch.no_grad():
+        theirs = _reference_losses(peft_model, batch)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_sharded_checkpoint_and_packed_mask(tiny_dir):
+    sharded = tiny_dir("llama", max_shard_size="100KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    single = tiny_dir("llama")
+    batch = _batch()
+    with torch.no_grad():
+        a, _ = build_model(sharded, method="full", dtype="fp32")(batch)
+        model = build_model(single, method="full", dtype="fp32")
+        b, _ = model(batch)
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        # A packed row (two samples, positions restart, block-diagonal causal mask) == the samples one by one.
+        ids = batch["input_ids"][0]
+        split = 5
+        pos = torch.cat([torch.arange(split), torch.arange(T - split)])
+        labels = torch.cat([ids[1:split], torch.tensor([-100]), ids[split + 1:], torch.tensor([-100])])
+        seg = torch.cat([torch.zeros(split), torch.ones(T - split)])
+        mask = (seg[:, None] == seg[None, :]) & torch.ones(T, T).tril().bool()
+        packed, _ = model({"input_ids": ids[None], "labels": labels[None], "position_ids": pos[None],
+                           "attention_mask": mask[None, None]})
+        alone = [model({"input_ids": ids[None, s], "labels": labels[None, s], "position_ids": pos[None, s]})[0]
+                 for s in (slice(0, split), slice(split, T))]
+    torch.testing.assert_close(packed, torch.cat(alone), rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_defaults_and_errors(tiny_dir, tmp_path, capsys):
+    model = build_model(tiny_dir("gemma"))  # lora, bf16, default targets
+    assert "trainable params" in capsys.readouterr().out
+    assert model.hf_model.get_input_embeddings().weight.dtype == torch.bfloat16
+    # tied embeddings stay tied
+    assert model.hf_model.get_input_embeddings().weight is model.hf_model.get_output_embeddings().weight
+    with pytest.raises(ValueError, match="model.method"):
+        build_model(tiny_dir("gemma"), method="dora")
+    with pytest.raises(ValueError, match="matched no nn.Linear"):
+        build_model(tiny_dir("gemma"), lora={"target_modules": ["nope"]})
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        build_model(tmp_path)
+
+
+def test_load_tokenizer(smollm2_dir):
+    tok = load_tokenizer(smollm2_dir)
+    assert tok("def f(): pass")["input_ids"]
