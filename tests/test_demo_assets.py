@@ -71,7 +71,8 @@ def test_dataframebench_conversations_shapes():
         "task_id": "DFB/T1",
         "prompt": "Describe.\n\n{library_instruction}\n\n```python\n{library_import}\n\ndef task_func(df):\n    pass\n```",
         "ground_truth": {
-            "pandas": 'import pandas as pd\n\ndef task_func(df):\n    """Doc."""\n    return df.sum()\n',
+            "pandas": 'import pandas as pd\n\ndef task_func(df):\n    """Doc."""\n    return df.sum()\n\n'
+                      '_reference_impl = task_func\n\ndef task_func(df: pd.DataFrame):\n    return _reference_impl(df)\n',
             "polars": 'import polars as pl\n\ndef task_func(df):\n    """Doc."""\n    return df.sum()\n',
         },
         "test_code": "import unittest\nclass TestCases(unittest.TestCase):\n    pass\n",
@@ -83,6 +84,8 @@ def test_dataframebench_conversations_shapes():
     assert "import polars as pl" in user["content"] and "{library" not in user["content"]
     assert bot["content"] == "```python\nimport polars as pl\n\ndef task_func(df):\n    return df.sum()\n```"
     assert convs["unit_tests"]["chat_rounds"][1]["content"].startswith("```python\nimport unittest")
+    # The harness wrapper after `_reference_impl = task_func` is not part of the solution.
+    assert convs["pandas_to_polars"]["chat_rounds"][0]["content"].endswith("    return df.sum()\n```")
 
 
 @pytest.mark.slow
@@ -96,3 +99,4 @@ def test_prepare_dataframebench(tmp_path_factory):
         record = json.loads(lines[0])
         roles = [r["role"] for r in record["chat_rounds"]]
         assert roles == ["human", "bot"] and record["chat_rounds"][1]["content"].startswith("```python\n")
+        assert "_reference_impl" not in record["chat_rounds"][1]["content"]
