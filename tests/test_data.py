@@ -302,3 +302,47 @@ def test_stats_and_loaders(smollm2_tokenizer, tmp_path):
     assert seen == sum(int(s.loss_mask[1:].sum()) for s in d.train_samples)
     vseen = sum(int((bt["labels"] != -100).sum()) for bt in d.valid_loader(micro_batch_size=2))
     assert vseen == sum(int(s.loss_mask[1:].sum()) for s in d.valid_samples)
+
+
+DISTRIBUTED_SCRIPT = '''
+import sys, json
+import torch.distributed as dist
+from transformers import AutoTokenizer
+from mft_components import data as data_mod
+from mft_components.data import DataError, build_mft_data
+
+tok_dir, good, bad, cache, out = sys.argv[1:6]
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+if rank != 0:
+    def refuse(*a, **k):
+        raise AssertionError("only local rank 0 tokenises; the others memory-map its cache")
+    data_mod._process_range = refuse
+tok = AutoTokenizer.from_pretrained(tok_dir)
+d = build_mft_data(tok, data_paths=[good], cache_dir=cache, valid_ratio=0.2, seed=3, rank=rank, world_size=2)
+try:
+    build_mft_data(tok, data_paths=[bad], cache_dir=cache, rank=rank, world_size=2)
+    err = None
+except DataError as e:
+    err = str(e)
+rows = [[s.input_ids.tolist(), s.loss_mask.tolist()] for s in d.train_samples + d.valid_samples]
+json.dump({"rows": rows, "error": err}, open(f"{out}.{rank}", "w"))
+dist.barrier()
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.slow
+def test_distributed_rank0_builds_others_load(smollm2_dir, tmp_path):
+    from tests.conftest import run_torchrun
+
+    good = write_jsonl(tmp_path / "good.jsonl", [conv(i) for i in range(20)])
+    bad = write_jsonl(tmp_path / "bad.jsonl", [conv(0), "{oops"])
+    script = tmp_path / "build.py"
+    script.write_text(DISTRIBUTED_SCRIPT)
+    out = tmp_path / "out"
+    run_torchrun(script, smollm2_dir, good, bad, tmp_path / "cache", out, nproc=2)
+    r0, r1 = (json.loads(Path(f"{out}.{r}").read_text()) for r in (0, 1))
+    assert r0["rows"] == r1["rows"] and len(r0["rows"]) == 20
+    # A bad record fails on every rank (no rank left waiting on a barrier), with the same message.
+    assert r0["error"] == r1["error"] and f"{bad}:2: json:" in r0["error"]
