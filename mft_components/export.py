@@ -204,6 +204,9 @@ def _read_specs(files: list[Path], dtype: torch.dtype) -> list[_TensorSpec]:
         with safe_open(f, framework="pt") as st:
             for name in st.keys():
                 sl = st.get_slice(name)
+                if sl.get_dtype() not in _ST_DTYPES:
+                    raise ExportError(f"{f}: tensor {name} has dtype {sl.get_dtype()}, which export does not handle "
+                                      f"(expected an unquantised model: {', '.join(_ST_DTYPES)})")
                 src = _ST_DTYPES[sl.get_dtype()][0]
                 specs.append(_TensorSpec(name, f, tuple(sl.get_shape()), dtype if src.is_floating_point else src))
     return specs

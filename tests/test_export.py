@@ -29,7 +29,7 @@ from mft_components.lora import (
 )
 from mft_components.models import build_model
 from mft_components.templates import ChatFormat
-from tests.tiny_models import make_tiny_model_dir
+from tests.tiny_models import TINY_CONFIGS, make_tiny_model_dir
 
 TASKS = ["code_completion", "text2sql"]
 
@@ -58,7 +58,8 @@ def copy_checkpoint(ck: Path, dest: Path, **meta_updates) -> Path:
 
 
 def train_and_save(base_dir: Path, out_root: Path, method: str, *, use_rslora: bool = False, seed: int = 0,
-                   eos_token: str | None = None, chat_format: ChatFormat | None = None):
+                   eos_token: str | None = None, chat_format: ChatFormat | None = None,
+                   target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")):
     """Build the training model, make its trainable weights non-trivial, save a checkpoint in the contract layout.
 
     Returns:
@@ -66,7 +67,7 @@ def train_and_save(base_dir: Path, out_root: Path, method: str, *, use_rslora: b
     """
     torch.manual_seed(seed)
     lora = dict(rank=4, alpha=8.0, dropout=0.0, use_rslora=use_rslora,
-                target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+                target_modules=target_modules if isinstance(target_modules, str) else list(target_modules))
     model = build_model(str(base_dir), method=method, lora=None if method == "full" else lora, dtype="fp32")
     with torch.no_grad():
         for name, p in model.hf_model.named_parameters():
@@ -123,6 +124,17 @@ def test_exported_logits_equal_trained(tiny_bases, tmp_path, family, method, rsl
     exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     torch.testing.assert_close(logits(exported, IDS), logits(trained.hf_model, IDS), atol=2e-5, rtol=1e-5)
     assert (out / "adapter").is_dir() == (method != "full")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(set(TINY_CONFIGS) - {"llama", "qwen2"}))
+def test_lora_export_every_family(tmp_path, smollm2_dir, family):
+    """The PEFT module paths of every family's LoRA targets map onto its safetensors keys (fused qkv, MoE, ...)."""
+    base = make_tiny_model_dir(tmp_path / "base", family=family, tokenizer_dir=smollm2_dir)
+    ck, trained = train_and_save(base, tmp_path / "run", "lora", target_modules="all-linear")
+    out = export_checkpoint(ck, tmp_path / "out", dtype="fp32")
+    exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    torch.testing.assert_close(logits(exported, IDS), logits(trained.hf_model, IDS), atol=2e-5, rtol=1e-5)
 
 
 def test_qlora_export_merges_onto_original_base(tiny_bases, tmp_path):
@@ -251,8 +263,6 @@ def test_adapter_only_writes_just_the_adapter(tiny_bases, llama_lora, tmp_path):
 def test_shape_mismatch_names_tensor_and_both_shapes(llama_lora, tmp_path, smollm2_dir):
     ck = llama_lora[0]
     # Another base: the same family with a different MLP width.
-    from tests.tiny_models import TINY_CONFIGS
-
     other = tmp_path / "other"
     cfg = TINY_CONFIGS["llama"](len(AutoTokenizer.from_pretrained(smollm2_dir)))
     cfg.intermediate_size = 96
