@@ -725,6 +725,7 @@ def build_mft_data(
     all_files = [f for files in itertools.chain(tasks.values(), valid_tasks.values()) for f in files]
 
     distributed, builder = _distributed_rank_info()
+    distributed = distributed and cache_path is not None  # without a cache every rank tokenises for itself
     if distributed:
         import torch.distributed as dist
 

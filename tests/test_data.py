@@ -346,3 +346,28 @@ def test_distributed_rank0_builds_others_load(smollm2_dir, tmp_path):
     assert r0["rows"] == r1["rows"] and len(r0["rows"]) == 20
     # A bad record fails on every rank (no rank left waiting on a barrier), with the same message.
     assert r0["error"] == r1["error"] and f"{bad}:2: json:" in r0["error"]
+
+
+def test_mft_data_command_prints_stats_and_marked_samples(smollm2_dir, tmp_path, capsys):
+    """`mft data` (mft_components/data_report.py) on a config: the table, and samples with [[loss]] marked."""
+    import argparse
+
+    from mft_components import data_report
+
+    a = write_jsonl(tmp_path / "alpha" / "x.jsonl", [conv(i) for i in range(4)] + ["{bad"])
+    config = tmp_path / "cfg.yaml"
+    config.write_text(
+        "tokenizer:\n  _component_: mft_components.models.load_tokenizer\n"
+        f"  path: {smollm2_dir}\n"
+        "data:\n  _component_: mft_components.data.build_mft_data\n"
+        f"  data_paths: [{a.parent}]\n  seq_len: 256\n  cache_dir: {tmp_path / 'cache'}\n"
+    )
+    parser = argparse.ArgumentParser()
+    data_report.add_arguments(parser)
+    assert data_report.run(parser.parse_args(["--config", str(config)])) == 1  # the bad record stops it
+    assert f"{a}:5: json: invalid JSON" in capsys.readouterr().err
+    args = parser.parse_args(["--config", str(config), "--show", "1", "--color", "never", "data.on_bad_record=skip"])
+    assert data_report.run(args) == 0
+    out = capsys.readouterr().out
+    assert "alpha" in out and "pack_eff" in out and "1 bad record(s) skipped" in out
+    assert "<s>human\nQuestion 0.0: add 0 and 0.\n<s>bot\n[[def f():\n    return 0 + 0\n<|im_end|>]]\n" in out
