@@ -350,7 +350,10 @@ def _check_output_dir(output_dir: Path, force: bool, inputs: list[Path]) -> None
 
 
 def _find_tokenizer_dir(checkpoint_dir: Path, meta: dict, base_dir: Path | None) -> Path:
-    candidates = [Path(p) for p in (meta.get("tokenizer_dir"),) if p] + [checkpoint_dir]
+    # The training config's tokenizer path first (it may differ from the model dir), then the checkpoint (full
+    # checkpoints carry tokenizer files), then the base model.
+    trained_with = ((meta.get("config") or {}).get("tokenizer") or {}).get("path")
+    candidates = [Path(p) for p in (meta.get("tokenizer_dir"), trained_with) if p] + [checkpoint_dir]
     candidates += [base_dir] if base_dir is not None else []
     for c in candidates:
         if (c / "tokenizer_config.json").is_file() or (c / "tokenizer.json").is_file():
@@ -414,7 +417,9 @@ def model_card(meta: dict, base_name: str, adapter_only: bool = False) -> str:
         lines.append("- LoRA: " + ", ".join(f"{k}={lo[k]}" for k in ("rank", "alpha", "dropout", "use_rslora",
                                                                        "target_modules") if k in lo))
     lines.append(f"- Training steps: {meta.get('step', 'unknown')}")
-    lines += ["", "## Tasks", "", "| task | training samples | validation loss |", "|---|---:|---:|"]
+    valid_step = meta.get("valid_step")
+    at = f" (at step {valid_step})" if valid_step is not None and valid_step != meta.get("step") else ""
+    lines += ["", "## Tasks", "", f"| task | training samples | validation loss{at} |", "|---|---:|---:|"]
     counts, losses = meta.get("task_sample_counts") or {}, meta.get("valid_losses") or {}
     for t in meta.get("task_names") or sorted(set(counts) | set(losses)):
         loss = losses.get(t)
