@@ -101,11 +101,11 @@ def main() -> int:
         warm_data = build()
         warm = time.perf_counter() - t0
         assert len(warm_data.train_samples) == len(data.train_samples)
-        n = data.stats["total"]["records"]
+        n = data.total_stats["records"]
         workers = args.workers or min(8, os.cpu_count() or 1)
         print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; workers: {workers}; "
               f"python {platform.python_version()}")
-        print(f"tokens: {data.stats['total']['tokens']:,} ({data.stats['total']['tokens'] / n:.0f} per conversation)")
+        print(f"tokens: {data.total_stats['tokens']:,} ({data.total_stats['tokens'] / n:.0f} per conversation)")
         print(f"{'':6}{'seconds':>10}{'conversations/s':>18}")
         print(f"{'cold':6}{cold:>10.2f}{n / cold:>18,.0f}")
         print(f"{'warm':6}{warm:>10.2f}{n / warm:>18,.0f}")

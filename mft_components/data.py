@@ -555,7 +555,7 @@ class MFTData:
     @property
     def stats(self) -> dict[str, dict]:
         """Per task: records, bad, kept, turns, tokens, loss_tokens, dropped, truncated, train, valid, rows
-        (packed rows of the task's training samples alone) and packing_efficiency; plus ``"total"``."""
+        (packed rows of the task's training samples alone) and packing_efficiency. ``total_stats`` sums them."""
         if self._stats is None:
             from mft_components.packing import pack_lengths, packing_efficiency
 
@@ -567,12 +567,17 @@ class MFTData:
                 s["rows"] = len(rows)
                 s["packing_efficiency"] = packing_efficiency(rows, lengths, self.seq_len) if rows else 0.0
                 stats[name] = s
-            total = {k: sum(stats[n][k] for n in self.task_names) for k in STAT_KEYS if k != "packing_efficiency"}
-            real = sum(stats[n]["packing_efficiency"] * stats[n]["rows"] for n in self.task_names)
-            total["packing_efficiency"] = real / total["rows"] if total["rows"] else 0.0
-            stats["total"] = total
             self._stats = stats
         return self._stats
+
+    @property
+    def total_stats(self) -> dict:
+        """``stats`` summed over the tasks (packing_efficiency weighted by rows)."""
+        stats = self.stats
+        total = {k: sum(s[k] for s in stats.values()) for k in STAT_KEYS if k != "packing_efficiency"}
+        real = sum(s["packing_efficiency"] * s["rows"] for s in stats.values())
+        total["packing_efficiency"] = real / total["rows"] if total["rows"] else 0.0
+        return total
 
     def format_stats(self) -> str:
         """The per-task statistics as a fixed-width table."""
@@ -581,7 +586,7 @@ class MFTData:
         keys = ("records", "bad", "kept", "turns", "tokens", "loss_tokens", "dropped", "truncated",
                 "train", "valid", "rows")
         table = [headers]
-        for name, s in self.stats.items():
+        for name, s in [*self.stats.items(), ("total", self.total_stats)]:
             table.append((name, *(f"{s[k]:,}" for k in keys), f"{100 * s['packing_efficiency']:.1f}%"))
         widths = [max(len(r[i]) for r in table) for i in range(len(headers))]
         lines = []

@@ -12,8 +12,8 @@ each EOS. Only ``A_i\\n<EOS>`` carries loss, for every assistant turn; markers, 
 carry none. No BOS unless ``add_bos``. ``role_markers`` replaces the three markers; ``template: hf`` uses the
 tokenizer's own ``chat_template`` instead (loss on the assistant turns, found by rendering prefixes).
 
-Tokenisation is by segments: the text is cut at the loss boundaries and after each role marker, each piece is
-tokenised on its own (``add_special_tokens=False``) and the EOS is inserted as its id. So a loss boundary is
+Tokenisation is by segments: the text is cut at the loss boundaries (before each assistant content, around
+each EOS), each piece is tokenised on its own (``add_special_tokens=False``) and the EOS is inserted as its id. So a loss boundary is
 always a token boundary, and ``prompt_ids`` (what ``generate``/export feed the model) is exactly the prefix of
 ``render`` ids up to the assistant content: the model is trained on the ids it sees at inference. Pieces are
 cut where a byte-level BPE pre-tokenizer splits anyway (after ``\\n`` before ``<``), so for ordinary text the

@@ -288,7 +288,8 @@ def test_stats_and_loaders(smollm2_tokenizer, tmp_path):
     d = build(tok, [a, b], tmp_path, seq_len=128, valid_ratio=0.1)
     table = d.format_stats()
     assert "alpha" in table and "beta" in table and "total" in table and "pack_eff" in table
-    total = d.stats["total"]
+    total = d.total_stats
+    assert list(d.stats) == ["alpha", "beta"]
     assert total["kept"] == 40 and total["train"] + total["valid"] == 40 and total["rows"] >= 1
     assert 0 < total["packing_efficiency"] <= 1
     assert d.pad_id == tok.pad_token_id and d.task_sample_counts == {"alpha": 27, "beta": 9}
