@@ -410,7 +410,7 @@ def model_card(meta: dict, base_name: str, adapter_only: bool = False) -> str:
     """A short README.md: base model, method, tasks with sample counts, steps, per-task validation loss."""
     method = {"lora": "LoRA", "qlora": "QLoRA", "full": "full-parameter"}[meta["method"]]
     lines = [f"# Multi-task fine-tune of {base_name}", "",
-             f"Fine-tuned with [mft](https://github.com/) ({method} multi-task fine-tuning, MFTCoder-style).", "",
+             f"Fine-tuned with mft ({method} multi-task fine-tuning, MFTCoder-style).", "",
              f"- Base model: `{base_name}`", f"- Method: {method}"]
     if meta.get("lora") and meta["method"] != "full":
         lo = meta["lora"]

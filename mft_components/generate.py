@@ -134,6 +134,10 @@ def load_generation_model(model_dir: str | Path, adapter: str | Path | None = No
     if adapter_dir is not None and not (adapter_dir / ADAPTER_CONFIG).is_file():
         raise GenerateError(f"--adapter {adapter_dir}: no {ADAPTER_CONFIG}; expected a LoRA/QLoRA checkpoint or an "
                             f"exported adapter/ directory (a full checkpoint is passed as --model)")
+    if adapter_dir is not None and (model_dir / CHAT_FORMAT_FILE).is_file() and (model_dir / "adapter").is_dir():
+        # An `mft export` directory already holds the merged weights: adding its adapter again would double it.
+        raise GenerateError(f"--model {model_dir} is an exported model with the adapter already merged; drop "
+                            f"--adapter, or pass the base model as --model")
     if dtype not in OUTPUT_DTYPES:
         raise GenerateError(f"dtype: expected one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}")
     chat_dict, eos_token, meta_path = _read_chat_meta(([adapter_dir] if adapter_dir else []) + [model_dir])

@@ -117,6 +117,8 @@ def test_errors(trained, tmp_path, capsys):
         load_generation_model(trained["base"])  # a plain base model: which template? refuse to guess
     with pytest.raises(GenerateError, match="--adapter .*no adapter_config.json"):
         load_generation_model(trained["base"], adapter=trained["base"])
+    with pytest.raises(GenerateError, match="already merged"):
+        load_generation_model(trained["out"], adapter=trained["ck"])
     with pytest.raises(GenerateError, match="--model .*does not exist"):
         load_generation_model(tmp_path / "nowhere")
     gm = load_generation_model(trained["out"])
