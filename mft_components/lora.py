@@ -27,7 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchao.quantization import to_nf4
+from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor as _torchao_nf4
 from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor, linear_nf4
+
+# torchao quantises 1M values at a time through a [chunk, 16] distance matrix (32 MiB in bf16, plus its abs):
+# 64K values keep that transient at ~2 MiB, so loading a QLoRA model peaks near its final size.
+_torchao_nf4.CHUNK_SIZE = min(_torchao_nf4.CHUNK_SIZE, 1 << 16)
 
 NF4_BLOCK_SIZE = 64
 NF4_SCALER_BLOCK_SIZE = 256

@@ -473,10 +473,31 @@ def _assign(own: list[tuple[nn.Module, str]], full: torch.Tensor, device, dtype,
     old = mod._parameters[attr]
     if tuple(old.shape) != tuple(full.shape):
         raise ValueError(f"{where}: checkpoint shape {tuple(full.shape)} != model shape {tuple(old.shape)}")
-    full = full.to(device=device, dtype=dtype if full.is_floating_point() else full.dtype)
+    # copy=True: never keep a parameter backed by the memory-mapped checkpoint file
+    full = full.to(device=device, dtype=dtype if full.is_floating_point() else full.dtype, copy=True)
     new = dist_utils.make_param_like(old, full)
     for m, a in own:
         m._parameters[a] = new
+    if full.device.type == "cpu" and new is not None and type(getattr(new, "_local_tensor", new)) is not torch.Tensor:
+        del full
+        _trim_host_memory()  # NF4 quantisation frees many small transients glibc would otherwise keep
+
+
+def _trim_host_memory() -> None:
+    """Return freed heap pages to the OS (glibc malloc_trim; no-op elsewhere)."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            import ctypes
+
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
 
 
 def _init_lora(model: MFTModel, device) -> None:
