@@ -120,26 +120,70 @@ def gather_rank_states(local: dict[str, Any]) -> list[dict[str, Any]] | None:
     return out
 
 
+def _param_names(model: torch.nn.Module) -> dict[int, str]:
+    return {id(p): name for name, p in model.named_parameters()}
+
+
+@torch.no_grad()
 def gather_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The optimizer state as full (unsharded) CPU tensors keyed by parameter name, on rank 0 ({} elsewhere).
 
-    Keyed by name rather than by FSDP shard, so a run may resume on a different number of ranks. Collective under
-    FSDP2: call on every rank.
+    Keyed by name rather than by FSDP shard, so a run may resume on another number of ranks. Collective under
+    FSDP2 (every rank calls it; one state tensor is all-gathered at a time).
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    from torch.distributed.tensor import DTensor
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_optimizer_state_dict(model, optimizer, options=options)
+    names = _param_names(model)
+    rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    state: dict[str, dict[str, Any]] = {}
+    groups = []
+    for group in optimizer.param_groups:
+        groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": [names[id(p)] for p in group["params"]]})
+        for p in group["params"]:
+            entry = {}
+            for key, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, DTensor):
+                    value = value.full_tensor()
+                if rank0:
+                    entry[key] = value.detach().to("cpu", copy=True) if isinstance(value, torch.Tensor) else value
+            if rank0 and entry:
+                state[names[id(p)]] = entry
+    return {"state": state, "param_groups": groups} if rank0 else {}
 
 
+@torch.no_grad()
 def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Load a state from :func:`gather_optimizer_state` into (possibly sharded) parameters' optimizer.
+    """Load a state from :func:`gather_optimizer_state` into the optimizer of a (possibly sharded) model.
 
-    Collective under FSDP2: every rank passes the same full state.
+    Every rank passes the same full state and keeps its own shard of each tensor.
+
+    Raises:
+        ValueError: the saved parameter groups do not match the optimizer's (another model or method).
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from torch.distributed.tensor import DTensor, distribute_tensor
 
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    names = _param_names(model)
+    if len(state["param_groups"]) != len(optimizer.param_groups):
+        raise ValueError("resume: the checkpoint's optimizer has other parameter groups than this run's")
+    by_name = {}
+    for saved, group in zip(state["param_groups"], optimizer.param_groups):
+        current = [names[id(p)] for p in group["params"]]
+        if saved["params"] != current:
+            raise ValueError("resume: the checkpoint's optimizer holds other parameters than this run's "
+                             f"(e.g. {sorted(set(saved['params']) ^ set(current))[:3]}); same model.method and lora?")
+        group.update({k: v for k, v in saved.items() if k != "params"})
+        by_name.update({names[id(p)]: p for p in group["params"]})
+    optimizer.state.clear()
+    for name, entry in state["state"].items():
+        p = by_name[name]
+        restored = {}
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor) and key != "step":
+                value = value.to(device=p.device, dtype=value.dtype)
+                if isinstance(p, DTensor):
+                    value = distribute_tensor(value, p.device_mesh, p.placements)
+            restored[key] = value
+        optimizer.state[p] = restored
 
 
 # ----------------------------------------------------------------------------------------------- writing

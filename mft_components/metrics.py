@@ -240,6 +240,7 @@ def evaluate(model: torch.nn.Module, loader: Iterable[dict], task_names: list[st
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(sums)
         dist.all_reduce(counts)
+        _reshard(model)
     model.train(was_training)
     task_loss = {name: (sums[i] / counts[i]).item() for i, name in enumerate(task_names) if counts[i] > 0}
     total = counts.sum().item()
@@ -249,6 +250,20 @@ def evaluate(model: torch.nn.Module, loader: Iterable[dict], task_names: list[st
         task_loss=task_loss,
         task_tokens={name: int(counts[i].item()) for i, name in enumerate(task_names) if counts[i] > 0},
     )
+
+
+def _reshard(model: torch.nn.Module) -> None:
+    """Put FSDP2 parameters back into their sharded form after a forward without backward.
+
+    FSDP2 leaves the root module's parameters unsharded after its forward until the backward reshards them; with
+    no backward (evaluation), the module would keep registering the unsharded tensors, which are not the
+    parameters the optimizer holds, and the next checkpoint or optimizer step would miss them.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def peak_memory_gb(device: torch.device) -> float:

@@ -226,3 +226,17 @@ def test_saved_adapter_loads_into_peft(assets, tmp_path):
     with peft_model.disable_adapter(), torch.no_grad():
         assert not torch.allclose(peft_model(input_ids=ids).logits, expected, atol=1e-4)  # the adapter is not zero
     del plain
+
+
+@pytest.mark.slow
+def test_two_rank_full_resume_is_exact(assets, tmp_path):
+    """Full fine-tuning under FSDP2 on 2 ranks (an evaluation between saves): resuming at step 2 gives step 4's weights."""
+    cfg = _config(assets, tmp_path, method="full", save_every_n_steps=2, eval_every_n_steps=3)
+    run_torchrun(FULL_RECIPE, "--config", cfg, f"output_dir={tmp_path / 'a'}", nproc=2)
+    (tmp_path / "b").mkdir()
+    shutil.copytree(tmp_path / "a" / "step_2", tmp_path / "b" / "step_2")
+    run_torchrun(FULL_RECIPE, "--config", cfg, f"output_dir={tmp_path / 'b'}", "resume=auto", nproc=2)
+    a, b = ck.load_checkpoint_weights(tmp_path / "a" / "step_4"), ck.load_checkpoint_weights(tmp_path / "b" / "step_4")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
