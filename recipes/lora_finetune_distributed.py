@@ -54,7 +54,14 @@ CONFIG_SCHEMA = LoRARecipeConfig
 
 
 class LoRAFinetuneRecipe:
-    """Multi-task LoRA / QLoRA fine-tuning. ``setup()`` builds everything, ``train()`` runs the loop."""
+    """Multi-task LoRA / QLoRA fine-tuning. ``setup()`` builds everything, ``train()`` runs the loop.
+
+    What is trained and how it is saved live in three methods (``build_model``, ``checkpoint_weights``,
+    ``load_checkpoint``); ``full_finetune_distributed`` overrides just those and keeps this loop.
+    """
+
+    METHODS = ("lora", "qlora")
+    OTHER_RECIPE = "full_finetune_distributed"
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
@@ -88,10 +95,13 @@ class LoRAFinetuneRecipe:
         )
 
         # 5. Model: meta-device build, LoRA / NF4 modules, FSDP2 shards, weights streamed into them.
-        if cfg.model.get("method", "lora") not in ("lora", "qlora"):
-            sys.exit(f"config error: model.method is {cfg.model.method!r}; this recipe does lora or qlora "
-                     "(use full_finetune_distributed for full fine-tuning)")
-        self.model = instantiate(cfg.model, dtype=cfg.dtype, device=self.device, distributed=self.world_size > 1)
+        method = cfg.model.get("method", self.METHODS[0])
+        if method not in self.METHODS:
+            sys.exit(f"config error: model.method is {method!r}; this recipe does {' or '.join(self.METHODS)} "
+                     f"(use {self.OTHER_RECIPE} for {method})")
+        self.base_model_dir = cfg.model.model_dir
+        resume_from = ck.resolve_resume(cfg.resume, self.output_dir)
+        self.model = self.build_model(resume_from)
         self.model.train()
 
         # 6. Optimizer over the adapters only; fused AdamW on CUDA (one kernel for all parameters).
@@ -113,7 +123,6 @@ class LoRAFinetuneRecipe:
         self.last_saved_step = None
 
         # 9. Resume: weights, optimizer, schedule, loss, data position and RNG of the checkpoint.
-        resume_from = ck.resolve_resume(cfg.resume, self.output_dir)
         self.rank_state = None
         if resume_from is not None:
             self.load_checkpoint(resume_from)
@@ -201,24 +210,33 @@ class LoRAFinetuneRecipe:
 
     # ------------------------------------------------------------------------------------------- checkpoints
 
+    def build_model(self, resume_from: Path | None):
+        """The base model with LoRA (or NF4 + LoRA); a resumed adapter is loaded later by ``load_checkpoint``."""
+        return instantiate(self.cfg.model, dtype=self.cfg.dtype, device=self.device, distributed=self.world_size > 1)
+
+    def checkpoint_weights(self) -> dict:
+        """The adapter in PEFT's key names and config (collective: every rank calls it; rank 0 gets the tensors)."""
+        adapter = gather_state_dict(self.model, adapter_only=True)
+        lora = self.model.lora_config
+        return {
+            "weights": adapter_to_peft_state_dict(adapter),
+            "adapter_config": peft_adapter_config(self.base_model_dir, lora["rank"], lora["alpha"], lora["dropout"],
+                                                  lora_target_names(self.model), lora.get("use_rslora", False)),
+        }
+
     def save_checkpoint(self) -> None:
-        """Adapter (PEFT format) + recipe state into output_dir/step_N; collective, rank 0 writes."""
-        adapter = gather_state_dict(self.model, adapter_only=True)  # full tensors on rank 0
+        """Weights + recipe state into output_dir/step_N; collective, rank 0 writes."""
+        weights = self.checkpoint_weights()
         state = ck.gather_training_state(
             self.model, self.optimizer, lr_scheduler=self.lr_scheduler, loss_fn=self.loss_fn,
             early_stopping=self.early_stopping, train_loader=self.train_loader,
             step=self.step, epoch=self.epoch, step_in_epoch=self.step_in_epoch,
         )
         if self.is_rank0:
-            lora = self.model.lora_config
             path = ck.save_checkpoint(
-                self.output_dir, self.step,
-                weights=adapter_to_peft_state_dict(adapter),
-                adapter_config=peft_adapter_config(self.model.model_dir, lora["rank"], lora["alpha"], lora["dropout"],
-                                                   lora_target_names(self.model), lora.get("use_rslora", False)),
+                self.output_dir, self.step, **weights, recipe_state=state,
                 meta=ck.checkpoint_meta(self.model, self.data, self.tokenizer, self.evaluator.last,
-                                        to_container(self.cfg)),
-                recipe_state=state,
+                                        to_container(self.cfg), base_model_dir=self.base_model_dir),
             )
             best = self.early_stopping.best_step
             ck.prune_checkpoints(self.output_dir, self.cfg.saving_limit, keep=(best,) if best else ())
@@ -228,8 +246,12 @@ class LoRAFinetuneRecipe:
             dist.barrier()
 
     def load_checkpoint(self, path: Path) -> None:
-        """Restore the adapter and the recipe state (``torch.load(weights_only=True)``) from ``path``."""
+        """Restore the adapter, then the recipe state."""
         ck.load_adapter(self.model, path)
+        self.load_recipe_state(path)
+
+    def load_recipe_state(self, path: Path) -> None:
+        """Optimizer, schedule, loss, early stopping, data position (``torch.load(weights_only=True)``)."""
         state = ck.load_recipe_state(path)
         self.rank_state = ck.restore_training_state(
             state, self.model, self.optimizer, lr_scheduler=self.lr_scheduler, loss_fn=self.loss_fn,
@@ -250,9 +272,8 @@ def _item(t) -> float:
     return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
 
 
-@parse(schema=CONFIG_SCHEMA)
-def recipe_main(cfg: DictConfig) -> None:
-    recipe = LoRAFinetuneRecipe(cfg)
+def run(recipe: LoRAFinetuneRecipe) -> None:
+    """Set up, train, clean up; bad data and a non-finite loss end the run with a message and exit status 1."""
     try:
         recipe.setup()
     except DataError as e:  # reported before any model was built
@@ -265,6 +286,11 @@ def recipe_main(cfg: DictConfig) -> None:
         recipe.cleanup()
         sys.exit(1)
     recipe.cleanup()
+
+
+@parse(schema=CONFIG_SCHEMA)
+def recipe_main(cfg: DictConfig) -> None:
+    run(LoRAFinetuneRecipe(cfg))
 
 
 if __name__ == "__main__":
