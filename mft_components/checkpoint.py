@@ -505,14 +505,6 @@ def checkpoint_meta(model: Any, data: Any, tokenizer: Any, last_eval: tuple[int,
     }
 
 
-def _model_key(name: str) -> str:
-    # MFTModel parameter name -> the transformers model's key (drop the wrapper and FSDP / checkpoint wrappers).
-    name = name.removeprefix("hf_model.")
-    for wrapper in ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module."):
-        name = name.replace(wrapper, "")
-    return name
-
-
 @torch.no_grad()
 def load_adapter(model: torch.nn.Module, ckpt_dir: str | os.PathLike) -> None:
     """Copy a checkpoint's PEFT adapter into the (possibly FSDP2-sharded) model's LoRA parameters.
@@ -524,12 +516,12 @@ def load_adapter(model: torch.nn.Module, ckpt_dir: str | os.PathLike) -> None:
     """
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    from mft_components.lora import peft_to_adapter_state_dict
+    from mft_components.lora import hf_key, peft_to_adapter_state_dict
 
     saved = peft_to_adapter_state_dict(load_checkpoint_weights(ckpt_dir))
     seen = set()
     for name, param in model.named_parameters():
-        key = _model_key(name)
+        key = hf_key(name)
         if ".lora_a." not in key and ".lora_b." not in key:
             continue
         if key not in saved:

@@ -20,6 +20,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor, to_nf4
 
+from mft_components.lora import hf_key
+
 
 def is_distributed() -> bool:
     """True when a default process group is initialised."""
@@ -163,13 +165,6 @@ def make_param_like(old: torch.Tensor, full: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(full, requires_grad=old.requires_grad)
 
 
-def _clean_name(name: str) -> str:
-    name = name.removeprefix("hf_model.")
-    for wrapper in ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module."):
-        name = name.replace(wrapper, "")
-    return name
-
-
 @torch.no_grad()
 def gather_state_dict(model: nn.Module, adapter_only: bool, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Full (unsharded) CPU tensors of the model's weights on rank 0; `{}` on other ranks.
@@ -197,6 +192,6 @@ def gather_state_dict(model: nn.Module, adapter_only: bool, dtype: torch.dtype |
             tensor = tensor.get_original_weight()
         if rank == 0:
             tensor = tensor.detach().to("cpu", copy=True)
-            out[_clean_name(name)] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+            out[hf_key(name)] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
         del tensor
     return out

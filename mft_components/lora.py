@@ -214,7 +214,7 @@ def adapter_to_peft_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str,
     for key, value in state_dict.items():
         if not _is_adapter_name(key):
             continue
-        key = _strip_wrappers(key)
+        key = hf_key(key)
         key = key.replace(".lora_a.weight", ".lora_A.weight").replace(".lora_b.weight", ".lora_B.weight")
         out[f"base_model.model.{key}"] = value
     return out
@@ -231,7 +231,9 @@ def peft_to_adapter_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str,
     return out
 
 
-def _strip_wrappers(key: str) -> str:
+def hf_key(key: str) -> str:
+    """An MFTModel parameter name -> the transformers model's key (drops ``hf_model.`` and the names FSDP2,
+    activation checkpointing and torch.compile wrappers insert)."""
     key = key.removeprefix("hf_model.")
     for wrapper in ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module."):
         key = key.replace(wrapper, "")
@@ -320,7 +322,7 @@ def merge_lora_state_dict(base: dict[str, torch.Tensor], adapter: dict[str, torc
     for key, a in adapter.items():
         if not key.endswith(".lora_a.weight"):
             continue
-        path = _strip_wrappers(key[: -len(".lora_a.weight")])
+        path = hf_key(key[: -len(".lora_a.weight")])
         b = adapter[key[: -len(".lora_a.weight")] + ".lora_b.weight"]
         if f"{path}.weight" not in base:
             raise KeyError(f"adapter {key} has no base weight {path}.weight")
