@@ -25,6 +25,7 @@ from safetensors import safe_open
 from torch import nn
 
 from mft_components import distributed as dist_utils
+from mft_components.attention import attention_kwargs  # also registers attn_implementation sdpa_varlen
 from mft_components.lora import (
     LoRALinear,
     NF4Linear,
@@ -112,6 +113,7 @@ class MFTModel(nn.Module):
             kwargs["attention_mask"] = batch["attention_mask"]
         if moe:
             kwargs["output_router_logits"] = True
+        kwargs.update(attention_kwargs(batch, config))  # sdpa_varlen: per-sample segments, no mask
         out = self.decoder()(**kwargs)
         hidden = out.last_hidden_state
         hidden = hidden * _logit_multiplier(config) if _logit_multiplier(config) != 1.0 else hidden
@@ -281,7 +283,8 @@ def build_model(
         method: "full" (all parameters train), "lora" (adapters on a frozen base), "qlora" (adapters on an NF4 base).
         lora: dict(rank=8, alpha=16, dropout=0.0, target_modules=None|"all-linear"|[names], use_rslora=False).
         dtype: "bf16" or "fp32" for parameters and compute (NF4 weights dequantise to it).
-        attn_implementation: transformers attention ("sdpa", "eager", "flash_attention_2", ...).
+        attn_implementation: transformers attention ("sdpa", "eager", "flash_attention_2", ...) or
+            "sdpa_varlen" (mft_components/attention.py: causal SDPA per packed sample, no mask; CPU training).
         activation_checkpointing: recompute each decoder layer in backward.
         compile: `torch.compile` each decoder layer.
         cpu_offload: FSDP2 CPU offload of parameters, gradients and optimizer state (distributed only).
