@@ -38,6 +38,28 @@ DATAFRAMEBENCH_FORMAT = 3
 _MARKER = "mft_ready.json"
 
 
+# The prompt `make demo` generates from after fine-tuning: a new problem in the shape of the pandas_solution task.
+DEMO_PROMPT = """Write self-contained Python code that completes the function given in the starter code below, \
+to satisfy the following function description:
+
+Group the rows of a DataFrame by the column 'city' and compute the mean of the column 'price' for each city. \
+Return the result as a DataFrame with the columns 'city' and 'mean_price', sorted by 'mean_price' in descending \
+order.
+
+The function should output with:
+    pd.DataFrame: One row per city with the columns 'city' and 'mean_price'.
+
+Use pandas as the data processing library in your solution.
+
+```python
+import pandas as pd
+
+
+def task_func(df: pd.DataFrame) -> pd.DataFrame:
+    \"\"\"Mean price per city, most expensive first.\"\"\"
+```"""
+
+
 def cache_root(cache_dir: str | Path | None = None) -> Path:
     """The directory that holds mft's downloaded and converted assets.
 

@@ -343,13 +343,18 @@ class Evaluator:
     def evaluated(self, step: int) -> bool:
         return not self.valid_batches or (self.last is not None and self.last[0] == step)
 
-    def run(self, model: torch.nn.Module, step: int) -> bool:
-        """Evaluate the whole validation split (collective), log it; returns True on a new best."""
+    def run(self, model: torch.nn.Module, step: int, track: bool = True) -> bool:
+        """Evaluate the whole validation split (collective), log it; returns True on a new best.
+
+        ``track=False`` logs without feeding early stopping: the evaluation before training is a reference point,
+        not a candidate for the best checkpoint (there is no checkpoint of step 0).
+        """
         result = evaluate(model, self.valid_batches, self.task_names, self.device)
-        improved = self.early_stopping.update(step, result.loss)
+        improved = track and self.early_stopping.update(step, result.loss)
         if improved:
             self.best = result
-        self.last = (step, result)
+        if track:
+            self.last = (step, result)
         self.logger.log("eval", step, {**result.to_dict(), "best_step": self.early_stopping.best_step})
         per_task = "  ".join(f"{t} {v:.3f}" for t, v in result.task_loss.items())
         self.progress.write(f"step {step} eval loss {result.loss:.4f}{' (best)' if improved else ''}: {per_task}")

@@ -141,6 +141,9 @@ class LoRAFinetuneRecipe:
         throughput = Throughput()
         start = time.perf_counter()
         stop_reason = f"reached {self.total_steps} steps"
+        if self.step == 0 and self.evaluator.valid_batches:
+            # Per-task validation losses before any update: what every later evaluation is compared with.
+            self.evaluator.run(self.model, 0, track=False)
         while self.step < self.total_steps:
             if self.step_in_epoch >= plan.steps_per_epoch(self.epoch):  # the saved epoch was complete
                 self.epoch, self.step_in_epoch, self.rank_state = self.epoch + 1, 0, None

@@ -111,7 +111,8 @@ def test_training_reduces_loss(assets, tmp_path, method):
     mean = [sum(r["loss"] for r in train if r["epoch"] == e) / sum(r["epoch"] == e for r in train) for e in range(4)]
     assert mean[3] < mean[0] - 0.15, mean
     evals = _records(tmp_path / "out", "eval")
-    assert len(evals) == 4  # once per epoch without eval_every_n_steps
+    assert [e["step"] for e in evals][0] == 0 and len(evals) == 5  # before training, then once per epoch
+    assert evals[-1]["loss"] < evals[0]["loss"]
     assert set(evals[-1]["task_loss"]) == {"add", "upper"}
     meta = ck.read_checkpoint_meta(ck.latest_checkpoint(tmp_path / "out"))
     assert meta["method"] == method and meta["task_names"] == ["add", "upper"] and meta["step"] == len(train)
