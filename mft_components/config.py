@@ -299,6 +299,7 @@ def _check_component(spec: dict, path: str, source: str, problems: list[str], ru
         params = inspect.signature(target).parameters
     except (TypeError, ValueError):
         return
+    hints = _type_hints(target)
     accepts_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
     names = {n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
     runtime = set(runtime_args)
@@ -311,6 +312,8 @@ def _check_component(spec: dict, path: str, source: str, problems: list[str], ru
             )
         if isinstance(value, dict) and COMPONENT_KEY in value:
             _check_component(value, f"{path}.{key}", source, problems, ())
+        elif isinstance(value, dict) and _typed_dict_in(hints.get(key)) is not None:
+            _check_typed_dict(value, _typed_dict_in(hints[key]), f"{path}.{key}", source, problems)
         elif key in PATH_ARGUMENTS:
             _check_paths_exist(value, f"{path}.{key}", source, problems)
     # Positional-only / required parameters the recipe passes at run time (e.g. model.parameters()) are skipped:
@@ -323,6 +326,30 @@ def _check_component(spec: dict, path: str, source: str, problems: list[str], ru
         if name in spec or name in runtime or (i == 0 and "params" in name):
             continue
         problems.append(f"{source}: '{path}' is missing required argument '{name}' of {spec[COMPONENT_KEY]}")
+
+
+def _type_hints(target: Any) -> dict:
+    try:
+        return typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
+    except Exception:  # unresolvable annotations only cost us the deeper check
+        return {}
+
+
+def _typed_dict_in(annotation: Any) -> type | None:
+    """The TypedDict of an argument annotated ``Options`` or ``Options | None``: its keys can be checked."""
+    options = get_args(annotation) if get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,)
+    return next((o for o in options if typing.is_typeddict(o)), None)
+
+
+def _check_typed_dict(value: dict, typed_dict: type, path: str, source: str, problems: list[str]) -> None:
+    hints = typing.get_type_hints(typed_dict)
+    for key, item in value.items():
+        if key not in hints:
+            problems.append(f"{source}: unknown key '{path}.{key}'{_closest(key, hints, path + '.')}")
+            continue
+        error = _type_error(item, hints[key])
+        if error:
+            problems.append(f"{source}: '{path}.{key}' is {item!r}: expected {error}")
 
 
 def _check_paths_exist(value: Any, path: str, source: str, problems: list[str]) -> None:
@@ -351,7 +378,7 @@ def _type_error(value: Any, annotation: Any) -> str | None:
         return None if value in choices else "one of " + ", ".join(repr(c) for c in choices)
     if annotation is type(None):
         return None if value is None else "null"
-    if origin in (list, tuple):
+    if origin in (list, tuple) or annotation in (list, tuple):
         return None if isinstance(value, list) else "a list"
     if origin is dict or annotation is dict:
         return None if isinstance(value, dict) else "a mapping"

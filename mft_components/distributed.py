@@ -18,9 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
-from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor, to_nf4
-
-from mft_components.lora import hf_key
+from mft_components.lora import NF4Tensor, hf_key, to_nf4
 
 
 def is_distributed() -> bool:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,16 @@ from torch import nn
 from torchao.quantization import to_nf4
 from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor as _torchao_nf4
 from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor, linear_nf4
+
+
+class LoRAOptions(TypedDict, total=False):
+    """The keys of a config's ``model.lora`` (``mft validate`` checks them against this)."""
+
+    rank: int
+    alpha: float
+    dropout: float
+    target_modules: list | str | None  # None: the architecture's default; "all-linear"; or module names
+    use_rslora: bool
 
 # torchao quantises 1M values at a time through a [chunk, 16] distance matrix (32 MiB in bf16, plus its abs):
 # 64K values keep that transient at ~2 MiB, so loading a QLoRA model peaks near its final size.

@@ -28,6 +28,7 @@ from mft_components import distributed as dist_utils
 from mft_components.attention import attention_kwargs  # also registers attn_implementation sdpa_varlen
 from mft_components.lora import (
     LoRALinear,
+    LoRAOptions,
     NF4Linear,
     nf4_block_sizes,
     quantize_nf4,
@@ -266,7 +267,7 @@ def _linear_names(layers: nn.ModuleList) -> set[str]:
 def build_model(
     model_dir: str | Path,
     method: str = "lora",
-    lora: dict | None = None,
+    lora: LoRAOptions | None = None,
     dtype: str = "bf16",
     attn_implementation: str = "sdpa",
     activation_checkpointing: bool = False,

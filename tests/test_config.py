@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, TypedDict
 
 import pytest
 import torch
@@ -32,6 +32,15 @@ def make_counter(start: int = 0, step: int = 1, inner=None):
 
 def make_pair(first, second, scale: float = 1.0):
     return (first, second, scale)
+
+
+class Options(TypedDict, total=False):
+    rank: int
+    targets: list | str | None
+
+
+def make_with_options(name: str, options: Options | None = None):
+    return name, options
 
 
 @pytest.mark.parametrize(
@@ -223,3 +232,21 @@ def test_parse_fills_schema_defaults(tmp_path):
     recipe_main(["--config", str(path)])
     assert seen["training"] == {"epochs": 2, "lr_warmup": 0.0, "packing": "pack", "max_steps": None}
     assert seen["counter"] is None and seen["optimizer"] == {}
+
+
+def test_check_config_checks_typed_dict_arguments(tmp_path):
+    path = write(
+        tmp_path,
+        f"""
+thing:
+  _component_: {__name__}.make_with_options
+  name: x
+  options: {{rnak: 3, targets: 5}}
+""",
+    )
+    problems = check_config(load_config(path))
+    assert len(problems) == 2
+    assert "unknown key 'thing.options.rnak' (did you mean 'thing.options.rank'?)" in problems[0]
+    assert "'thing.options.targets' is 5: expected a list or a string or null" in problems[1]
+    ok = write(tmp_path, f"thing: {{_component_: {__name__}.make_with_options, name: x, options: {{rank: 3}}}}\n", "ok.yaml")
+    assert check_config(load_config(ok)) == []
