@@ -8,7 +8,8 @@ with MFTCoder's template. LoRA rank 16 on all linear layers. Every contender tra
 step by step (the same real tokens per optimizer step), one warm-up step, then timed steps.
 
 Contenders, each in its own process, one after another:
-  mft-pack      mft's MFTModel + TaskWeightedLoss, packing: pack (rows of seq_len, block-causal attention)
+  mft-pack      mft's MFTModel + TaskWeightedLoss, packing: pack (rows of seq_len), attn_implementation
+                sdpa_varlen (causal SDPA per sample, no mask; `--mft-attn sdpa` for transformers' packed mask)
   mft-padding   the same with packing: padding (one sample per row, padded to the micro-batch's longest)
   baseline      transformers + peft (get_peft_model, target_modules="all-linear"), dynamic padding to the longest
                 sample of the micro-batch, full logits, per-task token-mean loss (MFTCoder's case3), AdamW
@@ -94,7 +95,7 @@ def run_mft(args, packing: str) -> dict:
     from mft_components.packing import collate, pack_samples
 
     model_dir, task_names, steps = load_workload(args.seq_len, args.tokens_per_step, args.steps + 1, args.seed)
-    model = build_model(model_dir, method="lora", lora=LORA, dtype=args.dtype, attn_implementation="sdpa")
+    model = build_model(model_dir, method="lora", lora=LORA, dtype=args.dtype, attn_implementation=args.mft_attn)
     model.train()
     loss_fn = TaskWeightedLoss(mode="task")
     loss_fn.setup(task_names)
@@ -172,15 +173,18 @@ def run_baseline(args) -> dict:
 def time_steps(train_step, steps) -> dict:
     train_step(steps[0])  # warm-up: allocator, kernels, optimizer state
     real = loss = 0
+    cpu_start = time.process_time()
     start = time.perf_counter()
     for samples in steps[1:]:
         train_step(samples)
         real += sum(len(s.input_ids) for s in samples)
         loss += sum(int(np.asarray(s.loss_mask).sum()) for s in samples)
     seconds = time.perf_counter() - start
+    cpu_seconds = time.process_time() - cpu_start
     contexts = [len(s.input_ids) for samples in steps[1:] for s in samples]
     return {
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "real_tokens": real,
         "loss_tokens": loss,
         "real_tokens_per_s": real / seconds,
@@ -233,6 +237,7 @@ def main() -> None:
     parser.add_argument("--tokens-per-step", type=int, default=4096, help="real tokens per optimizer step")
     parser.add_argument("--contenders", default=",".join(CONTENDERS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mft-attn", default="sdpa_varlen", help="attn_implementation of the mft contenders")
     parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
     parser.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -252,7 +257,8 @@ def main() -> None:
         for name in args.contenders.split(","):
             cmd = [sys.executable, __file__, "--worker", name, "--dtype", dtype, "--steps", str(args.steps),
                    "--threads", str(args.threads), "--seq-len", str(args.seq_len),
-                   "--tokens-per-step", str(args.tokens_per_step), "--seed", str(args.seed)]
+                   "--tokens-per-step", str(args.tokens_per_step), "--seed", str(args.seed),
+                   "--mft-attn", args.mft_attn]
             print(f"[{dtype}] {name} ...", flush=True)
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
@@ -276,12 +282,14 @@ def main() -> None:
 
 def format_table(rows) -> str:
     lines = [
-        "| dtype | contender | real tok/s | loss tok/s | peak RSS MiB | tok/s vs baseline | RSS vs baseline | matmul GFLOP/s | MFU |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| dtype | contender | real tok/s | loss tok/s | CPU s / 1k real tok | peak RSS MiB | tok/s vs baseline "
+        "| RSS vs baseline | matmul GFLOP/s | MFU |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['dtype']} | {r['contender']} | {r['real_tokens_per_s']:.0f} | {r['loss_tokens_per_s']:.0f} | "
+            f"{1000 * r['cpu_seconds'] / r['real_tokens']:.1f} | "
             f"{r['peak_rss_mib']:.0f} | {r['speedup']:.2f}x | {r['memory_ratio']:.2f}x | {r['matmul_gflops']:.0f} | "
             f"{100 * r['mfu']:.1f}% |"
         )
@@ -304,7 +312,8 @@ def record(args, table: str) -> None:
         f"CPU: {cpu}, {os.cpu_count()} cores, threads {args.threads}. torch {torch.__version__}, "
         f"transformers {transformers.__version__}, peft {peft_version}.\n"
         f"SmolLM2-135M-Instruct, LoRA r=16 all-linear, seq_len {args.seq_len}, {args.tokens_per_step} real tokens "
-        f"per step, 1 warm-up + {args.steps} timed steps.\n\n"
+        f"per step, 1 warm-up + {args.steps} timed steps, mft attn_implementation {args.mft_attn}. "
+        f"Load average at the end: {Path('/proc/loadavg').read_text().split()[:3]}.\n\n"
     )
     with open(BENCH_DIR / "RESULTS.md", "a") as f:
         f.write(header + table + "\n")
