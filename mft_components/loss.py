@@ -34,11 +34,27 @@ def _chunk_logits(h: torch.Tensor, w32: torch.Tensor, softcap: float | None) -> 
     return logits
 
 
-class _ChunkedCrossEntropy(torch.autograd.Function):
-    """Per-token CE of ``h @ w.T`` computed chunk by chunk; backward recomputes each chunk's logits.
+def _logit_grad_(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """d loss / d (pre-cap) logits = (softmax - onehot(target)) [* cap derivative], computed in ``logits``' memory."""
+    # d(tanh(x / c) * c) / dx = 1 - tanh^2(x / c) = 1 - (capped / c)^2, taken before logits is overwritten
+    cap_grad = 1.0 - (logits / softcap).square() if softcap is not None else None
+    grad = logits.sub_(lse[:, None]).exp_()
+    grad.scatter_add_(1, targets[:, None], torch.full((targets.shape[0], 1), -1.0, device=grad.device))
+    if cap_grad is not None:
+        grad.mul_(cap_grad)
+    return grad
 
-    Saves only ``h``, ``w``, ``targets`` and the per-token log-sum-exp ([N] float32), so autograd never holds
-    the float32 logits of more than the chunk being (re)computed.
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Per-token CE of ``h @ w.T`` computed chunk by chunk, never holding more than one chunk's float32 logits.
+
+    Two ways to get the gradient, both exact:
+
+    * frozen ``w`` (LoRA, QLoRA): each token's loss depends on its own hidden state only, so forward also computes
+      ``d loss_i / d h_i`` ([N, D] float32) and backward just scales it by the incoming per-token gradient: two
+      projections onto the vocabulary per token instead of three.
+    * trainable ``w`` (full fine-tuning): forward saves ``h``, ``w``, ``targets`` and the per-token log-sum-exp;
+      backward recomputes each chunk's logits (the weight gradient needs the incoming gradient first).
     """
 
     @staticmethod
@@ -49,6 +65,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         n = h.shape[0]
         losses = torch.empty(n, dtype=torch.float32, device=h.device)
         lse = torch.empty(n, dtype=torch.float32, device=h.device)
+        ctx.grad_in_forward = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
+        grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device) if ctx.grad_in_forward else None
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
             logits = _chunk_logits(h[start:end], w32, softcap)
@@ -56,14 +74,23 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             target_logit = logits.gather(1, targets[start:end, None]).squeeze(1)
             lse[start:end] = chunk_lse
             losses[start:end] = chunk_lse - target_logit
+            if grad_h is not None:
+                grad_h[start:end] = _logit_grad_(logits, chunk_lse, targets[start:end], softcap) @ w32
             del logits
-        ctx.save_for_backward(h, w, targets, lse)
+        if grad_h is not None:
+            ctx.save_for_backward(grad_h)
+        else:
+            ctx.save_for_backward(h, w, targets, lse)
         ctx.chunk_size = chunk_size
         ctx.softcap = softcap
+        ctx.h_dtype = h.dtype
         return losses
 
     @staticmethod
     def backward(ctx, grad_losses):
+        if ctx.grad_in_forward:
+            (grad_h,) = ctx.saved_tensors
+            return (grad_h * grad_losses.float()[:, None]).to(ctx.h_dtype), None, None, None, None
         h, w, targets, lse = ctx.saved_tensors
         chunk_size, softcap = ctx.chunk_size, ctx.softcap
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -75,20 +102,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
             h32 = h[start:end].float()
-            logits = _chunk_logits(h32, w32, softcap)
-            # d(tanh(x / c) * c) / dx = 1 - tanh^2(x / c) = 1 - (capped / c)^2, taken before logits is overwritten
-            cap_grad = 1.0 - (logits / softcap).square() if softcap is not None else None
-            # d loss / d logits = softmax(logits) - onehot(target), scaled by the incoming per-token gradient;
-            # computed in place so that a chunk costs one [chunk, V] float32 buffer.
-            grad_logits = logits.sub_(lse[start:end, None]).exp_()
-            del logits
-            grad_logits.scatter_add_(
-                1, targets[start:end, None], torch.full((end - start, 1), -1.0, device=h.device)
-            )
+            # In place, so a chunk costs one [chunk, V] float32 buffer; scaled by the incoming per-token gradient.
+            grad_logits = _logit_grad_(_chunk_logits(h32, w32, softcap), lse[start:end], targets[start:end], softcap)
             grad_logits.mul_(grad_losses[start:end, None])
-            if cap_grad is not None:
-                grad_logits.mul_(cap_grad)
-                del cap_grad
             if need_h:
                 grad_h[start:end] = (grad_logits @ w32).to(h.dtype)
             if need_w:

@@ -90,14 +90,25 @@ def test_chunked_ce_autograd_saves_no_logits():
     out.sum().backward()
 
 
-def test_chunked_ce_only_grads_needed():
-    hidden, weight, labels = _ce_inputs()
-    weight = weight.detach()  # a frozen lm_head (LoRA): only hidden needs a gradient
-    out = chunked_cross_entropy(hidden, weight, labels, chunk_size=4)
-    (gh,) = torch.autograd.grad(out.sum(), (hidden,))
-    ref = _reference_ce(hidden, weight, labels)
-    (rh,) = torch.autograd.grad(ref.sum(), (hidden,))
-    torch.testing.assert_close(gh, rh, rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_ce_frozen_weight_gradient_computed_in_forward(softcap, dtype):
+    """A frozen lm_head (LoRA): forward keeps d loss_i / d h_i, backward only scales it by the upstream gradient."""
+    hidden, weight, labels = _ce_inputs(dtype=dtype)
+    weight = weight.detach()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        out = chunked_cross_entropy(hidden, weight, labels, chunk_size=4, softcap=softcap)
+    n = int((labels != -100).sum())
+    assert saved[-1] == (n, hidden.shape[-1])  # the [N, D] input gradient, not the weight or logits
+    g_out = torch.randn_like(out)
+    (gh,) = torch.autograd.grad((out * g_out).sum(), (hidden,))
+    h32 = hidden.detach().float().requires_grad_()
+    ref = _reference_ce(h32, weight.float(), labels, softcap)
+    (rh,) = torch.autograd.grad((ref * g_out).sum(), (h32,))
+    assert gh.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(gh.float(), rh, rtol=tol, atol=tol)
 
 
 def test_chunked_ce_no_loss_tokens():
