@@ -60,19 +60,23 @@ def recipe_of_config(name: str) -> str | None:
     return next((recipe for recipe, configs in RECIPE_CONFIGS.items() if stem in configs), None)
 
 
+def _file_or_builtin(name: str | os.PathLike, builtin: BuiltIn | None) -> Path | None:
+    path = Path(os.path.expanduser(str(name)))
+    if path.is_file():
+        return path  # a file wins over a built-in of the same name: `mft cp` copies keep working
+    return builtin.path if builtin else None
+
+
 def resolve_recipe(name: str | os.PathLike) -> Path:
     """A built-in recipe name or a path to a recipe file -> the file.
 
     Raises:
         FileNotFoundError: neither exists; the message lists the built-in recipes.
     """
-    path = Path(os.path.expanduser(str(name)))
-    if path.is_file():
-        return path
-    builtin = builtin_recipe(str(name))
-    if builtin:
-        return builtin.path
-    raise FileNotFoundError(f"no recipe {str(name)!r}: not a file, and the built-in recipes are {', '.join(RECIPE_CONFIGS)}")
+    found = _file_or_builtin(name, builtin_recipe(str(name)))
+    if found is None:
+        raise FileNotFoundError(f"no recipe {str(name)!r}: not a file, and the built-in recipes are {', '.join(RECIPE_CONFIGS)}")
+    return found
 
 
 def resolve_config(name: str | os.PathLike) -> Path:
@@ -83,11 +87,8 @@ def resolve_config(name: str | os.PathLike) -> Path:
     """
     from mft_components.config import ConfigError
 
-    path = Path(os.path.expanduser(str(name)))
-    if path.is_file():
-        return path
-    builtin = builtin_config(str(name))
-    if builtin:
-        return builtin.path
-    known = sorted(c for configs in RECIPE_CONFIGS.values() for c in configs)
-    raise ConfigError(f"no config {str(name)!r}: not a file, and the built-in configs are {', '.join(known)}")
+    found = _file_or_builtin(name, builtin_config(str(name)))
+    if found is None:
+        known = sorted(c for configs in RECIPE_CONFIGS.values() for c in configs)
+        raise ConfigError(f"no config {str(name)!r}: not a file, and the built-in configs are {', '.join(known)}")
+    return found

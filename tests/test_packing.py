@@ -6,7 +6,6 @@ alone; the packed micro-batch must give the same logits at every real token, for
 
 from __future__ import annotations
 
-from collections import namedtuple
 
 import numpy as np
 import pytest
@@ -22,10 +21,7 @@ from mft_components.packing import (
 )
 from tests.tiny_models import TINY_CONFIGS
 
-try:  # data.py owns Sample; tests only need its three fields.
-    from mft_components.data import Sample
-except ImportError:  # pragma: no cover - data.py written in parallel
-    Sample = namedtuple("Sample", "input_ids loss_mask task_id")
+from mft_components.data import Sample
 
 
 def make_sample(ids, mask, task_id=0):

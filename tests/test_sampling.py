@@ -6,7 +6,7 @@ first token, so a batch tells which samples it holds.
 
 from __future__ import annotations
 
-from collections import Counter, namedtuple
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -19,10 +19,7 @@ from mft_components.sampling import (
     task_probabilities,
 )
 
-try:  # data.py owns Sample; tests only need its three fields.
-    from mft_components.data import Sample
-except ImportError:  # pragma: no cover - data.py written in parallel
-    Sample = namedtuple("Sample", "input_ids loss_mask task_id")
+from mft_components.data import Sample
 
 TASKS = ["code", "sql", "chat"]
 ID_BASE = 1000  # first token of sample i is ID_BASE + i
