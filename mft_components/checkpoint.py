@@ -165,7 +165,7 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
     names = _param_names(model)
     if len(state["param_groups"]) != len(optimizer.param_groups):
         raise ValueError("resume: the checkpoint's optimizer has other parameter groups than this run's")
-    by_name = {}
+    by_name, group_of = {}, {}
     for saved, group in zip(state["param_groups"], optimizer.param_groups):
         current = [names[id(p)] for p in group["params"]]
         if saved["params"] != current:
@@ -173,12 +173,17 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
                              f"(e.g. {sorted(set(saved['params']) ^ set(current))[:3]}); same model.method and lora?")
         group.update({k: v for k, v in saved.items() if k != "params"})
         by_name.update({names[id(p)]: p for p in group["params"]})
+        group_of.update({names[id(p)]: group for p in group["params"]})
     optimizer.state.clear()
     for name, entry in state["state"].items():
         p = by_name[name]
         restored = {}
+        on_device_step = group_of[name].get("fused") or group_of[name].get("capturable")
         for key, value in entry.items():
-            if isinstance(value, torch.Tensor) and key != "step":
+            if key == "step" and isinstance(value, torch.Tensor) and on_device_step:
+                # Fused / capturable AdamW reads `step` on the device (torch's Optimizer.load_state_dict does this)
+                value = value.to(device=p.device, dtype=torch.float32)
+            elif isinstance(value, torch.Tensor) and key != "step":
                 value = value.to(device=p.device, dtype=value.dtype)
                 if isinstance(p, DTensor):
                     value = distribute_tensor(value, p.device_mesh, p.placements)

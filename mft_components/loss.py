@@ -496,7 +496,8 @@ class TaskWeightedLoss:
             (loss tokens) and ``weight/<task>`` (current w_t).
         """
         self._require_setup()
-        packed = torch.cat([self._loss_sum.reshape(1), self._aux_sum.reshape(1), self._task_loss_sum])
+        device = self._task_loss_sum.device  # where the step's losses were summed; _aux_sum may still be on the CPU
+        packed = torch.cat([t.reshape(-1).to(device) for t in (self._loss_sum, self._aux_sum, self._task_loss_sum)])
         _all_reduce_sum(packed, group)
         out = {"loss": float(packed[0])}
         if self.router_aux_loss_coef:

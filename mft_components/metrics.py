@@ -162,21 +162,29 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the message names the step and the tasks in the batch."""
 
 
-def check_finite(loss: torch.Tensor, step: int, task_ids: Iterable[torch.Tensor], task_names: list[str]) -> None:
-    """Raise :class:`NonFiniteLossError` when ``loss`` is NaN/inf (same value on every rank: it is all-reduced).
+def check_finite(loss: float, step: int, task_ids: Iterable[torch.Tensor], task_names: list[str],
+                 grad_norm: float | None = None) -> None:
+    """Raise :class:`NonFiniteLossError` when the loss or the gradient norm is NaN/inf.
+
+    Both are global (all-reduced), so every rank decides alike. A finite loss can come with an inf gradient,
+    which clipping would turn into NaN weights: checking the norm too keeps the last checkpoint finite.
 
     Args:
-        loss: the step's global loss (all-reduced, so every rank decides alike).
+        loss: the step's global loss, auxiliary losses included.
         step: the 1-based optimizer step.
         task_ids: the ``task_ids`` tensors of this rank's micro-batches, to name the tasks involved.
         task_names: index -> task name.
+        grad_norm: the global gradient norm before clipping.
     """
-    if torch.isfinite(loss).all():
+    bad = [f"training loss ({loss})"] if not math.isfinite(loss) else []
+    if grad_norm is not None and not math.isfinite(grad_norm):
+        bad.append(f"gradient norm ({grad_norm})")
+    if not bad:
         return
     present = sorted({int(t) for ids in task_ids for t in torch.unique(ids) if int(t) >= 0})
     names = ", ".join(task_names[t] for t in present) or "none"
     raise NonFiniteLossError(
-        f"non-finite training loss ({loss.item()}) at step {step}; tasks in this rank's batch: {names}. "
+        f"non-finite {' and '.join(bad)} at step {step}; tasks in this rank's batch: {names}. "
         "The optimizer step was skipped and the last checkpoint in output_dir is intact; try a lower optimizer.lr, "
         "dtype: fp32, or check these tasks' data."
     )

@@ -94,7 +94,14 @@ class LoRAFinetuneRecipe:
             if self.data.valid_samples else []
         )
 
-        # 5. Model: meta-device build, LoRA / NF4 modules, FSDP2 shards, weights streamed into them.
+        # 5. Loss, still before the model: unknown tasks in task_weights or bad CoBa settings cost no model load.
+        self.loss_fn = instantiate(cfg.loss)
+        self.loss_fn.setup(self.task_names)
+        for key in ("log_every_n_steps", "early_stopping_patience", "eval_every_n_steps", "save_every_n_steps"):
+            if cfg[key] is not None and cfg[key] < 1:
+                sys.exit(f"config error: {key} is {cfg[key]}; expected a positive integer or null")
+
+        # 6. Model: meta-device build, LoRA / NF4 modules, FSDP2 shards, weights streamed into them.
         method = cfg.model.get("method", self.METHODS[0])
         if method not in self.METHODS:
             sys.exit(f"config error: model.method is {method!r}; this recipe does {' or '.join(self.METHODS)} "
@@ -104,19 +111,15 @@ class LoRAFinetuneRecipe:
         self.model = self.build_model(resume_from)
         self.model.train()
 
-        # 6. Optimizer over the adapters only; fused AdamW on CUDA (one kernel for all parameters).
+        # 7. Optimizer over the adapters only; fused AdamW on CUDA (one kernel for all parameters).
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         fused = {"fused": True} if self.device.type == "cuda" and "AdamW" in cfg.optimizer._component_ else {}
         self.optimizer = instantiate(cfg.optimizer, self.trainable, **fused)
 
-        # 7. Schedule: total steps from epochs (each epoch's length from the sampler's plan) or max_steps.
+        # 8. Schedule: total steps from epochs (each epoch's length from the sampler's plan) or max_steps.
         plan = self.train_loader.sampler.plan
         self.total_steps = cfg.max_steps or sum(plan.steps_per_epoch(e) for e in range(cfg.epochs))
         self.lr_scheduler = instantiate(cfg.lr_scheduler, self.optimizer, num_training_steps=self.total_steps)
-
-        # 8. Loss: bound to the task list; CoBa keeps its history in its state.
-        self.loss_fn = instantiate(cfg.loss)
-        self.loss_fn.setup(self.task_names)
 
         self.early_stopping = EarlyStopping(patience=cfg.early_stopping_patience)
         self.step, self.epoch, self.step_in_epoch = 0, 0, 0
@@ -144,9 +147,12 @@ class LoRAFinetuneRecipe:
         if self.step == 0 and self.evaluator.valid_batches:
             # Per-task validation losses before any update: what every later evaluation is compared with.
             self.evaluator.run(self.model, 0, track=False)
-        while self.step < self.total_steps:
+        while self.step < self.total_steps and not self.early_stopping.should_stop:
             if self.step_in_epoch >= plan.steps_per_epoch(self.epoch):  # the saved epoch was complete
-                self.epoch, self.step_in_epoch, self.rank_state = self.epoch + 1, 0, None
+                self.epoch, self.step_in_epoch = self.epoch + 1, 0
+                if self.rank_state is not None:  # resumed at the boundary: the RNG as saved, BEFORE the new
+                    ck.restore_rng_state(self.rank_state["rng"])  # epoch's iter() draws from it, as it did in
+                    self.rank_state = None                        # the run that saved
             self.train_loader.sampler.set_epoch(self.epoch)
             if self.rank_state is not None:  # mid-epoch resume: continue where the checkpoint stopped
                 self.train_loader.load_state_dict(self.rank_state["dataloader"])
@@ -166,10 +172,11 @@ class LoRAFinetuneRecipe:
                     (share * self.world_size).backward()  # FSDP averages gradients over ranks: undo it
                 metrics = self.loss_fn.step_metrics()  # all-reduced: every rank sees the same loss
 
-                # Stop before the optimizer step, so the weights (and the last checkpoint) stay finite.
-                check_finite(torch.tensor(metrics["loss"]), self.step + 1, [b["task_ids"] for b in micro_batches],
-                             self.task_names)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, cfg.clip_grad_norm or float("inf"))
+                # Stop before the optimizer step, so the weights (and the last checkpoint) stay finite: a finite
+                # loss can still come with an inf gradient, which clipping would turn into NaN weights.
+                check_finite(metrics["loss"] + metrics.get("aux_loss", 0.0), self.step + 1,
+                             [b["task_ids"] for b in micro_batches], self.task_names, grad_norm=_item(grad_norm))
                 lr = self.optimizer.param_groups[0]["lr"]
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -190,14 +197,15 @@ class LoRAFinetuneRecipe:
                 epoch_end = self.step_in_epoch == plan.steps_per_epoch(self.epoch)
                 improved = self.evaluator.due(self.step, epoch_end) and self.evaluator.run(self.model, self.step)
                 if self.early_stopping.should_stop:
-                    stop_reason = (f"early stopping: {self.early_stopping.bad_evals} evaluations without a loss "
-                                   f"below step {self.early_stopping.best_step}'s")
                     break
-                if cfg.save_every_n_steps and (self.step % cfg.save_every_n_steps == 0 or improved):
+                if improved or (cfg.save_every_n_steps and self.step % cfg.save_every_n_steps == 0):
                     self.save_checkpoint()
             else:
                 continue  # the epoch (or the run) ended normally: next epoch
             break  # early stopping
+        if self.early_stopping.should_stop:
+            stop_reason = (f"early stopping: {self.early_stopping.bad_evals} evaluations without a loss "
+                           f"below step {self.early_stopping.best_step}'s")
 
         # The end: evaluate if the last step was not evaluated, then the final checkpoint.
         if not self.evaluator.evaluated(self.step):
