@@ -337,6 +337,10 @@ def latest_checkpoint(output_dir: str | os.PathLike, *, resumable: bool = True) 
     return None
 
 
+class ResumeError(ValueError):
+    """``resume`` names no resumable checkpoint, or ``output_dir`` holds another run's later checkpoints."""
+
+
 def resolve_resume(resume: str | os.PathLike | None, output_dir: str | os.PathLike) -> Path | None:
     """The checkpoint a run continues from.
 
@@ -346,20 +350,38 @@ def resolve_resume(resume: str | os.PathLike | None, output_dir: str | os.PathLi
         output_dir: the run's output directory.
 
     Raises:
-        FileNotFoundError: a given path is not a finished checkpoint with a recipe state.
+        ResumeError: a given path is not a finished checkpoint with a recipe state, or ``output_dir`` holds
+            checkpoints beyond the one this run starts from.
     """
     if resume in (None, False, "", "none", "null", "no"):
+        _refuse_later_checkpoints(output_dir, after=0, why="this run starts fresh (resume: null)")
         return None
     if resume == "auto":
         return latest_checkpoint(output_dir)
     path = Path(os.path.expanduser(str(resume)))
     for name in (META_FILE, STATE_FILE):
         if not (path / name).is_file():
-            raise FileNotFoundError(
+            raise ResumeError(
                 f"resume: {path} is not a resumable checkpoint (no {name}); expected an output_dir/step_N directory "
                 f"written by a recipe, or resume: auto"
             )
+    _refuse_later_checkpoints(output_dir, after=read_checkpoint_meta(path)["step"], why=f"this run resumes {path}")
     return path
+
+
+def _refuse_later_checkpoints(output_dir: str | os.PathLike, after: int, why: str) -> None:
+    """Checkpoints of another run beyond this run's start would count as 'newest': `saving_limit` would delete
+    this run's own checkpoints and `resume: auto` would later continue the other run. Refuse instead.
+
+    Raises:
+        ResumeError: ``output_dir`` holds checkpoints with a step above ``after``.
+    """
+    later = [p.name for step, p in list_checkpoints(output_dir) if step > after]
+    if later:
+        raise ResumeError(
+            f"{output_dir} already holds checkpoints {', '.join(later)} and {why}: set resume: auto to continue "
+            "them, or use another output_dir (or move them away)"
+        )
 
 
 def prune_checkpoints(output_dir: str | os.PathLike, saving_limit: int | None, keep: tuple[int, ...] = ()) -> list[Path]:

@@ -80,6 +80,8 @@ class LoRAFinetuneRecipe:
             ck.remove_partial_checkpoints(self.output_dir)  # leftovers of a save that was killed
         # 2. The same seed on every rank: LoRA initialisation must agree across ranks.
         torch.manual_seed(cfg.seed)
+        # Which checkpoint to continue from is settled before anything is loaded (a wrong path costs nothing).
+        resume_from = ck.resolve_resume(cfg.resume, self.output_dir)
 
         # 3-4. Tokenizer and data, validated before any model exists: a bad record costs seconds, not a model load.
         self.tokenizer = instantiate(cfg.tokenizer)
@@ -107,7 +109,6 @@ class LoRAFinetuneRecipe:
             sys.exit(f"config error: model.method is {method!r}; this recipe does {' or '.join(self.METHODS)} "
                      f"(use {self.OTHER_RECIPE} for {method})")
         self.base_model_dir = cfg.model.model_dir
-        resume_from = ck.resolve_resume(cfg.resume, self.output_dir)
         self.model = self.build_model(resume_from)
         self.model.train()
 
@@ -289,6 +290,8 @@ def run(recipe: LoRAFinetuneRecipe) -> None:
         recipe.setup()
     except DataError as e:  # reported before any model was built
         sys.exit(f"data error:\n{e}")
+    except ck.ResumeError as e:  # settled before data and model
+        sys.exit(f"resume error: {e}")
     try:
         recipe.train()
     except NonFiniteLossError as e:

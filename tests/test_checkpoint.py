@@ -102,9 +102,15 @@ def test_resolve_resume(tmp_path):
     _save(tmp_path, 1)
     _save(tmp_path, 7)
     assert ck.resolve_resume("auto", tmp_path) == tmp_path / "step_7"
-    assert ck.resolve_resume(str(tmp_path / "step_1"), tmp_path) == tmp_path / "step_1"
-    with pytest.raises(FileNotFoundError, match="resume: .* not a resumable checkpoint"):
+    assert ck.resolve_resume(str(tmp_path / "step_7"), tmp_path) == tmp_path / "step_7"
+    assert ck.resolve_resume(str(tmp_path / "step_1"), tmp_path / "elsewhere") == tmp_path / "step_1"
+    with pytest.raises(ck.ResumeError, match="resume: .* not a resumable checkpoint"):
         ck.resolve_resume(str(tmp_path), tmp_path)
+    # Another run's later checkpoints would be "newest": pruning would delete this run's own, so refuse.
+    with pytest.raises(ck.ResumeError, match="already holds checkpoints step_7 and this run resumes"):
+        ck.resolve_resume(str(tmp_path / "step_1"), tmp_path)
+    with pytest.raises(ck.ResumeError, match="already holds checkpoints step_1, step_7 and this run starts fresh"):
+        ck.resolve_resume(None, tmp_path)
 
 
 _WRITER = textwrap.dedent("""
