@@ -13,6 +13,7 @@ TensorBoard (``output_dir/tb``) gets the same numbers as scalars: ``train/loss``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -296,6 +297,15 @@ class Throughput:
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(n)
         self._tokens += int(n.item())
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside (evaluation, checkpoints) is not training time: tokens/s leaves it out."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._t += time.perf_counter() - start
 
     def rate(self) -> float:
         now = time.perf_counter()

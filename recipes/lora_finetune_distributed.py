@@ -142,12 +142,12 @@ class LoRAFinetuneRecipe:
     def train(self) -> None:
         cfg = self.cfg
         plan = self.train_loader.sampler.plan
-        throughput = Throughput()
         start = time.perf_counter()
         stop_reason = f"reached {self.total_steps} steps"
         if self.step == 0 and self.evaluator.valid_batches:
             # Per-task validation losses before any update: what every later evaluation is compared with.
             self.evaluator.run(self.model, 0, track=False)
+        throughput = Throughput()
         while self.step < self.total_steps and not self.early_stopping.should_stop:
             if self.step_in_epoch >= plan.steps_per_epoch(self.epoch):  # the saved epoch was complete
                 self.epoch, self.step_in_epoch = self.epoch + 1, 0
@@ -194,13 +194,14 @@ class LoRAFinetuneRecipe:
                     })
                     self.progress.update(self.step, metrics["loss"], lr, tokens_per_s)
 
-                self.evaluator.update_coba(self.model, self.loss_fn, self.step)
-                epoch_end = self.step_in_epoch == plan.steps_per_epoch(self.epoch)
-                improved = self.evaluator.due(self.step, epoch_end) and self.evaluator.run(self.model, self.step)
-                if self.early_stopping.should_stop:
-                    break
-                if improved or (cfg.save_every_n_steps and self.step % cfg.save_every_n_steps == 0):
-                    self.save_checkpoint()
+                with throughput.paused():  # evaluation and checkpoints are not training time
+                    self.evaluator.update_coba(self.model, self.loss_fn, self.step)
+                    epoch_end = self.step_in_epoch == plan.steps_per_epoch(self.epoch)
+                    improved = self.evaluator.due(self.step, epoch_end) and self.evaluator.run(self.model, self.step)
+                    if self.early_stopping.should_stop:
+                        break
+                    if improved or (cfg.save_every_n_steps and self.step % cfg.save_every_n_steps == 0):
+                        self.save_checkpoint()
             else:
                 continue  # the epoch (or the run) ended normally: next epoch
             break  # early stopping
