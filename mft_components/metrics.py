@@ -20,7 +20,7 @@ import os
 import resource
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -377,6 +377,16 @@ class Evaluator:
         per_task = "  ".join(f"{t} {v:.3f}" for t, v in result.task_loss.items())
         self.progress.write(f"step {step} eval loss {result.loss:.4f}{' (best)' if improved else ''}: {per_task}")
         return improved
+
+    def state_dict(self) -> dict[str, Any]:
+        """The best and the last evaluation, so a resumed run reports them (plain values: weights_only-safe)."""
+        return {"best": asdict(self.best) if self.best else None,
+                "last": [self.last[0], asdict(self.last[1])] if self.last else None}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        state = state or {}
+        self.best = EvalResult(**state["best"]) if state.get("best") else None
+        self.last = (state["last"][0], EvalResult(**state["last"][1])) if state.get("last") else None
 
     def update_coba(self, model: torch.nn.Module, loss_fn: Any, step: int) -> None:
         """Feed CoBa per-task losses of ``loss_fn.coba_sample_valid_num`` validation micro-batches.

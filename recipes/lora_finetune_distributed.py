@@ -127,7 +127,7 @@ class LoRAFinetuneRecipe:
         self.last_saved_step = None
 
         # 9. Resume: weights, optimizer, schedule, loss, data position and RNG of the checkpoint.
-        self.rank_state = None
+        self.rank_state = self.evaluator_state = None
         if resume_from is not None:
             self.load_checkpoint(resume_from)
 
@@ -136,6 +136,7 @@ class LoRAFinetuneRecipe:
         self.progress = ProgressBar(self.total_steps, initial=self.step, enabled=self.is_rank0)
         self.evaluator = Evaluator(valid_batches, self.task_names, self.device, cfg.eval_every_n_steps,
                                    self.early_stopping, self.logger, self.progress)
+        self.evaluator.load_state_dict(self.evaluator_state)
 
     # -------------------------------------------------------------------------------------------------- train
 
@@ -246,6 +247,7 @@ class LoRAFinetuneRecipe:
             step=self.step, epoch=self.epoch, step_in_epoch=self.step_in_epoch,
         )
         if self.is_rank0:
+            state["evaluator"] = self.evaluator.state_dict()
             path = ck.save_checkpoint(
                 self.output_dir, self.step, **weights, recipe_state=state,
                 meta=ck.checkpoint_meta(self.model, self.data, self.tokenizer, self.evaluator.last,
@@ -271,6 +273,7 @@ class LoRAFinetuneRecipe:
             early_stopping=self.early_stopping, rank=self.rank, world_size=self.world_size,
         )
         self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+        self.evaluator_state = state.get("evaluator")  # restored once the evaluator exists (setup step 10)
         self.last_saved_step = self.step
         if self.is_rank0:
             print(f"resumed from {path} at step {self.step}", flush=True)

@@ -140,6 +140,8 @@ def test_resume_matches_uninterrupted(assets, tmp_path, method):
     losses = {r["step"]: r["loss"] for r in _records(straight, "train")}
     assert [(r["step"], r["loss"]) for r in _records(resumed, "train")] == [(3, losses[3]), (4, losses[4])]
     assert _records(resumed, "eval")[-1]["task_loss"] == _records(straight, "eval")[-1]["task_loss"]
+    # The evaluation history came back too: the checkpoint's validation losses are the straight run's.
+    assert ck.read_checkpoint_meta(resumed / "step_4")["valid_losses"] == ck.read_checkpoint_meta(straight / "step_4")["valid_losses"]
 
 
 @pytest.mark.slow
