@@ -37,6 +37,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from mft_components.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from mft_components.checkpoint import META_FILE as CHECKPOINT_META
+from mft_components.models import safetensors_files as _model_safetensors_files
+
 OUTPUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 # safetensors header dtype codes -> (torch dtype, bytes per element)
@@ -47,10 +51,7 @@ _ST_DTYPES = {
 }
 _TORCH_TO_ST = {v[0]: k for k, v in _ST_DTYPES.items()}
 _PEFT_KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?P<which>[AB])\.weight$")
-CHECKPOINT_META = "mft_checkpoint.json"
 CHAT_FORMAT_FILE = "mft_chat_format.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 class ExportError(ValueError):
@@ -62,7 +63,7 @@ class ExportError(ValueError):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def read_checkpoint_meta(checkpoint_dir: str | Path) -> dict:
+def read_validated_meta(checkpoint_dir: str | Path) -> dict:
     """Read `mft_checkpoint.json` of a training checkpoint.
 
     Args:
@@ -168,21 +169,11 @@ def merge_lora_tensor(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, sc
 
 
 def safetensors_files(model_dir: str | Path) -> list[Path]:
-    """The safetensors files of a HF model directory (from the index when sharded).
-
-    Raises:
-        ExportError: no safetensors weights in the directory.
-    """
-    model_dir = Path(model_dir)
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [model_dir / f for f in sorted(set(weight_map.values()))]
-    single = model_dir / "model.safetensors"
-    if single.is_file():
-        return [single]
-    raise ExportError(f"{model_dir}: no model.safetensors or model.safetensors.index.json (expected a Hugging Face "
-                      f"model directory with safetensors weights)")
+    """:func:`mft_components.models.safetensors_files`, failing with an :class:`ExportError`."""
+    try:
+        return _model_safetensors_files(Path(model_dir))
+    except FileNotFoundError as e:
+        raise ExportError(str(e)) from e
 
 
 @dataclass
@@ -462,7 +453,7 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, base: 
         raise ExportError(f"--dtype: expected one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}")
     out_dtype = OUTPUT_DTYPES[dtype]
     parse_size(max_shard_size)  # fail before any work
-    meta = read_checkpoint_meta(checkpoint_dir)
+    meta = read_validated_meta(checkpoint_dir)
     full = meta["method"] == "full"
     if adapter_only and full:
         raise ExportError(f"--adapter-only: {checkpoint_dir} is a full fine-tuning checkpoint, it has no adapter")

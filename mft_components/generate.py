@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from mft_components.checkpoint import read_checkpoint_meta
 from mft_components.export import (
     ADAPTER_CONFIG,
     CHAT_FORMAT_FILE,
@@ -80,7 +81,7 @@ def _read_chat_meta(dirs: list[Path]) -> tuple[dict | None, str | None, Path]:
 def _tokenizer_dir(model_dir: Path, adapter_dir: Path | None) -> Path:
     candidates = [model_dir] + ([adapter_dir] if adapter_dir else [])
     if (model_dir / CHECKPOINT_META).is_file():  # a full checkpoint used directly as --model
-        base = json.loads((model_dir / CHECKPOINT_META).read_text()).get("base_model_dir")
+        base = read_checkpoint_meta(model_dir).get("base_model_dir")
         candidates += [Path(base)] if base else []
     for c in candidates:
         if (c / "tokenizer_config.json").is_file() or (c / "tokenizer.json").is_file():

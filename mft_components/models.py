@@ -31,7 +31,6 @@ from mft_components.lora import (
     LoRAOptions,
     NF4Linear,
     nf4_block_sizes,
-    quantize_nf4,
     set_trainable_params,
 )
 from mft_components.loss import chunked_cross_entropy, router_aux_loss
@@ -357,7 +356,12 @@ def _parameter_owners(module: nn.Module) -> dict[str, list[tuple[nn.Module, str]
     return owners
 
 
-def _checkpoint_files(model_dir: Path) -> list[Path]:
+def safetensors_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a HF model directory, from the index when sharded (each file once, index order).
+
+    Raises:
+        FileNotFoundError: the directory holds no safetensors weights.
+    """
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -435,7 +439,7 @@ def load_weights(model: MFTModel, owners: dict, device: torch.device, dtype: tor
     model_dir = Path(model.model_dir)
     mapper = _KeyMapper(model.hf_model, owners)
     unexpected: list[str] = []
-    for file in _checkpoint_files(model_dir):
+    for file in safetensors_files(model_dir):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for key in f.keys():
                 for name, tensor in mapper(key, f.get_tensor(key)):
