@@ -58,8 +58,15 @@ def destroy_distributed() -> None:
 
 
 def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
-    """Sum `t` over ranks in place (no-op single-process) and return it."""
-    if is_distributed():
+    """Sum `t` over ranks in place (no-op single-process) and return it; a CPU tensor under NCCL, which reduces
+    CUDA tensors only, goes through the GPU."""
+    if not is_distributed():
+        return t
+    if dist.get_backend(group) == "nccl" and t.device.type != "cuda":
+        on_gpu = t.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM, group=group)
+        t.copy_(on_gpu.to(t.device))
+    else:
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     return t
 

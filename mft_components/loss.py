@@ -16,7 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
+
+from mft_components.distributed import all_reduce_sum
 
 IGNORE_INDEX = -100
 
@@ -232,19 +233,6 @@ def task_loss_sums(token_losses: torch.Tensor, batch: dict, num_tasks: int) -> t
     return sums, torch.bincount(task_ids, minlength=num_tasks)
 
 
-def _all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
-    """Sum ``t`` over ranks in place when torch.distributed is initialised (NCCL needs it on the GPU)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return t
-    if dist.get_backend(group) == "nccl" and t.device.type != "cuda":
-        on_gpu = t.to(torch.device("cuda", torch.cuda.current_device()))
-        dist.all_reduce(on_gpu, group=group)
-        t.copy_(on_gpu.to(t.device))
-    else:
-        dist.all_reduce(t, group=group)
-    return t
-
-
 class TaskWeightedLoss:
     """MFTCoder's multi-task loss modes, exact over an optimiser step's global batch, plus CoBa and MoE aux loss.
 
@@ -401,7 +389,7 @@ class TaskWeightedLoss:
                 sample_task[sample_ids] = task_ids
                 counts[k : 2 * k] += torch.bincount(sample_task[sample_task >= 0], minlength=k)
             counts[2 * k] += 1
-        _all_reduce_sum(counts, group)
+        all_reduce_sum(counts, group)
         self._reset_metrics()
         self._step_tokens = counts[:k].clone()
         return StepCounts(tokens=counts[:k], samples=counts[k : 2 * k], micro_batches=int(counts[2 * k]))
@@ -498,7 +486,7 @@ class TaskWeightedLoss:
         self._require_setup()
         device = self._task_loss_sum.device  # where the step's losses were summed; _aux_sum may still be on the CPU
         packed = torch.cat([t.reshape(-1).to(device) for t in (self._loss_sum, self._aux_sum, self._task_loss_sum)])
-        _all_reduce_sum(packed, group)
+        all_reduce_sum(packed, group)
         out = {"loss": float(packed[0])}
         if self.router_aux_loss_coef:
             out["aux_loss"] = float(packed[1])

@@ -27,6 +27,9 @@ from typing import Any, Iterable
 import torch
 import torch.distributed as dist
 
+from mft_components.distributed import all_reduce_sum
+from mft_components.loss import task_loss_sums
+
 __all__ = [
     "MetricLogger",
     "ProgressBar",
@@ -242,13 +245,12 @@ def evaluate(model: torch.nn.Module, loader: Iterable[dict], task_names: list[st
         if i >= len(batches):  # padding pass: same shapes, no loss tokens
             batch["labels"] = torch.full_like(batch["labels"], -100)
         token_losses, _ = model(batch)
-        mask = batch["labels"] != -100
-        tasks = batch["task_ids"][mask]
-        sums.index_add_(0, tasks, token_losses.double())
-        counts.index_add_(0, tasks, torch.ones_like(token_losses, dtype=torch.float64))
+        batch_sums, batch_counts = task_loss_sums(token_losses, batch, len(task_names))
+        sums += batch_sums
+        counts += batch_counts.to(counts)
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(sums)
-        dist.all_reduce(counts)
+        all_reduce_sum(sums)
+        all_reduce_sum(counts)
         _reshard(model)
     model.train(was_training)
     task_loss = {name: (sums[i] / counts[i]).item() for i, name in enumerate(task_names) if counts[i] > 0}
@@ -294,9 +296,7 @@ class Throughput:
     def add_step(self, micro_batches: list[dict], device: torch.device) -> None:
         """Count the step's real (non-padding) tokens over all ranks (one small all-reduce)."""
         n = torch.tensor([sum(int((b["sample_ids"] >= 0).sum()) for b in micro_batches)], device=device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(n)
-        self._tokens += int(n.item())
+        self._tokens += int(all_reduce_sum(n).item())
 
     @contextlib.contextmanager
     def paused(self):
