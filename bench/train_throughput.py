@@ -113,7 +113,7 @@ def run_mft(args, packing: str) -> dict:
         batches = step_batches(samples)
         counts = loss_fn.step_counts(batches)
         for batch in batches:
-            token_losses, aux = model(batch)
+            token_losses, aux = model(batch, **loss_fn.ce_kwargs)
             loss_fn(token_losses, batch, counts).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -214,7 +214,8 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: Iterable[dict], task_names: list[str], device: torch.device) -> EvalResult:
+def evaluate(model: torch.nn.Module, loader: Iterable[dict], task_names: list[str], device: torch.device,
+             forward_kwargs: dict | None = None) -> EvalResult:
     """Per-task validation loss (token-mean per task) over the whole validation split, summed over ranks.
 
     Collective: every rank calls it. A rank that runs out of batches before the others keeps stepping with an
@@ -244,7 +245,7 @@ def evaluate(model: torch.nn.Module, loader: Iterable[dict], task_names: list[st
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batches[min(i, len(batches) - 1)].items()}
         if i >= len(batches):  # padding pass: same shapes, no loss tokens
             batch["labels"] = torch.full_like(batch["labels"], -100)
-        token_losses, _ = model(batch)
+        token_losses, _ = model(batch, **(forward_kwargs or {}))
         batch_sums, batch_counts = task_loss_sums(token_losses, batch, len(task_names))
         sums += batch_sums
         counts += batch_counts.to(counts)
@@ -339,17 +340,20 @@ class Evaluator:
         eval_every_n_steps: evaluate every N steps; None evaluates at the end of each epoch.
         early_stopping: the :class:`EarlyStopping` tracker (its state is part of the recipe state).
         logger, progress: where results are written (rank 0).
+        forward_kwargs: keyword arguments of the model's forward (``TaskWeightedLoss.ce_kwargs``), so validation
+            losses are computed as training losses are.
     """
 
     def __init__(self, valid_batches: list[dict], task_names: list[str], device: torch.device,
                  eval_every_n_steps: int | None, early_stopping: EarlyStopping, logger: MetricLogger,
-                 progress: ProgressBar):
+                 progress: ProgressBar, forward_kwargs: dict | None = None):
         self.valid_batches = valid_batches
         self.task_names = task_names
         self.device = device
         self.every = eval_every_n_steps
         self.early_stopping = early_stopping
         self.logger, self.progress = logger, progress
+        self.forward_kwargs = forward_kwargs
         self.best: EvalResult | None = None
         self.last: tuple[int, EvalResult] | None = None
 
@@ -367,7 +371,7 @@ class Evaluator:
         ``track=False`` logs without feeding early stopping: the evaluation before training is a reference point,
         not a candidate for the best checkpoint (there is no checkpoint of step 0).
         """
-        result = evaluate(model, self.valid_batches, self.task_names, self.device)
+        result = evaluate(model, self.valid_batches, self.task_names, self.device, self.forward_kwargs)
         improved = track and self.early_stopping.update(step, result.loss)
         if improved:
             self.best = result
@@ -397,4 +401,4 @@ class Evaluator:
             return
         n, k = len(self.valid_batches), loss_fn.coba_sample_valid_num
         picks = [self.valid_batches[(step * k + i) % n] for i in range(k)]
-        loss_fn.update_coba(step, evaluate(model, picks, self.task_names, self.device).task_loss)
+        loss_fn.update_coba(step, evaluate(model, picks, self.task_names, self.device, self.forward_kwargs).task_loss)

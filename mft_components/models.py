@@ -95,13 +95,15 @@ class MFTModel(nn.Module):
         """The decoder layers (the unit of FSDP2 sharding and activation checkpointing)."""
         return decoder_layers(self.hf_model)
 
-    def forward(self, batch: dict, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, batch: dict, chunk_size: int = 1024, projection_dtype: str = "model",
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-token losses of the batch's loss-carrying tokens, and the MoE load-balancing loss.
 
         Args:
             batch: collator output (input_ids, labels already shifted, position_ids, optional attention_mask,
                 sample_ids); tensors on the model's device.
             chunk_size: tokens projected onto the vocabulary at once by the chunked cross-entropy.
+            projection_dtype: ``model`` or ``float32``, the dtype of that projection (see `chunked_cross_entropy`).
 
         Returns:
             (token_losses float32 [N] for labels != -100 in row-major order, aux_loss scalar or None).
@@ -119,7 +121,8 @@ class MFTModel(nn.Module):
         hidden = hidden * _logit_multiplier(config) if _logit_multiplier(config) != 1.0 else hidden
         weight = self.hf_model.get_output_embeddings().weight
         token_losses = chunked_cross_entropy(
-            hidden, weight, batch["labels"], chunk_size, softcap=getattr(config, "final_logit_softcapping", None)
+            hidden, weight, batch["labels"], chunk_size, softcap=getattr(config, "final_logit_softcapping", None),
+            projection_dtype=projection_dtype,
         )
         aux = None
         router_logits = getattr(out, "router_logits", None) if moe else None
@@ -286,7 +289,7 @@ def build_model(
         attn_implementation: transformers attention ("sdpa", "eager", "flash_attention_2", ...) or
             "sdpa_varlen" (mft_components/attention.py: causal SDPA per packed sample, no mask; CPU training).
         activation_checkpointing: recompute each decoder layer in backward.
-        compile: `torch.compile` each decoder layer.
+        compile: `torch.compile` the norms and MLP of each decoder layer (`distributed.compile_layers`).
         cpu_offload: FSDP2 CPU offload of parameters, gradients and optimizer state (distributed only).
         trust_remote_code: allow custom modelling code shipped with the model.
         device: device for the parameters (runtime; default CPU).

@@ -135,7 +135,7 @@ class LoRAFinetuneRecipe:
         self.logger = MetricLogger(self.output_dir, enabled=self.is_rank0, tensorboard=cfg.tensorboard)
         self.progress = ProgressBar(self.total_steps, initial=self.step, enabled=self.is_rank0)
         self.evaluator = Evaluator(valid_batches, self.task_names, self.device, cfg.eval_every_n_steps,
-                                   self.early_stopping, self.logger, self.progress)
+                                   self.early_stopping, self.logger, self.progress, self.loss_fn.ce_kwargs)
         self.evaluator.load_state_dict(self.evaluator_state)
 
     # -------------------------------------------------------------------------------------------------- train
@@ -169,7 +169,7 @@ class LoRAFinetuneRecipe:
                 # Global per-task counts first (one all-reduce), then each micro-batch adds its exact share.
                 counts = self.loss_fn.step_counts(micro_batches)
                 for batch in micro_batches:
-                    token_losses, aux_loss = self.model(batch, chunk_size=self.loss_fn.chunk_size)
+                    token_losses, aux_loss = self.model(batch, **self.loss_fn.ce_kwargs)
                     share = self.loss_fn(token_losses, batch, counts, aux_loss=aux_loss)
                     (share * self.world_size).backward()  # FSDP averages gradients over ranks: undo it
                 metrics = self.loss_fn.step_metrics()  # all-reduced: every rank sees the same loss

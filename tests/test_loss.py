@@ -53,20 +53,48 @@ def test_chunked_ce_matches_full_logits(chunk_size, softcap):
     assert torch.all(gh[1] == 0)  # tokens without loss get no gradient
 
 
-def test_chunked_ce_bf16_inputs_computed_in_float32():
+@pytest.mark.parametrize("weight_frozen", [False, True])
+def test_chunked_ce_bf16_float32_projection_is_exact(weight_frozen):
     hidden, weight, labels = _ce_inputs(dtype=torch.bfloat16, v=300, d=32)
-    out = chunked_cross_entropy(hidden, weight, labels, chunk_size=5)
+    if weight_frozen:
+        weight = weight.detach()
+    out = chunked_cross_entropy(hidden, weight, labels, chunk_size=5, projection_dtype="float32")
     assert out.dtype == torch.float32
-    gh, gw = torch.autograd.grad(out.sum(), (hidden, weight))
-    assert gh.dtype == torch.bfloat16 and gw.dtype == torch.bfloat16
+    grads = torch.autograd.grad(out.sum(), (hidden,) if weight_frozen else (hidden, weight))
+    assert all(g.dtype == torch.bfloat16 for g in grads)
     # Reference: the same bf16 values upcast to float32 up front.
     h32 = hidden.detach().float().requires_grad_()
     w32 = weight.detach().float().requires_grad_()
     ref = _reference_ce(h32, w32, labels)
-    rh, rw = torch.autograd.grad(ref.sum(), (h32, w32))
+    refs = torch.autograd.grad(ref.sum(), (h32, w32))
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)  # float32 math, not bf16 logits
-    torch.testing.assert_close(gh.float(), rh, rtol=1e-2, atol=1e-2)  # only the final cast to bf16 differs
-    torch.testing.assert_close(gw.float(), rw, rtol=1e-2, atol=1e-2)
+    for g, r in zip(grads, refs):
+        torch.testing.assert_close(g.float(), r, rtol=1e-2, atol=1e-2)  # only the final cast to bf16 differs
+
+
+@pytest.mark.parametrize("weight_frozen", [False, True])
+def test_chunked_ce_bf16_model_projection_matches_bf16_logits(weight_frozen):
+    """projection_dtype="model": bf16 logits, float32 log-softmax: what transformers computes for a bf16 model."""
+    hidden, weight, labels = _ce_inputs(dtype=torch.bfloat16, b=4, t=64, v=3000, d=64)
+    if weight_frozen:
+        weight = weight.detach()
+    out = chunked_cross_entropy(hidden, weight, labels, chunk_size=16)
+    grads = torch.autograd.grad(out.sum(), (hidden,) if weight_frozen else (hidden, weight))
+    assert out.dtype == torch.float32 and all(g.dtype == torch.bfloat16 for g in grads)
+
+    h_ref = hidden.detach().clone().requires_grad_()
+    w_ref = weight.detach().clone().requires_grad_()
+    logits = (h_ref @ w_ref.t()).float()  # the transformers way: bf16 matmul, then upcast
+    ref = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
+    ref = ref[labels.reshape(-1) != -100]
+    refs = torch.autograd.grad(ref.sum(), (h_ref, w_ref))
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    for g, r in zip(grads, refs):
+        torch.testing.assert_close(g.float(), r.float(), rtol=2e-2, atol=2e-2)
+
+    exact = _reference_ce(hidden.detach(), weight.detach(), labels)
+    assert not torch.allclose(out, exact, rtol=0, atol=1e-5)  # bf16 rounding of the logits is visible ...
+    torch.testing.assert_close(out, exact, rtol=0, atol=0.1)  # ... and small
 
 
 def test_chunked_ce_autograd_saves_no_logits():
@@ -124,6 +152,8 @@ def test_chunked_ce_errors():
     hidden, weight, labels = _ce_inputs()
     with pytest.raises(ValueError, match="chunk_size"):
         chunked_cross_entropy(hidden, weight, labels, chunk_size=0)
+    with pytest.raises(ValueError, match="projection_dtype"):
+        chunked_cross_entropy(hidden, weight, labels, projection_dtype="bf16")
     with pytest.raises(ValueError, match="labels"):
         chunked_cross_entropy(hidden, weight, labels[:, :-1])
     bad = labels.clone()
@@ -267,6 +297,10 @@ def test_mfcoder_aliases_and_errors():
         TaskWeightedLoss(mode="case7")
     with pytest.raises(ValueError, match="loss.task_weights"):
         TaskWeightedLoss(mode="coba", task_weights=[1, 2])
+    with pytest.raises(ValueError, match="loss.projection_dtype"):
+        TaskWeightedLoss(projection_dtype="fp16")
+    assert TaskWeightedLoss(chunk_size=8, projection_dtype="float32").ce_kwargs == {
+        "chunk_size": 8, "projection_dtype": "float32"}
     with pytest.raises(ValueError, match="unknown task"):
         TaskWeightedLoss(task_weights={"cobol": 2.0}).setup(["py", "java"])
     with pytest.raises(ValueError, match="one weight per task"):
