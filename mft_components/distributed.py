@@ -87,10 +87,25 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
     model.hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def compile_layers(model: nn.Module) -> None:
-    """`torch.compile` each decoder layer in place (`nn.Module.compile` keeps parameter names)."""
+def compile_layers(model: nn.Module) -> list[str]:
+    """`torch.compile` the norms and dense MLP of each decoder layer in place; returns the compiled child names.
+
+    The attention module stays eager: ``sdpa_varlen`` calls SDPA once per sample, so its Python control flow
+    depends on the sample lengths of each micro-batch and a compiled layer would recompile for every new packing
+    (and hit dynamo's recompile limit). MoE blocks stay eager too (data-dependent routing). The compiled children
+    are where the elementwise work is (RMSNorm's float32 round trip, SiLU x up, LoRA's scale and sum), and
+    AOTAutograd recomputes such cheap ops in backward instead of saving them. ``nn.Module.compile`` keeps
+    parameter names, so checkpoints and FSDP2 groups do not change.
+    """
+    compiled = set()
     for layer in model.decoder_layers():
-        layer.compile()
+        for name, child in layer.named_children():
+            attention = type(child).__name__.endswith(("Attention", "Attn")) or name in ("self_attn", "attention")
+            if attention or hasattr(child, "experts") or next(child.parameters(), None) is None:
+                continue
+            child.compile()
+            compiled.add(name)
+    return sorted(compiled)
 
 
 def shard_model(
@@ -111,7 +126,7 @@ def shard_model(
         reduce_dtype: dtype gradients are reduce-scattered in (float32 keeps bf16 training stable).
         cpu_offload: keep sharded parameters, gradients and optimizer state on CPU (CPUOffloadPolicy).
         activation_checkpointing: recompute each decoder layer in backward.
-        compile: torch.compile each decoder layer.
+        compile: torch.compile each decoder layer's norms and MLP (`compile_layers`).
         reshard_after_forward: free unsharded layer parameters after forward (ZeRO-3); False = ZeRO-2.
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
