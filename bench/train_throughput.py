@@ -5,11 +5,13 @@
 
 Model: SmolLM2-135M-Instruct as the demo prepares it. Data: the demo's dataframebench task directories, rendered
 with MFTCoder's template. LoRA rank 16 on all linear layers. Every contender trains on exactly the same samples,
-step by step (the same real tokens per optimizer step), one warm-up step, then timed steps.
+step by step (the same real tokens per optimizer step), warm-up steps (one; two when mft compiles, so that the
+one recompilation for a new micro-batch shape happens before timing), then timed steps.
 
 Contenders, each in its own process, one after another:
   mft-pack      mft's MFTModel + TaskWeightedLoss, packing: pack (rows of seq_len), attn_implementation
-                sdpa_varlen (causal SDPA per sample, no mask; `--mft-attn sdpa` for transformers' packed mask)
+                sdpa_varlen (causal SDPA per sample, no mask; `--mft-attn sdpa` for transformers' packed mask),
+                compile: true (norms and MLPs; `--no-mft-compile` for eager)
   mft-padding   the same with packing: padding (one sample per row, padded to the micro-batch's longest)
   baseline      transformers + peft (get_peft_model, target_modules="all-linear"), dynamic padding to the longest
                 sample of the micro-batch, full logits, per-task token-mean loss (MFTCoder's case3), AdamW
@@ -94,8 +96,10 @@ def run_mft(args, packing: str) -> dict:
     from mft_components.models import build_model
     from mft_components.packing import collate, pack_samples
 
-    model_dir, task_names, steps = load_workload(args.seq_len, args.tokens_per_step, args.steps + 1, args.seed)
-    model = build_model(model_dir, method="lora", lora=LORA, dtype=args.dtype, attn_implementation=args.mft_attn)
+    model_dir, task_names, steps = load_workload(args.seq_len, args.tokens_per_step, args.steps + warmup_steps(args),
+                                                 args.seed)
+    model = build_model(model_dir, method="lora", lora=LORA, dtype=args.dtype, attn_implementation=args.mft_attn,
+                        compile=args.mft_compile)
     model.train()
     loss_fn = TaskWeightedLoss(mode="task")
     loss_fn.setup(task_names)
@@ -118,7 +122,11 @@ def run_mft(args, packing: str) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return time_steps(train_step, steps)
+    return time_steps(train_step, steps, warmup_steps(args))
+
+
+def warmup_steps(args) -> int:
+    return 2 if args.mft_compile else 1
 
 
 def run_baseline(args) -> dict:
@@ -127,7 +135,8 @@ def run_baseline(args) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model_dir, task_names, steps = load_workload(args.seq_len, args.tokens_per_step, args.steps + 1, args.seed)
+    model_dir, task_names, steps = load_workload(args.seq_len, args.tokens_per_step, args.steps + warmup_steps(args),
+                                                 args.seed)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
     model = get_peft_model(
@@ -169,21 +178,25 @@ def run_baseline(args) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return time_steps(train_step, steps)
+    return time_steps(train_step, steps, warmup_steps(args))
 
 
-def time_steps(train_step, steps) -> dict:
-    train_step(steps[0])  # warm-up: allocator, kernels, optimizer state
+def time_steps(train_step, steps, warmup: int) -> dict:
+    start = time.perf_counter()
+    for samples in steps[:warmup]:  # allocator, kernels, optimizer state, compilation
+        train_step(samples)
+    warmup_seconds = time.perf_counter() - start
+    timed = steps[warmup:]
     real = loss = 0
     cpu_start = time.process_time()
     start = time.perf_counter()
-    for samples in steps[1:]:
+    for samples in timed:
         train_step(samples)
         real += sum(len(s.input_ids) for s in samples)
         loss += sum(int(np.asarray(s.loss_mask).sum()) for s in samples)
     seconds = time.perf_counter() - start
     cpu_seconds = time.process_time() - cpu_start
-    contexts = [len(s.input_ids) for samples in steps[1:] for s in samples]
+    contexts = [len(s.input_ids) for samples in timed for s in samples]
     return {
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
@@ -193,6 +206,7 @@ def time_steps(train_step, steps) -> dict:
         "loss_tokens_per_s": loss / seconds,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "mean_sample_tokens": float(np.mean(contexts)),
+        "warmup_seconds": warmup_seconds,
     }
 
 
@@ -243,6 +257,8 @@ def main() -> None:
     parser.add_argument("--contenders", default=",".join(CONTENDERS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mft-attn", default="sdpa_varlen", help="attn_implementation of the mft contenders")
+    parser.add_argument("--no-mft-compile", dest="mft_compile", action="store_false",
+                        help="run the mft contenders eagerly (default: compile: true)")
     parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
     parser.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -263,7 +279,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--worker", name, "--dtype", dtype, "--steps", str(args.steps),
                    "--threads", str(args.threads), "--seq-len", str(args.seq_len),
                    "--tokens-per-step", str(args.tokens_per_step), "--seed", str(args.seed),
-                   "--mft-attn", args.mft_attn]
+                   "--mft-attn", args.mft_attn] + ([] if args.mft_compile else ["--no-mft-compile"])
             print(f"[{dtype}] {name} ...", flush=True)
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
@@ -288,15 +304,15 @@ def main() -> None:
 def format_table(rows) -> str:
     lines = [
         "| dtype | contender | real tok/s | loss tok/s | CPU s / 1k real tok | peak RSS MiB | tok/s vs baseline "
-        "| RSS vs baseline | matmul GFLOP/s | MFU |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| RSS vs baseline | matmul GFLOP/s | MFU | warm-up s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['dtype']} | {r['contender']} | {r['real_tokens_per_s']:.0f} | {r['loss_tokens_per_s']:.0f} | "
             f"{1000 * r['cpu_seconds'] / r['real_tokens']:.1f} | "
             f"{r['peak_rss_mib']:.0f} | {r['speedup']:.2f}x | {r['memory_ratio']:.2f}x | {r['matmul_gflops']:.0f} | "
-            f"{100 * r['mfu']:.1f}% |"
+            f"{100 * r['mfu']:.1f}% | {r['warmup_seconds']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -317,7 +333,8 @@ def record(args, table: str) -> None:
         f"CPU: {cpu}, {os.cpu_count()} cores, threads {args.threads}. torch {torch.__version__}, "
         f"transformers {transformers.__version__}, peft {peft_version}.\n"
         f"SmolLM2-135M-Instruct, LoRA r=16 all-linear, seq_len {args.seq_len}, {args.tokens_per_step} real tokens "
-        f"per step, 1 warm-up + {args.steps} timed steps, mft attn_implementation {args.mft_attn}. "
+        f"per step, {warmup_steps(args)} warm-up + {args.steps} timed steps, mft attn_implementation "
+        f"{args.mft_attn}, mft compile {args.mft_compile}. "
         f"Load average at the end: {Path('/proc/loadavg').read_text().split()[:3]}.\n\n"
     )
     with open(BENCH_DIR / "RESULTS.md", "a") as f:
