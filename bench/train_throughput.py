@@ -5,8 +5,8 @@
 
 Model: SmolLM2-135M-Instruct as the demo prepares it. Data: the demo's dataframebench task directories, rendered
 with MFTCoder's template. LoRA rank 16 on all linear layers. Every contender trains on exactly the same samples,
-step by step (the same real tokens per optimizer step), warm-up steps (one; two when mft compiles, so that the
-one recompilation for a new micro-batch shape happens before timing), then timed steps.
+step by step (the same real tokens per optimizer step), two warm-up steps (allocator, optimizer state, and for a
+compiled model the compilation and the one recompilation for a new micro-batch shape), then timed steps.
 
 Contenders, each in its own process, one after another:
   mft-pack      mft's MFTModel + TaskWeightedLoss, packing: pack (rows of seq_len), attn_implementation
@@ -126,7 +126,8 @@ def run_mft(args, packing: str) -> dict:
 
 
 def warmup_steps(args) -> int:
-    return 2 if args.mft_compile else 1
+    """The same for every contender and flag, so runs with and without compile time the same steps."""
+    return 2
 
 
 def run_baseline(args) -> dict:
