@@ -41,15 +41,31 @@ def _chunk_logits(h: torch.Tensor, w: torch.Tensor, softcap: float | None) -> to
     return logits
 
 
+def _cap_grad(capped: torch.Tensor, softcap: float | None) -> torch.Tensor | None:
+    # d(tanh(x / c) * c) / dx = 1 - tanh^2(x / c) = 1 - (capped / c)^2, taken before logits is overwritten
+    return 1.0 - (capped / softcap).square() if softcap is not None else None
+
+
+def _softmax_minus_onehot_(probs: torch.Tensor, targets: torch.Tensor, cap_grad: torch.Tensor | None) -> torch.Tensor:
+    probs.scatter_add_(1, targets[:, None], torch.full((targets.shape[0], 1), -1.0, device=probs.device))
+    return probs.mul_(cap_grad) if cap_grad is not None else probs
+
+
 def _logit_grad_(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, softcap: float | None) -> torch.Tensor:
     """d loss / d (pre-cap) logits = (softmax - onehot(target)) [* cap derivative], computed in ``logits``' memory."""
-    # d(tanh(x / c) * c) / dx = 1 - tanh^2(x / c) = 1 - (capped / c)^2, taken before logits is overwritten
-    cap_grad = 1.0 - (logits / softcap).square() if softcap is not None else None
-    grad = logits.sub_(lse[:, None]).exp_()
-    grad.scatter_add_(1, targets[:, None], torch.full((targets.shape[0], 1), -1.0, device=grad.device))
-    if cap_grad is not None:
-        grad.mul_(cap_grad)
-    return grad
+    cap_grad = _cap_grad(logits, softcap)
+    return _softmax_minus_onehot_(logits.sub_(lse[:, None]).exp_(), targets, cap_grad)
+
+
+def _lse_and_logit_grad_(logits: torch.Tensor, targets: torch.Tensor, softcap: float | None):
+    """(log-sum-exp, ``_logit_grad_``) of a chunk in ``logits``' memory: no [chunk, V] temporary (logsumexp makes
+    one, and its exponentials would be computed a second time for the gradient)."""
+    cap_grad = _cap_grad(logits, softcap)
+    row_max = logits.amax(dim=-1, keepdim=True)
+    exp = logits.sub_(row_max).exp_()
+    total = exp.sum(dim=-1, keepdim=True)
+    grad = _softmax_minus_onehot_(exp.div_(total), targets, cap_grad)
+    return (row_max + total.log()).squeeze(1), grad
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
@@ -79,12 +95,14 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
             logits = _chunk_logits(h[start:end], wp, softcap)
-            chunk_lse = torch.logsumexp(logits, dim=-1)
             target_logit = logits.gather(1, targets[start:end, None]).squeeze(1)
+            if grad_h is not None:
+                chunk_lse, grad = _lse_and_logit_grad_(logits, targets[start:end], softcap)
+                grad_h[start:end] = grad.to(wp.dtype) @ wp
+            else:
+                chunk_lse = torch.logsumexp(logits, dim=-1)
             lse[start:end] = chunk_lse
             losses[start:end] = chunk_lse - target_logit
-            if grad_h is not None:
-                grad_h[start:end] = _logit_grad_(logits, chunk_lse, targets[start:end], softcap).to(wp.dtype) @ wp
             del logits
         if grad_h is not None:
             ctx.save_for_backward(grad_h)
