@@ -233,3 +233,26 @@ def test_compile_matches_eager_across_packings(tmp_path):
             torch.testing.assert_close(grad[name], ref_grad[name], rtol=1e-4, atol=1e-5, msg=name)
     # Frames compiled: 3 children x (layer 0 whose input needs no grad, later layers); packings add none.
     assert 3 <= torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 6
+
+
+def test_evaluation_computes_losses_as_training_does(tiny_dir):
+    """evaluate() passes the loss's CE options to the model: a bf16 model's validation loss follows
+    loss.projection_dtype (transformers' bf16 logits for "model", float32 logits for "float32")."""
+    from mft_components.loss import TaskWeightedLoss
+    from mft_components.metrics import evaluate
+
+    model = build_model(tiny_dir("llama"), method="lora", dtype="bf16")
+    with torch.no_grad():  # logits of order 10, so that their rounding to bf16 shows in the loss
+        model.hf_model.base_model.norm.weight.mul_(300)
+    batch = _batch()
+    batch["task_ids"] = torch.zeros_like(batch["input_ids"])
+    ids, pos = batch["input_ids"], batch["position_ids"]
+    with torch.no_grad():
+        hidden = model.hf_model.base_model(input_ids=ids, position_ids=pos).last_hidden_state
+        weight = model.hf_model.get_output_embeddings().weight
+    keep = batch["labels"].reshape(-1) != -100
+    for projection, logits in (("model", (hidden @ weight.t()).float()), ("float32", hidden.float() @ weight.float().t())):
+        loss_fn = TaskWeightedLoss(chunk_size=5, projection_dtype=projection)
+        result = evaluate(model, [batch], ["t"], torch.device("cpu"), loss_fn.ce_kwargs)
+        ref = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1), reduction="none")
+        assert result.task_loss["t"] == pytest.approx(ref[keep].mean().item(), rel=1e-5)
