@@ -38,6 +38,8 @@ import torch
 
 BENCH_DIR = Path(__file__).resolve().parent
 CONTENDERS = ("mft-pack", "mft-padding", "baseline")
+# The same for every contender and flag, so runs with and without compile time the same steps.
+WARMUP_STEPS = 2
 LORA = {"rank": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
 
 
@@ -96,7 +98,7 @@ def run_mft(args, packing: str) -> dict:
     from mft_components.models import build_model
     from mft_components.packing import collate, pack_samples
 
-    model_dir, task_names, steps = load_workload(args.seq_len, args.tokens_per_step, args.steps + warmup_steps(args),
+    model_dir, task_names, steps = load_workload(args.seq_len, args.tokens_per_step, args.steps + WARMUP_STEPS,
                                                  args.seed)
     model = build_model(model_dir, method="lora", lora=LORA, dtype=args.dtype, attn_implementation=args.mft_attn,
                         compile=args.mft_compile)
@@ -122,12 +124,7 @@ def run_mft(args, packing: str) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return time_steps(train_step, steps, warmup_steps(args))
-
-
-def warmup_steps(args) -> int:
-    """The same for every contender and flag, so runs with and without compile time the same steps."""
-    return 2
+    return time_steps(train_step, steps, WARMUP_STEPS)
 
 
 def run_baseline(args) -> dict:
@@ -136,7 +133,7 @@ def run_baseline(args) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model_dir, task_names, steps = load_workload(args.seq_len, args.tokens_per_step, args.steps + warmup_steps(args),
+    model_dir, task_names, steps = load_workload(args.seq_len, args.tokens_per_step, args.steps + WARMUP_STEPS,
                                                  args.seed)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
@@ -179,7 +176,7 @@ def run_baseline(args) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return time_steps(train_step, steps, warmup_steps(args))
+    return time_steps(train_step, steps, WARMUP_STEPS)
 
 
 def time_steps(train_step, steps, warmup: int) -> dict:
@@ -334,7 +331,7 @@ def record(args, table: str) -> None:
         f"CPU: {cpu}, {os.cpu_count()} cores, threads {args.threads}. torch {torch.__version__}, "
         f"transformers {transformers.__version__}, peft {peft_version}.\n"
         f"SmolLM2-135M-Instruct, LoRA r=16 all-linear, seq_len {args.seq_len}, {args.tokens_per_step} real tokens "
-        f"per step, {warmup_steps(args)} warm-up + {args.steps} timed steps, mft attn_implementation "
+        f"per step, {WARMUP_STEPS} warm-up + {args.steps} timed steps, mft attn_implementation "
         f"{args.mft_attn}, mft compile {args.mft_compile}. "
         f"Load average at the end: {Path('/proc/loadavg').read_text().split()[:3]}.\n\n"
     )

@@ -37,6 +37,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from mft_components.distributed import get_rank, is_distributed
+
 __all__ = [
     "ADAPTER_CONFIG",
     "ADAPTER_WEIGHTS",
@@ -113,7 +115,7 @@ def gather_rank_states(local: dict[str, Any]) -> list[dict[str, Any]] | None:
     Collective: call on every rank. Returns the list indexed by rank on rank 0, None elsewhere; without a
     process group, ``[local]``.
     """
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_distributed():
         return [local]
     out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(local, out, dst=0)
@@ -134,7 +136,7 @@ def gather_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimi
     from torch.distributed.tensor import DTensor
 
     names = _param_names(model)
-    rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    rank0 = get_rank() == 0
     state: dict[str, dict[str, Any]] = {}
     groups = []
     for group in optimizer.param_groups:

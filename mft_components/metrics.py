@@ -27,7 +27,7 @@ from typing import Any, Iterable
 import torch
 import torch.distributed as dist
 
-from mft_components.distributed import all_reduce_sum
+from mft_components.distributed import all_reduce_sum, is_distributed
 from mft_components.loss import task_loss_sums
 
 __all__ = [
@@ -236,7 +236,7 @@ def evaluate(model: torch.nn.Module, loader: Iterable[dict], task_names: list[st
     counts = torch.zeros(len(task_names), dtype=torch.float64, device=device)
     batches = list(loader)
     n = torch.tensor([len(batches)], device=device)
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.all_reduce(n, op=dist.ReduceOp.MAX)
     for i in range(int(n.item())):
         if not batches:
@@ -249,7 +249,7 @@ def evaluate(model: torch.nn.Module, loader: Iterable[dict], task_names: list[st
         batch_sums, batch_counts = task_loss_sums(token_losses, batch, len(task_names))
         sums += batch_sums
         counts += batch_counts.to(counts)
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         all_reduce_sum(sums)
         all_reduce_sum(counts)
         _reshard(model)

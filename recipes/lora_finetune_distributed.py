@@ -174,11 +174,11 @@ class LoRAFinetuneRecipe:
                     (share * self.world_size).backward()  # FSDP averages gradients over ranks: undo it
                 metrics = self.loss_fn.step_metrics()  # all-reduced: every rank sees the same loss
 
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, cfg.clip_grad_norm or float("inf"))
+                grad_norm = _item(torch.nn.utils.clip_grad_norm_(self.trainable, cfg.clip_grad_norm or float("inf")))
                 # Stop before the optimizer step, so the weights (and the last checkpoint) stay finite: a finite
                 # loss can still come with an inf gradient, which clipping would turn into NaN weights.
                 check_finite(metrics["loss"] + metrics.get("aux_loss", 0.0), self.step + 1,
-                             [b["task_ids"] for b in micro_batches], self.task_names, grad_norm=_item(grad_norm))
+                             [b["task_ids"] for b in micro_batches], self.task_names, grad_norm=grad_norm)
                 lr = self.optimizer.param_groups[0]["lr"]
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -190,7 +190,7 @@ class LoRAFinetuneRecipe:
                 if self.step % cfg.log_every_n_steps == 0 or self.step == self.total_steps:
                     tokens_per_s = throughput.rate()
                     self.logger.log("train", self.step, {
-                        **metrics, "lr": lr, "grad_norm": _item(grad_norm), "epoch": self.epoch,
+                        **metrics, "lr": lr, "grad_norm": grad_norm, "epoch": self.epoch,
                         "tokens_per_s": tokens_per_s, "peak_memory_gb": peak_memory_gb(self.device),
                     })
                     self.progress.update(self.step, metrics["loss"], lr, tokens_per_s)
