@@ -1,36 +1,72 @@
-"""``sdpa_varlen``: packed-sequence attention without a mask, one causal SDPA call per sample.
+"""Packed-sequence attention: every attention mft trains with, in one table, and the ``auto`` choice per device.
 
-A packed row holds several samples that must never attend to each other. With ``attn_implementation="sdpa"``
-transformers turns the packed ``position_ids`` into a block-diagonal ``[B, 1, T, T]`` mask; PyTorch's CPU flash
-kernel accepts it but then computes every query against every key of the row, and its backward is the slowest
-op of a training step (profile in bench/RESULTS.md). ``sdpa_varlen`` instead cuts each row into its samples and
-calls ``F.scaled_dot_product_attention(..., is_causal=True)`` on each one: no mask is built, the kernel skips
-the upper triangle, and cross-sample blocks are never computed::
+A packed row holds several samples that must never attend to each other. Each backend below keeps them apart in
+its own way, from the ``sample_ids`` of the micro-batch (computed once per micro-batch, never per layer)::
 
-    row:       [ a0 a1 a2 a3 | b0 b1 b2 b3 b4 | p  p  p ]      (p = padding, sample_ids -1)
-    segments:  [ a0 .. a3 ]  [ b0 .. b4 ]  padding             segment_lengths = ((4, 5),), T = 12
-    attention: causal SDPA on each sample; zeros on padding; concatenated back into the row
+    row:          [ a0 a1 a2 a3 | b0 b1 b2 b3 b4 | p  p  p ]      (p = padding, sample_ids -1)
+    sdpa_varlen:  causal SDPA on [a0..a3] and on [b0..b4]; zeros on padding     segment_lengths ((4, 5),)
+    flex_attention: one call per micro-batch, BlockMask "same sample id and q >= kv" (padding attends to
+                  padding only)
+    varlen_attn / flash_attention_2: the batch flattened to B*T tokens, cu_seqlens [0, 4, 9, 12] (the padding is a
+                  sequence of its own), max length T
+    sdpa / eager: transformers builds the block-diagonal [B, 1, T, T] mask from the restarting position_ids
 
-Padding (always at the end of a row) attends to nothing and gets a zero output: it carries no loss and no real
-token attends to it. Real tokens get exactly the attention of a per-sample run (``tests/test_attention.py``).
-When every row holds one sample (``packing: padding``) the micro-batch takes one batched ``is_causal=True``
-call (trailing padding then attends causally to its own row, which nothing reads).
+``BACKENDS`` is the table (devices, whether whole decoder layers compile with static shapes, how a micro-batch's
+boundaries reach the attention); ``AUTO_ORDER`` is what ``attn_implementation: auto`` tries, per device type,
+first available wins; ``resolve_attn_implementation`` is the only place that decides. Nothing else in mft
+chooses an attention. The CUDA order is flex_attention (measured on an H200, torch 2.11: 21.9k tok/s against
+17.6k for sdpa's mask and 8.7k for sdpa_varlen on a 3B Llama; bench/RESULTS-GPU.md), then torch's
+``varlen_attn`` (FlashAttention kernels inside torch; not yet measured against flex), then ``flash_attention_2``
+when the package is installed, then sdpa. ``model.attn_implementation: <name>`` overrides it.
 
-Use it through ``build_model(..., attn_implementation="sdpa_varlen")``; ``MFTModel.forward`` passes the
-segments (``attention_kwargs(batch, config)``), computed once per micro-batch from ``sample_ids``. It is for
-training and evaluation forwards on packed batches; generation with a KV cache uses ``sdpa``. On GPUs prefer
-``flash_attention_2`` (varlen kernels with the same effect).
+``sdpa_varlen`` (CPU): the masked ``sdpa`` path makes PyTorch's CPU flash kernel score every query against every
+key of the row, and its backward is the slowest op of a CPU step (bench/RESULTS.md); causal SDPA per sample skips
+the upper triangle and all cross-sample blocks. Padding (always at the end of a row) gets a zero output. When
+every row holds one sample (``packing: padding``), or none (an all-padding filler micro-batch), the micro-batch
+takes one batched ``is_causal=True`` call.
+
+Real tokens get exactly the attention of a per-sample run on every path (``tests/test_attention.py``; the CUDA
+backends in ``tests/test_gpu.py``). Generation with a KV cache uses ``sdpa``.
 """
 
 from __future__ import annotations
+
+import importlib.util
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SDPA_VARLEN", "attention_kwargs", "segment_lengths", "sdpa_varlen_attention_forward"]
+from mft_components.distributed import to_device
 
+__all__ = [
+    "AUTO",
+    "AUTO_ORDER",
+    "BACKENDS",
+    "FLEX_ATTENTION",
+    "SDPA_VARLEN",
+    "VARLEN_ATTN",
+    "AttentionBackend",
+    "attention_kwargs",
+    "block_causal_block_mask",
+    "cu_seqlens",
+    "known_implementations",
+    "resolve_attn_implementation",
+    "sdpa_varlen_attention_forward",
+    "segment_lengths",
+    "varlen_attention_forward",
+]
+
+AUTO = "auto"
 SDPA_VARLEN = "sdpa_varlen"
+VARLEN_ATTN = "varlen_attn"
+FLEX_ATTENTION = "flex_attention"
+
+
+# ----------------------------------------------------------------------------------------------- boundaries
 
 
 def segment_lengths(sample_ids: torch.Tensor) -> tuple[tuple[int, ...], ...]:
@@ -60,6 +96,17 @@ def segment_lengths(sample_ids: torch.Tensor) -> tuple[tuple[int, ...], ...]:
     return tuple(out)
 
 
+def _direct_call_segments(query, key, position_ids, name: str) -> tuple[tuple[int, ...], ...]:
+    """Segments for a call without mft's prepared boundaries (the transformers model called directly, as for
+    sdpa): from ``position_ids`` (per layer, so slower), or one causal segment per row when there are none."""
+    if key.shape[2] != query.shape[2]:
+        raise ValueError(f"{name}: mft's packed attentions are for training forwards without a KV cache "
+                         f"(q {query.shape[2]}, kv {key.shape[2]}); generate with attn_implementation: sdpa")
+    if position_ids is None:
+        return tuple((query.shape[2],) for _ in range(query.shape[0]))
+    return _segments_from_position_ids(position_ids.expand(query.shape[0], -1))
+
+
 def _segments_from_position_ids(position_ids: torch.Tensor) -> tuple[tuple[int, ...], ...]:
     """Fallback without sample_ids: a sample starts wherever the position does not follow its left neighbour
     (each padding token, position 0, then counts as a 1-token sample, as in transformers' packed detection)."""
@@ -72,32 +119,45 @@ def _segments_from_position_ids(position_ids: torch.Tensor) -> tuple[tuple[int, 
     return tuple(out)
 
 
-def attention_kwargs(batch: dict, config) -> dict:
-    """Extra keyword arguments for the decoder's forward that the configured attention needs.
+def cu_seqlens(sample_ids: torch.Tensor) -> torch.Tensor:
+    """Cumulative sequence starts of a micro-batch flattened to ``B*T`` tokens (FlashAttention's varlen format).
+
+    A sequence starts at every row start and wherever the sample id changes; a row's trailing padding is one
+    sequence of its own (it attends causally to padding only: finite outputs that nothing reads).
 
     Args:
-        batch: collator output (``sample_ids`` preferred, else ``position_ids``).
-        config: the transformers config (``_attn_implementation`` selects the attention).
+        sample_ids: int64 ``[B, T]`` on the host (the collator's; a device tensor is copied back, which waits
+            for the device).
 
     Returns:
-        ``{"segment_lengths": ...}`` for ``sdpa_varlen``, else ``{}``.
-
-    Raises:
-        ValueError: ``sdpa_varlen`` with an explicit ``attention_mask`` in the batch, or no way to find the
-            samples (neither ``sample_ids`` nor ``position_ids``).
+        int32 ``[N + 1]`` host tensor: ``[0, ..., B*T]``.
     """
-    if getattr(config, "_attn_implementation", None) != SDPA_VARLEN:
-        return {}
-    if batch.get("attention_mask") is not None:
-        raise ValueError(
-            "model.attn_implementation: sdpa_varlen takes sample boundaries from sample_ids and ignores an "
-            "attention_mask; remove the mask from the batch or use attn_implementation: sdpa"
-        )
-    if batch.get("sample_ids") is not None:
-        return {"segment_lengths": segment_lengths(batch["sample_ids"])}
-    if batch.get("position_ids") is not None:
-        return {"segment_lengths": _segments_from_position_ids(batch["position_ids"])}
-    raise ValueError("model.attn_implementation: sdpa_varlen needs sample_ids or position_ids in the batch")
+    ids = sample_ids.detach().cpu().numpy()
+    b, t = ids.shape
+    change = np.ones((b, t), dtype=bool)
+    change[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    starts = np.flatnonzero(change.reshape(-1))
+    return torch.from_numpy(np.append(starts, b * t).astype(np.int32))
+
+
+def block_causal_block_mask(sample_ids: torch.Tensor):
+    """flex_attention's ``BlockMask`` of a packed micro-batch: query q may see key kv of its row when both carry
+    the same sample id and kv <= q (padding, id -1, sees earlier padding only). Built on ``sample_ids``' device,
+    without reading anything back to the host; blocks that cross samples are skipped by the kernel."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    ids = sample_ids
+    batch, length = ids.shape
+
+    def same_sample_causal(b, h, q, kv):
+        return (q >= kv) & (ids[b, q] == ids[b, kv])
+
+    # Compiled mask construction on GPUs (one pass over the blocks); eager on the CPU (tests: tiny rows).
+    return create_block_mask(same_sample_causal, batch, None, length, length, device=ids.device,
+                             _compile=ids.device.type == "cuda")
+
+
+# --------------------------------------------------------------------------------------- attention functions
 
 
 def sdpa_varlen_attention_forward(
@@ -129,11 +189,8 @@ def sdpa_varlen_attention_forward(
             (query and key lengths differ) or a sliding window shorter than a segment.
     """
     name = type(module).__name__
-    if segment_lengths is None:
-        raise ValueError(
-            f"{name}: attn_implementation sdpa_varlen needs segment_lengths (MFTModel.forward passes them); "
-            "call the transformers model directly with attn_implementation: sdpa (e.g. for generation)"
-        )
+    if segment_lengths is None:  # called on the transformers model directly: boundaries from the positions
+        segment_lengths = _direct_call_segments(query, key, kwargs.get("position_ids"), name)
     if attention_mask is not None:
         raise ValueError(f"{name}: sdpa_varlen got an attention mask; it takes sample boundaries only")
     if kwargs.get("softcap") is not None:
@@ -152,9 +209,11 @@ def sdpa_varlen_attention_forward(
     def causal(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa)
 
-    if all(len(row) == 1 for row in segment_lengths):
-        # one sample per row (packing: padding): a single batched call. Trailing padding attends causally to its
-        # row; no real token sees it and it carries no loss.
+    if all(len(row) == 1 for row in segment_lengths) or not any(segment_lengths):
+        # One sample per row (packing: padding): a single batched call. Trailing padding attends causally to its
+        # row; no real token sees it and it carries no loss. An all-padding micro-batch (a rank's filler at the
+        # end of an epoch) takes the same call, so that q, k and v still get (zero) gradients: under FSDP2
+        # every rank must reduce-scatter the same gradients.
         out = causal(query, key, value)
     else:
         rows = []
@@ -170,17 +229,326 @@ def sdpa_varlen_attention_forward(
     return out.transpose(1, 2).contiguous(), None
 
 
+def varlen_options(params: frozenset[str], heads: int, kv_heads: int, dim: int, scaling: float | None,
+                   window: int | None) -> tuple[dict[str, Any], int]:
+    """Keyword arguments of this torch's ``varlen_attn`` for causal attention, and how often to repeat key/value
+    heads when it cannot do grouped-query attention itself.
+
+    Args:
+        params: its parameter names (``_VARLEN_PARAMETERS``).
+        heads, kv_heads, dim: query heads, key/value heads, head size.
+        scaling: the model's softmax scale (None: 1/sqrt(dim)).
+        window: a sliding window in tokens, or None.
+
+    Raises:
+        ValueError: a window or a non-default scale this torch's varlen_attn cannot express.
+    """
+    options: dict[str, Any] = {}
+    if "window_size" in params:
+        # (left, right): (-1, 0) is causal; a sliding window of w tokens sees w - 1 earlier ones
+        options["window_size"] = (int(window) - 1 if window else -1, 0)
+    else:
+        if window:
+            raise ValueError("this torch's varlen_attn has no sliding window; use sdpa or flash_attention_2")
+        options["is_causal"] = True
+    if "scale" in params:
+        options["scale"] = scaling
+    elif scaling is not None and abs(scaling - dim**-0.5) > 1e-9 * abs(scaling):
+        raise ValueError(f"this torch's varlen_attn takes no softmax scale (the model uses {scaling}); use sdpa")
+    repeat = 1
+    if kv_heads != heads:
+        if "enable_gqa" in params:
+            options["enable_gqa"] = True
+        else:
+            repeat = heads // kv_heads
+    return options, repeat
+
+
+try:  # torch >= 2.9; its signature changed between releases (2.9: is_causal; later: window_size, scale;
+    # 2.12: enable_gqa), read once here so that compiled layers see constants
+    from torch.nn.attention.varlen import varlen_attn as _torch_varlen_attn
+
+    _VARLEN_PARAMETERS = frozenset(inspect.signature(_torch_varlen_attn).parameters)
+except ImportError:
+    _torch_varlen_attn, _VARLEN_PARAMETERS = None, frozenset()
+
+
+def _varlen_kernel(q, k, v, cu: torch.Tensor, max_len: int, options: dict[str, Any]) -> torch.Tensor:
+    return _torch_varlen_attn(q, k, v, cu, cu, max_len, max_len, **options)
+
+
+def varlen_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    max_length_q: int | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function: torch's ``varlen_attn`` (FlashAttention varlen kernels) on the micro-batch
+    flattened to ``B*T`` tokens, one causal sequence per sample (``cu_seqlens``).
+
+    Args:
+        query, key, value: ``[B, H, T, D]`` / ``[B, H_kv, T, D]``.
+        attention_mask: must be None (the mask function registered for ``varlen_attn`` builds none).
+        dropout: must be 0 (the kernel has no attention dropout).
+        scaling: softmax scale (None: 1/sqrt(D)).
+        cu_seq_lens_q: int32 ``[N + 1]`` sequence starts on the device (``attention_kwargs``).
+        max_length_q: an upper bound on a sequence's length (the row length T: a constant, so compiled layers
+            do not specialise on each micro-batch's longest sample).
+
+    Returns:
+        (attention output ``[B, T, H, D]``, None).
+
+    Raises:
+        ValueError: no boundaries, a mask, dropout, softcapping, a KV cache, or what this torch's varlen_attn
+            cannot express (a sliding window on torch 2.9).
+    """
+    name = type(module).__name__
+    if cu_seq_lens_q is None:  # called on the transformers model directly: boundaries from the positions
+        lengths = [n for row in _direct_call_segments(query, key, kwargs.get("position_ids"), name) for n in row]
+        cu_seq_lens_q = torch.tensor(np.cumsum([0] + lengths), dtype=torch.int32, device=query.device)
+    if attention_mask is not None:
+        raise ValueError(f"{name}: varlen_attn got an attention mask; it takes sample boundaries only")
+    if dropout:
+        raise ValueError(f"{name}: varlen_attn has no attention dropout (got {dropout}); use flex_attention or sdpa")
+    if kwargs.get("softcap") is not None:
+        raise ValueError(f"{name}: varlen_attn does not support attention logit softcapping; use eager")
+    batch, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    if key.shape[2] != length:
+        raise ValueError(f"{name}: varlen_attn is for training forwards without a KV cache (q {length}, kv {key.shape[2]})")
+    options, repeat = varlen_options(_VARLEN_PARAMETERS, heads, kv_heads, dim, scaling, kwargs.get("sliding_window"))
+    q = query.transpose(1, 2).reshape(batch * length, heads, dim)
+    k = key.transpose(1, 2).reshape(batch * length, kv_heads, dim)
+    v = value.transpose(1, 2).reshape(batch * length, kv_heads, value.shape[-1])
+    if repeat > 1:  # a torch without enable_gqa: one key/value head per query head
+        k, v = (t.repeat_interleave(repeat, dim=1) for t in (k, v))
+    max_len = int(max_length_q or length)
+    out = _varlen_kernel(q, k, v, cu_seq_lens_q, max_len, options)
+    return out.reshape(batch, length, heads, -1), None
+
+
 def _no_mask(*args, **kwargs) -> None:
-    """Mask function for ``sdpa_varlen``: boundaries travel as ``segment_lengths``, no mask is built."""
+    """Mask function for mft's attentions: boundaries travel as keyword arguments, no mask is built."""
     return None
+
+
+# -------------------------------------------------------------------------------------------- the backends
+
+
+def _sliding_window(config) -> int | None:
+    """The sliding window of a config's sliding-attention layers, or None when no layer slides."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return int(window)
+
+
+def _host_ids(batch: dict, host: dict | None) -> torch.Tensor:
+    source = host if host is not None and host.get("sample_ids") is not None else batch
+    if source.get("sample_ids") is None:
+        raise ValueError("packed attention needs the collator's sample_ids in the batch")
+    return source["sample_ids"]
+
+
+def _segment_inputs(batch: dict, config, host: dict | None) -> dict:
+    if batch.get("sample_ids") is not None or (host or {}).get("sample_ids") is not None:
+        return {"segment_lengths": segment_lengths(_host_ids(batch, host))}
+    if batch.get("position_ids") is not None:
+        return {"segment_lengths": _segments_from_position_ids(batch["position_ids"])}
+    raise ValueError("model.attn_implementation: sdpa_varlen needs sample_ids or position_ids in the batch")
+
+
+def _block_mask_inputs(batch: dict, config, host: dict | None) -> dict:
+    ids = batch.get("sample_ids")
+    if ids is None:
+        raise ValueError("model.attn_implementation: flex_attention needs the collator's sample_ids in the batch")
+    window = _sliding_window(config)
+    if window is not None and ids.shape[1] > window:
+        raise ValueError(
+            f"model.attn_implementation: flex_attention with mft's packed mask does not implement the "
+            f"{window}-token sliding window of this model and rows are {ids.shape[1]} tokens; use "
+            f"data.seq_len <= {window} or attn_implementation: flash_attention_2 / sdpa"
+        )
+    # A 4-D mask passes through transformers' mask construction unchanged (masking_utils: early exit).
+    return {"attention_mask": block_causal_block_mask(ids)}
+
+
+def _cu_seqlens_inputs(batch: dict, config, host: dict | None) -> dict:
+    cu = to_device(cu_seqlens(_host_ids(batch, host)), batch["input_ids"].device)
+    length = int(batch["input_ids"].shape[1])
+    # transformers' FlashAttention keyword names; varlen_attention_forward reads the same ones
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": length, "max_length_k": length}
+
+
+def _torch_has(module: str, attribute: str) -> str | None:
+    try:
+        found = hasattr(importlib.import_module(module), attribute)
+    except ImportError:
+        found = False
+    return None if found else f"torch {torch.__version__} has no {module}.{attribute}"
+
+
+def _package(name: str) -> Callable[[], str | None]:
+    def missing() -> str | None:
+        return None if importlib.util.find_spec(name) is not None else f"the {name} package is not installed"
+
+    return missing
+
+
+@dataclass(frozen=True)
+class AttentionBackend:
+    """One way of running attention on packed rows.
+
+    Attributes:
+        name: the ``model.attn_implementation`` value (a transformers ``AttentionInterface`` key).
+        devices: device types it trains on.
+        static_shapes: its per-micro-batch inputs are tensors whose shapes do not depend on the packing, so a
+            whole decoder layer compiles once (``compile: auto`` compiles whole layers); otherwise only norms
+            and MLPs are compiled.
+        inputs: ``(batch, config, host_batch) -> forward kwargs`` computed once per micro-batch, or None when
+            transformers derives the boundaries itself (from the restarting ``position_ids``).
+        missing: ``() -> reason`` it cannot run in this environment, or None when it can.
+        how: how the samples of a row are kept apart (printed with the choice).
+    """
+
+    name: str
+    devices: tuple[str, ...]
+    static_shapes: bool
+    inputs: Callable[[dict, Any, dict | None], dict] | None
+    missing: Callable[[], str | None]
+    how: str
+
+
+def _always() -> None:
+    return None
+
+
+BACKENDS: dict[str, AttentionBackend] = {
+    b.name: b
+    for b in (
+        AttentionBackend(FLEX_ATTENTION, ("cuda",), True, _block_mask_inputs,
+                         lambda: _torch_has("torch.nn.attention.flex_attention", "flex_attention"),
+                         "flex_attention with a block-causal BlockMask per micro-batch"),
+        AttentionBackend(VARLEN_ATTN, ("cuda",), True, _cu_seqlens_inputs,
+                         lambda: _torch_has("torch.nn.attention.varlen", "varlen_attn"),
+                         "torch varlen_attn (FlashAttention) with cu_seqlens per micro-batch"),
+        AttentionBackend("flash_attention_2", ("cuda",), False, _cu_seqlens_inputs, _package("flash_attn"),
+                         "flash-attn varlen kernels with cu_seqlens per micro-batch"),
+        AttentionBackend("flash_attention_3", ("cuda",), False, _cu_seqlens_inputs, _package("flash_attn_interface"),
+                         "flash-attn 3 varlen kernels with cu_seqlens per micro-batch"),
+        AttentionBackend(SDPA_VARLEN, ("cpu", "cuda"), False, _segment_inputs, _always,
+                         "causal SDPA once per sample"),
+        AttentionBackend("sdpa", ("cpu", "cuda"), True, None, _always,
+                         "SDPA with transformers' block-diagonal mask from position_ids"),
+        AttentionBackend("eager", ("cpu", "cuda"), True, None, _always,
+                         "eager attention with transformers' block-diagonal mask from position_ids"),
+    )
+}
+
+# What `attn_implementation: auto` tries, first available wins (see the module docstring for why this order).
+AUTO_ORDER: dict[str, tuple[str, ...]] = {
+    "cuda": (FLEX_ATTENTION, VARLEN_ATTN, "flash_attention_2", "sdpa"),
+    "cpu": (SDPA_VARLEN,),
+}
+
+
+def known_implementations() -> list[str]:
+    """Every value ``model.attn_implementation`` accepts somewhere: ``auto``, mft's backends and the keys of
+    transformers' ``AttentionInterface`` (some run only on some devices; ``resolve_attn_implementation`` says)."""
+    from transformers import AttentionInterface
+
+    return sorted({AUTO, *BACKENDS, *AttentionInterface._global_mapping})
+
+
+def resolve_attn_implementation(name: str | None, device: torch.device | str) -> tuple[str, str]:
+    """The attention a run on ``device`` uses for ``model.attn_implementation: name``.
+
+    Args:
+        name: ``auto`` (or None), or an implementation name.
+        device: where the model trains.
+
+    Returns:
+        (implementation, why): e.g. ``("flex_attention", "auto on cuda: flex_attention with a block-causal ...")``.
+
+    Raises:
+        ValueError: an unknown name, one that does not run on ``device``, one that is missing here (named with
+            the reason), or one that cannot keep packed samples apart.
+    """
+    device_type = torch.device(device).type
+    if name in (None, AUTO):
+        tried = []
+        for candidate in AUTO_ORDER.get(device_type, ("sdpa",)):
+            reason = BACKENDS[candidate].missing()
+            if reason is None:
+                skipped = f" (not available: {'; '.join(tried)})" if tried else ""
+                return candidate, f"auto on {device_type}: {BACKENDS[candidate].how}{skipped}"
+            tried.append(f"{candidate}: {reason}")
+        return "sdpa", f"auto on {device_type}: {BACKENDS['sdpa'].how} (not available: {'; '.join(tried)})"
+    known = known_implementations()
+    if name not in known:
+        raise ValueError(f"model.attn_implementation: unknown {name!r}; expected one of {', '.join(known)}")
+    backend = BACKENDS.get(name)
+    if backend is None:
+        raise ValueError(
+            f"model.attn_implementation: {name!r} is a transformers attention mft cannot give packed-sample "
+            f"boundaries to (samples would attend across each other); use auto or one of {', '.join(BACKENDS)}"
+        )
+    if device_type not in backend.devices:
+        raise ValueError(
+            f"model.attn_implementation: {name} trains on {' / '.join(backend.devices)} only, this run is on "
+            f"{device_type}; use auto (here: {resolve_attn_implementation(AUTO, device)[0]})"
+        )
+    reason = backend.missing()
+    if reason is not None:
+        raise ValueError(f"model.attn_implementation: {name} cannot run here: {reason}; use auto")
+    return name, f"{name} (set in the config): {backend.how}"
+
+
+def attention_kwargs(batch: dict, config, host_batch: dict | None = None) -> dict:
+    """Extra keyword arguments of the decoder's forward that the configured attention needs for this micro-batch.
+
+    Args:
+        batch: collator output on the model's device (``sample_ids`` preferred, else ``position_ids``).
+        config: the transformers config (``_attn_implementation`` selects the attention).
+        host_batch: the same micro-batch still on the host, if at hand: boundaries that must be known on the
+            host (segment lengths, cu_seqlens) come from it instead of a device-to-host copy, which would wait
+            for the device to finish its queued work.
+
+    Returns:
+        ``{}`` when transformers derives the boundaries itself (sdpa, eager), else the backend's inputs.
+
+    Raises:
+        ValueError: an explicit ``attention_mask`` in the batch with a backend that builds its own, or no way to
+            find the samples.
+    """
+    name = getattr(config, "_attn_implementation", None)
+    backend = BACKENDS.get(name)
+    if backend is None or backend.inputs is None:
+        return {}
+    if batch.get("attention_mask") is not None:
+        raise ValueError(
+            f"model.attn_implementation: {name} takes sample boundaries from sample_ids and ignores an "
+            "attention_mask; remove the mask from the batch or use attn_implementation: sdpa"
+        )
+    return backend.inputs(batch, config, host_batch)
 
 
 def _register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    AttentionInterface.register(SDPA_VARLEN, sdpa_varlen_attention_forward)
-    AttentionMaskInterface.register(SDPA_VARLEN, _no_mask)
+    for name, function in ((SDPA_VARLEN, sdpa_varlen_attention_forward), (VARLEN_ATTN, varlen_attention_forward)):
+        AttentionInterface.register(name, function)
+        AttentionMaskInterface.register(name, _no_mask)
 
 
 _register()

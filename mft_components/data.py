@@ -521,8 +521,9 @@ class MFTData:
 
     # ------------------------------------------------------------------------------------------------------------
     def train_loader(self, micro_batch_size: int, gradient_accumulation_steps: int = 1, rank: int = 0,
-                     world_size: int = 1, num_workers: int = 0):
-        """This rank's training loader (``sampling.build_train_loader``): a torchdata ``StatefulDataLoader``.
+                     world_size: int = 1, num_workers: int = 0, pin_memory: bool = False):
+        """This rank's training loader (``sampling.build_train_loader``): a torchdata ``StatefulDataLoader``
+        (``pin_memory`` for asynchronous copies to a GPU).
 
         Call ``loader.sampler.set_epoch(e)`` before each epoch; ``state_dict()``/``load_state_dict()`` resume
         mid-epoch exactly.
@@ -533,16 +534,17 @@ class MFTData:
             self.train_samples, self.task_names, seq_len=self.seq_len, packing=self.packing,
             task_sampling=self.task_sampling, temperature=self.temperature, micro_batch_size=micro_batch_size,
             gradient_accumulation_steps=gradient_accumulation_steps, rank=rank, world_size=world_size,
-            seed=self.seed, pad_id=self.pad_id, num_workers=num_workers,
+            seed=self.seed, pad_id=self.pad_id, num_workers=num_workers, pin_memory=pin_memory,
         )
 
-    def valid_loader(self, micro_batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 0):
+    def valid_loader(self, micro_batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
+                     pin_memory: bool = False):
         """This rank's validation loader (``sampling.build_valid_loader``): each valid row on one rank."""
         from mft_components.sampling import build_valid_loader
 
         return build_valid_loader(
             self.valid_samples, seq_len=self.seq_len, packing=self.packing, micro_batch_size=micro_batch_size,
-            rank=rank, world_size=world_size, pad_id=self.pad_id, num_workers=num_workers,
+            rank=rank, world_size=world_size, pad_id=self.pad_id, num_workers=num_workers, pin_memory=pin_memory,
         )
 
     # ------------------------------------------------------------------------------------------------------------

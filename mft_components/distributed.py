@@ -71,6 +71,16 @@ def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
     return t
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device`` without the host waiting: host-to-GPU copies go through pinned memory (the loader's
+    batches already are; anything else is pinned first, from torch's caching host allocator) and are queued with
+    ``non_blocking=True``; a copy from pageable memory may block the host until the device is idle."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def _device_mesh():
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -78,25 +88,139 @@ def _device_mesh():
     return init_device_mesh(device_type, (get_world_size(),))
 
 
-def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute every decoder layer in backward (transformers' per-layer checkpointing, non-reentrant).
+# `model.activation_checkpointing`: what is recomputed in backward instead of kept from forward.
+ACTIVATION_CHECKPOINTING = {
+    False: "nothing (every activation kept)",
+    "full": "every decoder layer (least memory; one extra forward)",
+    "every_other": "every other decoder layer (about half the memory saving for half the recompute)",
+    "selective": "the cheap ops of every layer (norms, activations, RoPE, LoRA's scaling); matmul and attention "
+                 "outputs are kept",
+}
+
+
+def activation_checkpointing_mode(value) -> str | bool:
+    """Normalise ``model.activation_checkpointing`` (``true`` means ``full``).
+
+    Raises:
+        ValueError: a value that is not false/true or one of ``ACTIVATION_CHECKPOINTING``'s names.
+    """
+    if value is None or value is False:
+        return False
+    if value is True:
+        return "full"
+    if value not in ACTIVATION_CHECKPOINTING:
+        names = ", ".join(str(k).lower() for k in ACTIVATION_CHECKPOINTING) + ", true"
+        raise ValueError(f"model.activation_checkpointing: expected one of {names}; got {value!r}")
+    return value
+
+
+def _selective_policy(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if op in _saved_ops() else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _saved_ops() -> frozenset:
+    """Ops whose outputs selective checkpointing keeps: the matmuls and the attention kernels (expensive to
+    recompute); everything else in a layer is elementwise or a reduction, recomputed in backward."""
+    global _SAVED_OPS
+    if _SAVED_OPS is None:
+        aten = torch.ops.aten
+        names = [(aten, n) for n in ("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention",
+                                     "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+                                     "_scaled_dot_product_flash_attention_for_cpu", "_flash_attention_forward",
+                                     "_efficient_attention_forward")]
+        ops = {getattr(getattr(ns, n), "default") for ns, n in names if hasattr(ns, n)}
+        if hasattr(torch.ops.higher_order, "flex_attention"):
+            ops.add(torch.ops.higher_order.flex_attention)
+        varlen = getattr(getattr(torch.ops, "torch_attn", None), "_varlen_attn", None)
+        if varlen is not None:
+            ops.add(varlen.default)
+        _SAVED_OPS = frozenset(ops)
+    return _SAVED_OPS
+
+
+_SAVED_OPS = None
+
+
+def _selective_context():
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(_selective_policy)
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str | bool = "full") -> None:
+    """Recompute decoder layers (or their cheap ops) in backward (transformers' per-layer checkpointing,
+    non-reentrant; ``mode`` as ``model.activation_checkpointing``, see ``ACTIVATION_CHECKPOINTING``).
 
     transformers' GradientCheckpointingLayer keeps parameter names unchanged (no wrapper module), so state
-    dicts and FSDP2's per-layer groups are the same with or without it.
+    dicts and FSDP2's per-layer groups are the same with or without it. ``selective`` is torch's selective
+    activation checkpointing (a policy per op: save matmul and attention outputs, recompute the rest).
     """
-    model.hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    mode = activation_checkpointing_mode(mode)
+    if not mode:
+        return
+    kwargs = {"use_reentrant": False}
+    if mode == "selective":
+        kwargs["context_fn"] = _selective_context
+    model.hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if mode == "every_other":
+        for i, layer in enumerate(model.decoder_layers()):
+            layer.gradient_checkpointing = i % 2 == 0
 
 
-def compile_layers(model: nn.Module) -> list[str]:
-    """`torch.compile` the norms and dense MLP of each decoder layer in place; returns the compiled child names.
+# `model.compile`, resolved per run: what `torch.compile` covers.
+COMPILE_SCOPES = {
+    "off": "nothing compiled",
+    "layers": "whole decoder layers (attention included: its inputs are tensors of fixed shape)",
+    "norms_mlp": "each decoder layer's norms and MLP (the attention stays eager: its inputs change with the packing)",
+}
 
-    The attention module stays eager: ``sdpa_varlen`` calls SDPA once per sample, so its Python control flow
-    depends on the sample lengths of each micro-batch and a compiled layer would recompile for every new packing
-    (and hit dynamo's recompile limit). MoE blocks stay eager too (data-dependent routing). The compiled children
-    are where the elementwise work is (RMSNorm's float32 round trip, SiLU x up, LoRA's scale and sum), and
-    AOTAutograd recomputes such cheap ops in backward instead of saving them. ``nn.Module.compile`` keeps
-    parameter names, so checkpoints and FSDP2 groups do not change.
+
+def resolve_compile(value, device: torch.device | str, static_attention: bool, moe: bool) -> tuple[str, str]:
+    """What ``model.compile`` compiles on ``device``: a ``COMPILE_SCOPES`` key and why.
+
+    ``auto`` compiles on CUDA (whole layers where the attention's per-micro-batch inputs have static shapes:
+    flex_attention's BlockMask, varlen_attn's cu_seqlens, sdpa's mask; norms and MLP otherwise) and not on the
+    CPU (a compilation costs ~30 s there, which short CPU runs do not earn back; bench/RESULTS.md). ``true``
+    compiles on any device with the same scope; ``false`` compiles nothing. MoE layers compile their norms and
+    attention-free children only (routing is data-dependent).
+
+    Raises:
+        ValueError: a value other than auto/true/false.
     """
+    if value not in ("auto", True, False, None):
+        raise ValueError(f"model.compile: expected auto, true or false; got {value!r}")
+    device_type = torch.device(device).type
+    if value in (False, None) or (value == "auto" and device_type != "cuda"):
+        why = "off" if value in (False, None) else f"auto on {device_type}"
+        return "off", f"{COMPILE_SCOPES['off']} ({why})"
+    scope = "layers" if static_attention and not moe else "norms_mlp"
+    why = f"auto on {device_type}" if value == "auto" else "set in the config"
+    return scope, f"{COMPILE_SCOPES[scope]} ({why})"
+
+
+def compile_layers(model: nn.Module, whole: bool = False) -> list[str]:
+    """`torch.compile` each decoder layer in place: whole (``whole=True``) or its norms and dense MLP; returns
+    the compiled child names (``["forward"]`` for whole layers).
+
+    Whole layers: each layer's ``forward`` is compiled, attention included; for backends whose per-micro-batch
+    inputs are tensors of a fixed shape (BlockMask, cu_seqlens, sdpa's mask) one graph serves every packing
+    (tests/test_models.py counts them). Compiling ``forward`` rather than the module keeps FSDP2's hooks,
+    which run around ``forward``, out of the graph, and activation checkpointing inside it.
+
+    Norms and MLP: the attention module stays eager when ``sdpa_varlen`` calls SDPA once per sample (its Python
+    control flow depends on the sample lengths of each micro-batch: a compiled layer would recompile for every
+    new packing and hit dynamo's recompile limit). MoE blocks stay eager too (data-dependent routing). The
+    compiled children are where the elementwise work is (RMSNorm's float32 round trip, SiLU x up, LoRA's scale
+    and sum), and AOTAutograd recomputes such cheap ops in backward instead of saving them.
+    ``nn.Module.compile`` and an instance ``forward`` keep parameter names, so checkpoints and FSDP2 groups do
+    not change.
+    """
+    if whole:
+        for layer in model.decoder_layers():
+            layer.forward = torch.compile(layer.forward)
+        return ["forward"]
     compiled = set()
     for layer in model.decoder_layers():
         for name, child in layer.named_children():
@@ -114,8 +238,8 @@ def shard_model(
     param_dtype: torch.dtype | None = torch.bfloat16,
     reduce_dtype: torch.dtype = torch.float32,
     cpu_offload: bool = False,
-    activation_checkpointing: bool = False,
-    compile: bool = False,
+    activation_checkpointing: bool | str = False,
+    compile: str = "off",
     reshard_after_forward: bool = True,
 ) -> None:
     """Apply activation checkpointing, per-layer compile and FSDP2 to an `MFTModel` (meta or real parameters).
@@ -125,16 +249,15 @@ def shard_model(
         param_dtype: compute dtype FSDP2 all-gathers parameters in (MixedPrecisionPolicy).
         reduce_dtype: dtype gradients are reduce-scattered in (float32 keeps bf16 training stable).
         cpu_offload: keep sharded parameters, gradients and optimizer state on CPU (CPUOffloadPolicy).
-        activation_checkpointing: recompute each decoder layer in backward.
-        compile: torch.compile each decoder layer's norms and MLP (`compile_layers`).
+        activation_checkpointing: what to recompute in backward (``ACTIVATION_CHECKPOINTING``).
+        compile: a ``COMPILE_SCOPES`` key (``resolve_compile``): whole layers, norms and MLP, or off.
         reshard_after_forward: free unsharded layer parameters after forward (ZeRO-3); False = ZeRO-2.
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    if activation_checkpointing:
-        apply_activation_checkpointing(model)
-    if compile:
-        compile_layers(model)
+    apply_activation_checkpointing(model, activation_checkpointing)
+    if compile != "off":
+        compile_layers(model, whole=compile == "layers")
     mesh = _device_mesh()
     kwargs = dict(
         mesh=mesh,

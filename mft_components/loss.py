@@ -14,15 +14,26 @@ with ``projection_dtype="float32"``, in float32.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
-from mft_components.distributed import all_reduce_sum
+from mft_components.distributed import all_reduce_sum, is_distributed
 
 IGNORE_INDEX = -100
+# Batch key of the loss tokens' positions in the flattened [B*T] micro-batch, computed on the host before the batch
+# goes to the device (models.prepare_batch): selecting loss tokens with a boolean mask on a GPU would make the
+# host wait for the device (the result's size is data-dependent); an index of known length does not.
+LOSS_INDEX = "loss_index"
+
+
+def loss_token_index(labels: torch.Tensor) -> torch.Tensor:
+    """int64 positions of the tokens with ``labels != -100`` in ``labels.reshape(-1)`` (row-major order)."""
+    return (labels.reshape(-1) != IGNORE_INDEX).nonzero().reshape(-1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -31,6 +42,9 @@ IGNORE_INDEX = -100
 
 
 PROJECTION_DTYPES = ("model", "float32")
+# `loss.cross_entropy`: mft's chunked cross entropy, or liger-kernel's fused linear cross entropy (CUDA, optional
+# extra `pip install 'mft[gpu]'`); both return exact per-token losses, so every loss mode and split invariance hold.
+CROSS_ENTROPY_KERNELS = ("chunked", "liger")
 
 
 def _chunk_logits(h: torch.Tensor, w: torch.Tensor, softcap: float | None) -> torch.Tensor:
@@ -152,6 +166,8 @@ def chunked_cross_entropy(
     chunk_size: int = 1024,
     softcap: float | None = None,
     projection_dtype: str = "model",
+    loss_index: torch.Tensor | None = None,
+    kernel: str = "chunked",
 ) -> torch.Tensor:
     """Per-token cross entropy of ``hidden @ weight.T`` against ``labels``, for loss-carrying tokens only.
 
@@ -174,6 +190,11 @@ def chunked_cross_entropy(
         projection_dtype (str): ``"model"`` projects in ``weight``'s dtype (bf16 logits for a bf16 model, as
             transformers computes them), ``"float32"`` upcasts the chunk and the weight first (exact logits, about
             2.5x slower matmuls for a bf16 model on CPU).
+        loss_index (torch.Tensor | None): ``loss_token_index(labels)`` computed on the host (``LOSS_INDEX`` of a
+            prepared batch): the loss tokens are gathered without a device-to-host wait, and the labels were
+            range-checked on the host.
+        kernel (str): ``chunked`` (this module) or ``liger`` (liger-kernel's fused linear cross entropy with
+            ``reduction="none"``, CUDA only; projects in the same dtype).
 
     Returns:
         torch.Tensor: float32 ``[N]`` losses of the tokens with ``labels != -100``, in row-major order.
@@ -186,6 +207,8 @@ def chunked_cross_entropy(
     if projection_dtype not in PROJECTION_DTYPES:
         raise ValueError(f"chunked_cross_entropy: projection_dtype must be one of {PROJECTION_DTYPES}, "
                          f"got {projection_dtype!r}")
+    if kernel not in CROSS_ENTROPY_KERNELS:
+        raise ValueError(f"chunked_cross_entropy: kernel must be one of {CROSS_ENTROPY_KERNELS}, got {kernel!r}")
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(
             f"chunked_cross_entropy: hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree; "
@@ -198,16 +221,45 @@ def chunked_cross_entropy(
     if hasattr(weight, "full_tensor"):  # DTensor (sharded lm_head outside FSDP2's root forward)
         weight = weight.full_tensor()
     flat_labels = labels.reshape(-1)
-    keep = flat_labels != IGNORE_INDEX
     # Select loss tokens before projecting: prompt and padding tokens never reach the vocabulary.
-    h = hidden.reshape(-1, hidden.shape[-1])[keep]
-    targets = flat_labels[keep]
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= weight.shape[0]):
+    if loss_index is not None:
+        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, loss_index)
+        targets = flat_labels.index_select(0, loss_index)
+    else:
+        keep = flat_labels != IGNORE_INDEX
+        h = hidden.reshape(-1, hidden.shape[-1])[keep]
+        targets = flat_labels[keep]
+        check_label_range(targets, weight.shape[0])
+    if kernel == "liger":
+        return _liger_cross_entropy(h, weight, targets, softcap, projection_dtype == "float32")
+    return _ChunkedCrossEntropy.apply(h, weight, targets, int(chunk_size), softcap, projection_dtype == "float32")
+
+
+def check_label_range(targets: torch.Tensor, vocab_size: int) -> None:
+    """Raise ValueError unless every target is in ``[0, vocab_size)`` (reads the values: call it on the host)."""
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab_size):
         raise ValueError(
-            f"chunked_cross_entropy: labels must be -100 or in [0, {weight.shape[0]}), "
+            f"chunked_cross_entropy: labels must be -100 or in [0, {vocab_size}), "
             f"got range [{int(targets.min())}, {int(targets.max())}]"
         )
-    return _ChunkedCrossEntropy.apply(h, weight, targets, int(chunk_size), softcap, projection_dtype == "float32")
+
+
+def _liger_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float | None,
+                         float32_projection: bool) -> torch.Tensor:
+    """Per-token losses from liger-kernel's fused linear cross entropy (Triton: chunked logits, log-softmax and
+    gradient in one kernel per chunk). ``reduction="none"`` keeps one loss per token; every token passed carries
+    a loss, so its ignore_index never applies."""
+    if h.device.type != "cuda":
+        raise ValueError("loss.cross_entropy: liger runs on CUDA only (Triton kernels); use chunked on "
+                         f"{h.device.type}")
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    if float32_projection:
+        h, weight = h.float(), weight.float()
+    elif h.dtype != weight.dtype:
+        h = h.to(weight.dtype)
+    loss = LigerFusedLinearCrossEntropyLoss(reduction="none", softcap=softcap)
+    return loss(weight, h, targets).float()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -235,7 +287,14 @@ class StepCounts:
 
 
 def _loss_token_ids(batch: dict, num_tasks: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(task ids, sample ids) of the loss tokens of ``batch``, in the row-major order of ``labels != -100``."""
+    """(task ids, sample ids) of the loss tokens of ``batch``, in the row-major order of ``labels != -100``.
+
+    A prepared batch (``LOSS_INDEX`` present, validated on the host by ``step_counts``) is gathered by index and
+    not validated again: reading values back from a GPU would make the host wait.
+    """
+    index = batch.get(LOSS_INDEX)
+    if index is not None:
+        return batch["task_ids"].reshape(-1)[index], batch["sample_ids"].reshape(-1)[index]
     mask = batch["labels"] != IGNORE_INDEX
     task_ids = batch["task_ids"][mask]
     sample_ids = batch["sample_ids"][mask]
@@ -265,9 +324,16 @@ def task_loss_sums(token_losses: torch.Tensor, batch: dict, num_tasks: int) -> t
         tuple[torch.Tensor, torch.Tensor]: float64 ``[K]`` loss sums and int64 ``[K]`` token counts.
     """
     task_ids, _ = _loss_token_ids(batch, num_tasks)
+    task_ids = task_ids.to(token_losses.device)
     sums = torch.zeros(num_tasks, dtype=torch.float64, device=token_losses.device)
-    sums.index_add_(0, task_ids.to(token_losses.device), token_losses.detach().double())
-    return sums, torch.bincount(task_ids, minlength=num_tasks)
+    sums.index_add_(0, task_ids, token_losses.detach().double())
+    return sums, _count(task_ids, num_tasks)
+
+
+def _count(ids: torch.Tensor, size: int) -> torch.Tensor:
+    """int64 ``[size]`` occurrences of each id (``bincount`` with a size known on the host: on a GPU, bincount
+    reads the largest id back first)."""
+    return torch.zeros(size, dtype=torch.int64, device=ids.device).index_add_(0, ids, torch.ones_like(ids))
 
 
 class TaskWeightedLoss:
@@ -303,6 +369,8 @@ class TaskWeightedLoss:
         chunk_size (int): tokens per chunk of the chunked cross entropy (passed to the model's forward).
         projection_dtype (str): ``model`` (project onto the vocabulary in the model's dtype, log-softmax in
             float32) or ``float32`` (upcast first: exact logits, slower for bf16 models).
+        cross_entropy (str): ``chunked`` (mft's, any device) or ``liger`` (liger-kernel's fused linear cross
+            entropy, CUDA, ``pip install 'mft[gpu]'``; off by default until measured faster on a GPU).
         coba_warmup_steps (int): steps with uniform weights before CoBa starts adapting.
         coba_history_length (int): window (in CoBa updates) of validation losses and of slopes.
         coba_tau (float): temperature of the divergence factor.
@@ -320,6 +388,7 @@ class TaskWeightedLoss:
         task_weights: dict[str, float] | list[float] | None = None,
         chunk_size: int = 1024,
         projection_dtype: str = "model",
+        cross_entropy: str = "chunked",
         coba_warmup_steps: int = 100,
         coba_history_length: int = 200,
         coba_tau: float = 5,
@@ -339,6 +408,12 @@ class TaskWeightedLoss:
         if projection_dtype not in PROJECTION_DTYPES:
             raise ValueError(f"loss.projection_dtype: expected one of {', '.join(PROJECTION_DTYPES)}, "
                              f"got {projection_dtype!r}")
+        if cross_entropy not in CROSS_ENTROPY_KERNELS:
+            raise ValueError(f"loss.cross_entropy: expected one of {', '.join(CROSS_ENTROPY_KERNELS)}, "
+                             f"got {cross_entropy!r}")
+        if cross_entropy == "liger" and importlib.util.find_spec("liger_kernel") is None:
+            raise ValueError("loss.cross_entropy: liger needs the liger-kernel package (pip install 'mft[gpu]'); "
+                             "or use chunked")
         for key, value in (
             ("coba_warmup_steps", coba_warmup_steps),
             ("coba_history_length", coba_history_length - 1),
@@ -352,6 +427,7 @@ class TaskWeightedLoss:
         self.mode = resolved
         self.chunk_size = int(chunk_size)
         self.projection_dtype = projection_dtype
+        self.cross_entropy = cross_entropy
         self.router_aux_loss_coef = float(router_aux_loss_coef)
         self.coba_update_interval = int(coba_update_interval)
         self.coba_sample_valid_num = int(coba_sample_valid_num)
@@ -364,7 +440,8 @@ class TaskWeightedLoss:
     @property
     def ce_kwargs(self) -> dict:
         """Keyword arguments of ``MFTModel.forward`` for the chunked cross entropy (training and evaluation)."""
-        return {"chunk_size": self.chunk_size, "projection_dtype": self.projection_dtype}
+        return {"chunk_size": self.chunk_size, "projection_dtype": self.projection_dtype,
+                "cross_entropy": self.cross_entropy}
 
     # -- setup ------------------------------------------------------------------------------------------------
 
@@ -414,37 +491,43 @@ class TaskWeightedLoss:
 
     # -- the step ---------------------------------------------------------------------------------------------
 
-    def step_counts(self, micro_batches: list[dict], group=None) -> StepCounts:
+    def step_counts(self, micro_batches: list[dict], group=None, device: torch.device | None = None) -> StepCounts:
         """Count loss tokens and samples per task over the step's micro-batches, summed over ranks.
 
-        Also starts a new step for the per-task metrics. Every rank must call it (it all-reduces once).
+        Also starts a new step for the per-task metrics. Every rank must call it (it all-reduces once). Pass the
+        micro-batches while they are still on the host (the recipe does): counting and validating there costs
+        the device nothing, and only the ``2K`` counts travel, without the host waiting for them.
 
         Args:
             micro_batches (list[dict]): this rank's micro-batches of the optimiser step.
             group: process group for the all-reduce (default: the world).
+            device: where the counts are reduced and used (the model's device; default: the batches').
 
         Returns:
-            StepCounts: global counts.
+            StepCounts: global counts; ``micro_batches`` is this rank's number times the group's size (every
+            rank runs the same number of micro-batches per step: FSDP's collectives require it).
         """
         k = self._require_setup()
-        device = micro_batches[0]["labels"].device if micro_batches else torch.device("cpu")
-        counts = torch.zeros(2 * k + 1, dtype=torch.int64, device=device)
+        here = micro_batches[0]["labels"].device if micro_batches else torch.device("cpu")
+        counts = torch.zeros(2 * k, dtype=torch.int64, device=here)
         for batch in micro_batches:
-            task_ids, sample_ids = _loss_token_ids(batch, k)
-            counts[:k] += torch.bincount(task_ids, minlength=k)
-            if sample_ids.numel():
-                # Sample ids are unique within a micro-batch: map each sample with a loss token to its task.
-                sample_task = torch.full((int(sample_ids.max()) + 1,), -1, dtype=torch.int64, device=device)
-                sample_task[sample_ids] = task_ids
-                counts[k : 2 * k] += torch.bincount(sample_task[sample_task >= 0], minlength=k)
-            counts[2 * k] += 1
+            task_ids, sample_ids = _loss_token_ids({key: v for key, v in batch.items() if key != LOSS_INDEX}, k)
+            counts[:k] += _count(task_ids, k)
+            # Sample ids are unique within a micro-batch and below its B*T: map each sample to its task.
+            sample_task = torch.full((batch["sample_ids"].numel(),), -1, dtype=torch.int64, device=here)
+            sample_task[sample_ids] = task_ids
+            counts[k:] += _count(sample_task[sample_task >= 0], k)
+        counts = counts.to(device or here, non_blocking=True)
         all_reduce_sum(counts, group)
-        self._reset_metrics()
+        self._reset_metrics(counts.device)
         self._step_tokens = counts[:k].clone()
-        return StepCounts(tokens=counts[:k], samples=counts[k : 2 * k], micro_batches=int(counts[2 * k]))
+        world = dist.get_world_size(group) if is_distributed() else 1
+        return StepCounts(tokens=counts[:k], samples=counts[k:], micro_batches=len(micro_batches) * world)
 
     def token_coefficients(self, batch: dict, counts: StepCounts) -> torch.Tensor:
         """c_i of the class formula for this micro-batch's loss tokens (float32 ``[N]``, order of labels != -100)."""
+        # Written without reading device values back (no .item(), no data-dependent branch or size): on a GPU
+        # the host keeps queueing work while the device computes.
         k = self._require_setup()
         task_ids, sample_ids = _loss_token_ids(batch, k)
         device = task_ids.device
@@ -452,20 +535,19 @@ class TaskWeightedLoss:
         if task_ids.numel() == 0:
             return torch.zeros(0, dtype=torch.float32, device=device)
         # m_s: loss tokens of each token's sample (a sample never straddles micro-batches, so this is exact).
-        m_s = torch.bincount(sample_ids)[sample_ids].double()
+        m_s = _count(sample_ids, batch["sample_ids"].numel())[sample_ids].double()
         if self.mode == "token":
-            coef = torch.full_like(m_s, 1.0 / n_tok.sum().item())
+            coef = torch.ones_like(m_s) / n_tok.sum()
         elif self.mode == "sample":
-            coef = 1.0 / (counts.samples.sum().item() * m_s)
+            coef = 1.0 / (counts.samples.to(device=device, dtype=torch.float64).sum() * m_s)
         else:
             w = torch.tensor(
                 self.coba.weights if self.coba is not None else self._weights, dtype=torch.float64, device=device
             )
             present = n_tok > 0
             w_present = torch.where(present, w, torch.zeros_like(w))
-            total_w = w_present.sum()
-            if total_w <= 0:  # every task present in the step has weight 0
-                return torch.zeros(task_ids.shape, dtype=torch.float32, device=device)
+            # every task present in the step may have weight 0: then every coefficient is 0 (not 0 / 0)
+            total_w = w_present.sum().clamp(min=torch.finfo(torch.float64).tiny)
             if self.mode == "task_sample":
                 per_task = w_present / (counts.samples.to(device=device, dtype=torch.float64).clamp(min=1) * total_w)
                 coef = per_task[task_ids] / m_s
@@ -498,7 +580,8 @@ class TaskWeightedLoss:
             ValueError: when ``token_losses`` does not have one entry per loss token of ``batch``.
         """
         k = self._require_setup()
-        n_loss = int((batch["labels"] != IGNORE_INDEX).sum())
+        index = batch.get(LOSS_INDEX)
+        n_loss = index.numel() if index is not None else int((batch["labels"] != IGNORE_INDEX).sum())
         if token_losses.shape != (n_loss,):
             raise ValueError(
                 f"TaskWeightedLoss: token_losses has shape {tuple(token_losses.shape)} but the batch has {n_loss} "
@@ -507,6 +590,7 @@ class TaskWeightedLoss:
         coef = self.token_coefficients(batch, counts).to(token_losses.device)
         share = (token_losses.float() * coef).sum()
         sums, _ = task_loss_sums(token_losses, batch, k)
+        # Accumulated where the losses are (moved only if step_counts ran elsewhere): nothing is read back here.
         self._task_loss_sum = self._task_loss_sum.to(sums.device) + sums
         self._loss_sum = self._loss_sum.to(sums.device) + share.detach().double()
         if aux_loss is not None and self.router_aux_loss_coef:
@@ -517,12 +601,17 @@ class TaskWeightedLoss:
 
     # -- metrics ----------------------------------------------------------------------------------------------
 
-    def _reset_metrics(self) -> None:
+    def _reset_metrics(self, device: torch.device | None = None) -> None:
         k = len(self.task_names) if self.task_names else 0
-        self._task_loss_sum = torch.zeros(k, dtype=torch.float64)
-        self._loss_sum = torch.zeros((), dtype=torch.float64)
-        self._aux_sum = torch.zeros((), dtype=torch.float64)
-        self._step_tokens = torch.zeros(k, dtype=torch.int64)
+        self._task_loss_sum = torch.zeros(k, dtype=torch.float64, device=device)
+        self._loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self._aux_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self._step_tokens = torch.zeros(k, dtype=torch.int64, device=device)
+
+    def step_loss(self) -> torch.Tensor:
+        """This rank's part of the step loss so far (auxiliary loss included), a float64 scalar on the device,
+        not reduced over ranks and not read back: for a device-side finiteness check every step."""
+        return self._loss_sum + self._aux_sum.to(self._loss_sum.device)
 
     def step_metrics(self, group=None) -> dict[str, float]:
         """Metrics of the step since ``step_counts``, reduced over ranks (every rank must call it).

@@ -27,7 +27,7 @@ from typing import Any, Iterable
 import torch
 import torch.distributed as dist
 
-from mft_components.distributed import all_reduce_sum, is_distributed
+from mft_components.distributed import all_reduce_sum, is_distributed, to_device
 from mft_components.loss import task_loss_sums
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "EvalResult",
     "NonFiniteLossError",
     "check_finite",
+    "NonFiniteGuard",
     "evaluate",
     "Evaluator",
     "Throughput",
@@ -194,6 +195,76 @@ def check_finite(loss: float, step: int, task_ids: Iterable[torch.Tensor], task_
     )
 
 
+class NonFiniteGuard:
+    """Keeps a non-finite loss or gradient norm out of the weights, and stops the run naming the step and tasks.
+
+    Each step's flag (loss or global gradient norm not finite, on any rank) is computed where the model is. What
+    happens then depends on the optimizer:
+
+    * deferred: an optimizer that can skip an update on a device flag (fused Adam / AdamW, through the
+      ``found_inf`` argument that ``GradScaler`` uses) gets the flag and leaves the weights and its own state
+      untouched on a bad step, without the host reading anything. The host reads the flags in :meth:`check`
+      (the recipe calls it at log steps and before every checkpoint) and raises for the first bad step since
+      the last check. So no step waits for the device, and no checkpoint holds a non-finite weight.
+    * immediate (any other optimizer, e.g. on the CPU where reading costs nothing): :meth:`update` reads the
+      flag and raises before the optimizer step, as the recipe always did.
+
+    Args:
+        optimizer: the run's optimizer.
+        task_names: index -> task name, for the message.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, task_names: list[str]):
+        self.optimizer = optimizer
+        self.task_names = task_names
+        self.deferred = bool(getattr(optimizer, "defaults", {}).get("fused")) and isinstance(
+            optimizer, (torch.optim.Adam, torch.optim.AdamW))
+        self._first: torch.Tensor | None = None  # [step, loss, grad norm] of the first bad step, NaN while none
+        self._tasks: dict[int, list[torch.Tensor]] = {}  # host task_ids of the steps since the last check
+
+    def update(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, task_ids: list[torch.Tensor]) -> None:
+        """Record step ``step`` (1-based) before its optimizer step; immediate mode raises here.
+
+        Args:
+            loss: this rank's step loss (``TaskWeightedLoss.step_loss``), on the device.
+            grad_norm: the global gradient norm (``clip_grad_norm_``'s result), on the device.
+            task_ids: the host ``task_ids`` tensors of this rank's micro-batches.
+
+        Raises:
+            NonFiniteLossError: immediate mode, the step is not finite.
+        """
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        values = torch.stack([loss.detach().double().reshape(()), grad_norm.detach().double().reshape(()).to(loss.device)])
+        bad = (~torch.isfinite(values)).any().double().reshape(1)
+        all_reduce_sum(bad)  # every rank skips, or stops, alike
+        if not self.deferred:
+            if bad.item():
+                loss_value, norm_value = values.tolist()
+                check_finite(loss_value, step, task_ids, self.task_names, grad_norm=norm_value)
+            return
+        self._tasks[step] = task_ids
+        record = torch.cat([to_device(torch.tensor([float(step)], dtype=torch.float64), values.device), values])
+        if self._first is None:
+            self._first = torch.full_like(record, math.nan)
+        first_bad = (bad > 0) & torch.isnan(self._first[:1])
+        self._first = torch.where(first_bad, record, self._first)
+        self.optimizer.found_inf = (bad > 0).float().reshape(())  # the fused kernel skips the update when 1
+
+    def check(self) -> None:
+        """Raise for the first non-finite step since the last check (deferred mode; reads one small tensor).
+
+        Raises:
+            NonFiniteLossError: naming that step, its loss and gradient norm, and the tasks in its micro-batches.
+        """
+        if self._first is None:
+            return
+        step, loss, grad_norm = self._first.tolist()
+        tasks, self._tasks = self._tasks, {}
+        if math.isnan(step):
+            return
+        check_finite(loss, int(step), tasks.get(int(step), []), self.task_names, grad_norm=grad_norm)
+
+
 @dataclass
 class EvalResult:
     """Validation losses: ``loss`` (the mean of the task losses, the early-stopping criterion), ``token_loss``
@@ -286,18 +357,23 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 class Throughput:
-    """Tokens per second between two calls of :meth:`rate`."""
+    """Tokens per second, over all ranks, between two calls of :meth:`rate`.
 
-    def __init__(self):
+    Args:
+        device: where the token count is all-reduced (the model's device: NCCL reduces CUDA tensors).
+    """
+
+    def __init__(self, device: torch.device | str = "cpu"):
         self._t, self._tokens = time.perf_counter(), 0
+        self.device = torch.device(device)
 
     def add(self, tokens: int) -> None:
         self._tokens += tokens
 
-    def add_step(self, micro_batches: list[dict], device: torch.device) -> None:
-        """Count the step's real (non-padding) tokens over all ranks (one small all-reduce)."""
-        n = torch.tensor([sum(int((b["sample_ids"] >= 0).sum()) for b in micro_batches)], device=device)
-        self._tokens += int(all_reduce_sum(n).item())
+    def add_step(self, micro_batches: list[dict]) -> None:
+        """Count this rank's real (non-padding) tokens of a step; pass the micro-batches still on the host (no
+        device is waited for). The count is reduced over ranks in :meth:`rate`."""
+        self._tokens += sum(int((b["sample_ids"] >= 0).sum()) for b in micro_batches)
 
     @contextlib.contextmanager
     def paused(self):
@@ -309,8 +385,12 @@ class Throughput:
             self._t += time.perf_counter() - start
 
     def rate(self) -> float:
+        """Real tokens per second of all ranks since the last call (collective: every rank calls it)."""
+        tokens = self._tokens
+        if is_distributed():
+            tokens = int(all_reduce_sum(torch.tensor([tokens], device=self.device)).item())
         now = time.perf_counter()
-        rate = self._tokens / max(now - self._t, 1e-9)
+        rate = tokens / max(now - self._t, 1e-9)
         self._t, self._tokens = now, 0
         return rate
 

@@ -15,6 +15,8 @@ cross-entropy against `lm_head` inside one forward, so FSDP2's root unshards `lm
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import inspect
 import json
 import logging
 import re
@@ -25,7 +27,7 @@ from safetensors import safe_open
 from torch import nn
 
 from mft_components import distributed as dist_utils
-from mft_components.attention import attention_kwargs  # also registers attn_implementation sdpa_varlen
+from mft_components.attention import BACKENDS, attention_kwargs, resolve_attn_implementation  # registers mft's
 from mft_components.lora import (
     LoRALinear,
     LoRAOptions,
@@ -33,7 +35,13 @@ from mft_components.lora import (
     nf4_block_sizes,
     set_trainable_params,
 )
-from mft_components.loss import chunked_cross_entropy, router_aux_loss
+from mft_components.loss import (
+    LOSS_INDEX,
+    check_label_range,
+    chunked_cross_entropy,
+    loss_token_index,
+    router_aux_loss,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +90,8 @@ class MFTModel(nn.Module):
         self.method = method
         self.lora_config = lora_config
         self.model_dir = str(model_dir)
+        self.attn_implementation = getattr(hf_model.config, "_attn_implementation", None)
+        self.compile_scope = "off"  # build_model records what it compiled (distributed.COMPILE_SCOPES)
 
     @property
     def config(self):
@@ -96,14 +106,16 @@ class MFTModel(nn.Module):
         return decoder_layers(self.hf_model)
 
     def forward(self, batch: dict, chunk_size: int = 1024, projection_dtype: str = "model",
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                cross_entropy: str = "chunked") -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-token losses of the batch's loss-carrying tokens, and the MoE load-balancing loss.
 
         Args:
             batch: collator output (input_ids, labels already shifted, position_ids, optional attention_mask,
-                sample_ids); tensors on the model's device.
+                sample_ids); tensors on the model's device. A batch from `prepare_batch` also carries the
+                attention's inputs and the loss tokens' positions, computed on the host.
             chunk_size: tokens projected onto the vocabulary at once by the chunked cross-entropy.
             projection_dtype: ``model`` or ``float32``, the dtype of that projection (see `chunked_cross_entropy`).
+            cross_entropy: ``chunked`` or ``liger`` (``loss.cross_entropy``).
 
         Returns:
             (token_losses float32 [N] for labels != -100 in row-major order, aux_loss scalar or None).
@@ -115,14 +127,16 @@ class MFTModel(nn.Module):
             kwargs["attention_mask"] = batch["attention_mask"]
         if moe:
             kwargs["output_router_logits"] = True
-        kwargs.update(attention_kwargs(batch, config))  # sdpa_varlen: per-sample segments, no mask
+        # the attention's per-micro-batch inputs (segments, BlockMask, cu_seqlens): prepared, or computed here
+        attention = batch.get(ATTENTION_INPUTS)
+        kwargs.update(attention if attention is not None else attention_kwargs(batch, config))
         out = self.decoder()(**kwargs)
         hidden = out.last_hidden_state
         hidden = hidden * _logit_multiplier(config) if _logit_multiplier(config) != 1.0 else hidden
         weight = self.hf_model.get_output_embeddings().weight
         token_losses = chunked_cross_entropy(
             hidden, weight, batch["labels"], chunk_size, softcap=getattr(config, "final_logit_softcapping", None),
-            projection_dtype=projection_dtype,
+            projection_dtype=projection_dtype, loss_index=batch.get(LOSS_INDEX), kernel=cross_entropy,
         )
         aux = None
         router_logits = getattr(out, "router_logits", None) if moe else None
@@ -131,6 +145,39 @@ class MFTModel(nn.Module):
             mask = None if sample_ids is None else sample_ids >= 0
             aux = router_aux_loss(router_logits, _num_experts(config), config.num_experts_per_tok, mask)
         return token_losses, aux
+
+
+# Batch key of the attention's inputs computed by `prepare_batch` (a dict of decoder keyword arguments).
+ATTENTION_INPUTS = "attention_inputs"
+
+
+def prepare_batch(batch: dict, device: torch.device, config) -> dict:
+    """A collated micro-batch on ``device``, with what the forward would otherwise read back from the device.
+
+    The tensors are copied with ``non_blocking=True`` (asynchronous from the pinned memory the loader uses on
+    CUDA). Before they leave the host, the loss tokens' positions (``LOSS_INDEX``) and the attention backend's
+    boundaries (segment lengths, cu_seqlens) are computed from the host copy, and the labels are range-checked:
+    on a GPU, the forward then never waits for the device, so the host queues the next kernels while the
+    device computes. A flex_attention BlockMask is built on the device right after the copy.
+
+    Args:
+        batch: collator output on the host (``input_ids``, ``labels``, ``position_ids``, ``sample_ids``,
+            ``task_ids``).
+        device: the model's device.
+        config: the transformers config of the model (``_attn_implementation``, ``vocab_size``).
+
+    Returns:
+        The batch's tensors on ``device`` plus ``LOSS_INDEX`` and ``ATTENTION_INPUTS``.
+
+    Raises:
+        ValueError: a label outside the vocabulary, or what the attention backend rejects.
+    """
+    index = loss_token_index(batch["labels"])
+    check_label_range(batch["labels"].reshape(-1)[index], config.vocab_size)
+    moved = {k: dist_utils.to_device(v, device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    moved[LOSS_INDEX] = dist_utils.to_device(index, device)
+    moved[ATTENTION_INPUTS] = attention_kwargs(moved, config, host_batch=batch)
+    return moved
 
 
 def _num_experts(config) -> int | None:
@@ -271,9 +318,10 @@ def build_model(
     method: str = "lora",
     lora: LoRAOptions | None = None,
     dtype: str = "bf16",
-    attn_implementation: str = "sdpa",
-    activation_checkpointing: bool = False,
-    compile: bool = False,
+    attn_implementation: str = "auto",
+    activation_checkpointing: bool | str = False,
+    compile: bool | str = "auto",
+    liger: bool | list[str] = False,
     cpu_offload: bool = False,
     trust_remote_code: bool = False,
     device: str | torch.device | None = None,
@@ -286,10 +334,17 @@ def build_model(
         method: "full" (all parameters train), "lora" (adapters on a frozen base), "qlora" (adapters on an NF4 base).
         lora: dict(rank=8, alpha=16, dropout=0.0, target_modules=None|"all-linear"|[names], use_rslora=False).
         dtype: "bf16" or "fp32" for parameters and compute (NF4 weights dequantise to it).
-        attn_implementation: transformers attention ("sdpa", "eager", "flash_attention_2", ...) or
-            "sdpa_varlen" (mft_components/attention.py: causal SDPA per packed sample, no mask; CPU training).
-        activation_checkpointing: recompute each decoder layer in backward.
-        compile: `torch.compile` the norms and MLP of each decoder layer (`distributed.compile_layers`).
+        attn_implementation: ``auto`` (the fastest exact packed attention of the device: flex_attention on CUDA,
+            sdpa_varlen on the CPU; `attention.resolve_attn_implementation`), or a name from
+            `attention.known_implementations()` (``flex_attention``, ``varlen_attn``, ``sdpa_varlen``,
+            ``flash_attention_2``, ``sdpa``, ``eager``, ...). The run prints what it chose.
+        activation_checkpointing: false, true / ``full`` (every layer recomputed in backward), ``every_other``
+            or ``selective`` (only cheap ops recomputed); `distributed.ACTIVATION_CHECKPOINTING`.
+        compile: ``auto`` (CUDA: whole decoder layers when the attention has static shapes, else norms and MLP;
+            CPU: off), true (the same scope on any device) or false; `distributed.resolve_compile`.
+        liger: liger-kernel's RMSNorm, SwiGLU and RoPE kernels (CUDA, ``pip install 'mft[gpu]'``): true for all
+            three, or a list of ``rms_norm``, ``swiglu``, ``rope``. Off by default (not yet measured against
+            compile on a GPU). The fused linear cross entropy is ``loss.cross_entropy: liger``.
         cpu_offload: FSDP2 CPU offload of parameters, gradients and optimizer state (distributed only).
         trust_remote_code: allow custom modelling code shipped with the model.
         device: device for the parameters (runtime; default CPU).
@@ -313,34 +368,85 @@ def build_model(
         raise FileNotFoundError(f"model.model_dir: {model_dir} has no config.json (expected a Hugging Face model directory)")
     torch_dtype = _DTYPES[dtype]
     device = torch.device(device or "cpu")
+    attn, attn_why = resolve_attn_implementation(attn_implementation, device)
+    checkpointing = dist_utils.activation_checkpointing_mode(activation_checkpointing)
+    liger_kernels = resolve_liger(liger, device)
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     config.use_cache = False
+    scope, compile_why = dist_utils.resolve_compile(compile, device, BACKENDS[attn].static_shapes,
+                                                    moe=_num_experts(config) is not None)
     with _parameters_on_meta():
         hf_model = AutoModelForCausalLM.from_config(
-            config, dtype=torch_dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code
+            config, dtype=torch_dtype, attn_implementation=attn, trust_remote_code=trust_remote_code
         )
     lora_cfg = None
     if method != "full":
         lora_cfg = resolve_lora_config(lora, config.model_type)
         apply_lora(hf_model, lora_cfg, quantize_base=method == "qlora")
     set_trainable_params(hf_model, "all" if method == "full" else "lora")
+    if liger_kernels:
+        apply_liger_kernels(hf_model, liger_kernels)
     model = MFTModel(hf_model, method, lora_cfg, model_dir)
+    model.attn_implementation, model.compile_scope = attn, scope
+    if dist_utils.get_rank() == 0:
+        print(f"[mft] attention: {attn_why}\n[mft] compile: {compile_why}", flush=True)
 
     # Names and owners of every parameter, taken before any wrapping so loading never depends on wrapper names.
     param_owners = _parameter_owners(hf_model)
     if distributed:
         dist_utils.shard_model(
             model, param_dtype=torch_dtype, cpu_offload=cpu_offload,
-            activation_checkpointing=activation_checkpointing, compile=compile,
+            activation_checkpointing=checkpointing, compile=scope,
         )
     else:
-        if activation_checkpointing:
-            dist_utils.apply_activation_checkpointing(model)
-        if compile:
-            dist_utils.compile_layers(model)
+        dist_utils.apply_activation_checkpointing(model, checkpointing)
+        if scope != "off":
+            dist_utils.compile_layers(model, whole=scope == "layers")
     load_weights(model, param_owners, device, torch_dtype)
     _print_param_counts(model)
     return model
+
+
+LIGER_KERNELS = ("rms_norm", "swiglu", "rope")
+
+
+def resolve_liger(value, device: torch.device) -> tuple[str, ...]:
+    """``model.liger`` as the kernel names to apply: false -> (), true -> all of ``LIGER_KERNELS``.
+
+    Raises:
+        ValueError: unknown names, a device other than CUDA, or liger-kernel not installed.
+    """
+    if not value:
+        return ()
+    if torch.device(device).type != "cuda":
+        raise ValueError(f"model.liger: liger-kernel's Triton kernels run on CUDA only, not {device}; set it to false")
+    kernels = LIGER_KERNELS if value is True else tuple([value] if isinstance(value, str) else value)
+    unknown = sorted(set(kernels) - set(LIGER_KERNELS))
+    if unknown:
+        raise ValueError(f"model.liger: unknown kernels {unknown}; expected true or a list of {list(LIGER_KERNELS)}")
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise ValueError("model.liger: needs the liger-kernel package (pip install 'mft[gpu]'); or set it to false")
+    return kernels
+
+
+def apply_liger_kernels(hf_model: nn.Module, kernels: tuple[str, ...]) -> None:
+    """Swap in liger-kernel's Triton RMSNorm / SwiGLU / RoPE for this model instance (its per-family
+    ``apply_liger_kernel_to_*``; LoRA linears inside the MLP stay, the fused SiLU x up calls them). Its RoPE patch
+    replaces the family's ``apply_rotary_pos_emb`` module-wide, as liger does.
+
+    Raises:
+        ValueError: liger-kernel has no kernels for this ``model_type``.
+    """
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    model_type = hf_model.config.model_type
+    apply = MODEL_TYPE_TO_APPLY_LIGER_FN.get(model_type)
+    if apply is None:
+        raise ValueError(f"model.liger: liger-kernel has no kernels for model_type {model_type!r}; set it to false")
+    accepted = inspect.signature(apply).parameters
+    options = {name: name in kernels for name in LIGER_KERNELS if name in accepted}
+    options.update({k: False for k in ("cross_entropy", "fused_linear_cross_entropy") if k in accepted})
+    apply(model=hf_model, **options)
 
 
 def _parameter_owners(module: nn.Module) -> dict[str, list[tuple[nn.Module, str]]]:

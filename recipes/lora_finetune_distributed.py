@@ -17,7 +17,13 @@ Features:
       the recipe state for an exact resume (``resume: auto`` or a path); written atomically; ``saving_limit``
       keeps the newest and the best.
     - A progress bar, ``metrics.jsonl``, TensorBoard events in ``output_dir/tb``, and a final summary.
-    - A non-finite loss stops the run naming the step and the tasks; the last checkpoint stays intact.
+    - A non-finite loss or gradient norm stops the run naming the step and the tasks, and never reaches the
+      weights, so the last checkpoint stays intact (``NonFiniteGuard``: on CUDA with fused AdamW the update is
+      skipped on a device flag and the run stops at the next log step or checkpoint).
+    - On a GPU the loop does not wait for the device between log steps: batches come from pinned memory with
+      non-blocking copies, everything the forward needs from the host (attention boundaries, loss-token
+      positions, per-task counts) is computed from the host copy, and losses, token counts and the gradient
+      norm stay on the device until a log step reads them.
 
 Copy it with ``mft cp lora_finetune_distributed my_recipe.py``, edit, and run ``mft run my_recipe.py --config ...``.
 """
@@ -36,15 +42,16 @@ from mft_components import checkpoint as ck
 from mft_components.config import instantiate, parse, to_container
 from mft_components.data import DataError
 from mft_components.distributed import destroy_distributed, gather_state_dict, init_distributed
+from mft_components.models import prepare_batch
 from mft_components.lora import adapter_to_peft_state_dict, lora_target_names, peft_adapter_config
 from mft_components.metrics import (
     EarlyStopping,
     Evaluator,
     MetricLogger,
+    NonFiniteGuard,
     NonFiniteLossError,
     ProgressBar,
     Throughput,
-    check_finite,
     format_summary,
     peak_memory_gb,
 )
@@ -90,9 +97,13 @@ class LoRAFinetuneRecipe:
         self.task_names = self.data.task_names
         if self.is_rank0:
             print(self.data.format_stats(), flush=True)
-        self.train_loader = self.data.train_loader(cfg.micro_batch_size, self.gas, self.rank, self.world_size)
+        # Pinned host memory on CUDA: host-to-device copies of the batches run asynchronously.
+        pin = self.device.type == "cuda"
+        self.train_loader = self.data.train_loader(cfg.micro_batch_size, self.gas, self.rank, self.world_size,
+                                                   pin_memory=pin)
         valid_batches = (
-            list(self.data.valid_loader(cfg.eval_micro_batch_size or cfg.micro_batch_size, self.rank, self.world_size))
+            list(self.data.valid_loader(cfg.eval_micro_batch_size or cfg.micro_batch_size, self.rank, self.world_size,
+                                        pin_memory=pin))
             if self.data.valid_samples else []
         )
 
@@ -116,6 +127,7 @@ class LoRAFinetuneRecipe:
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         fused = {"fused": True} if self.device.type == "cuda" and "AdamW" in cfg.optimizer._component_ else {}
         self.optimizer = instantiate(cfg.optimizer, self.trainable, **fused)
+        self.finite_guard = NonFiniteGuard(self.optimizer, self.task_names)
 
         # 8. Schedule: total steps from epochs (each epoch's length from the sampler's plan) or max_steps.
         plan = self.train_loader.sampler.plan
@@ -148,7 +160,7 @@ class LoRAFinetuneRecipe:
         if self.step == 0 and self.evaluator.valid_batches:
             # Per-task validation losses before any update: what every later evaluation is compared with.
             self.evaluator.run(self.model, 0, track=False)
-        throughput = Throughput()
+        throughput = Throughput(self.device)
         while self.step < self.total_steps and not self.early_stopping.should_stop:
             if self.step_in_epoch >= plan.steps_per_epoch(self.epoch):  # the saved epoch was complete
                 self.epoch, self.step_in_epoch = self.epoch + 1, 0
@@ -164,33 +176,36 @@ class LoRAFinetuneRecipe:
                 self.rank_state = None
 
             while self.step_in_epoch < plan.steps_per_epoch(self.epoch) and self.step < self.total_steps:
-                micro_batches = [{k: v.to(self.device) for k, v in next(batches).items()} for _ in range(self.gas)]
-
-                # Global per-task counts first (one all-reduce), then each micro-batch adds its exact share.
-                counts = self.loss_fn.step_counts(micro_batches)
+                host_batches = [next(batches) for _ in range(self.gas)]
+                # Global per-task counts first (counted on the host, one all-reduce), then the micro-batches go
+                # to the device with what their forward needs from the host, and each adds its exact share.
+                counts = self.loss_fn.step_counts(host_batches, device=self.device)
+                micro_batches = [prepare_batch(b, self.device, self.model.config) for b in host_batches]
                 for batch in micro_batches:
                     token_losses, aux_loss = self.model(batch, **self.loss_fn.ce_kwargs)
                     share = self.loss_fn(token_losses, batch, counts, aux_loss=aux_loss)
                     (share * self.world_size).backward()  # FSDP averages gradients over ranks: undo it
-                metrics = self.loss_fn.step_metrics()  # all-reduced: every rank sees the same loss
 
-                grad_norm = _item(torch.nn.utils.clip_grad_norm_(self.trainable, cfg.clip_grad_norm or float("inf")))
-                # Stop before the optimizer step, so the weights (and the last checkpoint) stay finite: a finite
-                # loss can still come with an inf gradient, which clipping would turn into NaN weights.
-                check_finite(metrics["loss"] + metrics.get("aux_loss", 0.0), self.step + 1,
-                             [b["task_ids"] for b in micro_batches], self.task_names, grad_norm=grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, cfg.clip_grad_norm or float("inf"))
+                # Before the optimizer step, so the weights (and every checkpoint) stay finite: a finite loss can
+                # still come with an inf gradient, which clipping would turn into NaN weights.
+                self.finite_guard.update(self.step + 1, self.loss_fn.step_loss(), grad_norm,
+                                         [b["task_ids"] for b in host_batches])
                 lr = self.optimizer.param_groups[0]["lr"]
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.lr_scheduler.step()
                 self.step += 1
                 self.step_in_epoch += 1
-                throughput.add_step(micro_batches, self.device)
+                throughput.add_step(host_batches)
 
+                # Only log steps read values back from the device (loss, per-task losses, norm, token counts).
                 if self.step % cfg.log_every_n_steps == 0 or self.step == self.total_steps:
+                    self.finite_guard.check()
+                    metrics = self.loss_fn.step_metrics()  # all-reduced: every rank sees the same loss
                     tokens_per_s = throughput.rate()
                     self.logger.log("train", self.step, {
-                        **metrics, "lr": lr, "grad_norm": grad_norm, "epoch": self.epoch,
+                        **metrics, "lr": lr, "grad_norm": _item(grad_norm), "epoch": self.epoch,
                         "tokens_per_s": tokens_per_s, "peak_memory_gb": peak_memory_gb(self.device),
                     })
                     self.progress.update(self.step, metrics["loss"], lr, tokens_per_s)
@@ -211,6 +226,7 @@ class LoRAFinetuneRecipe:
                            f"below step {self.early_stopping.best_step}'s")
 
         # The end: evaluate if the last step was not evaluated, then the final checkpoint.
+        self.finite_guard.check()
         if not self.evaluator.evaluated(self.step):
             self.evaluator.run(self.model, self.step)
         if self.last_saved_step != self.step:
@@ -239,7 +255,9 @@ class LoRAFinetuneRecipe:
         }
 
     def save_checkpoint(self) -> None:
-        """Weights + recipe state into output_dir/step_N; collective, rank 0 writes."""
+        """Weights + recipe state into output_dir/step_N; collective, rank 0 writes. Never after a non-finite
+        step (``NonFiniteGuard.check`` raises first)."""
+        self.finite_guard.check()
         weights = self.checkpoint_weights()
         state = ck.gather_training_state(
             self.model, self.optimizer, lr_scheduler=self.lr_scheduler, loss_fn=self.loss_fn,

@@ -1,14 +1,32 @@
-"""Tests for mft_components/attention.py: sdpa_varlen gives every real token of a packed micro-batch exactly the
-attention of a per-sample run (reference: the same tiny transformers model run on each sample alone with sdpa),
-in forward and in the gradients, and through MFTModel for packed and padded batches."""
+"""Tests for mft_components/attention.py: every backend gives every real token of a packed micro-batch exactly the
+attention of a per-sample run (reference: the same tiny transformers model run on each sample alone with sdpa):
+sdpa_varlen in forward and gradients and through MFTModel for packed and padded batches; sdpa, eager,
+flex_attention (forward: no CPU backward) and varlen_attn's plumbing in forward. Also the boundaries (cu_seqlens,
+BlockMask), varlen_attn's options per torch release, and the `auto` choice per device with its errors."""
 
 from __future__ import annotations
+
+import dataclasses
+import importlib.util
 
 import numpy as np
 import pytest
 import torch
 
-from mft_components.attention import SDPA_VARLEN, attention_kwargs, segment_lengths
+from mft_components import attention
+from mft_components.attention import (
+    BACKENDS,
+    FLEX_ATTENTION,
+    SDPA_VARLEN,
+    VARLEN_ATTN,
+    attention_kwargs,
+    block_causal_block_mask,
+    cu_seqlens,
+    known_implementations,
+    resolve_attn_implementation,
+    segment_lengths,
+    varlen_options,
+)
 from mft_components.data import Sample
 from mft_components.packing import collate, pack_samples
 from tests.tiny_models import TINY_CONFIGS, make_tiny_model_dir
@@ -106,11 +124,11 @@ def test_mft_model_losses_and_lora_grads_match_sdpa(tmp_path, packing):
         torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_errors_name_what_is_missing(packed_case):
+def test_direct_calls_and_errors(packed_case):
+    """The transformers model called directly (no prepared boundaries, as for sdpa) takes them from position_ids;
+    misuse is reported by name."""
     _, _, batch = packed_case
     model = tiny_model("llama", SDPA_VARLEN)
-    with pytest.raises(ValueError, match="needs segment_lengths"):
-        model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
     with pytest.raises(ValueError, match="attention_mask"):
         attention_kwargs({**batch, "attention_mask": torch.ones(1)}, model.config)
     assert attention_kwargs(batch, tiny_model("llama", "sdpa").config) == {}
@@ -123,5 +141,128 @@ def test_errors_name_what_is_missing(packed_case):
                   **attention_kwargs(batch, model.config)).logits
         b = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
                   segment_lengths=fallback).logits
+        direct = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
     real = batch["sample_ids"] >= 0
     torch.testing.assert_close(a[real], b[real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a[real], direct[real], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        cache = model(input_ids=batch["input_ids"][:1, :4], use_cache=True).past_key_values
+        with pytest.raises(ValueError, match="KV cache.*generate with attn_implementation: sdpa"):
+            model(input_ids=batch["input_ids"][:1, 4:5], position_ids=torch.tensor([[4]]), past_key_values=cache)
+
+
+def test_cu_seqlens_and_block_mask_from_sample_ids():
+    from torch.nn.attention.flex_attention import create_mask
+
+    from mft_components.packing import block_causal_mask
+
+    sample_ids = torch.tensor([[0, 0, 0, 1, 1, -1, -1], [2] * 7, [-1] * 7, [3, 4, 5, 6, -1, -1, -1]])
+    # every row starts a sequence; so does every sample and a row's padding
+    assert cu_seqlens(sample_ids).tolist() == [0, 3, 5, 7, 14, 21, 22, 23, 24, 25, 28]
+    assert cu_seqlens(sample_ids).dtype == torch.int32
+    block_mask = block_causal_block_mask(sample_ids)
+    dense = create_mask(block_mask.mask_mod, 4, 1, 7, 7, device="cpu")
+    real = sample_ids >= 0
+    # real queries see exactly their own sample's earlier tokens (the reference the sdpa path uses)
+    reference = block_causal_mask(sample_ids)
+    assert torch.equal(dense[:, 0][real], reference[:, 0][real])
+    # padding sees earlier padding of its row only, so its softmax is never empty
+    pad_rows = dense[:, 0][~real]
+    assert pad_rows.any(dim=-1).all()
+    assert not (dense[:, 0] & real[:, None, :] & ~real[:, :, None]).any()
+
+
+def _per_sample_reference(samples, rows, reference):
+    """Logits of each packed sample run alone through `reference` (sdpa), in row order."""
+    out = []
+    for row in rows:
+        for i in row:
+            ids = torch.as_tensor(samples[i].input_ids, dtype=torch.long)[None]
+            out.append(reference(input_ids=ids, use_cache=False).logits[0])
+    return out
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager", FLEX_ATTENTION, VARLEN_ATTN])
+def test_other_backends_forward_equal_per_sample(packed_case, attn, monkeypatch):
+    """Every backend's forward on a packed micro-batch gives each real token its per-sample logits. On the CPU,
+    flex_attention runs forward only (torch has no CPU backward) and torch's varlen_attn not at all: its kernel
+    is replaced here by causal SDPA per cu_seqlens segment, so what is checked is mft's plumbing around it
+    (boundaries, flattening, head layout); tests/test_gpu.py runs the real kernel."""
+    samples, rows, batch = packed_case
+    if attn == VARLEN_ATTN:
+        monkeypatch.setattr(attention, "_varlen_kernel", _sdpa_per_segment)
+    model = tiny_model("llama", attn)
+    reference = tiny_model("llama", "sdpa")
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                       **attention_kwargs(batch, model.config)).logits
+        expected = _per_sample_reference(samples, rows, reference)
+    real = batch["sample_ids"] >= 0
+    torch.testing.assert_close(packed[real], torch.cat(expected), rtol=1e-5, atol=1e-5)
+
+
+def _sdpa_per_segment(q, k, v, cu, max_len, options):
+    """Reference for torch's varlen_attn ([tokens, heads, dim] in, cu_seqlens): causal SDPA on each segment."""
+    assert options.get("window_size") == (-1, 0) or options.get("is_causal")
+    assert max_len >= int(cu.diff().max())
+    if options.get("enable_gqa"):
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+    outs = []
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        seg = [t[start:end].transpose(0, 1) for t in (q, k, v)]
+        outs.append(torch.nn.functional.scaled_dot_product_attention(*seg, is_causal=True, scale=options.get("scale"))
+                    .transpose(0, 1))
+    return torch.cat(outs)
+
+
+def test_varlen_options_per_torch_signature():
+    """varlen_attn's signature differs across torch releases; the options follow what this one takes."""
+    v29 = frozenset({"query", "key", "value", "cu_seq_q", "cu_seq_k", "max_q", "max_k", "is_causal", "return_aux"})
+    v210 = (v29 - {"is_causal"}) | {"scale", "window_size"}
+    v212 = v210 | {"enable_gqa"}
+    assert varlen_options(v29, 4, 2, 16, None, None) == ({"is_causal": True}, 2)
+    assert varlen_options(v210, 4, 2, 16, 0.25, None) == ({"window_size": (-1, 0), "scale": 0.25}, 2)
+    assert varlen_options(v212, 4, 2, 16, None, 8) == ({"window_size": (7, 0), "scale": None, "enable_gqa": True}, 1)
+    assert varlen_options(v212, 4, 4, 16, None, None)[1] == 1
+    with pytest.raises(ValueError, match="sliding window"):
+        varlen_options(v29, 4, 4, 16, None, 8)
+    with pytest.raises(ValueError, match="scale"):
+        varlen_options(v29, 4, 4, 16, 0.5, None)
+    assert varlen_options(v29, 4, 4, 16, 0.25, None) == ({"is_causal": True}, 1)  # 1/sqrt(16) is the default
+
+
+def test_auto_choice_per_device_and_errors(monkeypatch):
+    known = known_implementations()
+    for name in ("auto", "sdpa_varlen", "varlen_attn", "flex_attention", "sdpa", "eager", "flash_attention_2"):
+        assert name in known
+    assert resolve_attn_implementation("auto", "cpu")[0] == SDPA_VARLEN
+    assert resolve_attn_implementation(None, "cpu")[0] == SDPA_VARLEN
+    name, why = resolve_attn_implementation("auto", "cuda")  # only torch's features decide, not a present GPU
+    assert name == FLEX_ATTENTION and "auto on cuda" in why
+    # the first available candidate wins, and the printed reason names what was skipped
+    monkeypatch.setitem(BACKENDS, FLEX_ATTENTION, dataclasses.replace(BACKENDS[FLEX_ATTENTION], missing=lambda: "gone"))
+    name, why = resolve_attn_implementation("auto", "cuda")
+    assert name == VARLEN_ATTN and "flex_attention: gone" in why
+    assert resolve_attn_implementation("sdpa", "cpu")[0] == "sdpa"
+    with pytest.raises(ValueError, match="unknown 'sdpa2'.*expected one of"):
+        resolve_attn_implementation("sdpa2", "cpu")
+    with pytest.raises(ValueError, match="varlen_attn trains on cuda only.*use auto \\(here: sdpa_varlen\\)"):
+        resolve_attn_implementation("varlen_attn", "cpu")
+    with pytest.raises(ValueError, match="flex_attention cannot run here: gone"):
+        resolve_attn_implementation("flex_attention", "cuda")
+    with pytest.raises(ValueError, match="cannot give packed-sample boundaries"):
+        resolve_attn_implementation("paged|eager", "cuda")
+    if importlib.util.find_spec("flash_attn") is None:
+        with pytest.raises(ValueError, match="flash_attn package is not installed"):
+            resolve_attn_implementation("flash_attention_2", "cuda")
+
+
+def test_build_model_prints_its_choice(tmp_path, capsys):
+    from mft_components.models import build_model
+
+    model = build_model(make_tiny_model_dir(tmp_path / "m", family="llama", vocab_size=VOCAB), dtype="fp32")
+    out = capsys.readouterr().out
+    assert "[mft] attention: auto on cpu: causal SDPA once per sample" in out
+    assert "[mft] compile: nothing compiled (auto on cpu)" in out
+    assert model.config._attn_implementation == SDPA_VARLEN and model.compile_scope == "off"

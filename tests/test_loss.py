@@ -300,7 +300,7 @@ def test_mfcoder_aliases_and_errors():
     with pytest.raises(ValueError, match="loss.projection_dtype"):
         TaskWeightedLoss(projection_dtype="fp16")
     assert TaskWeightedLoss(chunk_size=8, projection_dtype="float32").ce_kwargs == {
-        "chunk_size": 8, "projection_dtype": "float32"}
+        "chunk_size": 8, "projection_dtype": "float32", "cross_entropy": "chunked"}
     with pytest.raises(ValueError, match="unknown task"):
         TaskWeightedLoss(task_weights={"cobol": 2.0}).setup(["py", "java"])
     with pytest.raises(ValueError, match="one weight per task"):

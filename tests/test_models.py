@@ -151,7 +151,7 @@ def test_sharded_checkpoint_and_packed_mask(tiny_dir):
     batch = _batch()
     with torch.no_grad():
         a, _ = build_model(sharded, method="full", dtype="fp32")(batch)
-        model = build_model(single, method="full", dtype="fp32")
+        model = build_model(single, method="full", dtype="fp32", attn_implementation="sdpa")  # takes a 4-D mask
         b, _ = model(batch)
         torch.testing.assert_close(a, b, rtol=0, atol=0)
         # A packed row (two samples, positions restart, block-diagonal causal mask) == the samples one by one.
@@ -208,6 +208,7 @@ def test_compile_matches_eager_across_packings(tmp_path):
         batches.append(collate([[samples[i] for i in r] for r in pack_samples(samples, 16)], pad_to=16))
     lora = {"rank": 4, "alpha": 8, "target_modules": "all-linear"}
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # reset() keeps the counters of earlier tests' compilations
     runs = {}
     for compiled in (False, True):
         torch.manual_seed(0)
@@ -241,7 +242,7 @@ def test_evaluation_computes_losses_as_training_does(tiny_dir):
     from mft_components.loss import TaskWeightedLoss
     from mft_components.metrics import evaluate
 
-    model = build_model(tiny_dir("llama"), method="lora", dtype="bf16")
+    model = build_model(tiny_dir("llama"), method="lora", dtype="bf16", attn_implementation="sdpa")
     with torch.no_grad():  # logits of order 10, so that their rounding to bf16 shows in the loss
         model.hf_model.base_model.norm.weight.mul_(300)
     batch = _batch()
