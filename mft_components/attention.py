@@ -176,7 +176,7 @@ def sdpa_varlen_attention_forward(
     Args:
         module: the attention module (unused but for its name in errors).
         query, key, value: ``[B, H, T, D]`` / ``[B, H_kv, T, D]`` (grouped-query heads are handled by SDPA).
-        attention_mask: must be None (the mask function registered for ``sdpa_varlen`` builds none).
+        attention_mask: must be None (transformers builds no mask for an attention without a mask function).
         dropout: attention dropout probability (0 in eval).
         scaling: softmax scale (None: 1/sqrt(D)).
         segment_lengths: per row, the lengths of its causal segments (``attention_kwargs``).
@@ -294,7 +294,7 @@ def varlen_attention_forward(
 
     Args:
         query, key, value: ``[B, H, T, D]`` / ``[B, H_kv, T, D]``.
-        attention_mask: must be None (the mask function registered for ``varlen_attn`` builds none).
+        attention_mask: must be None (transformers builds no mask for an attention without a mask function).
         dropout: must be 0 (the kernel has no attention dropout).
         scaling: softmax scale (None: 1/sqrt(D)).
         cu_seq_lens_q: int32 ``[N + 1]`` sequence starts on the device (``attention_kwargs``).
@@ -331,11 +331,6 @@ def varlen_attention_forward(
     max_len = int(max_length_q or length)
     out = _varlen_kernel(q, k, v, cu_seq_lens_q, max_len, options)
     return out.reshape(batch, length, heads, -1), None
-
-
-def _no_mask(*args, **kwargs) -> None:
-    """Mask function for mft's attentions: boundaries travel as keyword arguments, no mask is built."""
-    return None
 
 
 # -------------------------------------------------------------------------------------------- the backends
@@ -543,12 +538,13 @@ def attention_kwargs(batch: dict, config, host_batch: dict | None = None) -> dic
 
 
 def _register() -> None:
+    # Attention functions only: with no mask function registered under these names, transformers builds no mask
+    # and skips its packed-sequence detection, which reads a value back from the device (masking_utils:
+    # "custom attention without equivalent mask creation").
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
 
     for name, function in ((SDPA_VARLEN, sdpa_varlen_attention_forward), (VARLEN_ATTN, varlen_attention_forward)):
         AttentionInterface.register(name, function)
-        AttentionMaskInterface.register(name, _no_mask)
 
 
 _register()

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from mft_components.distributed import all_reduce_sum, is_distributed
+from mft_components.distributed import all_reduce_sum, is_distributed, to_device
 
 IGNORE_INDEX = -100
 # Batch key of the loss tokens' positions in the flattened [B*T] micro-batch, computed on the host before the batch
@@ -517,7 +517,7 @@ class TaskWeightedLoss:
             sample_task = torch.full((batch["sample_ids"].numel(),), -1, dtype=torch.int64, device=here)
             sample_task[sample_ids] = task_ids
             counts[k:] += _count(sample_task[sample_task >= 0], k)
-        counts = counts.to(device or here, non_blocking=True)
+        counts = to_device(counts, device or here)
         all_reduce_sum(counts, group)
         self._reset_metrics(counts.device)
         self._step_tokens = counts[:k].clone()
@@ -541,9 +541,8 @@ class TaskWeightedLoss:
         elif self.mode == "sample":
             coef = 1.0 / (counts.samples.to(device=device, dtype=torch.float64).sum() * m_s)
         else:
-            w = torch.tensor(
-                self.coba.weights if self.coba is not None else self._weights, dtype=torch.float64, device=device
-            )
+            w = to_device(torch.tensor(self.coba.weights if self.coba is not None else self._weights,
+                                       dtype=torch.float64), device)
             present = n_tok > 0
             w_present = torch.where(present, w, torch.zeros_like(w))
             # every task present in the step may have weight 0: then every coefficient is 0 (not 0 / 0)

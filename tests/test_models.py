@@ -257,3 +257,142 @@ def test_evaluation_computes_losses_as_training_does(tiny_dir):
         result = evaluate(model, [batch], ["t"], torch.device("cpu"), loss_fn.ce_kwargs)
         ref = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1), reduction="none")
         assert result.task_loss["t"] == pytest.approx(ref[keep].mean().item(), rel=1e-5)
+
+
+def _packings(vocab, seed=0):
+    """Micro-batches of two 16-token rows, packed differently each time (one ends in an all-padding row)."""
+    import numpy as np
+
+    from mft_components.data import Sample
+    from mft_components.packing import collate, pack_samples
+
+    rng = np.random.default_rng(seed)
+    batches = []
+    for lengths in ([9, 5, 13, 3], [7, 2, 11, 4, 16], [6, 6, 6], [16]):
+        samples = [Sample(rng.integers(0, vocab, n).astype(np.int32), rng.random(n) < 0.7, i % 2)
+                   for i, n in enumerate(lengths)]
+        rows = [[samples[i] for i in r] for r in pack_samples(samples, 16)][:2]
+        batches.append(collate(rows + [None] * (2 - len(rows)), pad_to=16))
+    return batches
+
+
+def _losses_and_grads(model, batches, **forward_kwargs):
+    """Per-token losses and LoRA gradients of each prepared micro-batch, one backward per micro-batch."""
+    from mft_components.models import prepare_batch
+
+    out = []
+    for batch in batches:
+        token_losses, _ = model(prepare_batch(batch, torch.device("cpu"), model.config), **forward_kwargs)
+        if torch.is_grad_enabled():
+            token_losses.sum().backward()
+        out.append((token_losses.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                            if p.grad is not None}))
+        model.zero_grad(set_to_none=True)
+    return out
+
+
+def _assert_same(runs, reference, rtol=1e-4, atol=1e-5):
+    for (loss, grad), (ref_loss, ref_grad) in zip(runs, reference):
+        torch.testing.assert_close(loss, ref_loss, rtol=rtol, atol=atol)
+        assert grad.keys() == ref_grad.keys()
+        for name in grad:
+            torch.testing.assert_close(grad[name], ref_grad[name], rtol=rtol, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("mode", [True, "selective", "every_other"])
+def test_activation_checkpointing_modes_match_none(tiny_dir, mode):
+    """Every activation checkpointing mode recomputes exactly what it dropped: the same losses and LoRA gradients
+    as no checkpointing, and the layers it covers are the ones the mode names."""
+    batches = _packings(VOCAB)[:2]
+    lora = {"rank": 4, "alpha": 8, "target_modules": "all-linear"}
+    model_dir = tiny_dir("llama")  # before seeding: building the directory draws random weights
+    runs = []
+    for checkpointing in (False, mode):
+        torch.manual_seed(0)
+        model = build_model(model_dir, lora=lora, dtype="fp32", activation_checkpointing=checkpointing)
+        _randomise_lora_b(model)
+        model.train()
+        runs.append(_losses_and_grads(model, batches))
+    _assert_same(runs[1], runs[0])
+    flags = [layer.gradient_checkpointing for layer in model.decoder_layers()]
+    assert flags == ([True, False] if mode == "every_other" else [True, True])
+
+
+def test_compile_and_checkpointing_choices():
+    from mft_components.distributed import activation_checkpointing_mode, resolve_compile
+
+    assert resolve_compile("auto", "cpu", static_attention=True, moe=False)[0] == "off"
+    assert resolve_compile("auto", "cuda", static_attention=True, moe=False)[0] == "layers"
+    assert resolve_compile("auto", "cuda", static_attention=False, moe=False)[0] == "norms_mlp"
+    assert resolve_compile("auto", "cuda", static_attention=True, moe=True)[0] == "norms_mlp"
+    assert resolve_compile(True, "cpu", static_attention=False, moe=False)[0] == "norms_mlp"
+    assert resolve_compile(False, "cuda", static_attention=True, moe=False)[0] == "off"
+    with pytest.raises(ValueError, match="model.compile: expected auto, true or false"):
+        resolve_compile("yes", "cpu", True, False)
+    assert activation_checkpointing_mode(True) == "full" and activation_checkpointing_mode(None) is False
+    with pytest.raises(ValueError, match="model.activation_checkpointing: expected one of .*selective"):
+        activation_checkpointing_mode("some")
+
+
+def test_prepare_batch_matches_and_checks_labels(tiny_dir):
+    """A prepared micro-batch (loss positions and attention boundaries from the host copy) computes what the
+    plain batch computes; a label outside the vocabulary is reported before anything reaches the device."""
+    from mft_components.loss import LOSS_INDEX
+    from mft_components.models import ATTENTION_INPUTS, prepare_batch
+
+    model = build_model(tiny_dir("llama"), dtype="fp32")
+    batch = _packings(VOCAB)[0]
+    prepared = prepare_batch(batch, torch.device("cpu"), model.config)
+    assert prepared[LOSS_INDEX].numel() == int((batch["labels"] != -100).sum())
+    assert "segment_lengths" in prepared[ATTENTION_INPUTS]  # sdpa_varlen on the CPU
+    with torch.no_grad():
+        torch.testing.assert_close(model(prepared)[0], model(batch)[0], rtol=0, atol=0)
+    bad = {**batch, "labels": batch["labels"].clone()}
+    bad["labels"][0, 2] = VOCAB
+    with pytest.raises(ValueError, match=f"labels must be -100 or in \\[0, {VOCAB}\\)"):
+        prepare_batch(bad, torch.device("cpu"), model.config)
+
+
+def _count_graphs():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # reset() keeps the counters of earlier tests' compilations
+    return lambda: torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="torch.compile's CPU backend needs a C++ compiler")
+def test_whole_layer_compile_one_graph_for_all_packings(tmp_path):
+    """compile: true with an attention whose inputs have static shapes compiles whole decoder layers: the same
+    losses and LoRA gradients as eager over four different packings, and no graph per packing (sdpa: the mask
+    transformers builds; flex_attention: mft's BlockMask, forward only on the CPU). The CPU stands in for CUDA,
+    where compile: auto does this."""
+    from mft_components.distributed import compile_layers
+
+    model_dir = make_tiny_model_dir(tmp_path / "m", family="llama", vocab_size=VOCAB)
+    batches = _packings(VOCAB)
+    lora = {"rank": 4, "alpha": 8, "target_modules": "all-linear"}
+    graphs = _count_graphs()
+    runs = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = build_model(model_dir, lora=lora, dtype="fp32", attn_implementation="sdpa", compile=compiled)
+        _randomise_lora_b(model)
+        assert model.compile_scope == ("layers" if compiled else "off")
+        runs[compiled] = _losses_and_grads(model, batches)
+    _assert_same(runs[True], runs[False])
+    assert graphs() == 2  # layer 0 (its input needs no gradient) and the other layers; none per packing
+
+    torch.manual_seed(0)
+    model = build_model(model_dir, lora=lora, dtype="fp32", attn_implementation="sdpa")
+    model.hf_model.set_attn_implementation("flex_attention")  # the CUDA default; no CPU backward: forward only
+    with torch.no_grad():
+        eager = [loss for loss, _ in _losses_and_grads(model, batches)]
+        compile_layers(model, whole=True)
+        graphs = _count_graphs()
+        compiled = [loss for loss, _ in _losses_and_grads(model, batches)]
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert graphs() == 1  # one graph for every layer and packing: the BlockMask is an input, not a constant
