@@ -132,6 +132,8 @@ def build_random_model(name: str, work: Path, tokenizer_dir: Path, device: str) 
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial, max_shard_size="5GB")
     del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the contenders' processes need the memory, not this one
     for f in tokenizer_dir.iterdir():  # the tokenizer travels with the model, as in a real model directory
         if f.is_file() and f.name != "config.json" and f.suffix in (".json", ".jinja", ".txt", ".model"):
             shutil.copy(f, partial / f.name)
@@ -217,7 +219,7 @@ def run_mft(name: str, model_dir: Path, tokenizer_dir: Path, data_paths: list[st
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
         with open(log_path, "w") as log:
             proc = subprocess.run([sys.executable, str(recipe), "--config", str(cfg_path), *overrides], cwd=REPO,
-                                  env=env, stdout=log, stderr=subprocess.STDOUT, timeout=args.contender_timeout)
+                                  env=env, stdout=log, stderr=subprocess.STDOUT, timeout=_timeout(args))
         if proc.returncode != 0:
             raise RuntimeError(f"exit {proc.returncode}: {_tail(log_path)}")
     records = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
@@ -352,6 +354,12 @@ def _collate_padded(samples, pad_id: int):
     return ids, attention, labels, torch.tensor([task for _, _, task in samples])
 
 
+def _timeout(args) -> float:
+    """A contender's time limit: its own, cut to what is left of the run's budget (then it is killed, and the
+    table says so, rather than the whole run overrunning)."""
+    return max(30.0, min(args.contender_timeout, args.budget_s - (time.perf_counter() - args.began)))
+
+
 def _tail(path: Path, lines: int = 15) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
@@ -412,7 +420,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--contender-timeout", type=float, default=600.0)
     parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS-GPU.md")
     args = parser.parse_args(argv)
-    began = time.perf_counter()
+    began = args.began = time.perf_counter()
     args.cuda = torch.cuda.is_available() and not args.tiny
     args.tiny = not args.cuda
     tiny = args.tiny
@@ -477,7 +485,7 @@ def _baseline_in_subprocess(name: str, cfg_path: Path, out: Path, args) -> dict:
     cmd = [sys.executable, __file__, "--baseline-worker", name, str(cfg_path), str(result_path),
            str(args.baseline_steps), str(args.seq_len)]
     with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=args.contender_timeout)
+        proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=_timeout(args))
     if proc.returncode != 0:
         raise RuntimeError(f"exit {proc.returncode}: {_tail(log_path)}")
     return json.loads(result_path.read_text())

@@ -96,12 +96,22 @@ def segment_lengths(sample_ids: torch.Tensor) -> tuple[tuple[int, ...], ...]:
     return tuple(out)
 
 
-def _direct_call_segments(query, key, position_ids, name: str) -> tuple[tuple[int, ...], ...]:
+def _check_packed_call(implementation: str, module, query, key, attention_mask, kwargs: dict) -> str:
+    """What mft's packed attentions do not do, as errors naming the module; returns its name."""
+    name = type(module).__name__
+    if attention_mask is not None:
+        raise ValueError(f"{name}: {implementation} got an attention mask; it takes sample boundaries only")
+    if kwargs.get("softcap") is not None:
+        raise ValueError(f"{name}: {implementation} does not support attention logit softcapping; use eager")
+    if key.shape[2] != query.shape[2]:
+        raise ValueError(f"{name}: {implementation} is for training forwards without a KV cache (q {query.shape[2]}, "
+                         f"kv {key.shape[2]}); generate with attn_implementation: sdpa")
+    return name
+
+
+def _direct_call_segments(query, position_ids) -> tuple[tuple[int, ...], ...]:
     """Segments for a call without mft's prepared boundaries (the transformers model called directly, as for
     sdpa): from ``position_ids`` (per layer, so slower), or one causal segment per row when there are none."""
-    if key.shape[2] != query.shape[2]:
-        raise ValueError(f"{name}: mft's packed attentions are for training forwards without a KV cache "
-                         f"(q {query.shape[2]}, kv {key.shape[2]}); generate with attn_implementation: sdpa")
     if position_ids is None:
         return tuple((query.shape[2],) for _ in range(query.shape[0]))
     return _segments_from_position_ids(position_ids.expand(query.shape[0], -1))
@@ -188,16 +198,10 @@ def sdpa_varlen_attention_forward(
         ValueError: no segments given, segments that do not cover the rows, a mask, softcapping, a KV cache
             (query and key lengths differ) or a sliding window shorter than a segment.
     """
-    name = type(module).__name__
+    name = _check_packed_call(SDPA_VARLEN, module, query, key, attention_mask, kwargs)
     if segment_lengths is None:  # called on the transformers model directly: boundaries from the positions
-        segment_lengths = _direct_call_segments(query, key, kwargs.get("position_ids"), name)
-    if attention_mask is not None:
-        raise ValueError(f"{name}: sdpa_varlen got an attention mask; it takes sample boundaries only")
-    if kwargs.get("softcap") is not None:
-        raise ValueError(f"{name}: sdpa_varlen does not support attention logit softcapping; use eager")
+        segment_lengths = _direct_call_segments(query, kwargs.get("position_ids"))
     q_len = query.shape[2]
-    if key.shape[2] != q_len:
-        raise ValueError(f"{name}: sdpa_varlen is for training forwards without a KV cache (q {q_len}, kv {key.shape[2]})")
     if len(segment_lengths) != query.shape[0] or any(sum(row) > q_len for row in segment_lengths):
         raise ValueError(f"{name}: segment_lengths {segment_lengths} do not fit {query.shape[0]} rows of {q_len}")
     window = kwargs.get("sliding_window")
@@ -308,20 +312,14 @@ def varlen_attention_forward(
         ValueError: no boundaries, a mask, dropout, softcapping, a KV cache, or what this torch's varlen_attn
             cannot express (a sliding window on torch 2.9).
     """
-    name = type(module).__name__
-    if cu_seq_lens_q is None:  # called on the transformers model directly: boundaries from the positions
-        lengths = [n for row in _direct_call_segments(query, key, kwargs.get("position_ids"), name) for n in row]
-        cu_seq_lens_q = torch.tensor(np.cumsum([0] + lengths), dtype=torch.int32, device=query.device)
-    if attention_mask is not None:
-        raise ValueError(f"{name}: varlen_attn got an attention mask; it takes sample boundaries only")
+    name = _check_packed_call(VARLEN_ATTN, module, query, key, attention_mask, kwargs)
     if dropout:
         raise ValueError(f"{name}: varlen_attn has no attention dropout (got {dropout}); use flex_attention or sdpa")
-    if kwargs.get("softcap") is not None:
-        raise ValueError(f"{name}: varlen_attn does not support attention logit softcapping; use eager")
+    if cu_seq_lens_q is None:  # called on the transformers model directly: boundaries from the positions
+        lengths = [n for row in _direct_call_segments(query, kwargs.get("position_ids")) for n in row]
+        cu_seq_lens_q = torch.tensor(np.cumsum([0] + lengths), dtype=torch.int32, device=query.device)
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
-    if key.shape[2] != length:
-        raise ValueError(f"{name}: varlen_attn is for training forwards without a KV cache (q {length}, kv {key.shape[2]})")
     options, repeat = varlen_options(_VARLEN_PARAMETERS, heads, kv_heads, dim, scaling, kwargs.get("sliding_window"))
     q = query.transpose(1, 2).reshape(batch * length, heads, dim)
     k = key.transpose(1, 2).reshape(batch * length, kv_heads, dim)

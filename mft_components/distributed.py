@@ -193,7 +193,7 @@ def resolve_compile(value, device: torch.device | str, static_attention: bool, m
         raise ValueError(f"model.compile: expected auto, true or false; got {value!r}")
     device_type = torch.device(device).type
     if value in (False, None) or (value == "auto" and device_type != "cuda"):
-        why = "off" if value in (False, None) else f"auto on {device_type}"
+        why = "compile: false" if value in (False, None) else f"auto on {device_type}"
         return "off", f"{COMPILE_SCOPES['off']} ({why})"
     scope = "layers" if static_attention and not moe else "norms_mlp"
     why = f"auto on {device_type}" if value == "auto" else "set in the config"

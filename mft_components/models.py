@@ -21,6 +21,7 @@ import json
 import logging
 import re
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors import safe_open
@@ -319,8 +320,8 @@ def build_model(
     lora: LoRAOptions | None = None,
     dtype: str = "bf16",
     attn_implementation: str = "auto",
-    activation_checkpointing: bool | str = False,
-    compile: bool | str = "auto",
+    activation_checkpointing: bool | Literal["full", "every_other", "selective"] = False,
+    compile: bool | Literal["auto"] = "auto",
     liger: bool | list[str] = False,
     cpu_offload: bool = False,
     trust_remote_code: bool = False,

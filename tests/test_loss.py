@@ -547,3 +547,19 @@ def test_router_aux_loss_added_per_micro_batch():
     ref = reference_loss(micro_batches, proj, lm_head, "token", None)
     assert total == pytest.approx(float(ref) + 0.01 * 2.0, rel=1e-6)
     assert loss_fn.step_metrics()["aux_loss"] == pytest.approx(0.02)
+
+
+def test_liger_cross_entropy_switch_errors():
+    """loss.cross_entropy: liger is checked where it is set (tests/test_gpu.py compares it with chunked on CUDA)."""
+    import importlib.util
+
+    with pytest.raises(ValueError, match="loss.cross_entropy: expected one of chunked, liger"):
+        TaskWeightedLoss(cross_entropy="fused")
+    h, w, labels = torch.randn(5, 8), torch.randn(11, 8), torch.randint(0, 11, (5,))
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        chunked_cross_entropy(h, w, labels, kernel="fused")
+    if importlib.util.find_spec("liger_kernel") is None:
+        with pytest.raises(ValueError, match=r"needs the liger-kernel package \(pip install 'mft\[gpu\]'\)"):
+            TaskWeightedLoss(cross_entropy="liger")
+    with pytest.raises(ValueError, match="liger runs on CUDA only"):
+        chunked_cross_entropy(h, w, labels, kernel="liger")

@@ -332,6 +332,11 @@ def test_compile_and_checkpointing_choices():
     assert activation_checkpointing_mode(True) == "full" and activation_checkpointing_mode(None) is False
     with pytest.raises(ValueError, match="model.activation_checkpointing: expected one of .*selective"):
         activation_checkpointing_mode("some")
+    from mft_components.models import resolve_liger
+
+    assert resolve_liger(False, "cpu") == ()
+    with pytest.raises(ValueError, match="model.liger: liger-kernel's Triton kernels run on CUDA only"):
+        resolve_liger(True, "cpu")
 
 
 def test_prepare_batch_matches_and_checks_labels(tiny_dir):
