@@ -170,11 +170,16 @@ def test_resume_at_epoch_boundary_matches_uninterrupted(assets, tmp_path):
 
 @pytest.mark.slow
 def test_two_ranks_match_one_rank(assets, tmp_path):
-    """The same global batch as 1 rank x 4 micro-batches and as 2 ranks x 2 (FSDP2, gloo): same adapter."""
+    """The same global batch as 1 rank x 4 micro-batches and as 2 ranks x 2 (FSDP2, gloo): same adapter. The two
+    ranks also run what compile: auto does on CUDA (whole decoder layers compiled, here with sdpa's mask) under
+    FSDP2, with selective activation checkpointing inside the compiled layers; the one rank runs eagerly."""
     one = _config(assets, tmp_path, name="one", max_steps=3, gradient_accumulation_steps=4)
     _run(LORA_RECIPE, one, f"output_dir={tmp_path / 'one'}")
-    two = _config(assets, tmp_path, name="two", max_steps=3, gradient_accumulation_steps=2)
-    run_torchrun(LORA_RECIPE, "--config", two, f"output_dir={tmp_path / 'two'}", nproc=2)
+    two = _config(assets, tmp_path, name="two", max_steps=3, gradient_accumulation_steps=2,
+                  **{"model.attn_implementation": "sdpa", "model.compile": True,
+                     "model.activation_checkpointing": "selective"})
+    proc = run_torchrun(LORA_RECIPE, "--config", two, f"output_dir={tmp_path / 'two'}", nproc=2)
+    assert "[mft] compile: whole decoder layers" in proc.stdout
     a, b = ck.load_checkpoint_weights(tmp_path / "one" / "step_3"), ck.load_checkpoint_weights(tmp_path / "two" / "step_3")
     assert a.keys() == b.keys() and len(a) > 0
     for k in a:
