@@ -149,7 +149,7 @@ def parse_record(record: Any) -> tuple[str, Any]:
     raise _Bad("record", f"no known shape; expected chat_rounds, {shapes} or text (keys: {sorted(record)[:8]})")
 
 
-def _parse_chat_rounds(rounds: Any) -> list[dict]:
+def _parse_chat_rounds(rounds: Any, prompt_only: bool = False) -> list[dict]:
     if not isinstance(rounds, list):
         raise _Bad("chat_rounds", f"expected a list of turns, got {type(rounds).__name__}")
     if not rounds:
@@ -184,9 +184,24 @@ def _parse_chat_rounds(rounds: Any) -> list[dict]:
                 raise _Bad(f"{where}.role", f"{role!r} follows {'the start' if prev is None else repr(prev)}; "
                                             f"user and assistant turns must alternate, starting with user")
         messages.append({"role": norm, "content": turn["content"]})
-    if not any(m["role"] == "assistant" for m in messages):
+    if prompt_only:
+        if messages[-1]["role"] != "user":
+            raise _Bad("chat_rounds", "must end with a user turn (the model answers it)")
+    elif not any(m["role"] == "assistant" for m in messages):
         raise _Bad("chat_rounds", "has no assistant turn (nothing to learn)")
     return messages
+
+
+def parse_prompt_rounds(rounds: Any) -> list[dict]:
+    """A prompt given as ``chat_rounds`` (an evaluation problem): the training roles, ending with a user turn.
+
+    Raises:
+        ValueError: ``field: problem`` (e.g. ``chat_rounds[1].role: unknown role 'x' ...``).
+    """
+    try:
+        return _parse_chat_rounds(rounds, prompt_only=True)
+    except _Bad as e:
+        raise ValueError(str(e)) from None
 
 
 # -------------------------------------------------------------------------------------- tokenisation
