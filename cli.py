@@ -7,6 +7,7 @@
     mft data --config CONFIG [key=value ...] [--show N]
     mft export CHECKPOINT_DIR --output OUT_DIR [...]
     mft generate --model DIR (--prompt TEXT | --file PROMPTS.jsonl) [...]
+    mft eval --model DIR --suite dataframebench|humaneval|FILE.jsonl [--task T ...] [...]
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ COMPONENT_COMMANDS = {
     "data": ("mft_components.data_report", "per-task data statistics and rendered samples with loss marked"),
     "export": ("mft_components.export", "merge LoRA and write a Hugging Face model directory and a PEFT adapter"),
     "generate": ("mft_components.generate", "generate with the training prompt format"),
+    "eval": ("mft_components.code_eval.evaluate", "pass@k of generated code per task (dataframebench, humaneval, "
+                                                  "your JSONL)"),
 }
 
 

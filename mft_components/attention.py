@@ -24,13 +24,18 @@ training and evaluation forwards on packed batches; generation with a KV cache u
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SDPA_VARLEN", "attention_kwargs", "segment_lengths", "sdpa_varlen_attention_forward"]
+__all__ = ["SDPA_VARLEN", "attention_kwargs", "kv_cache_attention", "segment_lengths", "sdpa_varlen_attention_forward"]
 
 SDPA_VARLEN = "sdpa_varlen"
+# Training attentions that cannot decode with a KV cache, and the one generation uses in their place.
+NO_KV_CACHE = {SDPA_VARLEN}
+KV_CACHE_ATTENTION = "sdpa"
 
 
 def segment_lengths(sample_ids: torch.Tensor) -> tuple[tuple[int, ...], ...]:
@@ -168,6 +173,25 @@ def sdpa_varlen_attention_forward(
             rows.append(torch.cat(outs, dim=2) if len(outs) > 1 else outs[0])
         out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
     return out.transpose(1, 2).contiguous(), None
+
+
+@contextlib.contextmanager
+def kv_cache_attention(config):
+    """Inside the block, a model trained with an attention in ``NO_KV_CACHE`` runs ``sdpa`` (same weights, same
+    math on an unpacked batch) so that it can generate with a KV cache; others run as they are.
+
+    Args:
+        config: the transformers config (shared by the model's modules; its sub-configs follow it).
+    """
+    current = getattr(config, "_attn_implementation", None)
+    if current not in NO_KV_CACHE:
+        yield
+        return
+    config._attn_implementation = KV_CACHE_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = current
 
 
 def _no_mask(*args, **kwargs) -> None:

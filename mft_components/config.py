@@ -265,9 +265,12 @@ def _check_against_schema(data: dict, schema: type, prefix: str, source: str, pr
         if key not in fields:
             problems.append(f"{source}: unknown key '{path}'{_closest(key, fields, prefix)}")
             continue
-        field_type = hints[key]
+        field_type = _dataclass_in(hints[key]) or hints[key]
         if dataclasses.is_dataclass(field_type) and isinstance(value, dict):
             _check_against_schema(value, field_type, f"{path}.", source, problems)
+            # A section may check its values too (ranges, files): ``value_problems(section) -> [(key, problem)]``.
+            for sub, problem in getattr(field_type, "value_problems", lambda _: [])(value):
+                problems.append(f"{source}: '{path}.{sub}': {problem}")
         elif isinstance(value, dict) and COMPONENT_KEY in value:
             _check_component(value, path, source, problems, _runtime_args(fields[key]))
         else:
@@ -333,6 +336,12 @@ def _type_hints(target: Any) -> dict:
         return typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
     except Exception:  # unresolvable annotations only cost us the deeper check
         return {}
+
+
+def _dataclass_in(annotation: Any) -> type | None:
+    """The dataclass of a section annotated ``Section`` or ``Section | None`` (its keys are checked)."""
+    options = get_args(annotation) if get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,)
+    return next((o for o in options if dataclasses.is_dataclass(o)), None)
 
 
 def _typed_dict_in(annotation: Any) -> type | None:

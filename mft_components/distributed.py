@@ -129,7 +129,13 @@ def shard_model(
         compile: torch.compile each decoder layer's norms and MLP (`compile_layers`).
         reshard_after_forward: free unsharded layer parameters after forward (ZeRO-3); False = ZeRO-2.
     """
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        MixedPrecisionPolicy,
+        OffloadPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
 
     if activation_checkpointing:
         apply_activation_checkpointing(model)
@@ -146,6 +152,22 @@ def shard_model(
     # The root group (embeddings, final norm, lm_head) is needed right after the last layer for the loss:
     # keeping it unsharded after forward saves one all-gather at the start of backward.
     fully_shard(model, reshard_after_forward=False, **kwargs)
+    if hasattr(model, "generate"):  # generation (code evaluation) gathers the root's parameters like forward
+        register_fsdp_forward_method(model, "generate")
+
+
+def reshard(model: nn.Module) -> None:
+    """Put FSDP2 parameters back into their sharded form after forwards without backward (evaluation, generation).
+
+    FSDP2 leaves the root module's parameters unsharded after its forward until the backward reshards them; with
+    no backward, the module would keep registering the unsharded tensors, which are not the parameters the
+    optimizer holds, and the next checkpoint or optimizer step would miss them.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 @torch.no_grad()

@@ -20,7 +20,6 @@ output is one JSON line per input: the input record plus `"response"`.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 
 from mft_components.checkpoint import read_checkpoint_meta
+from mft_components.code_eval.generation import generate_batched
 from mft_components.export import (
     ADAPTER_CONFIG,
     CHAT_FORMAT_FILE,
@@ -108,7 +108,8 @@ def merge_adapter_into(model: torch.nn.Module, adapter_dir: str | Path) -> None:
 
 
 def load_generation_model(model_dir: str | Path, adapter: str | Path | None = None, dtype: str = "fp32",
-                          device: str | torch.device | None = None) -> GenerationModel:
+                          device: str | torch.device | None = None,
+                          default_chat_format: dict | None = None) -> GenerationModel:
     """Load an exported directory, or a base model plus a checkpoint's LoRA adapter merged in float32.
 
     Args:
@@ -116,6 +117,8 @@ def load_generation_model(model_dir: str | Path, adapter: str | Path | None = No
         adapter: a LoRA / QLoRA checkpoint (`output_dir/step_N/`) or an exported `adapter/` directory.
         dtype: "fp32" | "bf16" | "fp16" for inference (the merge runs in float32 first).
         device: where to run (default cuda when available, else cpu).
+        default_chat_format: the chat format (``ChatFormat.from_config``) of a model that has no training one (a
+            base model); None refuses such a model.
 
     Returns:
         GenerationModel.
@@ -141,7 +144,12 @@ def load_generation_model(model_dir: str | Path, adapter: str | Path | None = No
                             f"--adapter, or pass the base model as --model")
     if dtype not in OUTPUT_DTYPES:
         raise GenerateError(f"dtype: expected one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}")
-    chat_dict, eos_token, meta_path = _read_chat_meta(([adapter_dir] if adapter_dir else []) + [model_dir])
+    try:
+        chat_dict, eos_token, meta_path = _read_chat_meta(([adapter_dir] if adapter_dir else []) + [model_dir])
+    except GenerateError:
+        if default_chat_format is None:
+            raise
+        chat_dict, eos_token, meta_path = default_chat_format, None, model_dir
     chat_format = ChatFormat.from_config(chat_dict)
 
     tokenizer = AutoTokenizer.from_pretrained(_tokenizer_dir(model_dir, adapter_dir))
@@ -198,22 +206,11 @@ def generate(gm: GenerationModel, prompt: str | list[dict], *, system: str | Non
         raise GenerateError("the conversation must end with a user turn (the model answers it)")
     eos = gm.eos_token_id if eos_token_id is None else eos_token_id
     prompt_ids = list(gm.chat_format.prompt_ids(messages, gm.tokenizer))
-    device = next(gm.model.parameters()).device
-    input_ids = torch.tensor([prompt_ids], device=device)
-
-    config = copy.deepcopy(gm.model.generation_config)
-    config.max_new_tokens = max_new_tokens
-    config.eos_token_id = eos
-    config.pad_token_id = config.pad_token_id if config.pad_token_id is not None else eos
-    config.do_sample = not greedy
-    config.temperature = None if greedy else temperature
-    config.top_p = None if greedy else top_p
-    config.top_k = None  # only the knobs the user chose
-    out = gm.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config)
-    new_ids = out[0, len(prompt_ids):].tolist()
-    finished = eos in new_ids
-    if finished:
-        new_ids = new_ids[: new_ids.index(eos)]
+    # The batched generation code evaluation runs inside training, for one prompt.
+    pad = gm.model.generation_config.pad_token_id
+    out = generate_batched(gm.model, [prompt_ids], eos_token_id=eos, max_new_tokens=max_new_tokens, greedy=greedy,
+                           temperature=temperature, top_p=top_p, pad_token_id=pad)[0]
+    new_ids, finished = out.new_ids, out.finished
     text = gm.tokenizer.decode(new_ids, skip_special_tokens=False)
     return Generation(text=text, prompt_ids=prompt_ids, new_ids=new_ids, finished=finished)
 

@@ -133,6 +133,13 @@ class MFTModel(nn.Module):
         return token_losses, aux
 
 
+    def generate(self, *args, **kwargs):
+        """transformers' ``generate`` on the decoder and its LM head, called through this root module so that under
+        FSDP2 (which registers it as a forward method) the root's parameters (embeddings, final norm, ``lm_head``)
+        are gathered first, as for ``forward``."""
+        return self.hf_model.generate(*args, **kwargs)
+
+
 def _num_experts(config) -> int | None:
     for name in ("num_experts", "num_local_experts"):
         if getattr(config, name, None):

@@ -11,7 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["RecipeConfig", "LoRARecipeConfig", "FullRecipeConfig"]
+from mft_components.code_eval.evaluate import CodeEvalOptions
+
+__all__ = ["RecipeConfig", "LoRARecipeConfig", "FullRecipeConfig", "EvalConfig"]
 
 
 def _component(*runtime_args: str, default: dict | None = None) -> Any:
@@ -19,6 +21,18 @@ def _component(*runtime_args: str, default: dict | None = None) -> Any:
     if default is None:
         return field(metadata=meta)
     return field(default_factory=lambda: dict(default), metadata=meta)
+
+
+@dataclass
+class EvalConfig:
+    """``eval``: evaluations beyond the validation loss.
+
+    Attributes:
+        code: execution-based evaluation (pass@k per task; ``mft_components.code_eval.evaluate.CodeEvalOptions``),
+            or null.
+    """
+
+    code: CodeEvalOptions | None = None
 
 
 @dataclass
@@ -51,6 +65,7 @@ class RecipeConfig:
             or null (start fresh).
         log_every_n_steps: write a ``metrics.jsonl`` line every N steps.
         tensorboard: also write TensorBoard events to ``output_dir/tb``.
+        eval: ``code``: pass@k of generated code per task (:class:`EvalConfig`).
     """
 
     output_dir: str
@@ -77,6 +92,7 @@ class RecipeConfig:
     resume: str | None = None
     log_every_n_steps: int = 1
     tensorboard: bool = True
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # The two recipes read the same keys; the names say which recipe a schema is declared for.

@@ -13,6 +13,8 @@ Features:
     - Evaluation every ``eval_every_n_steps``: overall and per-task validation loss and perplexity; CoBa weights
       from per-task validation losses; early stopping after ``early_stopping_patience`` evaluations without a
       new best.
+    - Execution-based evaluation (``eval.code``): pass@1 / pass@k of generated code per task, sandboxed; with
+      ``select_by: pass@1`` early stopping and the best checkpoint follow it instead of the validation loss.
     - Checkpoints in ``output_dir/step_N``: the adapter in PEFT's format (``peft`` and ``mft export`` load it) plus
       the recipe state for an exact resume (``resume: auto`` or a path); written atomically; ``saving_limit``
       keeps the newest and the best.
@@ -33,6 +35,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from mft_components import checkpoint as ck
+from mft_components.code_eval.evaluate import CodeEvalError, CodeEvaluator
 from mft_components.config import instantiate, parse, to_container
 from mft_components.data import DataError
 from mft_components.distributed import destroy_distributed, gather_state_dict, init_distributed
@@ -96,6 +99,10 @@ class LoRAFinetuneRecipe:
             if self.data.valid_samples else []
         )
 
+        # Eval sets and the sandbox too (a bad record or interpreter costs no model load).
+        self.code_evaluator = CodeEvaluator.from_config(OmegaConf.select(cfg, "eval.code"), self.tokenizer,
+                                                        self.data.chat_format)
+
         # 5. Loss, still before the model: unknown tasks in task_weights or bad CoBa settings cost no model load.
         self.loss_fn = instantiate(cfg.loss)
         self.loss_fn.setup(self.task_names)
@@ -122,21 +129,26 @@ class LoRAFinetuneRecipe:
         self.total_steps = cfg.max_steps or sum(plan.steps_per_epoch(e) for e in range(cfg.epochs))
         self.lr_scheduler = instantiate(cfg.lr_scheduler, self.optimizer, num_training_steps=self.total_steps)
 
-        self.early_stopping = EarlyStopping(patience=cfg.early_stopping_patience)
+        # Early stopping and the best checkpoint follow the validation loss, or eval.code.select_by (pass@1).
+        self.early_stopping = EarlyStopping(patience=cfg.early_stopping_patience,
+                                            **self.code_evaluator.early_stopping_kwargs())
         self.step, self.epoch, self.step_in_epoch = 0, 0, 0
         self.last_saved_step = None
 
         # 9. Resume: weights, optimizer, schedule, loss, data position and RNG of the checkpoint.
-        self.rank_state = self.evaluator_state = None
+        self.rank_state = self.evaluator_state = self.code_evaluator_state = None
         if resume_from is not None:
             self.load_checkpoint(resume_from)
 
         # 10. Output for people, on rank 0.
         self.logger = MetricLogger(self.output_dir, enabled=self.is_rank0, tensorboard=cfg.tensorboard)
         self.progress = ProgressBar(self.total_steps, initial=self.step, enabled=self.is_rank0)
+        loss_tracker = EarlyStopping() if self.code_evaluator.selects else self.early_stopping
         self.evaluator = Evaluator(valid_batches, self.task_names, self.device, cfg.eval_every_n_steps,
-                                   self.early_stopping, self.logger, self.progress, self.loss_fn.ce_kwargs)
+                                   loss_tracker, self.logger, self.progress, self.loss_fn.ce_kwargs)
         self.evaluator.load_state_dict(self.evaluator_state)
+        self.code_evaluator.attach(self.logger, self.progress, self.output_dir, self.early_stopping)
+        self.code_evaluator.load_state_dict(self.code_evaluator_state)
 
     # -------------------------------------------------------------------------------------------------- train
 
@@ -148,6 +160,8 @@ class LoRAFinetuneRecipe:
         if self.step == 0 and self.evaluator.valid_batches:
             # Per-task validation losses before any update: what every later evaluation is compared with.
             self.evaluator.run(self.model, 0, track=False)
+        if self.step == 0 and self.code_evaluator.enabled:
+            self.code_evaluator.run(self.model, 0, track=False)
         throughput = Throughput()
         while self.step < self.total_steps and not self.early_stopping.should_stop:
             if self.step_in_epoch >= plan.steps_per_epoch(self.epoch):  # the saved epoch was complete
@@ -198,7 +212,11 @@ class LoRAFinetuneRecipe:
                 with throughput.paused():  # evaluation and checkpoints are not training time
                     self.evaluator.update_coba(self.model, self.loss_fn, self.step)
                     epoch_end = self.step_in_epoch == plan.steps_per_epoch(self.epoch)
-                    improved = self.evaluator.due(self.step, epoch_end) and self.evaluator.run(self.model, self.step)
+                    loss_due = self.evaluator.due(self.step, epoch_end)
+                    improved = loss_due and self.evaluator.run(self.model, self.step)
+                    code_due = self.code_evaluator.due(self.step, loss_due)
+                    code_improved = code_due and self.code_evaluator.run(self.model, self.step)
+                    improved = code_improved if self.code_evaluator.selects else improved
                     if self.early_stopping.should_stop:
                         break
                     if improved or (cfg.save_every_n_steps and self.step % cfg.save_every_n_steps == 0):
@@ -207,12 +225,14 @@ class LoRAFinetuneRecipe:
                 continue  # the epoch (or the run) ended normally: next epoch
             break  # early stopping
         if self.early_stopping.should_stop:
-            stop_reason = (f"early stopping: {self.early_stopping.bad_evals} evaluations without a loss "
-                           f"below step {self.early_stopping.best_step}'s")
+            stop_reason = (f"early stopping: {self.early_stopping.bad_evals} evaluations without a better "
+                           f"{self.early_stopping.metric} than step {self.early_stopping.best_step}'s")
 
         # The end: evaluate if the last step was not evaluated, then the final checkpoint.
         if not self.evaluator.evaluated(self.step):
             self.evaluator.run(self.model, self.step)
+        if not self.code_evaluator.evaluated(self.step):
+            self.code_evaluator.run(self.model, self.step)
         if self.last_saved_step != self.step:
             self.save_checkpoint()
         self.progress.close()
@@ -248,11 +268,11 @@ class LoRAFinetuneRecipe:
         )
         if self.is_rank0:
             state["evaluator"] = self.evaluator.state_dict()
-            path = ck.save_checkpoint(
-                self.output_dir, self.step, **weights, recipe_state=state,
-                meta=ck.checkpoint_meta(self.model, self.data, self.tokenizer, self.evaluator.last,
-                                        to_container(self.cfg), base_model_dir=self.base_model_dir),
-            )
+            state["code_evaluator"] = self.code_evaluator.state_dict()
+            meta = ck.checkpoint_meta(self.model, self.data, self.tokenizer, self.evaluator.last,
+                                      to_container(self.cfg), base_model_dir=self.base_model_dir)
+            path = ck.save_checkpoint(self.output_dir, self.step, **weights, recipe_state=state,
+                                      meta={**meta, **self.code_evaluator.checkpoint_meta()})
             best = self.early_stopping.best_step
             ck.prune_checkpoints(self.output_dir, self.cfg.saving_limit, keep=(best,) if best else ())
             self.progress.write(f"saved {path}")
@@ -273,7 +293,8 @@ class LoRAFinetuneRecipe:
             early_stopping=self.early_stopping, rank=self.rank, world_size=self.world_size,
         )
         self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
-        self.evaluator_state = state.get("evaluator")  # restored once the evaluator exists (setup step 10)
+        self.evaluator_state = state.get("evaluator")  # restored once the evaluators exist (setup step 10)
+        self.code_evaluator_state = state.get("code_evaluator")
         self.last_saved_step = self.step
         if self.is_rank0:
             print(f"resumed from {path} at step {self.step}", flush=True)
@@ -294,6 +315,8 @@ def run(recipe: LoRAFinetuneRecipe) -> None:
         recipe.setup()
     except DataError as e:  # reported before any model was built
         sys.exit(f"data error:\n{e}")
+    except CodeEvalError as e:  # eval sets and the sandbox: also before the model
+        sys.exit(f"eval.code error:\n{e}")
     except ck.ResumeError as e:  # settled before data and model
         sys.exit(f"resume error: {e}")
     try:
