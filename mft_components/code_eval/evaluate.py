@@ -142,7 +142,7 @@ class CodeEvalOptions:
             for k in ks:
                 if not isinstance(k, int) or not 2 <= k <= max(n, 1):
                     out.append(("k", f"{k!r}: each k must lie in 2..num_samples ({n}); pass@1 is the greedy one"))
-        choices = ["loss", "pass@1"] + [f"pass@{k}" for k in ks if isinstance(k, int)]
+        choices = ["loss", "pass@1"] + [f"pass@{k}" for k in ks if isinstance(k, int) and k >= 2]
         if opts["select_by"] not in choices:
             out.append(("select_by", f"is {opts['select_by']!r}: expected one of {', '.join(choices)}"))
         if opts["python"] is not None and shutil.which(str(opts["python"])) is None:
