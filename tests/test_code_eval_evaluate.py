@@ -121,7 +121,7 @@ def test_validate_names_every_bad_key(assets, tmp_path):  # noqa: F811
                                                                  "k": [2, 5], "select_by": "pass@5"}})
     assert main(["validate", "--config", str(good)]) == 0
     # The recipe refuses the same before anything runs.
-    with pytest.raises(SystemExit, match=r"config errors:(.|\n)*'eval.code.tasks.a': no such eval file"):
+    with pytest.raises(SystemExit, match=r"config errors:(.|\n)*'eval.code.tasks.a': path does not exist"):
         _run(LORA_RECIPE, cfg)
 
 
@@ -142,7 +142,8 @@ def test_mft_eval_on_a_base_model(smollm2_dir, tmp_path, capsys):
 
 def test_mft_eval_errors(tmp_path, capsys):
     assert ce.run(_parse(["--model", str(tmp_path), "--suite", "mbpp"])) == 2
-    assert "eval.code.tasks.mbpp: no such eval file 'mbpp' (or a suite: humaneval" in capsys.readouterr().err
+    assert "eval.code.tasks.mbpp: path does not exist: mbpp (an eval set is a .jsonl file, or a suite: humaneval" \
+        in capsys.readouterr().err
     assert ce.run(_parse(["--model", str(tmp_path), "--suite", "dataframebench", "--task", "unit_tests"])) == 2
     assert "eval.code.tasks.unit_tests: dataframebench task 'unit_tests' unknown" in capsys.readouterr().err
     assert ce.run(_parse(["--model", str(tmp_path), "--suite", "humaneval"])) == 2  # no model there

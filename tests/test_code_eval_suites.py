@@ -179,5 +179,5 @@ def test_bad_records_name_file_line_and_field(tmp_path):
     with pytest.raises(suites.EvalSetError, match="neither a suite"):
         suites.load_task("mbpp")
     assert suites.check_task_source("dataframebench:unit_tests").startswith("dataframebench task 'unit_tests'")
-    assert suites.check_task_source(str(tmp_path / "none.jsonl")).startswith("no such eval file")
+    assert suites.check_task_source(str(tmp_path / "none.jsonl")).startswith("path does not exist")
     assert suites.check_task_source("humaneval") is None

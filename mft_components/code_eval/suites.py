@@ -36,6 +36,7 @@ import gzip
 import importlib.util
 import json
 import re
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,8 @@ MAX_LISTED_PROBLEMS = 20
 HUMANEVAL_INSTRUCTION = ("Complete the following Python function. Answer with the whole function, imports "
                          "included, in a markdown code block.\n\n```python\n{prompt}```")
 DATAFRAMEBENCH_TASKS = ("pandas_solution", "polars_solution", "pandas_to_polars")
+DEMO_EVAL_TASKS = ("pandas_solution", "polars_solution")
+DEMO_EVAL_PROBLEMS = 3
 SUITES = ("humaneval", *(f"dataframebench:{t}" for t in DATAFRAMEBENCH_TASKS))
 
 
@@ -372,28 +375,29 @@ def dataframebench_problems(task: str, split: str = "test", cache_dir: str | Pat
     return out
 
 
-def prepare_dataframebench_eval(tasks: tuple[str, ...] = ("pandas_solution", "polars_solution"), n: int = 4,
-                                cache_dir: str | Path | None = None,
-                                libraries: tuple[str, ...] = ("matplotlib", "numpy")) -> Path:
-    """Eval files of ``n`` dataframebench test problems per task that need no library beyond pandas, polars,
-    ``libraries`` and the standard library (the demo's: its environment has no scikit-learn or seaborn).
-
-    The shortest problems (by the length of the pandas ground truth) are taken, the same ones for every task.
+def prepare_dataframebench_eval(cache_dir: str | Path | None = None) -> Path:
+    """The demo's eval files: ``DEMO_EVAL_PROBLEMS`` dataframebench test problems for each of ``DEMO_EVAL_TASKS``,
+    among those that need no library beyond pandas, polars, matplotlib, numpy and the standard library (the demo's
+    environment has no scikit-learn or seaborn); those with the shortest answers, the same for every task.
 
     Returns:
         The directory holding ``TASK.jsonl`` for each task (cached under ``$MFT_CACHE``).
     """
-    import sys
-
+    out = cache_root(cache_dir) / f"dataframebench-{DATAFRAMEBENCH_VERSION}-demo-eval"
+    if all((out / f"{task}.jsonl").is_file() for task in DEMO_EVAL_TASKS):
+        return out
     records = dataframebench_records("test", cache_dir)
-    allowed = set(libraries) | set(getattr(sys, "stdlib_module_names", ()))
+    allowed = {"matplotlib", "numpy", *sys.stdlib_module_names}
     runnable = [r for r in records if set(r.get("libs") or ()) <= allowed]
-    chosen = {r["task_id"] for r in sorted(runnable, key=lambda r: len(r["ground_truth"]["pandas"]))[:n]}
-    out = cache_root(cache_dir) / f"dataframebench-{DATAFRAMEBENCH_VERSION}-eval-{n}-{'-'.join(sorted(libraries))}"
-    for task in tasks:
-        if not (out / f"{task}.jsonl").is_file():
-            write_eval_file([p for p in dataframebench_problems(task, cache_dir=cache_dir) if p.task_id in chosen],
-                            out / f"{task}.jsonl")
+
+    def answer_length(record: dict) -> int:  # of the answers the demo trains on: docstrings stripped
+        convs = dataframebench_conversations(record)
+        return sum(len(convs[t]["chat_rounds"][-1]["content"]) for t in DEMO_EVAL_TASKS)
+
+    chosen = {r["task_id"] for r in sorted(runnable, key=answer_length)[:DEMO_EVAL_PROBLEMS]}
+    for task in DEMO_EVAL_TASKS:
+        write_eval_file([p for p in dataframebench_problems(task, cache_dir=cache_dir) if p.task_id in chosen],
+                        out / f"{task}.jsonl")
     return out
 
 
@@ -421,5 +425,5 @@ def check_task_source(source: Any) -> str | None:
     if source.startswith("dataframebench:"):
         return f"dataframebench task {source.split(':', 1)[1]!r} unknown; expected one of {', '.join(SUITES[1:])}"
     if not Path(source).expanduser().is_file():
-        return f"no such eval file {source!r} (or a suite: {', '.join(SUITES)})"
+        return f"path does not exist: {source} (an eval set is a .jsonl file, or a suite: {', '.join(SUITES)})"
     return None
