@@ -69,7 +69,14 @@ def test_recipe_evaluates_code_and_selects_by_pass_at_1(assets, tmp_path, capsys
     assert all(a["status"] == "failed" and a["reason"] == "no code block in the answer" for a in answers)
     meta = ck.read_checkpoint_meta(out / "step_4")
     assert meta["code_eval"]["step"] == 4 and meta["code_eval"]["task_pass@1"] == {"sums": 0.0}
+    assert meta["code_eval"]["isolation"].startswith("separate process")
     assert ck.load_recipe_state(out / "step_4")["code_evaluator"]["best"][0] == 2
+    # `mft eval` on the saved checkpoint (base + adapter, merged) answers what the in-training model answered.
+    args = _parse(["--model", str(out / "step_4"), "--suite", code["tasks"]["sums"], "--max-new-tokens", "8",
+                   "--output", str(tmp_path / "again.jsonl"), "--isolation", "process"])
+    assert ce.run(args) == 0
+    again = [json.loads(line) for line in (tmp_path / "again.jsonl").read_text().splitlines()]
+    assert [a["completion"] for a in again] == [a["completion"] for a in answers if a["sample"] == "greedy"]
 
 
 @pytest.mark.slow

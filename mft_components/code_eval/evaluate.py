@@ -168,7 +168,7 @@ class CodeEvalOptions:
 @dataclass
 class CodeEvalResult:
     """One evaluation: ``metrics`` (``pass@1``, ``task_pass@1``, ``pass@K``, ``task_pass@K``, ``task_problems``,
-    seconds), and ``records``, one per answer with its verdict."""
+    seconds, the sandbox's isolation), and ``records``, one per answer with its verdict."""
 
     metrics: dict[str, Any]
     records: list[dict]
@@ -231,7 +231,8 @@ def evaluate_code(model: torch.nn.Module, tokenizer, chat_format, tasks: dict[st
     order = {t: n for n, t in enumerate(tasks)}
     records.sort(key=lambda r: (order[r["task"]], r["index"], -1 if r["sample"] == "greedy" else r["sample"]))
     metrics = _score(records, tasks, options.ks)
-    metrics.update(seconds=time.perf_counter() - start, generate_s=generate_s, execute_s=execute_s)
+    metrics.update(seconds=time.perf_counter() - start, generate_s=generate_s, execute_s=execute_s,
+                   isolation=sandbox.isolation)
     return CodeEvalResult(metrics=metrics, records=records)
 
 
