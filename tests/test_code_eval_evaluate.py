@@ -18,7 +18,6 @@ from mft_components import checkpoint as ck
 from mft_components.code_eval import evaluate as ce
 from mft_components.code_eval.evaluate import CodeEvalError, CodeEvalOptions
 from mft_components.metrics import EarlyStopping
-from tests.conftest import REPO_ROOT
 from tests.test_recipes import LORA_RECIPE, _config, _records, _run, assets  # noqa: F401  (fixture)
 
 EASY = [
@@ -45,7 +44,6 @@ def test_early_stopping_on_a_pass_rate():
     assert restored.best_step == 4 and not restored.update(7, 0.5)
 
 
-@pytest.mark.slow
 def test_recipe_evaluates_code_and_selects_by_pass_at_1(assets, tmp_path, capsys):  # noqa: F811
     """Before training, every 2 steps; pass@1 drives early stopping (patience 1) while the loss still falls."""
     code = {"tasks": {"sums": _eval_file(tmp_path / "sums.jsonl")}, "every_n_steps": 2, "max_new_tokens": 8,
@@ -79,7 +77,6 @@ def test_recipe_evaluates_code_and_selects_by_pass_at_1(assets, tmp_path, capsys
     assert [a["completion"] for a in again] == [a["completion"] for a in answers if a["sample"] == "greedy"]
 
 
-@pytest.mark.slow
 def test_code_evaluation_leaves_training_unchanged(assets, tmp_path):  # noqa: F811
     """Sampled answers use their own RNG stream and the model goes back to train mode with its own attention:
     a run with code evaluations trains exactly as one without (dropout on, so the RNG would show)."""
@@ -96,7 +93,7 @@ def test_code_evaluation_leaves_training_unchanged(assets, tmp_path):  # noqa: F
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
 
 
-def test_validate_names_every_bad_key(assets, tmp_path):  # noqa: F811
+def test_validate_names_every_bad_key(assets, tmp_path, capsys):  # noqa: F811
     from cli import main
 
     bad_file = tmp_path / "bad.jsonl"
@@ -112,18 +109,14 @@ def test_validate_names_every_bad_key(assets, tmp_path):  # noqa: F811
     assert f"{bad_file}:1: test: missing or empty" in dict(problems)["tasks.c"]
     with pytest.raises(CodeEvalError, match=r"eval.code.bogus: unknown key"):
         CodeEvalOptions.from_config(code)
-    import subprocess
-    import sys
-
-    proc = subprocess.run([sys.executable, "-c", "import sys, cli; sys.exit(cli.main())", "validate", "--config",
-                           str(cfg)], capture_output=True, text=True, cwd=REPO_ROOT)
-    assert proc.returncode == 1
+    assert main(["validate", "--config", str(cfg)]) == 1
+    err = capsys.readouterr().err
     for expected in ("unknown key 'eval.code.bogus'", "'eval.code.timeout_s' is 'x': expected a number",
                      "'eval.code.tasks.b': dataframebench task 'unit_tests' unknown",
                      "'eval.code.k': 9: each k must lie in 2..num_samples (4)",
                      "'eval.code.select_by': is 'pass@3': expected one of loss, pass@1, pass@9",
                      f"{bad_file}:1: test: missing or empty"):
-        assert expected in proc.stderr, (expected, proc.stderr)
+        assert expected in err, (expected, err)
     good = _config(assets, tmp_path, name="good", eval={"code": {"tasks": {"d": "humaneval"}, "num_samples": 5,
                                                                  "k": [2, 5], "select_by": "pass@5"}})
     assert main(["validate", "--config", str(good)]) == 0
@@ -132,7 +125,6 @@ def test_validate_names_every_bad_key(assets, tmp_path):  # noqa: F811
         _run(LORA_RECIPE, cfg)
 
 
-@pytest.mark.slow
 def test_mft_eval_on_a_base_model(smollm2_dir, tmp_path, capsys):
     """SmolLM2-135M-Instruct with its own chat template writes `add`: the verdict passes; a test that hangs times
     out; the table and the JSONL say so."""
