@@ -10,8 +10,10 @@ One JSON object per line; blank lines, CRLF line ends and a UTF-8 BOM are fine. 
 
 * ``{"chat_rounds": [{"role": ..., "content": ...}, ...]}`` with roles ``system`` (first only), ``human``/``user``
   and ``bot``/``assistant``/``gpt``, user and assistant alternating, at least one assistant turn;
-* single turn: ``prompt``/``answer``, ``prompt``/``response``, ``instruction``/``output`` (an Alpaca ``input`` is
-  appended to the instruction), ``question``/``answer``, ``input``/``output``, each with an optional ``system``;
+* single turn (MFTCoder's shapes): ``prompt``/``answer``, ``prompt``/``response``, ``instruction``/``output`` (an
+  Alpaca ``input`` is appended to the instruction), ``instruction``/``response``, ``question``/``response``,
+  ``question``/``answer``, ``query``/``answer``, ``input``/``output``, each with an optional ``system`` (an empty
+  one adds no system turn); a prompt key without its answer key is a bad record (nothing to learn);
 * ``{"text": ...}``: plain text, every token carries loss.
 
 Other keys (``id``, ``data_name``, ...) are ignored. A bad record is reported as ``path:line: field: problem``;
@@ -67,11 +69,14 @@ _CHUNK_BYTES = 1 << 20
 
 USER_ROLES = ("human", "user")
 ASSISTANT_ROLES = ("bot", "assistant", "gpt")
-SINGLE_TURN_SHAPES = (  # (prompt key, answer key), tried in this order
+SINGLE_TURN_SHAPES = (  # (prompt key, answer key), tried in this order; MFTCoder's shapes, Alpaca's first
     ("prompt", "answer"),
     ("prompt", "response"),
     ("instruction", "output"),
+    ("instruction", "response"),
+    ("question", "response"),
     ("question", "answer"),
+    ("query", "answer"),
     ("input", "output"),
 )
 
@@ -135,8 +140,9 @@ def parse_record(record: Any) -> tuple[str, Any]:
                 if extra.strip():
                     prompt = f"{prompt}\n\n{extra}"
             messages = []
-            if record.get("system") is not None:
-                messages.append({"role": "system", "content": _string(record, "system")})
+            # An empty system is no system turn, as in MFTCoder's tokenisation.
+            if record.get("system") is not None and _string(record, "system"):
+                messages.append({"role": "system", "content": record["system"]})
             messages.append({"role": "user", "content": prompt})
             messages.append({"role": "assistant", "content": _string(record, answer_key)})
             return "chat", messages
@@ -146,6 +152,10 @@ def parse_record(record: Any) -> tuple[str, Any]:
             raise _Bad("text", "is empty")
         return "text", text
     shapes = ", ".join(f"{p}/{a}" for p, a in SINGLE_TURN_SHAPES)
+    prompts = [k for k in dict.fromkeys(p for p, _ in SINGLE_TURN_SHAPES) if k in record]
+    if prompts:  # a prompt without an answer: nothing to learn
+        answers = "/".join(a for p, a in SINGLE_TURN_SHAPES if p == prompts[0])
+        raise _Bad("record", f"no known shape: {prompts[0]!r} has no {answers} to learn (keys: {sorted(record)[:8]})")
     raise _Bad("record", f"no known shape; expected chat_rounds, {shapes} or text (keys: {sorted(record)[:8]})")
 
 

@@ -78,9 +78,42 @@ def test_record_shapes_render_like_templates(smollm2_tokenizer, tmp_path):
     assert st["loss_tokens"] == sum(int(s.loss_mask.sum()) for s in d.train_samples)
 
 
+def mftcoder_single_turn(tok, system: str, prompt: str, answer: str) -> tuple[list[int], list[bool]]:
+    """MFTCoder's tokenisation of a single-turn record (``UniformEncoder._tokenize_fields``, sft mode, default
+    markers): every content gets a trailing newline, the prompt side is encoded in one piece, then the answer
+    and EOS (the only tokens with loss); no newline after EOS."""
+    enc = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prompt_ids = enc((f"<s>system\n{system}\n" if system else "") + f"<s>human\n{prompt}\n<s>bot\n")
+    answer_ids = enc(answer + "\n") + [tok.eos_token_id]
+    return prompt_ids + answer_ids, [False] * len(prompt_ids) + [True] * len(answer_ids)
+
+
+def test_mftcoder_single_turn_shapes_render_byte_exact(smollm2_tokenizer, tmp_path):
+    tok = smollm2_tokenizer
+    records = [
+        ({"instruction": "Reverse xs.", "response": "xs[::-1]"}, "", "Reverse xs.", "xs[::-1]"),
+        ({"question": "What is 2+2?", "response": "4", "system": "Be exact."}, "Be exact.", "What is 2+2?", "4"),
+        ({"query": "Sort xs.", "answer": "sorted(xs)", "system": ""}, "", "Sort xs.", "sorted(xs)"),
+        ({"query": "q", "answer": "def f():\n    return 1", "system": "S"}, "S", "q", "def f():\n    return 1"),
+    ]
+    path = write_jsonl(tmp_path / "mftcoder" / "a.jsonl", [r for r, *_ in records])
+    d = build(tok, [path.parent], tmp_path)
+    assert len(d.train_samples) == len(records)
+    for sample, (_, system, prompt, answer) in zip(d.train_samples, records):
+        ids, mask = sample.input_ids.tolist(), sample.loss_mask.tolist()
+        text = (f"<s>system\n{system}\n" if system else "") + f"<s>human\n{prompt}\n<s>bot\n{answer}\n<|im_end|>\n"
+        assert tok.decode(ids) == text
+        # MFTCoder's ids and mask, plus mft's newline after EOS, which carries no loss (nothing reads it).
+        ref_ids, ref_mask = mftcoder_single_turn(tok, system, prompt, answer)
+        assert ids[:-1] == ref_ids and mask[:-1] == ref_mask
+        assert ids[-1:] == tok("\n", add_special_tokens=False)["input_ids"] and not mask[-1]
+
+
 BAD_CASES = [  # (line text, field, words in the problem)
     ('{"chat_rounds": [', "json", "invalid JSON"),
-    ('{"prompt": "x"}', "record", "no known shape"),
+    ('{"prompt": "x"}', "record", "no known shape: 'prompt' has no answer/response to learn"),
+    ('{"instruction": "x", "system": "s"}', "record", "'instruction' has no output/response to learn"),
+    ('{"query": "x", "response": "y"}', "record", "'query' has no answer to learn"),
     ('{"id": 3}', "record", "no known shape"),
     ('{"chat_rounds": []}', "chat_rounds", "is empty"),
     ('{"chat_rounds": [{"role": "narrator", "content": "x"}]}', "chat_rounds[0].role", "unknown role 'narrator'"),
