@@ -324,12 +324,12 @@ def main() -> None:
     print(f"model {model_dir.name} (fp32), torch {torch.__version__}, {torch.get_num_threads()} threads")
     section_tokenisation(tokenizer)
 
+    short = load_data(args.seq_len, tokenizer, truncation="truncate")  # as the demo: long unit tests cut
+    section_step_loss(model, short, args.steps, args.global_batch, args.seed)
     for seq_length in args.pack_seq_lengths:
         section_packing(load_data(max(args.pack_seq_lengths) * 2, tokenizer), seq_length)
     section_cross_attention(model, load_data(args.attention_seq_length, tokenizer), args.attention_seq_length,
                             args.attention_rows)
-    short = load_data(args.seq_len, tokenizer, truncation="truncate")  # as the demo: long unit tests cut
-    section_step_loss(model, short, args.steps, args.global_batch, args.seed)
     section_coba(model, short, args.valid_per_task, args.seed)
 
 

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import yaml
 
-__all__ = ["MFTCODER_KEYS", "ImportError_", "Imported", "read_mftcoder_config", "translate", "to_yaml",
+__all__ = ["MFTCODER_KEYS", "MFTCoderConfigError", "Imported", "read_mftcoder_config", "translate", "to_yaml",
            "import_mftcoder"]
 
 REQUIRED = object()  # no default: MftTrainArgs requires the key, and mft needs its value
@@ -38,7 +38,7 @@ LOSS_MODES = {"case1": "token", "case2": "sample", "case3": "task", "case4": "ta
 _REMOTE_CODE_TYPES = ("aquila2", "baichuan", "chatglm2", "chatglm3", "qwen", "deepseek_v2")
 
 
-class ImportError_(ValueError):
+class MFTCoderConfigError(ValueError):
     """An MFTCoder config that cannot be imported: the message names the file and the key, and what would be right."""
 
 
@@ -93,7 +93,7 @@ def _split_list(value: Any, key: str) -> list[str]:
         items = [x.strip().strip("'\"") for x in text.split(",")]
     items = [str(x).strip() for x in items if str(x).strip()]
     if not items:
-        raise ImportError_(f"{key}: {value!r} holds no entries; expected \"[path1,path2,...]\"")
+        raise MFTCoderConfigError(f"{key}: {value!r} holds no entries; expected \"[path1,path2,...]\"")
     return items
 
 
@@ -111,10 +111,10 @@ def _task_weights(value: Any, args: dict) -> Out:
     try:
         weights = [float(x) for x in _split_list(value, "task_weights")]
     except ValueError:
-        raise ImportError_(f"task_weights: {value!r} is not a list of numbers; expected \"[1.0,2.0,...]\"") from None
+        raise MFTCoderConfigError(f"task_weights: {value!r} is not a list of numbers; expected \"[1.0,2.0,...]\"") from None
     n = _task_count(args)
     if n is not None and len(weights) != n:
-        raise ImportError_(f"task_weights: {len(weights)} weights for {n} data_paths; expected one weight per task")
+        raise MFTCoderConfigError(f"task_weights: {len(weights)} weights for {n} data_paths; expected one weight per task")
     return {"loss.task_weights": (weights, "one weight per task, in the order of data.data_paths")}
 
 
@@ -127,10 +127,10 @@ def _data_split(value: Any, args: dict) -> Out:
     try:
         parts = [float(x) for x in re.split(r"[,/]", str(value))]
     except ValueError:
-        raise ImportError_(f"data_split: {value!r} is not a split; expected \"train,valid,test\" percentages such "
+        raise MFTCoderConfigError(f"data_split: {value!r} is not a split; expected \"train,valid,test\" percentages such "
                            f"as \"98,2,0\"") from None
     if not 0 < parts[0] <= 100:
-        raise ImportError_(f"data_split: the train share {parts[0]:g} must be in (0, 100]; e.g. \"98,2,0\"")
+        raise MFTCoderConfigError(f"data_split: the train share {parts[0]:g} must be in (0, 100]; e.g. \"98,2,0\"")
     ratio = round(1 - parts[0] / 100, 6)
     return {"data.valid_ratio": (ratio, "MFTCoder trains on ceil(train% of each task) and validates on the rest, "
                                         "its test share included; mft holds out round(ratio x samples), at least 1 "
@@ -145,28 +145,28 @@ def _padding_mode(value: Any, args: dict) -> Out:
     if value == "padding":
         return {"data.packing": ("padding", "one sample per row, as in MFTCoder")}
     if value == "concat":
-        raise ImportError_("padding_mode: 'concat' (fixed windows cut across samples, for pretraining) has no "
+        raise MFTCoderConfigError("padding_mode: 'concat' (fixed windows cut across samples, for pretraining) has no "
                            "counterpart in mft; use 'pack' (whole samples, several per row) or 'padding'")
-    raise ImportError_(f"padding_mode: {value!r}; expected 'padding' or 'pack'")
+    raise MFTCoderConfigError(f"padding_mode: {value!r}; expected 'padding' or 'pack'")
 
 
 def _tokenize_mode(value: Any, args: dict) -> Out:
     if value == "sft":
         return "sft is mft's only mode: loss on the assistant turns (and on every token of {\"text\": ...} records)"
-    raise ImportError_(f"tokenize_mode: {value!r} (loss on every token of every record) has no counterpart in "
+    raise MFTCoderConfigError(f"tokenize_mode: {value!r} (loss on every token of every record) has no counterpart in "
                        f"mft; write the records as {{\"text\": ...}} lines, which train every token, and set 'sft'")
 
 
 def _load_raw_dataset(value: Any, args: dict) -> Out:
     if value:
         return "mft always reads the JSONL and caches its tokenisation"
-    raise ImportError_("load_raw_dataset: false reads MFTCoder's offline-tokenised binary files, which mft does "
+    raise MFTCoderConfigError("load_raw_dataset: false reads MFTCoder's offline-tokenised binary files, which mft does "
                        "not read; point data_paths at the JSONL task directories and set it to true")
 
 
 def _loss_mode(value: Any, args: dict) -> Out:
     if value not in LOSS_MODES:
-        raise ImportError_(f"weighted_loss_mode: {value!r}; expected one of {', '.join(LOSS_MODES)}")
+        raise MFTCoderConfigError(f"weighted_loss_mode: {value!r}; expected one of {', '.join(LOSS_MODES)}")
     return {"loss.mode": (LOSS_MODES[value], f"MFTCoder's {value}, computed exactly over the whole optimizer step "
                                              "(all micro-batches, all ranks); MFTCoder averaged it per micro-batch")}
 
@@ -192,7 +192,7 @@ def _peft_type(value: Any, args: dict) -> Out:
         return {"model.method": ("qlora", "NF4 base (torchao; MFTCoder: bitsandbytes NF4, double quantisation); "
                                           "MFTCoder's LoraConfig(bias='lora_only') also trained the biases of adapted "
                                           "layers, mft keeps them frozen")}
-    raise ImportError_(f"peft_type: {value!r}; expected 'lora', 'qlora' or null (full fine-tuning)")
+    raise MFTCoderConfigError(f"peft_type: {value!r}; expected 'lora', 'qlora' or null (full fine-tuning)")
 
 
 def _lora(name: str) -> Callable[[Any, dict], Out]:
@@ -220,7 +220,7 @@ def _micro_batch(value: Any, args: dict) -> Out:
 
 def _tokenizer_type(value: Any, args: dict) -> Out:
     if str(value).lower() != "autotokenizer":
-        raise ImportError_(f"tokenizer_type: {value!r}; MFTCoder and mft load tokenizers with AutoTokenizer only")
+        raise MFTCoderConfigError(f"tokenizer_type: {value!r}; MFTCoder and mft load tokenizers with AutoTokenizer only")
     return "mft loads the tokenizer with AutoTokenizer from tokenizer.path"
 
 
@@ -278,7 +278,7 @@ def _saving_limit(value: Any, args: dict) -> Out:
 
 def _attention(value: Any, args: dict) -> Out:
     if value not in ("flash_attention_2", "sdpa", "eager"):
-        raise ImportError_(f"attn_implementation: {value!r}; expected flash_attention_2, sdpa or eager")
+        raise MFTCoderConfigError(f"attn_implementation: {value!r}; expected flash_attention_2, sdpa or eager")
     comment = "GPU only; on a CPU use sdpa_varlen" if value == "flash_attention_2" else ""
     return {"model.attn_implementation": (value, comment)}
 
@@ -288,7 +288,7 @@ def _role_markers(value: Any, args: dict) -> Out:
         return "null: MFTCoder's markers <s>system/human/bot, mft's default (data.template: mft)"
     unknown = set(value) - {"system", "user", "assistant"}
     if unknown or not all(isinstance(v, str) and v for v in value.values()):
-        raise ImportError_(f"role_markers: {value!r}; expected non-empty strings for system, user and assistant")
+        raise MFTCoderConfigError(f"role_markers: {value!r}; expected non-empty strings for system, user and assistant")
     return {"data.role_markers": (dict(value), "")}
 
 
@@ -432,18 +432,18 @@ def read_mftcoder_config(path: str | Path, overrides: dict[str, Any] | None = No
         Every key of ``MFTCODER_KEYS`` with its value.
 
     Raises:
-        ImportError_: a missing or invalid file, an unknown key (with the closest known one), a missing required
+        MFTCoderConfigError: a missing or invalid file, an unknown key (with the closest known one), a missing required
             key, or a value of the wrong type; each names the file and the key.
     """
     path = Path(path)
     if not path.is_file():
-        raise ImportError_(f"{path}: no such file (expected an MFTCoder train config, e.g. lora_train_config.json)")
+        raise MFTCoderConfigError(f"{path}: no such file (expected an MFTCoder train config, e.g. lora_train_config.json)")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ImportError_(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+        raise MFTCoderConfigError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
     if not isinstance(raw, dict):
-        raise ImportError_(f"{path}: expected a JSON object of MftTrainArgs keys, got {type(raw).__name__}")
+        raise MFTCoderConfigError(f"{path}: expected a JSON object of MftTrainArgs keys, got {type(raw).__name__}")
     overrides = dict(overrides or {})
     micro = overrides.pop("micro_batch_size", None)
     if micro is not None:  # as mft_accelerate.py: both batch sizes
@@ -469,7 +469,7 @@ def read_mftcoder_config(path: str | Path, overrides: dict[str, Any] | None = No
             problems.append(f"{path}: {key}: expected {expected}, got {value!r}")
         args[key] = value
     if problems:
-        raise ImportError_("\n".join(problems))
+        raise MFTCoderConfigError("\n".join(problems))
     return args
 
 
@@ -487,7 +487,7 @@ def translate(args: dict) -> Imported:
     """Translate MFTCoder args (``read_mftcoder_config``) into an mft config.
 
     Raises:
-        ImportError_: a value mft cannot reproduce (e.g. ``padding_mode: concat``), naming the key.
+        MFTCoderConfigError: a value mft cannot reproduce (e.g. ``padding_mode: concat``), naming the key.
     """
     flat: dict[str, Any] = {}
     result = Imported(config={})
@@ -612,13 +612,13 @@ def import_mftcoder(config_json: str | Path, overrides: dict[str, Any] | None = 
     """Read, translate and render an MFTCoder config: ``(Imported, YAML text)``.
 
     Raises:
-        ImportError_: see ``read_mftcoder_config`` and ``translate``; messages name the file and the key.
+        MFTCoderConfigError: see ``read_mftcoder_config`` and ``translate``; messages name the file and the key.
     """
     args = read_mftcoder_config(config_json, overrides)
     try:
         result = translate(args)
-    except ImportError_ as e:
-        raise ImportError_(f"{config_json}: {e}") from None
+    except MFTCoderConfigError as e:
+        raise MFTCoderConfigError(f"{config_json}: {e}") from None
     return result, to_yaml(result, Path(config_json).name)
 
 
@@ -644,7 +644,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = {name: getattr(args, name) for name in _CLI_OVERRIDES}
     try:
         result, text = import_mftcoder(args.config, overrides)
-    except ImportError_ as e:
+    except MFTCoderConfigError as e:
         print(f"mft import: error: {e}", file=sys.stderr)
         return 1
     if args.output is None:
