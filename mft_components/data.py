@@ -3,7 +3,8 @@
 Input (config node ``data:``, built by ``build_mft_data``)::
 
     data_paths:                 one entry per task
-      - data/code_completion    a directory: every *.jsonl below it (recursively) is one task, named by the dir
+      - data/code_completion    a directory: every *.jsonl below it (recursively, through symbolic links) is one
+                                task, named by the dir
       - extra/unit_tests.jsonl  a file: a task named by the file's stem
 
 One JSON object per line; blank lines, CRLF line ends and a UTF-8 BOM are fine. Accepted record shapes:
@@ -14,8 +15,11 @@ One JSON object per line; blank lines, CRLF line ends and a UTF-8 BOM are fine. 
   appended to the instruction), ``question``/``answer``, ``input``/``output``, each with an optional ``system``;
 * ``{"text": ...}``: plain text, every token carries loss.
 
-Other keys (``id``, ``data_name``, ...) are ignored. A bad record is reported as ``path:line: field: problem``;
-``on_bad_record: error`` stops with up to 20 of them listed, ``skip`` drops them and counts them per task.
+Other keys (``id``, ``data_name``, ...) are ignored. Assistant content must not be empty (nothing to learn);
+system and user content may be. A bad record, including a line that is not JSON, nests deeper than the JSON
+decoder reads, or holds a lone surrogate, is reported as ``path:line: field: problem``; ``on_bad_record: error``
+stops with up to 20 of them listed, ``skip`` drops them and counts them per task. A file or directory that cannot
+be read, and a tokenizer without EOS, are one ``DataError`` naming it, whatever ``on_bad_record`` says.
 
 Pipeline and cache::
 

@@ -2,8 +2,8 @@
 stops at its first line with the same message, no traceback, writing nothing.
 
 One tiny Llama directory (tests/tiny_models.py) with SmolLM2's tokenizer and two tasks; each case changes one
-setting of a config that validates. Two more model directories: config.json without weights, and an unknown
-model_type.
+setting of a config that validates. Two more model directories (config.json without weights, an unknown
+model_type) and a tokenizer without an EOS token.
 """
 
 from __future__ import annotations
@@ -36,6 +36,11 @@ def assets(tmp_path_factory, smollm2_dir):
     (unknown / "config.json").write_text(json.dumps({**json.loads((model / "config.json").read_text()),
                                                      "model_type": "mystery_lm"}))
     os.symlink(model / "model.safetensors", unknown / "model.safetensors")
+    no_eos = root / "no_eos_tokenizer"
+    no_eos.mkdir()
+    shutil.copy(model / "tokenizer.json", no_eos)
+    (no_eos / "tokenizer_config.json").write_text(json.dumps({
+        **json.loads((model / "tokenizer_config.json").read_text()), "eos_token": None}))
     (root / "a_file").write_text("not a directory")
     config = root / "cfg.yaml"
     config.write_text(yaml.safe_dump({
@@ -76,6 +81,8 @@ BAD_SETTINGS = [
     ("model.lora.target_modules=[qproj]",
      "model.lora.target_modules: ['qproj'] matched no nn.Linear in the decoder layers of LlamaForCausalLM; "
      "linear names there: ['down_proj', 'gate_proj', 'k_proj', 'o_proj', 'q_proj', 'up_proj', 'v_proj']"),
+    ("tokenizer.path={root}/no_eos_tokenizer",
+     "tokenizer {root}/no_eos_tokenizer: has no eos_token, which ends every assistant turn"),
     ("model.attn_implementation=flash", "'model.attn_implementation' is 'flash': expected one of eager, "),
     ("loss.mode=tasks", "loss.mode: expected one of token, sample, task, task_sample, coba"),
     ("loss.task_weights.unit_tests=2", "loss.task_weights: unknown task(s) ['unit_tests']; the tasks are ['add', 'upper']"),
