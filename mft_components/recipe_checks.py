@@ -4,7 +4,7 @@
 the recipes' ``@parse`` alike, so a run fails at its first line with the message ``mft validate`` gave::
 
     output_dir      not a file (nor under one)
-    optimizer       ``lr`` a positive number; the optimizer and the scheduler accept their settings (both are
+    optimizer       ``lr`` a number >= 0; the optimizer and the scheduler accept their settings (both are
                     built over one dummy parameter: their own argument checks run, nothing is trained)
     model           ``attn_implementation`` one of ``attention.known_attn_implementations()``; the architecture
                     of ``model_dir``'s config.json built on the meta device with LoRA applied
@@ -99,8 +99,8 @@ def _check_optimizer(cfg: dict, problems: list[str]) -> None:
     node = cfg.get("optimizer")
     if not isinstance(node, dict) or COMPONENT_KEY not in node:
         return
-    if "lr" in node and not (_is_number(node["lr"]) and node["lr"] > 0):
-        problems.append(f"'optimizer.lr' is {node['lr']!r}: expected a positive number")
+    if "lr" in node and not (_is_number(node["lr"]) and node["lr"] >= 0):  # 0: evaluate without learning
+        problems.append(f"'optimizer.lr' is {node['lr']!r}: expected a non-negative number")
         return
     try:
         optimizer = instantiate(node, [torch.nn.Parameter(torch.zeros(1))])
