@@ -636,7 +636,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", help="YAML file to write (default: print it)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing --output file")
     for name, kind in _CLI_OVERRIDES.items():
-        parser.add_argument(f"--{name}", type=kind, default=None, help=f"replaces the config's {name}, as MFTCoder's")
+        what = "per_device_train/eval_batch_size" if name == "micro_batch_size" else name
+        parser.add_argument(f"--{name}", type=kind, default=None,
+                            help=f"replaces the config's {what}, as the same flag of MFTCoder's mft_accelerate.py")
 
 
 def run(args: argparse.Namespace) -> int:
