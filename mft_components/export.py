@@ -5,7 +5,10 @@ from an NF4 copy, so a QLoRA export carries no quantisation error on the weights
 
     W_out = cast(W_base.float() + scale * B.float() @ A.float(), dtype)     scale = alpha / r  (rsLoRA: alpha / sqrt(r))
 
-A full fine-tuning checkpoint is re-cast and re-sharded into the same layout. The output directory::
+A full fine-tuning checkpoint is re-cast and re-sharded into the same layout. Any PEFT LoRA adapter (MFTCoder's,
+or anyone's) is merged onto its base the same way: ``mft export --adapter ADAPTER_DIR --base MODEL_DIR`` (the job
+of MFTCoder's ``merge_base_and_lora_to_hf.py``). ``--dtype auto`` (the default) keeps each tensor's dtype, as
+``transformers`` saves a model: an fp32 base exports as fp32. The output directory::
 
     OUT/
       config.json  generation_config.json          (eos_token_id = the EOS the training used)
@@ -30,7 +33,7 @@ import re
 import shutil
 import struct
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,8 +44,10 @@ from mft_components.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from mft_components.checkpoint import META_FILE as CHECKPOINT_META
 from mft_components.models import safetensors_files as _model_safetensors_files
 
-OUTPUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+# "auto": every floating tensor keeps the dtype it has in the weights being exported.
+OUTPUT_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32",
+                torch.float64: "float64"}
 # safetensors header dtype codes -> (torch dtype, bytes per element)
 _ST_DTYPES = {
     "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2),
@@ -51,6 +56,23 @@ _ST_DTYPES = {
 }
 _TORCH_TO_ST = {v[0]: k for k, v in _ST_DTYPES.items()}
 _PEFT_KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?P<which>[AB])\.weight$")
+_PEFT_PREFIX = "base_model.model."
+# adapter_config.json options whose adapters are not `W + scale * B @ A` on the base weights: refused, with why.
+_UNMERGEABLE_OPTIONS = {
+    "use_dora": "DoRA rescales each merged weight by a learned magnitude",
+    "lora_bias": "lora_B carries a bias",
+    "rank_pattern": "per-module ranks",
+    "alpha_pattern": "per-module alphas",
+    "layer_replication": "layers are replicated",
+    "target_parameters": "LoRA on raw parameters (e.g. fused MoE experts)",
+    "trainable_token_indices": "trained token embeddings",
+    "alora_invocation_tokens": "activated LoRA applies only after its invocation tokens",
+    "use_qalora": "QA-LoRA pools its inputs",
+    "use_bdlora": "block-diagonal LoRA",
+}
+# Initialisations that rewrite the base weights (PiSSA, OLoRA, CorDA, LoftQ, ...): the adapter is relative to the
+# rewritten base, not to the one on disk. These keep the base as it is.
+_BASE_PRESERVING_INITS = (True, False, "gaussian", "eva")
 CHAT_FORMAT_FILE = "mft_chat_format.json"
 
 
@@ -92,11 +114,18 @@ def read_validated_meta(checkpoint_dir: str | Path) -> dict:
 
 @dataclass
 class LoRAAdapter:
-    """A PEFT-format LoRA adapter: per target module its `A [r, in]` and `B [out, r]` and the merge scale."""
+    """A PEFT-format LoRA adapter: per target module its `A [r, in]` and `B [out, r]` and the merge scale.
+
+    ``replaced`` holds whole tensors the adapter trained in place of the base's: biases (PEFT ``bias:
+    lora_only | all``, which MFTCoder uses) and ``modules_to_save`` copies, by base tensor name.
+    ``fan_in_fan_out``: the targets store their weight as ``[in, out]`` (GPT-2's Conv1D), so the update is transposed.
+    """
 
     config: dict
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path ("model.layers.0.self_attn.q_proj") -> (A, B)
     scale: float
+    replaced: dict[str, torch.Tensor] = field(default_factory=dict)
+    fan_in_fan_out: bool = False
 
 
 def lora_scale(adapter_config: dict) -> float:
@@ -115,8 +144,10 @@ def read_adapter(adapter_dir: str | Path) -> LoRAAdapter:
         LoRAAdapter with tensors as stored (not cast).
 
     Raises:
-        ExportError: a file is missing, or the adapter uses a PEFT feature the merge does not implement
-            (per-module rank/alpha patterns, fan_in_fan_out, non-LoRA keys), or A/B do not pair up.
+        ExportError: a file is missing, or the adapter is not a plain LoRA that merges as `W + scale * B @ A`
+            (another PEFT type, DoRA, per-module rank/alpha patterns, an init that rewrote the base, ...; see
+            `_UNMERGEABLE_OPTIONS`), or it holds tensors that are neither LoRA nor trained biases /
+            `modules_to_save`, or A/B do not pair up.
     """
     adapter_dir = Path(adapter_dir)
     cfg_path, w_path = adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
@@ -124,18 +155,38 @@ def read_adapter(adapter_dir: str | Path) -> LoRAAdapter:
         if not p.is_file():
             raise ExportError(f"{p}: not found; a LoRA/QLoRA checkpoint holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
     config = json.loads(cfg_path.read_text())
-    for key in ("rank_pattern", "alpha_pattern"):
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ExportError(f"{cfg_path}: peft_type: {config['peft_type']!r} adapters cannot be merged by mft export; "
+                          f"expected 'LORA'")
+    for key, why in _UNMERGEABLE_OPTIONS.items():
         if config.get(key):
-            raise ExportError(f"{cfg_path}: {key}: per-module ranks/alphas are not supported by the merge; expected {{}}")
-    if config.get("fan_in_fan_out"):
-        raise ExportError(f"{cfg_path}: fan_in_fan_out: true is not supported (expected nn.Linear targets)")
+            raise ExportError(f"{cfg_path}: {key}: {config[key]!r} is not supported by the merge ({why}); merge this "
+                              f"adapter with peft's merge_and_unload instead")
+    init = config.get("init_lora_weights", True)
+    if init not in _BASE_PRESERVING_INITS or config.get("loftq_config"):
+        raise ExportError(f"{cfg_path}: init_lora_weights: {init!r} rewrites the base weights at initialisation, so "
+                          f"the adapter does not apply to the base on disk; convert it to a plain LoRA with peft "
+                          f"(save_pretrained(..., path_initial_model_for_weight_conversion=...)) first")
+    # Whole tensors an adapter may carry besides LoRA pairs: trained biases and modules_to_save copies.
+    bias_mode = config.get("bias") or "none"
+    saved_modules = tuple(config.get("modules_to_save") or ())
     halves: dict[str, dict[str, torch.Tensor]] = {}
+    replaced: dict[str, torch.Tensor] = {}
     for key, tensor in load_file(w_path).items():
         m = _PEFT_KEY.match(key)
-        if m is None:
-            raise ExportError(f"{w_path}: tensor {key!r} is not a LoRA weight "
-                              f"(expected base_model.model.<module>.lora_A.weight / .lora_B.weight)")
-        halves.setdefault(m["path"], {})[m["which"]] = tensor
+        if m is not None:
+            halves.setdefault(m["path"], {})[m["which"]] = tensor
+            continue
+        # PEFT names a wrapped layer's own parameters `<module>.base_layer.<param>`; the base calls it `<module>.<param>`.
+        name = key[len(_PEFT_PREFIX):].replace(".base_layer.", ".") if key.startswith(_PEFT_PREFIX) else None
+        module = name.rsplit(".", 1)[0] if name else ""
+        if name and ((bias_mode != "none" and name.endswith(".bias"))
+                     or any(module == s or module.endswith(f".{s}") for s in saved_modules)):
+            replaced[name] = tensor
+            continue
+        raise ExportError(f"{w_path}: tensor {key!r} is not a LoRA weight "
+                          f"(expected base_model.model.<module>.lora_A.weight / .lora_B.weight, or a bias with "
+                          f"bias: lora_only/all, or a module listed in modules_to_save)")
     pairs = {}
     for path, h in halves.items():
         if set(h) != {"A", "B"}:
@@ -145,21 +196,24 @@ def read_adapter(adapter_dir: str | Path) -> LoRAAdapter:
             raise ExportError(f"{w_path}: module {path}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not "
                               f"match r={config['r']} from {cfg_path} (expected [r, in] and [out, r])")
         pairs[path] = (a, b)
-    return LoRAAdapter(config=config, pairs=pairs, scale=lora_scale(config))
+    return LoRAAdapter(config=config, pairs=pairs, scale=lora_scale(config), replaced=replaced,
+                       fan_in_fan_out=bool(config.get("fan_in_fan_out")))
 
 
-def merge_lora_tensor(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, name: str = "weight"
-                      ) -> torch.Tensor:
-    """Return `weight + scale * b @ a` in float32.
+def merge_lora_tensor(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, name: str = "weight",
+                      fan_in_fan_out: bool = False) -> torch.Tensor:
+    """Return `weight + scale * b @ a` in float32 (`weight + scale * (b @ a).T` for an `[in, out]` weight).
 
     Raises:
         ExportError: shapes do not fit (the adapter was trained on another base); names the tensor and both shapes.
     """
-    expected = (b.shape[0], a.shape[1])
+    expected = (a.shape[1], b.shape[0]) if fan_in_fan_out else (b.shape[0], a.shape[1])
     if tuple(weight.shape) != expected:
         raise ExportError(f"shape mismatch for {name}: the base model has {tuple(weight.shape)}, the adapter expects "
                           f"{expected} (lora_B {tuple(b.shape)} @ lora_A {tuple(a.shape)}); was this checkpoint "
                           f"trained on another base model? Pass the right one with --base")
+    if fan_in_fan_out:
+        return torch.addmm(weight.float(), a.float().t(), b.float().t(), alpha=scale)
     return torch.addmm(weight.float(), b.float(), a.float(), alpha=scale)
 
 
@@ -188,8 +242,8 @@ class _TensorSpec:
         return math.prod(self.shape) * torch.empty((), dtype=self.out_dtype).element_size()
 
 
-def _read_specs(files: list[Path], dtype: torch.dtype) -> list[_TensorSpec]:
-    """Names and shapes from the headers only; floating tensors are cast to `dtype`, others keep theirs."""
+def _read_specs(files: list[Path], dtype: torch.dtype | None) -> list[_TensorSpec]:
+    """Names and shapes from the headers only; floating tensors are cast to `dtype` (None: keep), others keep theirs."""
     specs = []
     for f in files:
         with safe_open(f, framework="pt") as st:
@@ -199,8 +253,18 @@ def _read_specs(files: list[Path], dtype: torch.dtype) -> list[_TensorSpec]:
                     raise ExportError(f"{f}: tensor {name} has dtype {sl.get_dtype()}, which export does not handle "
                                       f"(expected an unquantised model: {', '.join(_ST_DTYPES)})")
                 src = _ST_DTYPES[sl.get_dtype()][0]
-                specs.append(_TensorSpec(name, f, tuple(sl.get_shape()), dtype if src.is_floating_point else src))
+                out = dtype if src.is_floating_point and dtype is not None else src
+                specs.append(_TensorSpec(name, f, tuple(sl.get_shape()), out))
     return specs
+
+
+def _main_dtype(specs: list[_TensorSpec]) -> torch.dtype:
+    """The floating dtype holding most parameters: what config.json declares for `--dtype auto`."""
+    counts: dict[torch.dtype, int] = {}
+    for s in specs:
+        if s.out_dtype.is_floating_point:
+            counts[s.out_dtype] = counts.get(s.out_dtype, 0) + math.prod(s.shape)
+    return max(counts, key=counts.get) if counts else torch.float32
 
 
 def parse_size(size: int | str) -> int:
@@ -400,8 +464,9 @@ def _write_adapter(adapter_out: Path, checkpoint_dir: Path, base_dir: Path, chat
 def model_card(meta: dict, base_name: str, adapter_only: bool = False) -> str:
     """A short README.md: base model, method, tasks with sample counts, steps, per-task validation loss."""
     method = {"lora": "LoRA", "qlora": "QLoRA", "full": "full-parameter"}[meta["method"]]
-    lines = [f"# Multi-task fine-tune of {base_name}", "",
-             f"Fine-tuned with mft ({method} multi-task fine-tuning, MFTCoder-style).", "",
+    made_by = (f"The PEFT adapter `{meta['adapter_dir']}` merged onto its base with `mft export --adapter`."
+               if meta.get("adapter_dir") else f"Fine-tuned with mft ({method} multi-task fine-tuning, MFTCoder-style).")
+    lines = [f"# Multi-task fine-tune of {base_name}", "", made_by, "",
              f"- Base model: `{base_name}`", f"- Method: {method}"]
     if meta.get("lora") and meta["method"] != "full":
         lo = meta["lora"]
@@ -426,18 +491,20 @@ def model_card(meta: dict, base_name: str, adapter_only: bool = False) -> str:
 
 
 def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, base: str | Path | None = None,
-                      dtype: str = "bf16", max_shard_size: int | str = "5GB", adapter_only: bool = False,
-                      force: bool = False) -> Path:
+                      dtype: str = "auto", max_shard_size: int | str = "5GB", adapter_only: bool = False,
+                      force: bool = False, meta: dict | None = None) -> Path:
     """Export a training checkpoint as a Hugging Face model directory (and a PEFT adapter for LoRA / QLoRA).
 
     Args:
         checkpoint_dir: `output_dir/step_N/` written by a recipe (holds `mft_checkpoint.json`).
         output_dir: directory to create; see the module docstring for its layout.
         base: the base model directory; default `base_model_dir` from the checkpoint metadata.
-        dtype: "bf16" | "fp16" | "fp32" for the written weights (the merge itself runs in float32).
+        dtype: "auto" (each tensor keeps the dtype of the weights it comes from: the base for LoRA / QLoRA, the
+            checkpoint for full) | "bf16" | "fp16" | "fp32" for the written weights (the merge runs in float32).
         max_shard_size: largest safetensors file, e.g. "5GB" (one file when the model fits).
         adapter_only: write only `output_dir/adapter/` (LoRA / QLoRA checkpoints).
         force: replace a non-empty `output_dir`.
+        meta: the checkpoint metadata, for a directory without `mft_checkpoint.json` (`export_adapter`).
 
     Returns:
         The output directory.
@@ -453,7 +520,7 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, base: 
         raise ExportError(f"--dtype: expected one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}")
     out_dtype = OUTPUT_DTYPES[dtype]
     parse_size(max_shard_size)  # fail before any work
-    meta = read_validated_meta(checkpoint_dir)
+    meta = meta if meta is not None else read_validated_meta(checkpoint_dir)
     full = meta["method"] == "full"
     if adapter_only and full:
         raise ExportError(f"--adapter-only: {checkpoint_dir} is a full fine-tuning checkpoint, it has no adapter")
@@ -475,10 +542,13 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, base: 
             by_weight = {f"{path}.weight": ab for path, ab in adapter.pairs.items()}
 
             def transform(spec, t):
+                if spec.name in adapter.replaced:  # a bias or module the adapter trained in place of the base's
+                    return adapter.replaced[spec.name]
                 if spec.name not in by_weight:
                     return t
                 a, b = by_weight[spec.name]
-                return merge_lora_tensor(t, a, b, adapter.scale, f"{spec.name} (from {spec.file})")
+                return merge_lora_tensor(t, a, b, adapter.scale, f"{spec.name} (from {spec.file})",
+                                         adapter.fan_in_fan_out)
 
         specs = _read_specs(safetensors_files(weights_dir), out_dtype)
         if not full:
@@ -496,7 +566,7 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, base: 
             # The training template becomes the model's chat template: apply_chat_template == training prompt.
             tokenizer.chat_template = chat_format.jinja_chat_template(tokenizer)
             tokenizer.save_pretrained(tmp)
-            _write_configs(tmp, checkpoint_dir if full else base_dir, base_dir, out_dtype, eos_id)
+            _write_configs(tmp, checkpoint_dir if full else base_dir, base_dir, out_dtype or _main_dtype(specs), eos_id)
             (tmp / CHAT_FORMAT_FILE).write_text(json.dumps(chat_meta, indent=2) + "\n")
             (tmp / "README.md").write_text(model_card(meta, base_name))
             if not full:
@@ -514,16 +584,57 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, base: 
 def _check_adapter_against_base(adapter: LoRAAdapter, specs: list[_TensorSpec], base_dir: Path) -> None:
     """Every adapted module exists in the base with the shape the adapter expects (headers only, before writing)."""
     shapes = {s.name: s.shape for s in specs}
+    for name, tensor in adapter.replaced.items():
+        if shapes.get(name) != tuple(tensor.shape):
+            found = f"has {shapes[name]}" if name in shapes else "has no such tensor"
+            raise ExportError(f"the adapter holds {name} {tuple(tensor.shape)}, but the base model in {base_dir} "
+                              f"{found}; was it trained on another base model? Pass the right one with --base")
     for path, (a, b) in adapter.pairs.items():
         name = f"{path}.weight"
         if name not in shapes:
             raise ExportError(f"the adapter targets {path}, but the base model in {base_dir} has no tensor {name}; was "
                               f"this checkpoint trained on another base model? Pass the right one with --base")
-        expected = (b.shape[0], a.shape[1])
+        expected = (a.shape[1], b.shape[0]) if adapter.fan_in_fan_out else (b.shape[0], a.shape[1])
         if shapes[name] != expected:
             raise ExportError(f"shape mismatch for {name}: the base model in {base_dir} has {shapes[name]}, the "
                               f"adapter expects {expected} (lora_B {tuple(b.shape)} @ lora_A {tuple(a.shape)}); was "
                               f"this checkpoint trained on another base model? Pass the right one with --base")
+
+
+def export_adapter(adapter_dir: str | Path, base: str | Path, output_dir: str | Path, template: str | None = None,
+                   **kwargs) -> Path:
+    """Merge a PEFT LoRA adapter (MFTCoder's, or anyone's) onto its base and write a Hugging Face model directory.
+
+    The adapter directory holds `adapter_config.json` and `adapter_model.safetensors` as `peft` saves them; what
+    the merge cannot reproduce exactly is refused (see `read_adapter`). The written `chat_template` is the
+    adapter's training format: the one in its `mft_chat_format.json` when mft exported it, else `template`
+    (default `mft`, MFTCoder's format, which MFTCoder's merge script writes too).
+
+    Args:
+        adapter_dir: the PEFT adapter directory.
+        base: the base model directory the adapter was trained on.
+        output_dir: directory to create.
+        template: ChatFormat template of the exported `chat_template` (`mft`, `mftcoder_atorch`, `hf`).
+        **kwargs: `export_checkpoint`'s dtype, max_shard_size, adapter_only, force.
+
+    Raises:
+        ExportError: as `export_checkpoint`, plus a missing adapter or base directory.
+    """
+    from mft_components.templates import ChatFormat
+
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise ExportError(f"--adapter {adapter_dir}: no such directory (expected a PEFT adapter directory with "
+                          f"{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
+    saved = adapter_dir / CHAT_FORMAT_FILE
+    chat = json.loads(saved.read_text()) if saved.is_file() and template is None else {}
+    try:
+        chat_format = ChatFormat.from_config(chat.get("chat_format") or {"template": template or "mft"})
+    except ValueError as e:
+        raise ExportError(f"--template: {e}") from None
+    meta = {"method": "lora", "base_model_dir": str(base), "adapter_dir": str(adapter_dir),
+            "chat_format": chat_format.to_dict(), "eos_token": chat.get("eos_token")}
+    return export_checkpoint(adapter_dir, output_dir, base=base, meta=meta, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -533,11 +644,18 @@ def _check_adapter_against_base(adapter: LoRAAdapter, specs: list[_TensorSpec], 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `mft export`."""
-    parser.add_argument("checkpoint_dir", help="a training checkpoint: output_dir/step_N/")
+    parser.add_argument("checkpoint_dir", nargs="?", help="a training checkpoint: output_dir/step_N/")
+    parser.add_argument("--adapter", metavar="ADAPTER_DIR",
+                        help="instead of a checkpoint: a PEFT LoRA adapter directory to merge onto --base")
+    parser.add_argument("--template", choices=["mft", "mftcoder_atorch", "hf"], default=None,
+                        help="with --adapter: its training format, written as the chat_template (default: the "
+                             "adapter's mft_chat_format.json, else mft, MFTCoder's)")
     parser.add_argument("--output", "-o", required=True, help="directory to write (must not exist or be empty)")
     parser.add_argument("--base", default=None,
-                        help="base model directory (default: base_model_dir from the checkpoint's mft_checkpoint.json)")
-    parser.add_argument("--dtype", default="bf16", choices=list(OUTPUT_DTYPES), help="dtype of the written weights")
+                        help="base model directory (default: base_model_dir from the checkpoint's mft_checkpoint.json; "
+                             "required with --adapter)")
+    parser.add_argument("--dtype", default="auto", choices=list(OUTPUT_DTYPES),
+                        help="dtype of the written weights (default auto: each tensor keeps the base model's dtype)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
     parser.add_argument("--adapter-only", action="store_true", help="write only OUTPUT/adapter/ (PEFT format)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
@@ -547,9 +665,19 @@ def run(args: argparse.Namespace) -> int:
     """Run `mft export`; returns the exit status (errors for people go to stderr, status 2)."""
     import sys
 
+    options = dict(dtype=args.dtype, max_shard_size=args.max_shard_size, adapter_only=args.adapter_only,
+                   force=args.force)
     try:
-        out = export_checkpoint(args.checkpoint_dir, args.output, base=args.base, dtype=args.dtype,
-                                max_shard_size=args.max_shard_size, adapter_only=args.adapter_only, force=args.force)
+        if (args.adapter is None) == (args.checkpoint_dir is None):
+            raise ExportError("give either a CHECKPOINT_DIR or --adapter ADAPTER_DIR (with --base MODEL_DIR)")
+        if args.adapter is not None:
+            if args.base is None:
+                raise ExportError("--adapter needs --base MODEL_DIR, the model the adapter was trained on")
+            out = export_adapter(args.adapter, args.base, args.output, template=args.template, **options)
+        else:
+            if args.template is not None:
+                raise ExportError("--template is for --adapter; a checkpoint exports the format it was trained with")
+            out = export_checkpoint(args.checkpoint_dir, args.output, base=args.base, **options)
     except ExportError as e:
         print(f"mft export: error: {e}", file=sys.stderr)
         return 2

@@ -327,3 +327,106 @@ def test_cli_run(llama_lora, tmp_path, capsys):
     assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
     assert export.run(parser.parse_args([str(ck), "--output", str(out)])) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- PEFT adapters from elsewhere
+
+
+def peft_adapter(base_dir: Path, out: Path, seed: int = 0, **lora_kwargs) -> Path:
+    """An adapter trained elsewhere, as `peft` saves it: random non-zero B, and every other trainable tensor
+    (biases with bias=lora_only, modules_to_save copies) perturbed."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(seed)
+    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+                                peft.LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": "all-linear",
+                                                   **lora_kwargs}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(out)
+    return out
+
+
+def run_export_cli(*argv) -> int:
+    parser = argparse.ArgumentParser()
+    export.add_arguments(parser)
+    return export.run(parser.parse_args([str(a) for a in argv]))
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory, smollm2_dir):
+    """GPT-2: Conv1D layers store weights as [in, out], so its LoRA adapters are fan_in_fan_out."""
+    import transformers
+
+    path = tmp_path_factory.mktemp("gpt2")
+    torch.manual_seed(2)
+    cfg = transformers.GPT2Config(vocab_size=len(AutoTokenizer.from_pretrained(smollm2_dir)), n_embd=64, n_layer=2,
+                                  n_head=4, n_positions=64)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("case", ["qwen2 MFTCoder's LoraConfig", "llama rslora + modules_to_save", "gpt2 Conv1D"])
+def test_peft_adapter_merged_gives_peft_logits(tiny_bases, tiny_gpt2, tmp_path, case):
+    peft = pytest.importorskip("peft")
+    base, kwargs = {
+        # MFTCoder: all linear layers, bias="lora_only" (it trains the biases of adapted layers: Qwen2's q/k/v)
+        "qwen2 MFTCoder's LoraConfig": (tiny_bases["qwen2"], {"bias": "lora_only", "lora_dropout": 0.05}),
+        "llama rslora + modules_to_save": (tiny_bases["llama"], {"use_rslora": True, "modules_to_save": ["lm_head"],
+                                                                 "target_modules": ["q_proj", "v_proj", "down_proj"]}),
+        "gpt2 Conv1D": (tiny_gpt2, {"target_modules": ["c_attn", "c_proj", "c_fc"], "fan_in_fan_out": True}),
+    }[case]
+    adapter = peft_adapter(base, tmp_path / "adapter", **kwargs)
+    assert run_export_cli("--adapter", adapter, "--base", base, "--output", tmp_path / "out") == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    reference = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                               adapter).eval()
+    torch.testing.assert_close(logits(merged, IDS), logits(reference, IDS), atol=2e-5, rtol=1e-5)
+    assert logits(merged, IDS).sub(logits(AutoModelForCausalLM.from_pretrained(base), IDS)).abs().max() > 1e-3
+    # The base is fp32: so is the export, by default. The chat template is MFTCoder's format.
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "float32"
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    msgs = [{"role": "user", "content": "hi"}]
+    assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == "<s>human\nhi\n<s>bot\n"
+    assert "merged onto its base with `mft export --adapter`" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_dtype_auto_keeps_the_base_dtype(tiny_bases, llama_lora, tmp_path):
+    ck, trained = llama_lora
+    f32 = export_checkpoint(ck, tmp_path / "f32")  # the tiny base is fp32
+    with safe_open(f32 / "model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(f32), IDS), logits(trained.hf_model, IDS),
+                               atol=2e-5, rtol=1e-5)
+    bf16_base = tmp_path / "bf16_base"
+    AutoModelForCausalLM.from_pretrained(tiny_bases["llama"], dtype=torch.bfloat16).save_pretrained(bf16_base)
+    AutoTokenizer.from_pretrained(tiny_bases["llama"]).save_pretrained(bf16_base)
+    b16 = export_checkpoint(ck, tmp_path / "b16", base=bf16_base)
+    assert json.loads((b16 / "config.json").read_text())["dtype"] == "bfloat16"
+    assert AutoModelForCausalLM.from_pretrained(b16).dtype == torch.bfloat16
+
+
+def test_unmergeable_adapters_are_refused_naming_the_option(tiny_bases, tmp_path, capsys):
+    base = tiny_bases["llama"]
+    dora = peft_adapter(base, tmp_path / "dora", use_dora=True, target_modules=["q_proj"])
+    assert run_export_cli("--adapter", dora, "--base", base, "--output", tmp_path / "o") == 2
+    assert "use_dora: True is not supported by the merge (DoRA" in capsys.readouterr().err
+    plain = peft_adapter(base, tmp_path / "plain", target_modules=["q_proj"])
+    for key, value, words in [("init_lora_weights", "pissa", "rewrites the base weights"),
+                              ("peft_type", "IA3", "peft_type: 'IA3'"),
+                              ("rank_pattern", {"q_proj": 8}, "per-module ranks")]:
+        edited = tmp_path / f"edited_{key}"
+        shutil.copytree(plain, edited)
+        cfg = json.loads((edited / "adapter_config.json").read_text())
+        (edited / "adapter_config.json").write_text(json.dumps({**cfg, key: value}))
+        with pytest.raises(ExportError, match=words):
+            export.export_adapter(edited, base, tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+    assert run_export_cli("--adapter", plain, "--output", tmp_path / "o") == 2
+    assert "--adapter needs --base" in capsys.readouterr().err
+    assert run_export_cli("--base", base, "--output", tmp_path / "o") == 2
+    assert "either a CHECKPOINT_DIR or --adapter" in capsys.readouterr().err
