@@ -1,7 +1,7 @@
 """Seconds per code evaluation (generation + sandboxed execution) for the demo's model and eval sets.
 
     python bench/code_eval_speed.py                      # SmolLM2-135M LoRA r16 (in-training form), demo eval sets
-    python bench/code_eval_speed.py --threads 1 --repeats 2
+    python bench/code_eval_speed.py --cpu-threads 1 2 --repeats 2
     python bench/code_eval_speed.py --model-dir DIR --suite dataframebench:pandas_solution --max-problems 100 \\
         --device cuda --dtype bf16 --batch-size 32 --max-new-tokens 512      # e.g. a 3B model on a GPU
 
@@ -9,15 +9,14 @@ The model is built as the recipe builds it (``build_model``: LoRA on the attenti
 training attention ``sdpa_varlen``, which generation swaps for ``sdpa``), and evaluated by ``evaluate_code``,
 what the recipe calls at each code evaluation: greedy answers, code extraction, execution in the sandbox
 (bubblewrap where it works). Printed per repeat: wall seconds, of which generation and execution, answer tokens per
-second, and the CPU seconds of this process and of the sandboxed programs (less sensitive than wall time to other
-jobs on a shared machine), with the load average.
+second, the CPU seconds of this process and the load average, for each
+``cpu_threads`` (torch's intra-op threads while generating on a CPU; by default 1 against torch's own setting).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,9 @@ def main() -> None:
     parser.add_argument("--max-problems", type=int, default=None)
     parser.add_argument("--max-new-tokens", type=int, default=160)
     parser.add_argument("--batch-size", type=int, default=6)
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--cpu-threads", type=int, nargs="+", default=[1, 0],
+                        help="intra-op threads while generating on a CPU, one evaluation each (0: torch's setting, "
+                             "%(default)s)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--repeats", type=int, default=1)
@@ -48,8 +49,6 @@ def main() -> None:
     from mft_components.models import build_model
     from mft_components.templates import ChatFormat
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     model_dir = args.model_dir or str(prepare_smollm2())
     if args.suite:
         tasks = {s.split(":")[-1].replace(".jsonl", "").split("/")[-1]: s for s in args.suite}
@@ -59,23 +58,23 @@ def main() -> None:
     options = CodeEvalOptions(tasks=tasks, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                               max_problems=args.max_problems, timeout_s=30)
     problems = load_tasks(options.tasks, options.max_problems)
+    torch_threads = torch.get_num_threads()
     sandbox = make_sandbox(options)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     torch.manual_seed(0)
     model = build_model(model_dir, method="lora", lora={"rank": 16, "alpha": 32}, dtype=args.dtype,
                         attn_implementation="sdpa_varlen" if args.device == "cpu" else "sdpa", device=args.device)
-    print(f"model {model_dir} ({args.dtype}, {args.device}, {torch.get_num_threads()} threads); "
+    print(f"model {model_dir} ({args.dtype}, {args.device}, torch's {torch_threads} threads); "
           f"{sum(map(len, problems.values()))} problems; isolation: {sandbox.isolation}")
-    for repeat in range(args.repeats):
-        cpu0, child0 = time.process_time(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    for repeat, threads in [(r, t) for r in range(args.repeats) for t in args.cpu_threads]:
+        options.cpu_threads = threads or None
+        cpu0 = time.process_time()
         result = evaluate_code(model, tokenizer, ChatFormat(), problems, options, sandbox)
-        child1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         m = result.metrics
         tokens = sum(len(tokenizer(r["completion"], add_special_tokens=False)["input_ids"]) for r in result.records)
-        print(f"repeat {repeat}: {m['seconds']:.1f} s per evaluation (generation {m['generate_s']:.1f} s, "
+        print(f"repeat {repeat}, cpu_threads {threads or torch_threads}: {m['seconds']:.1f} s per evaluation (generation {m['generate_s']:.1f} s, "
               f"{tokens / m['generate_s']:.1f} answer tokens/s for {tokens} tokens; execution {m['execute_s']:.1f} s); "
-              f"CPU s: this process {time.process_time() - cpu0:.1f}, programs "
-              f"{child1.ru_utime + child1.ru_stime - child0.ru_utime - child0.ru_stime:.1f}; "
+              f"CPU s of this process {time.process_time() - cpu0:.1f}; "
               f"pass@1 {m['pass@1']:.3f}; load average {os.getloadavg()[0]:.1f}")
     sandbox.close()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from mft_components import checkpoint as ck
@@ -41,8 +42,11 @@ def test_in_training_model_generates_what_its_export_generates(base, tmp_path):
     model.train()
     prompts = [ChatFormat().prompt_ids([{"role": "user", "content": q}], tok) for q in QUESTIONS]
     kwargs = dict(eos_token_id=tok.eos_token_id, max_new_tokens=10, batch_size=2)
+    threads = torch.get_num_threads()
     in_training = [g.new_ids for g in generate_batched(model, prompts, **kwargs)]
-    assert model.training and model.config._attn_implementation == "sdpa_varlen"  # both restored
+    # train mode, the training attention and torch's threads (generation decodes on one) are back
+    assert model.training and model.config._attn_implementation == "sdpa_varlen"
+    assert torch.get_num_threads() == threads
 
     exported = load_generation_model(export_checkpoint(ckpt, tmp_path / "out", dtype="fp32"))
     assert [g.new_ids for g in generate_batched(exported.model, prompts, **kwargs)] == in_training

@@ -60,6 +60,8 @@ class CodeEvalOptions:
         temperature, top_p: sampling settings of those answers.
         max_new_tokens: answer budget.
         batch_size: prompts decoded together.
+        cpu_threads: torch's intra-op threads while generating on a CPU (null: torch's setting; 1 by default:
+            small-batch decoding gains little from threads and loses much when the cores are shared).
         every_n_steps: evaluate every N steps (null: whenever the validation loss is evaluated); always before
             training and at the end.
         max_problems: the first N problems of each task (null: all).
@@ -79,6 +81,7 @@ class CodeEvalOptions:
     top_p: float = 0.95
     max_new_tokens: int = 512
     batch_size: int = 8
+    cpu_threads: int | None = 1
     every_n_steps: int | None = None
     max_problems: int | None = None
     timeout_s: float = 10.0
@@ -127,7 +130,7 @@ class CodeEvalOptions:
         num("num_samples", lambda v: v >= 0, "0 (greedy only) or more")
         for key in ("max_new_tokens", "batch_size", "max_processes", "workers"):
             num(key, lambda v: v >= 1, "a positive integer")
-        for key in ("every_n_steps", "max_problems"):
+        for key in ("every_n_steps", "max_problems", "cpu_threads"):
             if opts[key] is not None:
                 num(key, lambda v: v >= 1, "a positive integer or null")
         num("timeout_s", lambda v: v > 0, "seconds > 0")
@@ -202,7 +205,7 @@ def evaluate_code(model: torch.nn.Module, tokenizer, chat_format, tasks: dict[st
     greedy = problems[rank::world]
     sampled = [(t, i, p, s) for t, i, p in problems for s in range(options.num_samples)][rank::world]
     gen = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-               max_new_tokens=options.max_new_tokens, batch_size=options.batch_size)
+               max_new_tokens=options.max_new_tokens, batch_size=options.batch_size, cpu_threads=options.cpu_threads)
     # Every rank runs as many generate calls as the busiest rank (FSDP2's all-gathers are collective).
     answers = generate_batched(model, [prompt_ids[t, i] for t, i, _ in greedy], greedy=True,
                                min_batches=batches_needed(math.ceil(len(problems) / world), options.batch_size), **gen)
@@ -415,7 +418,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "tokenizer's chat_template")
     defaults = CodeEvalOptions()
     for name, kind in (("num_samples", int), ("k", int), ("temperature", float), ("top_p", float),
-                       ("max_new_tokens", int), ("batch_size", int), ("max_problems", int), ("timeout_s", float),
+                       ("max_new_tokens", int), ("batch_size", int), ("cpu_threads", int), ("max_problems", int),
+                       ("timeout_s", float),
                        ("memory_mb", int), ("max_processes", int), ("workers", int), ("python", str), ("seed", int)):
         flag = "--" + name.replace("_", "-")
         if name == "k":
@@ -458,8 +462,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         tasks = _suite_tasks(args.suite, args.task)
         section = {"tasks": tasks, **{k: getattr(args, k) for k in (
-            "num_samples", "k", "temperature", "top_p", "max_new_tokens", "batch_size", "max_problems", "timeout_s",
-            "memory_mb", "max_processes", "workers", "python", "isolation", "seed")}}
+            "num_samples", "k", "temperature", "top_p", "max_new_tokens", "batch_size", "cpu_threads", "max_problems",
+            "timeout_s", "memory_mb", "max_processes", "workers", "python", "isolation", "seed")}}
         options = CodeEvalOptions.from_config(section)
         problems = load_tasks(options.tasks, options.max_problems)
         sandbox = make_sandbox(options)

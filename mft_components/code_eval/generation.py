@@ -17,6 +17,7 @@ Under FSDP2 every rank must run the same forwards (each layer's all-gather is co
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass, field
@@ -42,6 +43,18 @@ def batches_needed(num_prompts: int, batch_size: int) -> int:
     return math.ceil(num_prompts / batch_size)
 
 
+@contextlib.contextmanager
+def _intra_op_threads(n: int | None):
+    """torch's intra-op threads set to ``n`` inside the block (None: unchanged)."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _generation_config(hf_model, *, eos_token_id: int, pad_token_id: int, max_new_tokens: int, greedy: bool,
                        temperature: float, top_p: float):
     config = copy.deepcopy(hf_model.generation_config)
@@ -59,7 +72,8 @@ def _generation_config(hf_model, *, eos_token_id: int, pad_token_id: int, max_ne
 @torch.no_grad()
 def generate_batched(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *, eos_token_id: int,
                      max_new_tokens: int = 512, greedy: bool = True, temperature: float = 0.8, top_p: float = 0.95,
-                     batch_size: int = 8, pad_token_id: int | None = None, min_batches: int = 0) -> list[Generated]:
+                     batch_size: int = 8, pad_token_id: int | None = None, min_batches: int = 0,
+                     cpu_threads: int | None = 1) -> list[Generated]:
     """Answer every prompt; returns one :class:`Generated` per prompt, in order.
 
     Args:
@@ -72,6 +86,9 @@ def generate_batched(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *
         pad_token_id: left padding (default: the EOS; masked out either way).
         min_batches: run at least this many ``generate`` calls (FSDP2: the most any rank needs), the extra ones on
             a copy of a real batch, their answers discarded.
+        cpu_threads: torch's intra-op threads while decoding on a CPU (None: leave torch's setting). Decoding runs
+            thousands of small matmuls per answer, each a parallel region whose threads must all be scheduled: on
+            a 2-core machine shared with other jobs, 2 threads were 17x slower than 1 (bench/RESULTS.md).
     """
     hf_model = getattr(model, "hf_model", model)
     device = next(model.parameters()).device
@@ -85,7 +102,7 @@ def generate_batched(model: torch.nn.Module, prompts: Sequence[Sequence[int]], *
     was_training = model.training
     model.eval()
     try:
-        with kv_cache_attention(hf_model.config):
+        with kv_cache_attention(hf_model.config), _intra_op_threads(cpu_threads if device.type == "cpu" else None):
             for b in range(max(len(batches), min_batches)):
                 idx = batches[b] if b < len(batches) else filler
                 rows = [list(prompts[i]) for i in idx] if idx else [[eos_token_id]]
