@@ -74,7 +74,12 @@ def _read_chat_meta(dirs: list[Path]) -> tuple[dict | None, str | None, Path]:
         for name in (CHAT_FORMAT_FILE, CHECKPOINT_META):
             p = d / name
             if p.is_file():
-                meta = json.loads(p.read_text())
+                try:
+                    meta = json.loads(p.read_text(encoding="utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                    raise GenerateError(f"{p}: not valid JSON ({e}); the file is damaged") from e
+                if not isinstance(meta, dict):
+                    raise GenerateError(f"{p}: expected a JSON object")
                 return meta.get("chat_format"), meta.get("eos_token"), p
     raise GenerateError(f"no training chat format found in {', '.join(map(str, dirs))} (expected {CHAT_FORMAT_FILE} "
                         f"from `mft export` or {CHECKPOINT_META} from a training checkpoint)")
