@@ -30,9 +30,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SDPA_VARLEN", "attention_kwargs", "segment_lengths", "sdpa_varlen_attention_forward"]
+__all__ = [
+    "SDPA_VARLEN", "attention_kwargs", "known_attn_implementations", "segment_lengths", "sdpa_varlen_attention_forward",
+]
 
 SDPA_VARLEN = "sdpa_varlen"
+# mft's own implementations, registered with transformers' AttentionInterface below.
+MFT_IMPLEMENTATIONS = (SDPA_VARLEN,)
+
+
+def known_attn_implementations() -> list[str]:
+    """Every value ``model.attn_implementation`` may take: transformers' ``eager``, the implementations
+    registered with its ``AttentionInterface`` (sdpa, flash_attention_2, flex_attention, ...) and mft's own.
+    ``mft validate`` checks a config against this list; whether a GPU kernel is installed is the run's business.
+    """
+    from transformers import AttentionInterface
+
+    return ["eager", *dict.fromkeys([*AttentionInterface().valid_keys(), *MFT_IMPLEMENTATIONS])]
 
 
 def segment_lengths(sample_ids: torch.Tensor) -> tuple[tuple[int, ...], ...]:

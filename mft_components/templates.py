@@ -29,6 +29,7 @@ from typing import Any, Sequence
 ROLES = ("system", "user", "assistant")
 DEFAULT_ROLE_MARKERS = {"system": "<s>system\n", "user": "<s>human\n", "assistant": "<s>bot\n"}
 TEMPLATES = ("mft", "hf")
+_NO_CHAT_TEMPLATE = "data.template is 'hf' but the tokenizer has no chat_template; use template: mft"
 
 # A segment is a piece of text (tokenised on its own) or a single token id, and whether it carries loss.
 Segment = tuple["str | int", bool]
@@ -72,7 +73,8 @@ def encode_segments(segment_lists: Sequence[Sequence[Segment]], tokenizer) -> li
 
 def _eos(tokenizer) -> tuple[str, int]:
     if tokenizer.eos_token is None or tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', tokenizer)!r} has no eos_token; set one")
+        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', tokenizer)}: has no eos_token, which ends "
+                         "every assistant turn; use a tokenizer that defines one (eos_token in tokenizer_config.json)")
     return tokenizer.eos_token, tokenizer.eos_token_id
 
 
@@ -134,6 +136,18 @@ class ChatFormat:
         """The config node that ``from_config`` turns back into this format (stored in checkpoints)."""
         return {"template": self.template, "role_markers": dict(self.role_markers), "add_bos": self.add_bos}
 
+    def check_tokenizer(self, tokenizer) -> None:
+        """Raise what every conversation would raise with this tokenizer, once: no EOS, no BOS for ``add_bos``,
+        no ``chat_template`` for ``template: hf``.
+
+        Raises:
+            ValueError: naming the tokenizer and what it lacks.
+        """
+        _eos(tokenizer)
+        self._bos_segment(tokenizer)
+        if self.template == "hf" and not getattr(tokenizer, "chat_template", None):
+            raise ValueError(_NO_CHAT_TEMPLATE)
+
     # ------------------------------------------------------------------------------------------------------------
     def segments(self, messages: Sequence[dict], tokenizer, add_generation_prompt: bool = False) -> list[Segment]:
         """The conversation cut into pieces that are tokenised separately, each with its loss flag.
@@ -183,7 +197,7 @@ class ChatFormat:
 
     def _hf_render(self, tokenizer, messages, add_generation_prompt: bool) -> str:
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("data.template is 'hf' but the tokenizer has no chat_template; use template: mft")
+            raise ValueError(_NO_CHAT_TEMPLATE)
         return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def _hf_segments(self, messages, tokenizer, add_generation_prompt) -> list[Segment]:
@@ -273,7 +287,7 @@ class ChatFormat:
         """
         if self.template == "hf":
             if not getattr(tokenizer, "chat_template", None):
-                raise ValueError("data.template is 'hf' but the tokenizer has no chat_template; use template: mft")
+                raise ValueError(_NO_CHAT_TEMPLATE)
             return tokenizer.chat_template
 
         def lit(s: str) -> str:

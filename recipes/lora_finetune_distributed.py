@@ -111,9 +111,6 @@ class LoRAFinetuneRecipe:
         # 5. Loss, still before the model: unknown tasks in task_weights or bad CoBa settings cost no model load.
         self.loss_fn = instantiate(cfg.loss)
         self.loss_fn.setup(self.task_names)
-        for key in ("log_every_n_steps", "early_stopping_patience", "eval_every_n_steps", "save_every_n_steps"):
-            if cfg[key] is not None and cfg[key] < 1:
-                sys.exit(f"config error: {key} is {cfg[key]}; expected a positive integer or null")
 
         # 6. Model: meta-device build, LoRA / NF4 modules, FSDP2 shards, weights streamed into them.
         method = cfg.model.get("method", self.METHODS[0])
