@@ -11,7 +11,7 @@ NF4 weights shard too: torchao's `NF4Tensor` implements FSDP2's `fsdp_pre_all_ga
 
 Hangs: the process group gets a timeout (the recipes' ``distributed_timeout_s``), so a collective that a rank never
 joins fails on the ranks waiting in it instead of blocking forever. To say WHICH rank is missing, every rank's
-heartbeat thread bumps a counter in the rendezvous store each second; :func:`collective_timeout_message` looks for
+heartbeat thread bumps a counter in the rendezvous store (its own connection) each second; :func:`collective_timeout_message` looks for
 the counters that stopped (a stopped, frozen or killed process) when a collective times out.
 """
 
@@ -64,12 +64,9 @@ def init_distributed(timeout_s: float | None = None) -> tuple[int, int, torch.de
         torch.cuda.set_device(device)
     if "WORLD_SIZE" in os.environ and not is_distributed():
         timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
-        # The rendezvous that init_process_group would do itself, so that the heartbeats can use its store.
-        store, rank, world_size = next(dist.rendezvous("env://", **({"timeout": timeout} if timeout else {})))
-        dist.init_process_group(backend="nccl" if cuda else "gloo", store=dist.PrefixStore("default_pg", store),
-                                rank=rank, world_size=world_size, timeout=timeout, device_id=device if cuda else None)
-        _heartbeat = _Heartbeat(dist.PrefixStore("mft_heartbeat", store), rank, world_size)
-        _heartbeat.start()
+        dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=device if cuda else None,
+                                timeout=timeout)
+        _heartbeat = _Heartbeat.connect(get_rank(), get_world_size())
     return get_rank(), get_world_size(), device
 
 
@@ -92,6 +89,19 @@ class _Heartbeat(threading.Thread):
         super().__init__(name="mft-heartbeat", daemon=True)
         self.store, self.rank, self.world_size = store, rank, world_size
         self._stopped = threading.Event()
+
+    @classmethod
+    def connect(cls, rank: int, world_size: int) -> "_Heartbeat | None":
+        """Start beating through a connection of its own to the rendezvous store (torchrun's MASTER_ADDR and
+        MASTER_PORT), so that it never waits behind the process group's use of the store; None without one."""
+        try:
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                  timeout=datetime.timedelta(seconds=60))
+        except (KeyError, ValueError, RuntimeError):
+            return None
+        beat = cls(dist.PrefixStore("mft_heartbeat", store), rank, world_size)
+        beat.start()
+        return beat
 
     def run(self) -> None:
         while True:
