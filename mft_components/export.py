@@ -365,7 +365,11 @@ def _protected_paths(checkpoint_dir: Path, meta: dict, base_dir: Path | None, to
     data = config.get("data") or {}
     data_paths = [p for key in ("data_paths", "valid_data_paths") for p in (data.get(key) or []) if isinstance(p, str)]
     tokenizer_path = (config.get("tokenizer") or {}).get("path")
-    out = [("the current directory", Path.cwd()), ("the checkpoint", checkpoint_dir)]
+    try:
+        out = [("the current directory", Path.cwd())]
+    except FileNotFoundError:  # the shell's directory was deleted: nothing there to protect
+        out = []
+    out += [("the checkpoint", checkpoint_dir)]
     out += [("the tokenizer", tokenizer_dir)] if tokenizer_dir is not None else []
     out += [("the base model", base_dir)] if base_dir is not None else []
     out += [("the training tokenizer", Path(tokenizer_path))] if isinstance(tokenizer_path, str) else []
