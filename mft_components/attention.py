@@ -12,7 +12,9 @@ the upper triangle, and cross-sample blocks are never computed::
     attention: causal SDPA on each sample; zeros on padding; concatenated back into the row
 
 Padding (always at the end of a row) attends to nothing and gets a zero output: it carries no loss and no real
-token attends to it. Real tokens get exactly the attention of a per-sample run (``tests/test_attention.py``).
+token attends to it. The zeros are tied to the padding's q, k and v (times 0), so a micro-batch of padding only
+still gives the q/k/v projections a (zero) gradient, as every other rank's micro-batch does (FSDP2 needs the
+same set of gradients on every rank). Real tokens get exactly the attention of a per-sample run (``tests/test_attention.py``).
 When every row holds one sample (``packing: padding``) the micro-batch takes one batched ``is_causal=True``
 call (trailing padding then attends causally to its own row, which nothing reads).
 
@@ -183,11 +185,25 @@ def sdpa_varlen_attention_forward(
             # split (not slicing): backward concatenates the segment gradients in one copy
             qs, ks, vs = (t[b : b + 1].split(lengths + (pad,), dim=2) for t in (query, key, value))
             outs = [causal(qs[i], ks[i], vs[i]) for i in range(len(lengths))]
-            if pad:  # padding attends to nothing: zeros, no kernel call, no gradient
-                outs.append(query.new_zeros(1, query.shape[1], pad, value.shape[-1]))
+            if pad:  # padding attends to nothing: zeros, no kernel call
+                outs.append(_padding_output(qs[-1], ks[-1], vs[-1]))
             rows.append(torch.cat(outs, dim=2) if len(outs) > 1 else outs[0])
         out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
     return out.transpose(1, 2).contiguous(), None
+
+
+def _padding_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Zeros for padding queries ``[1, H, pad, Dv]``, computed as ``0 * (sum q + sum k + sum v)``.
+
+    A constant would do for the values, but not for the gradients: in a micro-batch of padding only (the padding
+    rows that fill up an epoch's last optimizer step) the q/k/v projections would then get no gradient at all
+    (``None``, not zeros). FSDP2 reduce-scatters only the parameters that have a gradient, so that rank would
+    send fewer bytes than the ranks with real tokens: gloo fails with "Received data size doesn't match expected
+    size" in ``post_backward``, NCCL may hang. Tying the zeros to q, k and v gives every rank the same set of
+    gradients (zero here) whatever its data.
+    """
+    tie = q.sum() + k.sum() + v.sum()
+    return q.new_zeros(1, q.shape[1], q.shape[2], v.shape[-1]) + tie * 0
 
 
 @contextlib.contextmanager

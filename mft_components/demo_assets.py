@@ -159,11 +159,12 @@ def prepare_smollm2(cache_dir: str | Path | None = None) -> Path:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
         # SmolLM2-Instruct ends every turn with <|im_end|> (ChatML); a different EOS means a wrong conversion.
         if tokenizer.eos_token != "<|im_end|>":
             raise RuntimeError(f"{gguf}: expected EOS token <|im_end|>, the GGUF tokenizer has {tokenizer.eos_token!r}")
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                     trust_remote_code=False)
         # The weights are dequantised now: drop the GGUF quantisation marker so that a plain
         # from_pretrained(dir) reads the safetensors instead of looking for a .gguf file.
         for attr in ("quantization_config", "_name_or_path"):

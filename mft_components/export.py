@@ -20,7 +20,13 @@ of MFTCoder's ``merge_base_and_lora_to_hf.py``). ``--dtype auto`` (the default) 
 
 Weights are streamed tensor by tensor: the shard plan is made from the safetensors headers, then each shard file is
 written one tensor at a time, so peak memory is about one tensor in float32, not the model (let alone twice).
-Everything is written into a temporary sibling directory and renamed into place at the end.
+Safety of the output: ``OUT`` must not be, or contain, the current directory, the checkpoint, the base model, the
+tokenizer or the training data (paths resolved, symlinks followed); ``--force`` replaces only an earlier export
+(a directory holding ``mft_chat_format.json``), never other files. Everything is written into a hidden sibling
+``.OUT.mft-export-tmp-*`` and swapped in only once complete (the old export is renamed aside, the new one renamed
+into place, then the old one deleted), so an interrupted export leaves the previous output whole. Each temporary
+sibling holds a ``.mft-export-partial`` file with its process id; the next export to ``OUT`` removes those of
+processes that are gone.
 """
 
 from __future__ import annotations
@@ -32,16 +38,16 @@ import os
 import re
 import shutil
 import struct
-import tempfile
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 
-from mft_components.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from mft_components.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CheckpointError, load_safetensors, mkdtemp_umask
 from mft_components.checkpoint import META_FILE as CHECKPOINT_META
+from mft_components.checkpoint import verify_checkpoint
 from mft_components.models import safetensors_files as _model_safetensors_files
 
 # "auto": every floating tensor keeps the dtype it has in the weights being exported.
@@ -74,6 +80,7 @@ _UNMERGEABLE_OPTIONS = {
 # rewritten base, not to the one on disk. These keep the base as it is.
 _BASE_PRESERVING_INITS = (True, False, "gaussian", "eva")
 CHAT_FORMAT_FILE = "mft_chat_format.json"
+_PARTIAL_MARK = ".mft-export-partial"  # in a temporary sibling while it is being written: the writer's process id
 
 
 class ExportError(ValueError):
@@ -95,7 +102,8 @@ def read_validated_meta(checkpoint_dir: str | Path) -> dict:
         The metadata dict (method, base_model_dir, chat_format, eos_token, task_names, ...).
 
     Raises:
-        ExportError: the directory or its metadata file is missing or malformed.
+        ExportError: the directory or its metadata file is missing or malformed, or a file of the checkpoint does
+            not match its consistency record (``checkpoint.verify_checkpoint``).
     """
     path = Path(checkpoint_dir) / CHECKPOINT_META
     if not Path(checkpoint_dir).is_dir():
@@ -104,9 +112,9 @@ def read_validated_meta(checkpoint_dir: str | Path) -> dict:
         raise ExportError(f"{path}: not found; {checkpoint_dir} is not an mft training checkpoint (expected "
                           f"output_dir/step_N/ with {CHECKPOINT_META})")
     try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ExportError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from e
+        meta = verify_checkpoint(checkpoint_dir)
+    except CheckpointError as e:
+        raise ExportError(f"damaged checkpoint: {e}") from e
     if meta.get("method") not in ("lora", "qlora", "full"):
         raise ExportError(f"{path}: method: expected 'lora', 'qlora' or 'full', got {meta.get('method')!r}")
     return meta
@@ -144,17 +152,22 @@ def read_adapter(adapter_dir: str | Path) -> LoRAAdapter:
         LoRAAdapter with tensors as stored (not cast).
 
     Raises:
-        ExportError: a file is missing, or the adapter is not a plain LoRA that merges as `W + scale * B @ A`
-            (another PEFT type, DoRA, per-module rank/alpha patterns, an init that rewrote the base, ...; see
-            `_UNMERGEABLE_OPTIONS`), or it holds tensors that are neither LoRA nor trained biases /
-            `modules_to_save`, or A/B do not pair up.
+        ExportError: a file is missing, unreadable or holds NaN / inf, or the adapter is not a plain LoRA that
+            merges as `W + scale * B @ A` (another PEFT type, DoRA, per-module rank/alpha patterns, an init that
+            rewrote the base, ...; see `_UNMERGEABLE_OPTIONS`), or it holds tensors that are neither LoRA nor
+            trained biases / `modules_to_save`, or A/B do not pair up.
     """
     adapter_dir = Path(adapter_dir)
     cfg_path, w_path = adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
     for p in (cfg_path, w_path):
         if not p.is_file():
             raise ExportError(f"{p}: not found; a LoRA/QLoRA checkpoint holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
-    config = json.loads(cfg_path.read_text())
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ExportError(f"{cfg_path}: not valid JSON ({e}); the adapter config is damaged") from e
+    if not isinstance(config, dict) or not isinstance(config.get("r"), int) or "lora_alpha" not in config:
+        raise ExportError(f"{cfg_path}: expected a PEFT LoRA config with r and lora_alpha")
     if config.get("peft_type", "LORA") != "LORA":
         raise ExportError(f"{cfg_path}: peft_type: {config['peft_type']!r} adapters cannot be merged by mft export; "
                           f"expected 'LORA'")
@@ -172,7 +185,12 @@ def read_adapter(adapter_dir: str | Path) -> LoRAAdapter:
     saved_modules = tuple(config.get("modules_to_save") or ())
     halves: dict[str, dict[str, torch.Tensor]] = {}
     replaced: dict[str, torch.Tensor] = {}
-    for key, tensor in load_file(w_path).items():
+    try:
+        tensors = load_safetensors(w_path)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from e
+    for key, tensor in tensors.items():
+        _check_finite(tensor, f"{w_path}: tensor {key}", "the adapter is corrupted, or training diverged")
         m = _PEFT_KEY.match(key)
         if m is not None:
             halves.setdefault(m["path"], {})[m["which"]] = tensor
@@ -198,6 +216,16 @@ def read_adapter(adapter_dir: str | Path) -> LoRAAdapter:
         pairs[path] = (a, b)
     return LoRAAdapter(config=config, pairs=pairs, scale=lora_scale(config), replaced=replaced,
                        fan_in_fan_out=bool(config.get("fan_in_fan_out")))
+
+
+def _check_finite(tensor: torch.Tensor, what: str, why: str) -> None:
+    """Raise an ExportError when a floating tensor holds NaN or inf; checked in slices of 16M elements, so a large
+    embedding costs no tensor-sized temporary."""
+    if not tensor.is_floating_point():
+        return
+    bad = sum(int((~torch.isfinite(part)).sum()) for part in tensor.detach().reshape(-1).split(1 << 24))
+    if bad:
+        raise ExportError(f"{what} holds {bad:,} NaN/inf value(s) of {tensor.numel():,}; {why}")
 
 
 def merge_lora_tensor(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, name: str = "weight",
@@ -352,8 +380,10 @@ def write_sharded_weights(out_dir: Path, specs: list[_TensorSpec], max_shard_siz
             for spec in writer.specs:
                 if spec.file not in handles:
                     handles[spec.file] = safe_open(spec.file, framework="pt").__enter__()
-                tensor = transform(spec, handles[spec.file].get_tensor(spec.name))
-                writer.write(spec.name, tensor.to(spec.out_dtype))
+                tensor = transform(spec, handles[spec.file].get_tensor(spec.name)).to(spec.out_dtype)
+                _check_finite(tensor, f"tensor {spec.name} (from {spec.file}, as {_DTYPE_NAMES.get(spec.out_dtype)})",
+                              "the weights are corrupted, or the values overflow this --dtype; nothing was written")
+                writer.write(spec.name, tensor)
                 del tensor
             writer.close()
     finally:
@@ -391,17 +421,95 @@ def _resolve_base(checkpoint_dir: Path, meta: dict, base: str | Path | None) -> 
     return path
 
 
-def _check_output_dir(output_dir: Path, force: bool, inputs: list[Path]) -> None:
-    out = output_dir.resolve()
-    for p in inputs:
-        p = p.resolve()
-        if out == p or out in p.parents:
-            raise ExportError(f"output directory {output_dir} would overwrite the input {p}; choose another --output")
+def _protected_paths(checkpoint_dir: Path, meta: dict, base_dir: Path | None, tokenizer_dir: Path | None
+                     ) -> list[tuple[str, Path]]:
+    """What an export must never replace: the current directory, its inputs, and the training data (from the
+    checkpoint's config) -- each with a name for the message."""
+    config = meta.get("config") or {}
+    data = config.get("data") or {}
+    data_paths = [p for key in ("data_paths", "valid_data_paths") for p in (data.get(key) or []) if isinstance(p, str)]
+    tokenizer_path = (config.get("tokenizer") or {}).get("path")
+    try:
+        out = [("the current directory", Path.cwd())]
+    except FileNotFoundError:  # the shell's directory was deleted: nothing there to protect
+        out = []
+    out += [("the checkpoint", checkpoint_dir)]
+    out += [("the tokenizer", tokenizer_dir)] if tokenizer_dir is not None else []
+    out += [("the base model", base_dir)] if base_dir is not None else []
+    out += [("the training tokenizer", Path(tokenizer_path))] if isinstance(tokenizer_path, str) else []
+    out += [("the training data", Path(p)) for p in data_paths]
+    return out
+
+
+def _check_output_dir(output_dir: Path, force: bool, protected: list[tuple[str, Path]]) -> Path:
+    """The resolved output directory, after refusing every output that would delete what export did not write.
+
+    Raises:
+        ExportError: the output is or contains a protected path, is a file, or is a non-empty directory that is
+            not an earlier export (or is one, without ``force``).
+    """
+    out = output_dir.expanduser().resolve()
+    for what, path in protected:
+        path = path.expanduser().resolve()
+        if out == path or out in path.parents:
+            relation = "is" if out == path else "contains"
+            raise ExportError(f"--output {output_dir} ({out}) {relation} {what} ({path}); an export replaces its output "
+                              f"directory as a whole, so choose a new directory for it")
     if out.exists() and not out.is_dir():
-        raise ExportError(f"output {output_dir} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise ExportError(f"output directory {output_dir} exists and is not empty; choose another --output or pass "
-                          f"--force to replace it")
+        raise ExportError(f"--output {output_dir} exists and is not a directory")
+    entries = sorted(out.iterdir()) if out.is_dir() else []
+    if entries and not _is_export(out):
+        raise ExportError(f"--output {output_dir} holds files that mft export did not write (e.g. {entries[0].name}); "
+                          f"export never deletes those, even with --force (it replaces only an earlier export, "
+                          f"a directory with {CHAT_FORMAT_FILE}): choose another --output")
+    if entries and not force:
+        raise ExportError(f"--output {output_dir} holds an earlier export and is not empty; choose another --output "
+                          f"or pass --force to replace it")
+    return out
+
+
+def _is_export(directory: Path) -> bool:
+    return (directory / CHAT_FORMAT_FILE).is_file() or (directory / "adapter" / CHAT_FORMAT_FILE).is_file()
+
+
+def _sibling(out: Path, kind: str) -> Path:
+    """A new hidden ``.OUT.mft-export-KIND-*`` directory beside ``out``, marked with this process's id."""
+    path = mkdtemp_umask(prefix=f".{out.name}.mft-export-{kind}-", dir=out.parent)
+    (path / _PARTIAL_MARK).write_text(f"{os.getpid()}\n")
+    return path
+
+
+def remove_export_leftovers(out: Path) -> list[Path]:
+    """Remove the temporary siblings of ``out`` that interrupted exports left: only directories named
+    ``.OUT.mft-export-{tmp,old}-*`` holding a ``.mft-export-partial`` file whose process is gone.
+
+    Returns:
+        The directories removed.
+    """
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.mft-export-(tmp|old)-")
+    removed = []
+    for p in sorted(out.parent.iterdir()) if out.parent.is_dir() else []:
+        if pattern.match(p.name) and p.is_dir() and not p.is_symlink() and (p / _PARTIAL_MARK).is_file():
+            try:
+                pid = int((p / _PARTIAL_MARK).read_text().strip())
+            except (OSError, ValueError):
+                continue
+            if not _process_alive(pid):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _find_tokenizer_dir(checkpoint_dir: Path, meta: dict, base_dir: Path | None) -> Path:
@@ -417,10 +525,21 @@ def _find_tokenizer_dir(checkpoint_dir: Path, meta: dict, base_dir: Path | None)
                       f"pass --base with the model directory that holds the tokenizer")
 
 
-def _load_tokenizer(tokenizer_dir: Path):
+def _load_tokenizer(tokenizer_dir: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(tokenizer_dir)
+    try:
+        return AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise ExportError(remote_code_refused(tokenizer_dir, "tokenizer")) from e
+        raise
+
+
+def remote_code_refused(directory: Path, what: str) -> str:
+    """The message for a model or tokenizer directory that ships Python code and was not trusted."""
+    return (f"{directory}: the {what} ships its own Python code (auto_map in its config), which mft runs only when "
+            f"you pass --trust-remote-code; read that code first, it runs with your permissions")
 
 
 def _token_id(tokenizer, token: str) -> int:
@@ -492,7 +611,7 @@ def model_card(meta: dict, base_name: str, adapter_only: bool = False) -> str:
 
 def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, base: str | Path | None = None,
                       dtype: str = "auto", max_shard_size: int | str = "5GB", adapter_only: bool = False,
-                      force: bool = False, meta: dict | None = None) -> Path:
+                      force: bool = False, meta: dict | None = None, trust_remote_code: bool = False) -> Path:
     """Export a training checkpoint as a Hugging Face model directory (and a PEFT adapter for LoRA / QLoRA).
 
     Args:
@@ -503,15 +622,18 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, base: 
             checkpoint for full) | "bf16" | "fp16" | "fp32" for the written weights (the merge runs in float32).
         max_shard_size: largest safetensors file, e.g. "5GB" (one file when the model fits).
         adapter_only: write only `output_dir/adapter/` (LoRA / QLoRA checkpoints).
-        force: replace a non-empty `output_dir`.
+        force: replace `output_dir` when it holds an earlier export.
         meta: the checkpoint metadata, for a directory without `mft_checkpoint.json` (`export_adapter`).
+        trust_remote_code: let `transformers` run Python code shipped with the tokenizer (never asked).
 
     Returns:
-        The output directory.
+        The output directory (resolved).
 
     Raises:
-        ExportError: missing checkpoint/base/tokenizer, shape mismatch with the base (names the tensor and both
-            shapes), non-empty output without `force`, `adapter_only` for a full checkpoint, bad dtype/size.
+        ExportError: missing or damaged checkpoint/base/tokenizer, NaN/inf weights, shape mismatch with the base
+            (names the tensor and both shapes), an output that is or contains an input, the current directory or
+            the data, a non-empty output that is not an earlier export (or is, without `force`), `adapter_only`
+            for a full checkpoint, bad dtype/size, untrusted remote code.
     """
     from mft_components.templates import ChatFormat
 
@@ -526,13 +648,19 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, base: 
         raise ExportError(f"--adapter-only: {checkpoint_dir} is a full fine-tuning checkpoint, it has no adapter")
     # A full checkpoint is self-contained; the base is only needed there for the tokenizer, and only when given.
     base_dir = _resolve_base(checkpoint_dir, meta, base) if not full or base is not None else None
-    _check_output_dir(output_dir, force, [checkpoint_dir] + ([base_dir] if base_dir else []))
+    try:
+        tokenizer_dir = _find_tokenizer_dir(checkpoint_dir, meta, base_dir)
+    except ExportError:  # reported once the weights are known to fit (a wrong --base is the likelier mistake)
+        tokenizer_dir = None
+    output_dir = _check_output_dir(output_dir, force, _protected_paths(checkpoint_dir, meta, base_dir, tokenizer_dir))
 
     chat_format = ChatFormat.from_config(meta.get("chat_format"))
     base_name = str(base) if base is not None else str(meta.get("base_model_dir") or "unknown base model")
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    for leftover in remove_export_leftovers(output_dir):
+        print(f"mft export: removed {leftover.name}, left by an interrupted export", file=sys.stderr)
+    tmp = _sibling(output_dir, "tmp")
     try:
         if full:
             weights_dir, transform = checkpoint_dir, (lambda spec, t: t)
@@ -554,7 +682,8 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, base: 
         if not full:
             _check_adapter_against_base(adapter, specs, weights_dir)
 
-        tokenizer = _load_tokenizer(_find_tokenizer_dir(checkpoint_dir, meta, base_dir))
+        tokenizer = _load_tokenizer(tokenizer_dir or _find_tokenizer_dir(checkpoint_dir, meta, base_dir),
+                                    trust_remote_code)
         eos_token = meta.get("eos_token") or tokenizer.eos_token
         eos_id = _token_id(tokenizer, eos_token)
         chat_meta = {"chat_format": chat_format.to_dict(), "eos_token": eos_token}
@@ -571,14 +700,24 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, base: 
             (tmp / "README.md").write_text(model_card(meta, base_name))
             if not full:
                 _write_adapter(tmp / "adapter", checkpoint_dir, base_dir, chat_meta)
-        # Replace only once everything is written: an interrupted export never leaves a half directory behind.
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(tmp, output_dir)
+        (tmp / _PARTIAL_MARK).unlink()
+        _swap_in(tmp, output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return output_dir
+
+
+def _swap_in(new: Path, out: Path) -> None:
+    """Put the complete export ``new`` at ``out``: an earlier export is renamed aside first and deleted only
+    once ``new`` is in place (a kill in between leaves both, as marked siblings the next export removes)."""
+    if not (out.is_dir() and any(out.iterdir())):
+        os.replace(new, out)  # nothing there, or an empty directory (rename replaces it)
+        return
+    old = _sibling(out, "old")
+    os.replace(out, old / "previous")
+    os.replace(new, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _check_adapter_against_base(adapter: LoRAAdapter, specs: list[_TensorSpec], base_dir: Path) -> None:
@@ -650,7 +789,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--template", choices=["mft", "mftcoder_atorch", "hf"], default=None,
                         help="with --adapter: its training format, written as the chat_template (default: the "
                              "adapter's mft_chat_format.json, else mft, MFTCoder's)")
-    parser.add_argument("--output", "-o", required=True, help="directory to write (must not exist or be empty)")
+    parser.add_argument("--output", "-o", required=True, help="directory to write: new, empty, or an earlier export (with --force)")
     parser.add_argument("--base", default=None,
                         help="base model directory (default: base_model_dir from the checkpoint's mft_checkpoint.json; "
                              "required with --adapter)")
@@ -658,15 +797,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dtype of the written weights (default auto: each tensor keeps the base model's dtype)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
     parser.add_argument("--adapter-only", action="store_true", help="write only OUTPUT/adapter/ (PEFT format)")
-    parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    parser.add_argument("--force", action="store_true", help="replace an earlier export in the output directory")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let transformers run Python code shipped with the tokenizer (off: such a tokenizer "
+                             "is refused, never asked about)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run `mft export`; returns the exit status (errors for people go to stderr, status 2)."""
-    import sys
-
     options = dict(dtype=args.dtype, max_shard_size=args.max_shard_size, adapter_only=args.adapter_only,
-                   force=args.force)
+                   force=args.force, trust_remote_code=args.trust_remote_code)
     try:
         if (args.adapter is None) == (args.checkpoint_dir is None):
             raise ExportError("give either a CHECKPOINT_DIR or --adapter ADAPTER_DIR (with --base MODEL_DIR)")

@@ -90,6 +90,9 @@ class RecipeConfig:
             or null (start fresh).
         log_every_n_steps: write a ``metrics.jsonl`` line every N steps.
         tensorboard: also write TensorBoard events to ``output_dir/tb``.
+        distributed_timeout_s: under torchrun, how long a rank waits in a collective (all-reduce, FSDP's
+            gathers, the barriers around checkpoint writes and the data cache build) for the other ranks before
+            the run ends with a message naming the rank that stopped answering (null: torch's default, 30 min).
         eval: ``code``: pass@k of generated code per task (:class:`EvalConfig`).
     """
 
@@ -117,6 +120,7 @@ class RecipeConfig:
     resume: str | None = None
     log_every_n_steps: int = _at_least(1, 1)
     tensorboard: bool = True
+    distributed_timeout_s: float | None = _positive(600.0)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     # Cross-checks against the model directory, the tasks and the components' own rules (config.check_config).

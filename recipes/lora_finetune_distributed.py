@@ -20,6 +20,10 @@ Features:
       keeps the newest and the best.
     - A progress bar, ``metrics.jsonl``, TensorBoard events in ``output_dir/tb``, and a final summary.
     - A non-finite loss stops the run naming the step and the tasks; the last checkpoint stays intact.
+    - Checkpoints carry a consistency record (size and sha256 of each file) that resume checks; ``resume: auto``
+      moves a damaged checkpoint aside and continues from the newest intact one.
+    - Under torchrun a collective that a rank never joins (a stopped or frozen process) ends the run after
+      ``distributed_timeout_s``, naming that rank.
 
 Copy it with ``mft cp lora_finetune_distributed my_recipe.py``, edit, and run ``mft run my_recipe.py --config ...``.
 """
@@ -38,7 +42,13 @@ from mft_components import checkpoint as ck
 from mft_components.code_eval.evaluate import CodeEvalError, CodeEvaluator
 from mft_components.config import instantiate, parse, to_container
 from mft_components.data import DataError
-from mft_components.distributed import destroy_distributed, gather_state_dict, init_distributed
+from mft_components.distributed import (
+    collective_timeout_message,
+    destroy_distributed,
+    gather_state_dict,
+    init_distributed,
+    is_collective_timeout,
+)
 from mft_components.lora import adapter_to_peft_state_dict, lora_target_names, peft_adapter_config
 from mft_components.metrics import (
     EarlyStopping,
@@ -52,6 +62,7 @@ from mft_components.metrics import (
     peak_memory_gb,
 )
 from mft_components.recipe_schema import LoRARecipeConfig
+from mft_components.sampling import LoaderStateError
 
 CONFIG_SCHEMA = LoRARecipeConfig
 
@@ -76,14 +87,15 @@ class LoRAFinetuneRecipe:
     def setup(self) -> None:
         cfg = self.cfg
         # 1. Process group first: everything after it may need the rank (nccl on GPU, gloo on CPU).
-        self.rank, self.world_size, self.device = init_distributed()
+        self.rank, self.world_size, self.device = init_distributed(cfg.distributed_timeout_s)
         self.is_rank0 = self.rank == 0
         if self.is_rank0:
             print(f"config:\n{OmegaConf.to_yaml(cfg, resolve=True)}", flush=True)
             ck.remove_partial_checkpoints(self.output_dir)  # leftovers of a save that was killed
         # 2. The same seed on every rank: LoRA initialisation must agree across ranks.
         torch.manual_seed(cfg.seed)
-        # Which checkpoint to continue from is settled before anything is loaded (a wrong path costs nothing).
+        # Which checkpoint to continue from is settled before anything is loaded (a wrong path costs nothing); its
+        # files are checked against its consistency record, and resume: auto steps back past damaged ones.
         resume_from = ck.resolve_resume(cfg.resume, self.output_dir)
 
         # 3-4. Tokenizer and data, validated before any model exists: a bad record costs seconds, not a model load.
@@ -135,7 +147,12 @@ class LoRAFinetuneRecipe:
         # 9. Resume: weights, optimizer, schedule, loss, data position and RNG of the checkpoint.
         self.rank_state = self.evaluator_state = self.code_evaluator_state = None
         if resume_from is not None:
-            self.load_checkpoint(resume_from)
+            try:
+                self.load_checkpoint(resume_from)
+            except ck.CheckpointError as e:
+                raise ck.ResumeError(str(e)) from e
+            except ValueError as e:  # the checkpoint does not fit this run (model, LoRA, loss mode, tasks)
+                raise ck.ResumeError(f"{resume_from}: {e}") from e
 
         # 10. Output for people, on rank 0.
         self.logger = MetricLogger(self.output_dir, enabled=self.is_rank0, tensorboard=cfg.tensorboard)
@@ -307,15 +324,19 @@ def _item(t) -> float:
 
 
 def run(recipe: LoRAFinetuneRecipe) -> None:
-    """Set up, train, clean up; bad data and a non-finite loss end the run with a message and exit status 1."""
+    """Set up, train, clean up. Bad data, an unusable checkpoint, a non-finite loss and a rank that stopped
+    answering end the run with a message and exit status 1."""
     try:
         recipe.setup()
     except DataError as e:  # reported before any model was built
         sys.exit(f"data error:\n{e}")
     except CodeEvalError as e:  # eval sets and the sandbox: also before the model
         sys.exit(f"eval.code error:\n{e}")
-    except ck.ResumeError as e:  # settled before data and model
+    except ck.ResumeError as e:
         sys.exit(f"resume error: {e}")
+    except RuntimeError as e:
+        _exit_if_collective_timeout(recipe, e)
+        raise
     try:
         recipe.train()
     except NonFiniteLossError as e:
@@ -323,7 +344,18 @@ def run(recipe: LoRAFinetuneRecipe) -> None:
             print(f"error: {e}", file=sys.stderr, flush=True)
         recipe.cleanup()
         sys.exit(1)
+    except LoaderStateError as e:  # a resume with another global batch, found when the loader restarts
+        sys.exit(f"resume error: {e}")
+    except RuntimeError as e:
+        _exit_if_collective_timeout(recipe, e)
+        raise
     recipe.cleanup()
+
+
+def _exit_if_collective_timeout(recipe: LoRAFinetuneRecipe, error: RuntimeError) -> None:
+    # Every rank that timed out says so (the stuck one cannot): no cleanup, its collectives would wait again.
+    if is_collective_timeout(error):
+        sys.exit(f"error: {collective_timeout_message(error, recipe.cfg.distributed_timeout_s)}")
 
 
 @parse(schema=CONFIG_SCHEMA)

@@ -125,3 +125,20 @@ def test_errors_name_what_is_missing(packed_case):
                   segment_lengths=fallback).logits
     real = batch["sample_ids"] >= 0
     torch.testing.assert_close(a[real], b[real], rtol=1e-5, atol=1e-5)
+
+
+def test_padding_only_micro_batch_gives_every_adapter_a_gradient(tmp_path):
+    """A micro-batch of padding rows only (what fills an epoch's last step): its loss is 0, and every LoRA weight
+    must still get a gradient (zeros), as with sdpa; FSDP2 needs the same set of gradients on every rank."""
+    from mft_components.models import build_model
+
+    model_dir = make_tiny_model_dir(tmp_path / "m", family="llama", vocab_size=VOCAB)
+    batch = collate([None, None], pad_to=16)
+    for attn in ("sdpa", SDPA_VARLEN):
+        model = build_model(model_dir, method="lora", lora={"rank": 4, "target_modules": "all-linear"},
+                            dtype="fp32", attn_implementation=attn)
+        token_losses, _ = model(batch)
+        assert token_losses.numel() == 0
+        token_losses.sum().backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        assert all(g is not None and not g.any() for g in grads.values()), [n for n, g in grads.items() if g is None]
