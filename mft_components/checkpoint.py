@@ -7,7 +7,8 @@ A checkpoint is one directory ``output_dir/step_N/``::
       adapter_config.json         PEFT's adapter config                      ┘ `transformers` as they are
       model.safetensors           full: HF weights (or model-0000k-of-0000n.safetensors + index)
       config.json                 full: the HF model config (+ tokenizer files copied from the base model)
-      mft_checkpoint.json         method, base model, chat format, EOS, task names, step, validation losses
+      mft_checkpoint.json         method, base model, chat format, EOS, task names, step, validation losses,
+                                  and the consistency record: size and sha256 of every other file
       recipe_state.pt             optimizer, scheduler, data loader + RNG per rank, step, best, patience, CoBa
 
 Atomicity: everything is written into ``step_N.tmp-XXXX`` (files fsynced), which is then renamed to ``step_N``.
@@ -16,12 +17,18 @@ A rename within one directory is atomic, so a kill at any moment leaves either n
 :func:`remove_partial_checkpoints`. ``recipe_state.pt`` holds only tensors, numbers, strings and containers, so
 it loads with ``torch.load(weights_only=True)`` (no pickled code runs on resume).
 
+Consistency: :func:`verify_checkpoint` is the one reader that resume and ``mft export`` use. It checks the record
+(a truncated, garbage or swapped file, e.g. a ``recipe_state.pt`` from another step, is named with what is wrong)
+and that the step in ``mft_checkpoint.json`` is the directory's; ``resume: auto`` moves a damaged checkpoint aside
+(``step_N.damaged``) and continues from the newest intact one.
+
 The recipe gathers what is sharded (:func:`gather_optimizer_state`, :func:`gather_rank_states`) on every rank and
 calls :func:`save_checkpoint` on rank 0 only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -56,6 +63,10 @@ __all__ = [
     "prune_checkpoints",
     "remove_partial_checkpoints",
     "read_checkpoint_meta",
+    "verify_checkpoint",
+    "CheckpointError",
+    "ResumeError",
+    "mkdtemp_umask",
     "gather_training_state",
     "restore_training_state",
     "checkpoint_meta",
@@ -76,6 +87,7 @@ TOKENIZER_FILES = (
     "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja",
 )
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+RECORD_KEY = "files"  # mft_checkpoint.json: {file name: {"size": bytes, "sha256": hex}} of the other files
 
 
 # ---------------------------------------------------------------------------------------------- RNG states
@@ -233,7 +245,7 @@ def save_checkpoint(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / f"step_{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f"step_{step}.tmp-", dir=output_dir))
+    tmp = mkdtemp_umask(prefix=f"step_{step}.tmp-", dir=output_dir)
     try:
         if adapter_config is not None:
             save_file(_contiguous(weights), str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
@@ -248,8 +260,9 @@ def save_checkpoint(
         if recipe_state is not None:
             with open(tmp / STATE_FILE, "wb") as f:
                 torch.save(recipe_state, f)
-        # The metadata is written last: a directory with mft_checkpoint.json is a finished one.
-        _write_json(tmp / META_FILE, {**meta, "step": step})
+        # The metadata is written last: a directory with mft_checkpoint.json is a finished one. It carries the
+        # consistency record of every file written before it (verify_checkpoint checks it on resume and export).
+        _write_json(tmp / META_FILE, {**meta, "step": step, RECORD_KEY: _file_record(tmp)})
         _fsync_dir_files(tmp)
         if final.exists():  # re-saving a step (e.g. the final save after a periodic one at the same step)
             old = Path(tempfile.mkdtemp(prefix=f"step_{step}.old-", dir=output_dir))
@@ -296,6 +309,37 @@ def _save_full_weights(tmp: Path, weights: dict[str, torch.Tensor], model_config
     _write_json(tmp / FULL_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
+def _file_record(directory: Path) -> dict[str, dict[str, Any]]:
+    """``{file name: {"size", "sha256"}}`` of every file in ``directory`` (the checkpoint's consistency record)."""
+    return {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(directory.iterdir()) if p.is_file() and p.name != META_FILE}
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _umask() -> int:
+    try:  # Linux names it without changing it (os.umask can only be read by setting it, process-wide)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def mkdtemp_umask(prefix: str, dir: str | os.PathLike) -> Path:
+    """``tempfile.mkdtemp`` with the permissions ``mkdir`` would give (0777 less the umask), not mkdtemp's 0700:
+    checkpoints and exports are written into such a directory and renamed into place, keeping its mode."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=dir))
+    os.chmod(path, 0o777 & ~_umask())
+    return path
+
+
 def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
 
@@ -332,7 +376,7 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
 
 
 def latest_checkpoint(output_dir: str | os.PathLike, *, resumable: bool = True) -> Path | None:
-    """The newest finished checkpoint (with a recipe state when ``resumable``), or None."""
+    """The newest finished checkpoint (with a recipe state when ``resumable``), or None (files not verified)."""
     for _, path in reversed(list_checkpoints(output_dir)):
         if not resumable or (path / STATE_FILE).is_file():
             return path
@@ -343,32 +387,87 @@ class ResumeError(ValueError):
     """``resume`` names no resumable checkpoint, or ``output_dir`` holds another run's later checkpoints."""
 
 
+class CheckpointError(ValueError):
+    """A damaged or inconsistent checkpoint; the message names the file and what is wrong with it."""
+
+
 def resolve_resume(resume: str | os.PathLike | None, output_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint a run continues from.
+    """The checkpoint a run continues from, verified (:func:`verify_checkpoint`).
+
+    Collective under a process group: rank 0 decides (reading every file once, moving damaged checkpoints aside)
+    and every rank gets its answer, or its error.
 
     Args:
-        resume: None / ``"none"`` / false (start fresh), ``"auto"`` (the newest whole checkpoint in
-            ``output_dir``, or fresh when there is none), or a checkpoint directory.
+        resume: None / ``"none"`` / false (start fresh), ``"auto"`` (the newest intact checkpoint in
+            ``output_dir``, or fresh when there is none; damaged newer ones are renamed ``step_N.damaged``, with
+            a note on stderr), or a checkpoint directory.
         output_dir: the run's output directory.
 
     Raises:
-        ResumeError: a given path is not a finished checkpoint with a recipe state, or ``output_dir`` holds
-            checkpoints beyond the one this run starts from.
+        ResumeError: a given path is not a finished, intact checkpoint with a recipe state; ``resume: auto``
+            finds only damaged checkpoints; or ``output_dir`` holds checkpoints beyond the one this run starts from.
     """
+    if not is_distributed():
+        return _resolve_resume(resume, output_dir)
+    answer: list[Any] = [None]
+    if get_rank() == 0:
+        try:
+            answer[0] = ("path", _resolve_resume(resume, output_dir))
+        except ResumeError as e:
+            answer[0] = ("error", str(e))
+    dist.broadcast_object_list(answer, src=0)
+    kind, value = answer[0]
+    if kind == "error":
+        raise ResumeError(value)
+    return value
+
+
+def _resolve_resume(resume: str | os.PathLike | None, output_dir: str | os.PathLike) -> Path | None:
     if resume in (None, False, "", "none", "null", "no"):
         _refuse_later_checkpoints(output_dir, after=0, why="this run starts fresh (resume: null)")
         return None
     if resume == "auto":
-        return latest_checkpoint(output_dir)
+        return _newest_intact_checkpoint(Path(output_dir))
     path = Path(os.path.expanduser(str(resume)))
-    for name in (META_FILE, STATE_FILE):
-        if not (path / name).is_file():
-            raise ResumeError(
-                f"resume: {path} is not a resumable checkpoint (no {name}); expected an output_dir/step_N directory "
-                f"written by a recipe, or resume: auto"
-            )
-    _refuse_later_checkpoints(output_dir, after=read_checkpoint_meta(path)["step"], why=f"this run resumes {path}")
+    try:
+        meta = verify_checkpoint(path, resumable=True)
+    except CheckpointError as e:
+        raise ResumeError(f"resume: {path} is not a resumable checkpoint: {e}\n(expected an intact output_dir/step_N "
+                          f"directory written by a recipe, or resume: auto)") from e
+    _refuse_later_checkpoints(output_dir, after=meta["step"], why=f"this run resumes {path}")
     return path
+
+
+def _newest_intact_checkpoint(output_dir: Path) -> Path | None:
+    """``resume: auto``: the newest checkpoint that verifies; damaged newer ones are moved aside, saying so."""
+    damaged = []
+    for _, path in reversed(list_checkpoints(output_dir)):
+        try:
+            verify_checkpoint(path, resumable=True)
+        except CheckpointError as e:
+            damaged.append((path, e))
+            continue
+        for bad, problem in damaged:
+            aside = _move_aside(bad)
+            print(f"resume: {bad.name} is damaged: {problem}\n  moved it to {aside.name}; resuming from {path.name}",
+                  file=sys.stderr, flush=True)
+        return path
+    if damaged:
+        raise ResumeError(f"resume: auto: no intact checkpoint in {output_dir}:\n  "
+                          + "\n  ".join(str(problem) for _, problem in damaged)
+                          + f"\nmove them out of {output_dir} to start afresh, or resume from a copy you trust")
+    return None
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename a damaged ``step_N`` to ``step_N.damaged`` (``.damaged-2`` ...): kept for a look, no longer a
+    checkpoint (``list_checkpoints`` skips it, so pruning and later resumes ignore it)."""
+    aside, n = path.with_name(f"{path.name}.damaged"), 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.name}.damaged-{n}")
+    os.replace(path, aside)
+    return aside
 
 
 def _refuse_later_checkpoints(output_dir: str | os.PathLike, after: int, why: str) -> None:
@@ -422,29 +521,125 @@ def remove_partial_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
 
 
 def read_checkpoint_meta(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
-    """The content of ``mft_checkpoint.json``."""
+    """The content of ``mft_checkpoint.json`` (not verified: :func:`verify_checkpoint` for that)."""
     return json.loads((Path(ckpt_dir) / META_FILE).read_text(encoding="utf-8"))
 
 
+def verify_checkpoint(ckpt_dir: str | os.PathLike, *, resumable: bool = False) -> dict[str, Any]:
+    """``mft_checkpoint.json`` of a checkpoint whose files all match its consistency record.
+
+    Checks: the metadata is a readable JSON object; its ``step`` is the directory's (``step_N``); every file of
+    the record is there with its size and sha256 (so a truncated, emptied, overwritten, bit-flipped or swapped
+    file is caught before anything loads it). A checkpoint written before the record existed is only parsed.
+
+    Args:
+        ckpt_dir: a ``step_N`` directory.
+        resumable: also require ``recipe_state.pt``.
+
+    Returns:
+        The metadata dict.
+
+    Raises:
+        CheckpointError: naming the file and what is wrong.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    meta_path = ckpt_dir / META_FILE
+    if not ckpt_dir.is_dir():
+        raise CheckpointError(f"{ckpt_dir}: no such checkpoint directory")
+    if not meta_path.is_file():
+        raise CheckpointError(f"{meta_path}: missing; {ckpt_dir} is not a finished checkpoint written by a recipe")
+    try:
+        text = meta_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{meta_path}: unreadable ({e})") from e
+    if not text.strip():
+        raise CheckpointError(f"{meta_path}: empty")
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{meta_path}:{e.lineno}: not valid JSON ({e.msg}); truncated or overwritten") from e
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+        raise CheckpointError(f"{meta_path}: expected a JSON object with an integer step")
+    dir_step = _step_of(ckpt_dir)
+    if dir_step is not None and meta["step"] != dir_step:
+        raise CheckpointError(f"{meta_path}: says step {meta['step']}, but the directory is {ckpt_dir.name}")
+    record = meta.get(RECORD_KEY)
+    if resumable and not (ckpt_dir / STATE_FILE).is_file():
+        raise CheckpointError(f"{ckpt_dir / STATE_FILE}: missing; the checkpoint cannot be resumed")
+    if not isinstance(record, dict):
+        return meta  # written before the record existed
+    for name, want in record.items():
+        path = ckpt_dir / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing (the checkpoint's record in {META_FILE} lists it)")
+        size = path.stat().st_size
+        if size != want.get("size"):
+            raise CheckpointError(f"{path}: {size:,} bytes, the record in {META_FILE} says {want.get('size'):,} "
+                                  f"(truncated, emptied or replaced after the checkpoint was written)")
+        if _sha256(path) != want.get("sha256"):
+            raise CheckpointError(f"{path}: its content differs from the record in {META_FILE} (sha256): corrupted, "
+                                  f"or replaced by another checkpoint's file")
+    return meta
+
+
+def _step_of(ckpt_dir: Path) -> int | None:
+    m = _STEP_DIR.match(ckpt_dir.name)
+    return int(m.group(1)) if m else None
+
+
 def load_recipe_state(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
-    """``recipe_state.pt`` loaded with ``weights_only=True`` onto the CPU."""
-    return torch.load(Path(ckpt_dir) / STATE_FILE, map_location="cpu", weights_only=True)
+    """``recipe_state.pt`` loaded with ``weights_only=True`` onto the CPU.
+
+    Raises:
+        CheckpointError: the file cannot be loaded, or holds another step than its ``step_N`` directory.
+    """
+    path = Path(ckpt_dir) / STATE_FILE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # EOFError, zip and unpickling errors of a damaged file: all mean the same to a person
+        raise CheckpointError(f"{path}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+    step = _step_of(Path(ckpt_dir))
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{path}: not a recipe state (no step)")
+    if step is not None and state["step"] != step:
+        raise CheckpointError(f"{path}: holds the state of step {state['step']}, but the checkpoint is step_{step}")
+    return state
 
 
 def load_checkpoint_weights(ckpt_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The saved weights as written: PEFT adapter keys, or full HF keys (all shards)."""
+    """The saved weights as written: PEFT adapter keys, or full HF keys (all shards).
+
+    Raises:
+        CheckpointError: no weights, or a weights file that cannot be read.
+    """
     ckpt_dir = Path(ckpt_dir)
     if (ckpt_dir / ADAPTER_WEIGHTS).is_file():
-        return load_file(str(ckpt_dir / ADAPTER_WEIGHTS))
+        return load_safetensors(ckpt_dir / ADAPTER_WEIGHTS)
     if (ckpt_dir / FULL_INDEX).is_file():
-        index = json.loads((ckpt_dir / FULL_INDEX).read_text(encoding="utf-8"))
+        try:
+            index = json.loads((ckpt_dir / FULL_INDEX).read_text(encoding="utf-8"))
+            files = sorted(set(index["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{ckpt_dir / FULL_INDEX}: not a safetensors index ({e})") from e
         weights = {}
-        for file in sorted(set(index["weight_map"].values())):
-            weights.update(load_file(str(ckpt_dir / file)))
+        for file in files:
+            weights.update(load_safetensors(ckpt_dir / file))
         return weights
     if (ckpt_dir / FULL_WEIGHTS).is_file():
-        return load_file(str(ckpt_dir / FULL_WEIGHTS))
-    raise FileNotFoundError(f"{ckpt_dir}: no {ADAPTER_WEIGHTS}, {FULL_INDEX} or {FULL_WEIGHTS}")
+        return load_safetensors(ckpt_dir / FULL_WEIGHTS)
+    raise CheckpointError(f"{ckpt_dir}: no {ADAPTER_WEIGHTS}, {FULL_INDEX} or {FULL_WEIGHTS}")
+
+
+def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file``, failing with a :class:`CheckpointError` that names the file.
+
+    Raises:
+        CheckpointError: missing, truncated or garbage file.
+    """
+    try:
+        return load_file(str(path))
+    except Exception as e:  # SafetensorError ("incomplete metadata", "header too large", ...) or OSError
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
 
 
 # ------------------------------------------------------------------------------------- the recipes' state

@@ -237,8 +237,11 @@ def check_config(cfg: DictConfig, schema: type | None = None, check_paths: bool 
     """Every problem in a config, as messages that name the file and the key. Empty when the config is fine.
 
     Checks: keys against the recipe's schema (unknown keys with the closest valid one, missing required keys,
-    value types), each ``_component_`` importable and its arguments matching the signature (nested components
-    too; arguments the recipe supplies at run time are allowed to be absent), and that input paths exist.
+    value types and ``minimum`` bounds), each ``_component_`` importable and its arguments matching the signature
+    and its type annotations (nested components too; arguments the recipe supplies at run time are allowed to be
+    absent), and that input paths exist. Then the schema's ``semantic_checks``, functions
+    ``(config dict, keys already found wrong) -> messages`` for what a schema cannot express (cross-checks
+    against the model directory or the data); they skip the top-level keys already reported.
     """
     source = source_of(cfg)
     try:
@@ -247,7 +250,9 @@ def check_config(cfg: DictConfig, schema: type | None = None, check_paths: bool 
         return [f"{source}: {e}"]
     problems: list[str] = []
     if schema is not None:
-        _check_against_schema(data, schema, "", source, problems)
+        flagged = _check_against_schema(data, schema, "", source, problems)
+        for check in getattr(schema, "semantic_checks", ()):
+            problems += [f"{source}: {message}" for message in check(data, flagged)]
     else:
         _walk_components(data, "", source, problems, runtime_args={})
     return problems
@@ -257,27 +262,71 @@ def _runtime_args(schema_field: dataclasses.Field | None) -> tuple[str, ...]:
     return tuple(schema_field.metadata.get("runtime_args", ())) if schema_field is not None else ()
 
 
-def _check_against_schema(data: dict, schema: type, prefix: str, source: str, problems: list[str]) -> None:
+def _default_component(schema_field: dataclasses.Field) -> str | None:
+    """The ``_component_`` of a schema field's default node, if it has one."""
+    if schema_field.default_factory is dataclasses.MISSING:
+        return None
+    default = schema_field.default_factory()
+    return default.get(COMPONENT_KEY) if isinstance(default, dict) else None
+
+
+def _check_against_schema(data: dict, schema: type, prefix: str, source: str, problems: list[str]) -> set[str]:
+    """Append the problems of ``data`` against ``schema``; return the keys (of this level) that had one."""
     fields = {f.name: f for f in dataclasses.fields(schema)}
     hints = typing.get_type_hints(schema)
+    flagged = set()
     for key, value in data.items():
         path = f"{prefix}{key}"
+        before = len(problems)
         if key not in fields:
             problems.append(f"{source}: unknown key '{path}'{_closest(key, fields, prefix)}")
             continue
-        field_type = hints[key]
+        field_type = _dataclass_in(hints[key]) or hints[key]
+        is_component = "runtime_args" in fields[key].metadata
+        if is_component and isinstance(value, dict) and COMPONENT_KEY not in value:
+            default = _default_component(fields[key])
+            if default is None:
+                problems.append(f"{source}: '{path}' has no '{COMPONENT_KEY}': expected the dotted path of "
+                                f"what builds it")
+            else:  # `loss.mode=sample` on a config without a loss section: the default builder, as fill_defaults
+                data[key] = value = {COMPONENT_KEY: default, **value}
         if dataclasses.is_dataclass(field_type) and isinstance(value, dict):
             _check_against_schema(value, field_type, f"{path}.", source, problems)
         elif isinstance(value, dict) and COMPONENT_KEY in value:
             _check_component(value, path, source, problems, _runtime_args(fields[key]))
+        elif is_component and not isinstance(value, dict):
+            problems.append(f"{source}: '{path}' is {value!r}: expected a mapping with '{COMPONENT_KEY}'")
         else:
-            error = _type_error(value, field_type)
+            error = _type_error(value, field_type) or _bound_error(value, field_type, fields[key].metadata)
             if error:
                 problems.append(f"{source}: '{path}' is {value!r}: expected {error}")
+        if len(problems) > before:
+            flagged.add(key)
     for name, f in fields.items():
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         if required and name not in data:
             problems.append(f"{source}: missing required key '{prefix}{name}'")
+            flagged.add(name)
+    return flagged
+
+
+def _bound_error(value: Any, annotation: Any, metadata: Any) -> str | None:
+    """None when a number respects the field's ``minimum`` (``exclusive``: strictly above it), else what was
+    expected, e.g. 'a positive integer or null'. NaN never does."""
+    if "minimum" not in metadata or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    low, exclusive = metadata["minimum"], metadata.get("exclusive", False)
+    if (value > low) if exclusive else (value >= low):
+        return None
+    options = get_args(annotation) if get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,)
+    kind = "integer" if int in options else "number"
+    if (low == 0 and exclusive) or (kind == "integer" and low == 1 and not exclusive):
+        expected = f"a positive {kind}"
+    elif low == 0:
+        expected = f"a non-negative {kind}"
+    else:
+        expected = f"{'an' if kind == 'integer' else 'a'} {kind} {'>' if exclusive else '>='} {low}"
+    return expected + (" or null" if type(None) in options else "")
 
 
 def _walk_components(value: Any, path: str, source: str, problems: list[str], runtime_args: dict) -> None:
@@ -314,6 +363,8 @@ def _check_component(spec: dict, path: str, source: str, problems: list[str], ru
             _check_component(value, f"{path}.{key}", source, problems, ())
         elif isinstance(value, dict) and _typed_dict_in(hints.get(key)) is not None:
             _check_typed_dict(value, _typed_dict_in(hints[key]), f"{path}.{key}", source, problems)
+        elif key in hints and _type_error(value, hints[key]):
+            problems.append(f"{source}: '{path}.{key}' is {value!r}: expected {_type_error(value, hints[key])}")
         elif key in PATH_ARGUMENTS:
             _check_paths_exist(value, f"{path}.{key}", source, problems)
     # Positional-only / required parameters the recipe passes at run time (e.g. model.parameters()) are skipped:
@@ -333,6 +384,12 @@ def _type_hints(target: Any) -> dict:
         return typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
     except Exception:  # unresolvable annotations only cost us the deeper check
         return {}
+
+
+def _dataclass_in(annotation: Any) -> type | None:
+    """The dataclass of a section annotated ``Section`` or ``Section | None`` (its keys are checked)."""
+    options = get_args(annotation) if get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,)
+    return next((o for o in options if dataclasses.is_dataclass(o)), None)
 
 
 def _typed_dict_in(annotation: Any) -> type | None:
@@ -447,6 +504,8 @@ def fill_defaults(cfg: DictConfig, schema: type) -> None:
             cfg[f.name] = dataclasses.asdict(default) if dataclasses.is_dataclass(default) else default
         elif dataclasses.is_dataclass(hints[f.name]) and isinstance(cfg[f.name], DictConfig):
             fill_defaults(cfg[f.name], hints[f.name])
+        elif isinstance(cfg[f.name], DictConfig) and COMPONENT_KEY not in cfg[f.name] and _default_component(f):
+            cfg[f.name][COMPONENT_KEY] = _default_component(f)  # a section given in part keeps the default builder
 
 
 def split_config_args(argv: list[str], prog: str = "recipe") -> tuple[str, list[str]]:

@@ -3,19 +3,25 @@
 Input (config node ``data:``, built by ``build_mft_data``)::
 
     data_paths:                 one entry per task
-      - data/code_completion    a directory: every *.jsonl below it (recursively) is one task, named by the dir
+      - data/code_completion    a directory: every *.jsonl below it (recursively, through symbolic links) is one
+                                task, named by the dir
       - extra/unit_tests.jsonl  a file: a task named by the file's stem
 
 One JSON object per line; blank lines, CRLF line ends and a UTF-8 BOM are fine. Accepted record shapes:
 
 * ``{"chat_rounds": [{"role": ..., "content": ...}, ...]}`` with roles ``system`` (first only), ``human``/``user``
   and ``bot``/``assistant``/``gpt``, user and assistant alternating, at least one assistant turn;
-* single turn: ``prompt``/``answer``, ``prompt``/``response``, ``instruction``/``output`` (an Alpaca ``input`` is
-  appended to the instruction), ``question``/``answer``, ``input``/``output``, each with an optional ``system``;
+* single turn (MFTCoder's shapes): ``prompt``/``answer``, ``prompt``/``response``, ``instruction``/``output`` (an
+  Alpaca ``input`` is appended to the instruction), ``instruction``/``response``, ``question``/``response``,
+  ``question``/``answer``, ``query``/``answer``, ``input``/``output``, each with an optional ``system`` (an empty
+  one adds no system turn); a prompt key without its answer key is a bad record (nothing to learn);
 * ``{"text": ...}``: plain text, every token carries loss.
 
-Other keys (``id``, ``data_name``, ...) are ignored. A bad record is reported as ``path:line: field: problem``;
-``on_bad_record: error`` stops with up to 20 of them listed, ``skip`` drops them and counts them per task.
+Other keys (``id``, ``data_name``, ...) are ignored. Assistant content must not be empty (nothing to learn);
+system and user content may be. A bad record, including a line that is not JSON, nests deeper than the JSON
+decoder reads, or holds a lone surrogate, is reported as ``path:line: field: problem``; ``on_bad_record: error``
+stops with up to 20 of them listed, ``skip`` drops them and counts them per task. A file or directory that cannot
+be read, and a tokenizer without EOS, are one ``DataError`` naming it, whatever ``on_bad_record`` says.
 
 Pipeline and cache::
 
@@ -37,6 +43,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
 import zlib
 from dataclasses import dataclass, field
@@ -54,24 +61,28 @@ __all__ = [
     "build_mft_data",
     "discover_tasks",
     "parse_record",
+    "resolve_data_config",
     "tokenizer_fingerprint",
 ]
 
 TRUNCATION_MODES = ("drop", "truncate")
 BAD_RECORD_MODES = ("error", "skip")
 MAX_LISTED_PROBLEMS = 20
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: empty assistant content and lone surrogates are bad records
 # Conversations up to this many bytes in total are tokenised in-process: forking workers costs more than it saves.
 _IN_PROCESS_BYTES = 1 << 20
 _CHUNK_BYTES = 1 << 20
 
 USER_ROLES = ("human", "user")
 ASSISTANT_ROLES = ("bot", "assistant", "gpt")
-SINGLE_TURN_SHAPES = (  # (prompt key, answer key), tried in this order
+SINGLE_TURN_SHAPES = (  # (prompt key, answer key), tried in this order; MFTCoder's shapes, Alpaca's first
     ("prompt", "answer"),
     ("prompt", "response"),
     ("instruction", "output"),
+    ("instruction", "response"),
+    ("question", "response"),
     ("question", "answer"),
+    ("query", "answer"),
     ("input", "output"),
 )
 
@@ -104,11 +115,60 @@ class _Bad(Exception):
         self.field, self.problem = field, problem
 
 
-def _string(record: dict, key: str, where: str | None = None) -> str:
-    value = record[key]
+class _LongInteger:
+    """A JSON integer with more digits than Python converts (``sys.get_int_max_str_digits()``, 4300).
+
+    Such a number is valid JSON: in a key mft ignores (``id``) the record is fine; anywhere mft reads it is
+    reported by that field's type check instead of failing the whole line."""
+
+    __slots__ = ("digits",)
+
+    def __init__(self, digits: str) -> None:
+        self.digits = digits
+
+    def __repr__(self) -> str:
+        return f"<{len(self.digits.lstrip('-'))}-digit integer>"
+
+
+def _parse_int(digits: str) -> int | _LongInteger:
+    try:
+        return int(digits)
+    except ValueError:
+        return _LongInteger(digits)
+
+
+# One decoder for every line (json.loads with options would build one per call).
+_JSON = json.JSONDecoder(parse_int=_parse_int)
+
+
+def _kind(value: Any) -> str:
+    """The type of a JSON value, for messages."""
+    return "int" if isinstance(value, _LongInteger) else type(value).__name__
+
+
+def _check_text(value: Any, where: str) -> str:
+    """``value`` if it is a string the tokenizer can take, else ``_Bad``: not a string, or a lone surrogate
+    (JSON allows ``"\\ud800"`` unpaired; it is not Unicode text, and tokenizers reject it)."""
     if not isinstance(value, str):
-        raise _Bad(where or key, f"expected a string, got {type(value).__name__}")
+        raise _Bad(where, f"expected a string, got {_kind(value)}")
+    if not value.isascii():  # O(1) for ASCII strings; only other text pays for the encode
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise _Bad(where, f"lone surrogate {value[e.start]!r} at character {e.start}: not valid Unicode text "
+                              "(a \\ud800-\\udfff escape must be half of a high/low pair)") from None
     return value
+
+
+def _string(record: dict, key: str, where: str | None = None) -> str:
+    return _check_text(record[key], where or key)
+
+
+def _check_answer(content: str, where: str) -> None:
+    """Empty assistant content teaches only "stop at once": almost always a data bug, so it is a bad record.
+    (Empty system or user content is fine: the assistant turn after it still has something to learn.)"""
+    if not content.strip():
+        raise _Bad(where, "empty assistant content (nothing to learn); give the answer or drop the record")
 
 
 def parse_record(record: Any) -> tuple[str, Any]:
@@ -124,7 +184,7 @@ def parse_record(record: Any) -> tuple[str, Any]:
         _Bad: with the offending field and what is wrong (``DataError`` lines are made from it).
     """
     if not isinstance(record, dict):
-        raise _Bad("record", f"expected a JSON object, got {type(record).__name__}")
+        raise _Bad("record", f"expected a JSON object, got {_kind(record)}")
     if "chat_rounds" in record:
         return "chat", _parse_chat_rounds(record["chat_rounds"])
     for prompt_key, answer_key in SINGLE_TURN_SHAPES:
@@ -135,10 +195,13 @@ def parse_record(record: Any) -> tuple[str, Any]:
                 if extra.strip():
                     prompt = f"{prompt}\n\n{extra}"
             messages = []
-            if record.get("system") is not None:
-                messages.append({"role": "system", "content": _string(record, "system")})
+            # An empty system is no system turn, as in MFTCoder's tokenisation.
+            if record.get("system") is not None and _string(record, "system"):
+                messages.append({"role": "system", "content": record["system"]})
             messages.append({"role": "user", "content": prompt})
-            messages.append({"role": "assistant", "content": _string(record, answer_key)})
+            answer = _string(record, answer_key)
+            _check_answer(answer, answer_key)
+            messages.append({"role": "assistant", "content": answer})
             return "chat", messages
     if "text" in record:
         text = _string(record, "text")
@@ -146,19 +209,23 @@ def parse_record(record: Any) -> tuple[str, Any]:
             raise _Bad("text", "is empty")
         return "text", text
     shapes = ", ".join(f"{p}/{a}" for p, a in SINGLE_TURN_SHAPES)
+    prompts = [k for k in dict.fromkeys(p for p, _ in SINGLE_TURN_SHAPES) if k in record]
+    if prompts:  # a prompt without an answer: nothing to learn
+        answers = "/".join(a for p, a in SINGLE_TURN_SHAPES if p == prompts[0])
+        raise _Bad("record", f"no known shape: {prompts[0]!r} has no {answers} to learn (keys: {sorted(record)[:8]})")
     raise _Bad("record", f"no known shape; expected chat_rounds, {shapes} or text (keys: {sorted(record)[:8]})")
 
 
-def _parse_chat_rounds(rounds: Any) -> list[dict]:
+def _parse_chat_rounds(rounds: Any, prompt_only: bool = False) -> list[dict]:
     if not isinstance(rounds, list):
-        raise _Bad("chat_rounds", f"expected a list of turns, got {type(rounds).__name__}")
+        raise _Bad("chat_rounds", f"expected a list of turns, got {_kind(rounds)}")
     if not rounds:
         raise _Bad("chat_rounds", "is empty")
     messages = []
     for i, turn in enumerate(rounds):
         where = f"chat_rounds[{i}]"
         if not isinstance(turn, dict):
-            raise _Bad(where, f"expected an object with role and content, got {type(turn).__name__}")
+            raise _Bad(where, f"expected an object with role and content, got {_kind(turn)}")
         if "role" not in turn:
             raise _Bad(f"{where}.role", "missing")
         role = turn["role"]
@@ -175,18 +242,34 @@ def _parse_chat_rounds(rounds: Any) -> list[dict]:
             raise _Bad(f"{where}.role", f"unknown role {role!r}; expected system, human/user or bot/assistant/gpt")
         if "content" not in turn:
             raise _Bad(f"{where}.content", "missing")
-        if not isinstance(turn["content"], str):
-            raise _Bad(f"{where}.content", f"expected a string, got {type(turn['content']).__name__}")
+        content = _check_text(turn["content"], f"{where}.content")
+        if norm == "assistant":
+            _check_answer(content, f"{where}.content")
         if norm != "system":
             prev = messages[-1]["role"] if messages and messages[-1]["role"] != "system" else None
             expected = "assistant" if prev == "user" else "user"
             if norm != expected:
                 raise _Bad(f"{where}.role", f"{role!r} follows {'the start' if prev is None else repr(prev)}; "
                                             f"user and assistant turns must alternate, starting with user")
-        messages.append({"role": norm, "content": turn["content"]})
-    if not any(m["role"] == "assistant" for m in messages):
+        messages.append({"role": norm, "content": content})
+    if prompt_only:
+        if messages[-1]["role"] != "user":
+            raise _Bad("chat_rounds", "must end with a user turn (the model answers it)")
+    elif not any(m["role"] == "assistant" for m in messages):
         raise _Bad("chat_rounds", "has no assistant turn (nothing to learn)")
     return messages
+
+
+def parse_prompt_rounds(rounds: Any) -> list[dict]:
+    """A prompt given as ``chat_rounds`` (an evaluation problem): the training roles, ending with a user turn.
+
+    Raises:
+        ValueError: ``field: problem`` (e.g. ``chat_rounds[1].role: unknown role 'x' ...``).
+    """
+    try:
+        return _parse_chat_rounds(rounds, prompt_only=True)
+    except _Bad as e:
+        raise ValueError(str(e)) from None
 
 
 # -------------------------------------------------------------------------------------- tokenisation
@@ -233,9 +316,12 @@ def _process_range(path: str, start: int, end: int, first_line: int) -> dict:
             except UnicodeDecodeError as e:
                 raise _Bad("line", f"invalid UTF-8 at byte {e.start}") from None
             try:
-                record = json.loads(text)
+                record = _JSON.decode(text)
             except json.JSONDecodeError as e:
-                raise _Bad("json", f"invalid JSON: {e.msg} at column {e.colno}") from None
+                raise _Bad("json", _json_problem(e)) from None
+            except RecursionError:  # the C decoder recurses once per nesting level
+                raise _Bad("json", f"nested too deeply (Python's JSON decoder stops at about "
+                                   f"{sys.getrecursionlimit()} levels of arrays/objects)") from None
             kind, value = parse_record(record)
             if kind == "chat":
                 segs = job.chat_format.segments(value, job.tokenizer)
@@ -253,6 +339,16 @@ def _process_range(path: str, start: int, end: int, first_line: int) -> dict:
         lines.append(lineno)
         turns.append(n_turns)
     return _tokenise(seg_lists, lines, turns, records, problems, job)
+
+
+def _json_problem(e: json.JSONDecodeError) -> str:
+    msg = e.msg.removesuffix(" at")  # some of json's messages end in "at", meant to be followed by a position
+    if msg.startswith("Invalid control character"):
+        msg += f" {e.doc[e.pos]!r}"
+        hint = " (control characters such as NUL must be escaped inside strings: \\u0000)"
+    else:
+        hint = ""
+    return f"invalid JSON: {msg} at column {e.colno}{hint}"
 
 
 def _tokenise(seg_lists, lines, turns, records, problems, job: _Job) -> dict:
@@ -400,8 +496,9 @@ def discover_tasks(paths: Sequence[str | os.PathLike], key: str = "data.data_pat
         ``{task_name: [files, sorted]}`` in the order of ``paths``.
 
     Raises:
-        DataError: a missing path, a directory without ``*.jsonl``, a file that is not ``.jsonl``, or two
-            paths giving the same task name (both are named).
+        DataError: a missing path, a directory without ``*.jsonl``, a directory that cannot be read, a ``*.jsonl``
+            symbolic link to nothing, a file that is not ``.jsonl``, or two paths giving the same task name (both
+            are named).
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -411,7 +508,10 @@ def discover_tasks(paths: Sequence[str | os.PathLike], key: str = "data.data_pat
     for i, raw in enumerate(paths):
         p = Path(str(raw)).expanduser()
         if p.is_dir():
-            name, files = p.resolve().name, sorted(f for f in p.rglob("*.jsonl") if f.is_file())
+            name, (files, unreadable) = p.resolve().name, _jsonl_files(p)
+            problems += [f"{key}[{i}]: {problem}" for problem in unreadable]
+            if unreadable:
+                continue
             if not files:
                 problems.append(f"{key}[{i}]: {p}: directory contains no *.jsonl files")
                 continue
@@ -435,13 +535,66 @@ def discover_tasks(paths: Sequence[str | os.PathLike], key: str = "data.data_pat
     return tasks
 
 
+def _jsonl_files(root: Path) -> tuple[list[Path], list[str]]:
+    """Every ``*.jsonl`` file below ``root`` (sorted), and what could not be searched.
+
+    Symbolic links are followed, to directories too (a task is often assembled from linked folders). A
+    directory reached twice, by a link back to an ancestor (a cycle) or by two links, is searched once, and a
+    file reached by two paths is listed once (under its first path in sorted order): no record trains twice.
+
+    Returns:
+        (files, problems): problems are directories that cannot be read and ``*.jsonl`` links to nothing.
+    """
+    files: dict[tuple[int, int], Path] = {}
+    problems: list[str] = []
+    seen: set[tuple[int, int]] = set()
+    stack = [root]
+    while stack:  # depth first, in sorted order: which path of a twice-reached file is kept never varies
+        directory = stack.pop()
+        try:
+            st = directory.stat()
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            with os.scandir(directory) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            problems.append(f"{directory}: cannot read the directory: {e.strerror or e}")
+            continue
+        subdirs = []
+        for entry in entries:
+            path = Path(entry.path)
+            if entry.is_dir():  # follows links
+                subdirs.append(path)
+            elif entry.name.endswith(".jsonl"):
+                if entry.is_file():
+                    st = entry.stat()
+                    files.setdefault((st.st_dev, st.st_ino), path)
+                elif entry.is_symlink() and not path.exists():
+                    problems.append(f"{path}: symbolic link to {os.readlink(path)}, which does not exist")
+        stack += reversed(subdirs)
+    return sorted(files.values()), problems
+
+
+def _read_files(files: list[Path]) -> dict[Path, bytes]:
+    """The bytes of every file; a file that cannot be read stops the build, naming it (and every other one)."""
+    data, problems = {}, []
+    for f in files:
+        try:
+            data[f] = f.read_bytes()
+        except OSError as e:
+            problems.append(f"{f}: cannot read the file: {e.strerror or e}")
+    if problems:
+        raise DataError("\n".join(problems))
+    return data
+
+
 def _build_files(files: list[Path], job: _Job, cache_dir: Path | None, num_workers: int) -> dict[Path, dict]:
     """Tokenised result of every file, from the cache when possible, else computed (in parallel) and cached."""
     tok_fp = tokenizer_fingerprint(job.tokenizer) if cache_dir is not None else ""
     results: dict[Path, dict] = {}
     todo: list[tuple[Path, bytes, Path | None]] = []
-    for f in files:
-        data = f.read_bytes()
+    for f, data in _read_files(files).items():
         entry = None
         if cache_dir is not None:
             key = _file_key(hashlib.sha256(data).hexdigest(), tok_fp, job.chat_format, job.seq_len, job.truncation)
@@ -626,7 +779,36 @@ def _split_task(n: int, name: str, seed: int, valid_ratio: float, valid_size: in
     return np.sort(rng.permutation(n)[:k])
 
 
-def _check_args(seq_len, packing, truncation, task_sampling, temperature, on_bad_record, valid_ratio, valid_size):
+def resolve_data_config(tokenizer, *, data_paths, valid_data_paths, template, role_markers, add_bos, seq_len, packing,
+                        truncation, task_sampling, temperature, on_bad_record, valid_ratio, valid_size,
+                        ) -> tuple[ChatFormat, dict[str, list[Path]], dict[str, list[Path]]]:
+    """Everything ``build_mft_data`` settles before it reads a record (its arguments of the same names):
+    option values, the chat format, that the tokenizer can render it (None: not checked), the task files.
+    ``mft validate`` calls it (``recipe_checks.py``), so a config is checked exactly as a run builds it.
+
+    Returns:
+        (chat format, training tasks, validation tasks) as ``discover_tasks`` maps them.
+
+    Raises:
+        DataError: naming the ``data.*`` key.
+    """
+    _check_options(seq_len, packing, truncation, task_sampling, temperature, on_bad_record, valid_ratio, valid_size)
+    try:
+        chat_format = ChatFormat(template=template, role_markers=dict(role_markers or {}), add_bos=add_bos)
+        if tokenizer is not None:
+            chat_format.check_tokenizer(tokenizer)  # one message, not one per record
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    tasks = discover_tasks(data_paths)
+    valid_tasks = discover_tasks(valid_data_paths, "data.valid_data_paths") if valid_data_paths else {}
+    unknown = [t for t in valid_tasks if t not in tasks]
+    if unknown:
+        raise DataError(f"data.valid_data_paths: task(s) {unknown} have no training data; "
+                        f"validation tasks must be among {list(tasks)}")
+    return chat_format, tasks, valid_tasks
+
+
+def _check_options(seq_len, packing, truncation, task_sampling, temperature, on_bad_record, valid_ratio, valid_size):
     from mft_components.packing import PACKING_MODES
     from mft_components.sampling import task_probabilities
 
@@ -638,7 +820,7 @@ def _check_args(seq_len, packing, truncation, task_sampling, temperature, on_bad
         raise DataError(f"data.truncation: expected one of {TRUNCATION_MODES}, got {truncation!r}")
     if on_bad_record not in BAD_RECORD_MODES:
         raise DataError(f"data.on_bad_record: expected one of {BAD_RECORD_MODES}, got {on_bad_record!r}")
-    if not 0 <= float(valid_ratio) < 1:
+    if isinstance(valid_ratio, bool) or not isinstance(valid_ratio, (int, float)) or not 0 <= valid_ratio < 1:
         raise DataError(f"data.valid_ratio: expected a fraction in [0, 1), got {valid_ratio!r}")
     if valid_size is not None and (not isinstance(valid_size, int) or valid_size < 0):
         raise DataError(f"data.valid_size: expected a non-negative integer (samples per task), got {valid_size!r}")
@@ -709,17 +891,12 @@ def build_mft_data(
             without samples.
     """
     del rank, world_size  # the split and the cache are rank-independent; loaders take the rank later
-    _check_args(seq_len, packing, truncation, task_sampling, temperature, on_bad_record, valid_ratio, valid_size)
-    try:
-        chat_format = ChatFormat(template=template, role_markers=dict(role_markers or {}), add_bos=add_bos)
-    except ValueError as e:
-        raise DataError(str(e)) from None
-    tasks = discover_tasks(data_paths)
-    valid_tasks = discover_tasks(valid_data_paths, "data.valid_data_paths") if valid_data_paths else {}
-    unknown = [t for t in valid_tasks if t not in tasks]
-    if unknown:
-        raise DataError(f"data.valid_data_paths: task(s) {unknown} have no training data; "
-                        f"validation tasks must be among {list(tasks)}")
+    chat_format, tasks, valid_tasks = resolve_data_config(
+        tokenizer, data_paths=data_paths, valid_data_paths=valid_data_paths, template=template,
+        role_markers=role_markers, add_bos=add_bos, seq_len=seq_len, packing=packing, truncation=truncation,
+        task_sampling=task_sampling, temperature=temperature, on_bad_record=on_bad_record, valid_ratio=valid_ratio,
+        valid_size=valid_size,
+    )
     if cache_dir is None:
         from mft_components.demo_assets import cache_root
 

@@ -159,11 +159,12 @@ def prepare_smollm2(cache_dir: str | Path | None = None) -> Path:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
         # SmolLM2-Instruct ends every turn with <|im_end|> (ChatML); a different EOS means a wrong conversion.
         if tokenizer.eos_token != "<|im_end|>":
             raise RuntimeError(f"{gguf}: expected EOS token <|im_end|>, the GGUF tokenizer has {tokenizer.eos_token!r}")
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                     trust_remote_code=False)
         # The weights are dequantised now: drop the GGUF quantisation marker so that a plain
         # from_pretrained(dir) reads the safetensors instead of looking for a .gguf file.
         for attr in ("quantization_config", "_name_or_path"):
@@ -306,19 +307,7 @@ def prepare_dataframebench(cache_dir: str | Path | None = None) -> Path:
         shutil.rmtree(stale, ignore_errors=True)
 
     def build(tmp: Path) -> dict:
-        with tempfile.TemporaryDirectory() as dl:
-            _pip(
-                "download", "--no-deps", "--python-version", "3.12", "--only-binary=:all:",
-                f"dataframebench=={DATAFRAMEBENCH_VERSION}", "-d", dl, "--quiet",
-            )
-            wheels = list(Path(dl).glob("dataframebench-*.whl"))
-            if not wheels:
-                raise RuntimeError(f"pip download dataframebench=={DATAFRAMEBENCH_VERSION} produced no wheel in {dl}")
-            with zipfile.ZipFile(wheels[0]) as zf:
-                try:
-                    raw = zf.read("dataframebench/data/train.jsonl")
-                except KeyError:
-                    raise RuntimeError(f"{wheels[0].name} has no dataframebench/data/train.jsonl") from None
+        raw = (dataframebench_package(cache_dir) / "dataframebench" / "data" / "train.jsonl").read_bytes()
         problems = [json.loads(line) for line in raw.decode("utf-8").splitlines() if line.strip()]
         per_task: dict[str, list[dict]] = {t: [] for t in DATAFRAMEBENCH_TASKS}
         for problem in problems:
@@ -339,5 +328,40 @@ def prepare_dataframebench(cache_dir: str | Path | None = None) -> Path:
             "format": DATAFRAMEBENCH_FORMAT,
         }
 
-    print(f"mft: downloading dataframebench=={DATAFRAMEBENCH_VERSION} from PyPI into {final} (once)", file=sys.stderr)
+    return _build_atomically(final, build)
+
+
+def dataframebench_package(cache_dir: str | Path | None = None) -> Path:
+    """The ``dataframebench`` wheel from PyPI, unpacked once into the cache (it needs Python >= 3.12 to install,
+    but its data files and modules are plain files).
+
+    Returns:
+        A directory holding ``dataframebench/`` (code and ``data/{train,val,test}.jsonl``) and its ``.dist-info``:
+        put it on ``sys.path`` to import dataframebench's own evaluator.
+
+    Raises:
+        RuntimeError: pip cannot download the wheel, or it lacks the data files.
+    """
+    final = cache_root(cache_dir) / f"dataframebench-{DATAFRAMEBENCH_VERSION}-wheel"
+
+    def build(tmp: Path) -> dict:
+        with tempfile.TemporaryDirectory() as dl:
+            _pip(
+                "download", "--no-deps", "--python-version", "3.12", "--only-binary=:all:",
+                f"dataframebench=={DATAFRAMEBENCH_VERSION}", "-d", dl, "--quiet",
+            )
+            wheels = list(Path(dl).glob("dataframebench-*.whl"))
+            if not wheels:
+                raise RuntimeError(f"pip download dataframebench=={DATAFRAMEBENCH_VERSION} produced no wheel in {dl}")
+            with zipfile.ZipFile(wheels[0]) as zf:
+                zf.extractall(tmp)
+        for split in ("train", "test"):
+            if not (tmp / "dataframebench" / "data" / f"{split}.jsonl").is_file():
+                raise RuntimeError(f"{wheels[0].name} has no dataframebench/data/{split}.jsonl")
+        return {"source": f"PyPI package dataframebench=={DATAFRAMEBENCH_VERSION} ({wheels[0].name})",
+                "license": "CC-BY-4.0 (derived from BigCodeBench)"}
+
+    if not (final / _MARKER).exists():
+        print(f"mft: downloading dataframebench=={DATAFRAMEBENCH_VERSION} from PyPI into {final} (once)",
+              file=sys.stderr)
     return _build_atomically(final, build)

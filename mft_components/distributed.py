@@ -8,11 +8,19 @@ still on the meta device; `make_param_like` then cuts each streamed full tensor 
 
 NF4 weights shard too: torchao's `NF4Tensor` implements FSDP2's `fsdp_pre_all_gather` / `fsdp_post_all_gather`
 (the 4-bit data, block scales and scaler factors are all-gathered; dequantisation happens in the matmul).
+
+Hangs: the process group gets a timeout (the recipes' ``distributed_timeout_s``), so a collective that a rank never
+joins fails on the ranks waiting in it instead of blocking forever. To say WHICH rank is missing, every rank's
+heartbeat thread bumps a counter in the rendezvous store (its own connection) each second; :func:`collective_timeout_message` looks for
+the counters that stopped (a stopped, frozen or killed process) when a collective times out.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
+import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -34,27 +42,115 @@ def get_world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
+HEARTBEAT_S = 1.0  # seconds between two heartbeats of a rank
+_heartbeat: "_Heartbeat | None" = None
+
+
+def init_distributed(timeout_s: float | None = None) -> tuple[int, int, torch.device]:
     """Join the torchrun process group (nccl on CUDA, gloo on CPU) or run as a single process.
+
+    Args:
+        timeout_s: how long a collective may wait for the other ranks before it fails (None: torch's default,
+            30 minutes for gloo, 10 for nccl). Applies to the group made here, not to one that already exists.
 
     Returns:
         (rank, world_size, device): device is cuda:LOCAL_RANK when CUDA is available, else cpu.
     """
+    global _heartbeat
     cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     if "WORLD_SIZE" in os.environ and not is_distributed():
-        dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=device if cuda else None)
+        timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
+        dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=device if cuda else None,
+                                timeout=timeout)
+        _heartbeat = _Heartbeat.connect(get_rank(), get_world_size())
     return get_rank(), get_world_size(), device
 
 
 def destroy_distributed() -> None:
     """Tear the process group down (no-op when none)."""
+    global _heartbeat
     if is_distributed():
         dist.barrier()
+        if _heartbeat is not None:
+            _heartbeat.stop()
+            _heartbeat = None
         dist.destroy_process_group()
+
+
+class _Heartbeat(threading.Thread):
+    """Adds 1 to this rank's counter in the store every ``HEARTBEAT_S`` (a daemon: it never keeps a process
+    alive); a process that is stopped or frozen stops counting, one that waits in a collective does not."""
+
+    def __init__(self, store, rank: int, world_size: int):
+        super().__init__(name="mft-heartbeat", daemon=True)
+        self.store, self.rank, self.world_size = store, rank, world_size
+        self._stopped = threading.Event()
+
+    @classmethod
+    def connect(cls, rank: int, world_size: int) -> "_Heartbeat | None":
+        """Start beating through a connection of its own to the rendezvous store (torchrun's MASTER_ADDR and
+        MASTER_PORT), so that it never waits behind the process group's use of the store; None without one."""
+        try:
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                  timeout=datetime.timedelta(seconds=60))
+        except (KeyError, ValueError, RuntimeError):
+            return None
+        beat = cls(dist.PrefixStore("mft_heartbeat", store), rank, world_size)
+        beat.start()
+        return beat
+
+    def run(self) -> None:
+        while True:
+            try:
+                self.store.add(str(self.rank), 1)
+            except Exception:  # the store is gone: the run is ending
+                return
+            if self._stopped.wait(HEARTBEAT_S):
+                return
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def silent_ranks(self, window_s: float) -> list[int] | None:
+        """Other ranks whose counter did not move during ``window_s``; None when the store cannot be read."""
+        try:
+            before = [self.store.add(str(r), 0) for r in range(self.world_size)]
+            time.sleep(window_s)
+            after = [self.store.add(str(r), 0) for r in range(self.world_size)]
+        except Exception:
+            return None
+        return [r for r in range(self.world_size) if r != self.rank and after[r] == before[r]]
+
+
+def is_collective_timeout(error: BaseException) -> bool:
+    """Whether ``error`` is a collective that timed out (gloo: "Timed out waiting ...", nccl: "... timeout")."""
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and is_distributed() and ("timed out" in text or "timeout" in text)
+
+
+def collective_timeout_message(error: BaseException, timeout_s: float | None) -> str:
+    """What to tell a person when a collective timed out on this rank: which ranks stopped answering.
+
+    Watches the other ranks' heartbeats for a few seconds (a frozen rank's counter stands still).
+    """
+    rank = get_rank()
+    limit = f"distributed_timeout_s={timeout_s:g}" if timeout_s else "the process group's timeout"
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    head = f"rank {rank}: a collective did not complete within {limit} ({first_line})"
+    silent = _heartbeat.silent_ranks(4 * HEARTBEAT_S) if _heartbeat is not None else None
+    if silent:
+        who = ", ".join(f"rank {r}" for r in silent)
+        return (f"{head}.\n{who} stopped answering (its process is stopped, frozen or gone): the run ends. Restart "
+                f"it (resume: auto continues from the last checkpoint); raise distributed_timeout_s if that rank "
+                f"was only slow (e.g. writing a large checkpoint)")
+    if silent is None:
+        return f"{head}; the other ranks could not be asked which one is stuck: the run ends"
+    return (f"{head}.\nEvery rank still answers, so they wait in different collectives: a rank is busy for longer "
+            f"than the timeout (raise distributed_timeout_s) or a recipe change made ranks run different collectives")
 
 
 def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
@@ -253,7 +349,13 @@ def shard_model(
         compile: a ``COMPILE_SCOPES`` key (``resolve_compile``): whole layers, norms and MLP, or off.
         reshard_after_forward: free unsharded layer parameters after forward (ZeRO-3); False = ZeRO-2.
     """
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        MixedPrecisionPolicy,
+        OffloadPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
 
     apply_activation_checkpointing(model, activation_checkpointing)
     if compile != "off":
@@ -269,6 +371,22 @@ def shard_model(
     # The root group (embeddings, final norm, lm_head) is needed right after the last layer for the loss:
     # keeping it unsharded after forward saves one all-gather at the start of backward.
     fully_shard(model, reshard_after_forward=False, **kwargs)
+    if hasattr(model, "generate"):  # generation (code evaluation) gathers the root's parameters like forward
+        register_fsdp_forward_method(model, "generate")
+
+
+def reshard(model: nn.Module) -> None:
+    """Put FSDP2 parameters back into their sharded form after forwards without backward (evaluation, generation).
+
+    FSDP2 leaves the root module's parameters unsharded after its forward until the backward reshards them; with
+    no backward, the module would keep registering the unsharded tensors, which are not the parameters the
+    optimizer holds, and the next checkpoint or optimizer step would miss them.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 @torch.no_grad()

@@ -5,7 +5,10 @@ from an NF4 copy, so a QLoRA export carries no quantisation error on the weights
 
     W_out = cast(W_base.float() + scale * B.float() @ A.float(), dtype)     scale = alpha / r  (rsLoRA: alpha / sqrt(r))
 
-A full fine-tuning checkpoint is re-cast and re-sharded into the same layout. The output directory::
+A full fine-tuning checkpoint is re-cast and re-sharded into the same layout. Any PEFT LoRA adapter (MFTCoder's,
+or anyone's) is merged onto its base the same way: ``mft export --adapter ADAPTER_DIR --base MODEL_DIR`` (the job
+of MFTCoder's ``merge_base_and_lora_to_hf.py``). ``--dtype auto`` (the default) keeps each tensor's dtype, as
+``transformers`` saves a model: an fp32 base exports as fp32. The output directory::
 
     OUT/
       config.json  generation_config.json          (eos_token_id = the EOS the training used)
@@ -17,7 +20,13 @@ A full fine-tuning checkpoint is re-cast and re-sharded into the same layout. Th
 
 Weights are streamed tensor by tensor: the shard plan is made from the safetensors headers, then each shard file is
 written one tensor at a time, so peak memory is about one tensor in float32, not the model (let alone twice).
-Everything is written into a temporary sibling directory and renamed into place at the end.
+Safety of the output: ``OUT`` must not be, or contain, the current directory, the checkpoint, the base model, the
+tokenizer or the training data (paths resolved, symlinks followed); ``--force`` replaces only an earlier export
+(a directory holding ``mft_chat_format.json``), never other files. Everything is written into a hidden sibling
+``.OUT.mft-export-tmp-*`` and swapped in only once complete (the old export is renamed aside, the new one renamed
+into place, then the old one deleted), so an interrupted export leaves the previous output whole. Each temporary
+sibling holds a ``.mft-export-partial`` file with its process id; the next export to ``OUT`` removes those of
+processes that are gone.
 """
 
 from __future__ import annotations
@@ -29,20 +38,22 @@ import os
 import re
 import shutil
 import struct
-import tempfile
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 
-from mft_components.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from mft_components.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CheckpointError, load_safetensors, mkdtemp_umask
 from mft_components.checkpoint import META_FILE as CHECKPOINT_META
+from mft_components.checkpoint import verify_checkpoint
 from mft_components.models import safetensors_files as _model_safetensors_files
 
-OUTPUT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+# "auto": every floating tensor keeps the dtype it has in the weights being exported.
+OUTPUT_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32",
+                torch.float64: "float64"}
 # safetensors header dtype codes -> (torch dtype, bytes per element)
 _ST_DTYPES = {
     "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2),
@@ -51,7 +62,25 @@ _ST_DTYPES = {
 }
 _TORCH_TO_ST = {v[0]: k for k, v in _ST_DTYPES.items()}
 _PEFT_KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?P<which>[AB])\.weight$")
+_PEFT_PREFIX = "base_model.model."
+# adapter_config.json options whose adapters are not `W + scale * B @ A` on the base weights: refused, with why.
+_UNMERGEABLE_OPTIONS = {
+    "use_dora": "DoRA rescales each merged weight by a learned magnitude",
+    "lora_bias": "lora_B carries a bias",
+    "rank_pattern": "per-module ranks",
+    "alpha_pattern": "per-module alphas",
+    "layer_replication": "layers are replicated",
+    "target_parameters": "LoRA on raw parameters (e.g. fused MoE experts)",
+    "trainable_token_indices": "trained token embeddings",
+    "alora_invocation_tokens": "activated LoRA applies only after its invocation tokens",
+    "use_qalora": "QA-LoRA pools its inputs",
+    "use_bdlora": "block-diagonal LoRA",
+}
+# Initialisations that rewrite the base weights (PiSSA, OLoRA, CorDA, LoftQ, ...): the adapter is relative to the
+# rewritten base, not to the one on disk. These keep the base as it is.
+_BASE_PRESERVING_INITS = (True, False, "gaussian", "eva")
 CHAT_FORMAT_FILE = "mft_chat_format.json"
+_PARTIAL_MARK = ".mft-export-partial"  # in a temporary sibling while it is being written: the writer's process id
 
 
 class ExportError(ValueError):
@@ -73,7 +102,8 @@ def read_validated_meta(checkpoint_dir: str | Path) -> dict:
         The metadata dict (method, base_model_dir, chat_format, eos_token, task_names, ...).
 
     Raises:
-        ExportError: the directory or its metadata file is missing or malformed.
+        ExportError: the directory or its metadata file is missing or malformed, or a file of the checkpoint does
+            not match its consistency record (``checkpoint.verify_checkpoint``).
     """
     path = Path(checkpoint_dir) / CHECKPOINT_META
     if not Path(checkpoint_dir).is_dir():
@@ -82,9 +112,9 @@ def read_validated_meta(checkpoint_dir: str | Path) -> dict:
         raise ExportError(f"{path}: not found; {checkpoint_dir} is not an mft training checkpoint (expected "
                           f"output_dir/step_N/ with {CHECKPOINT_META})")
     try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ExportError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from e
+        meta = verify_checkpoint(checkpoint_dir)
+    except CheckpointError as e:
+        raise ExportError(f"damaged checkpoint: {e}") from e
     if meta.get("method") not in ("lora", "qlora", "full"):
         raise ExportError(f"{path}: method: expected 'lora', 'qlora' or 'full', got {meta.get('method')!r}")
     return meta
@@ -92,11 +122,18 @@ def read_validated_meta(checkpoint_dir: str | Path) -> dict:
 
 @dataclass
 class LoRAAdapter:
-    """A PEFT-format LoRA adapter: per target module its `A [r, in]` and `B [out, r]` and the merge scale."""
+    """A PEFT-format LoRA adapter: per target module its `A [r, in]` and `B [out, r]` and the merge scale.
+
+    ``replaced`` holds whole tensors the adapter trained in place of the base's: biases (PEFT ``bias:
+    lora_only | all``, which MFTCoder uses) and ``modules_to_save`` copies, by base tensor name.
+    ``fan_in_fan_out``: the targets store their weight as ``[in, out]`` (GPT-2's Conv1D), so the update is transposed.
+    """
 
     config: dict
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path ("model.layers.0.self_attn.q_proj") -> (A, B)
     scale: float
+    replaced: dict[str, torch.Tensor] = field(default_factory=dict)
+    fan_in_fan_out: bool = False
 
 
 def lora_scale(adapter_config: dict) -> float:
@@ -115,27 +152,59 @@ def read_adapter(adapter_dir: str | Path) -> LoRAAdapter:
         LoRAAdapter with tensors as stored (not cast).
 
     Raises:
-        ExportError: a file is missing, or the adapter uses a PEFT feature the merge does not implement
-            (per-module rank/alpha patterns, fan_in_fan_out, non-LoRA keys), or A/B do not pair up.
+        ExportError: a file is missing, unreadable or holds NaN / inf, or the adapter is not a plain LoRA that
+            merges as `W + scale * B @ A` (another PEFT type, DoRA, per-module rank/alpha patterns, an init that
+            rewrote the base, ...; see `_UNMERGEABLE_OPTIONS`), or it holds tensors that are neither LoRA nor
+            trained biases / `modules_to_save`, or A/B do not pair up.
     """
     adapter_dir = Path(adapter_dir)
     cfg_path, w_path = adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
     for p in (cfg_path, w_path):
         if not p.is_file():
             raise ExportError(f"{p}: not found; a LoRA/QLoRA checkpoint holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
-    config = json.loads(cfg_path.read_text())
-    for key in ("rank_pattern", "alpha_pattern"):
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ExportError(f"{cfg_path}: not valid JSON ({e}); the adapter config is damaged") from e
+    if not isinstance(config, dict) or not isinstance(config.get("r"), int) or "lora_alpha" not in config:
+        raise ExportError(f"{cfg_path}: expected a PEFT LoRA config with r and lora_alpha")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ExportError(f"{cfg_path}: peft_type: {config['peft_type']!r} adapters cannot be merged by mft export; "
+                          f"expected 'LORA'")
+    for key, why in _UNMERGEABLE_OPTIONS.items():
         if config.get(key):
-            raise ExportError(f"{cfg_path}: {key}: per-module ranks/alphas are not supported by the merge; expected {{}}")
-    if config.get("fan_in_fan_out"):
-        raise ExportError(f"{cfg_path}: fan_in_fan_out: true is not supported (expected nn.Linear targets)")
+            raise ExportError(f"{cfg_path}: {key}: {config[key]!r} is not supported by the merge ({why}); merge this "
+                              f"adapter with peft's merge_and_unload instead")
+    init = config.get("init_lora_weights", True)
+    if init not in _BASE_PRESERVING_INITS or config.get("loftq_config"):
+        raise ExportError(f"{cfg_path}: init_lora_weights: {init!r} rewrites the base weights at initialisation, so "
+                          f"the adapter does not apply to the base on disk; convert it to a plain LoRA with peft "
+                          f"(save_pretrained(..., path_initial_model_for_weight_conversion=...)) first")
+    # Whole tensors an adapter may carry besides LoRA pairs: trained biases and modules_to_save copies.
+    bias_mode = config.get("bias") or "none"
+    saved_modules = tuple(config.get("modules_to_save") or ())
     halves: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in load_file(w_path).items():
+    replaced: dict[str, torch.Tensor] = {}
+    try:
+        tensors = load_safetensors(w_path)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from e
+    for key, tensor in tensors.items():
+        _check_finite(tensor, f"{w_path}: tensor {key}", "the adapter is corrupted, or training diverged")
         m = _PEFT_KEY.match(key)
-        if m is None:
-            raise ExportError(f"{w_path}: tensor {key!r} is not a LoRA weight "
-                              f"(expected base_model.model.<module>.lora_A.weight / .lora_B.weight)")
-        halves.setdefault(m["path"], {})[m["which"]] = tensor
+        if m is not None:
+            halves.setdefault(m["path"], {})[m["which"]] = tensor
+            continue
+        # PEFT names a wrapped layer's own parameters `<module>.base_layer.<param>`; the base calls it `<module>.<param>`.
+        name = key[len(_PEFT_PREFIX):].replace(".base_layer.", ".") if key.startswith(_PEFT_PREFIX) else None
+        module = name.rsplit(".", 1)[0] if name else ""
+        if name and ((bias_mode != "none" and name.endswith(".bias"))
+                     or any(module == s or module.endswith(f".{s}") for s in saved_modules)):
+            replaced[name] = tensor
+            continue
+        raise ExportError(f"{w_path}: tensor {key!r} is not a LoRA weight "
+                          f"(expected base_model.model.<module>.lora_A.weight / .lora_B.weight, or a bias with "
+                          f"bias: lora_only/all, or a module listed in modules_to_save)")
     pairs = {}
     for path, h in halves.items():
         if set(h) != {"A", "B"}:
@@ -145,21 +214,34 @@ def read_adapter(adapter_dir: str | Path) -> LoRAAdapter:
             raise ExportError(f"{w_path}: module {path}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not "
                               f"match r={config['r']} from {cfg_path} (expected [r, in] and [out, r])")
         pairs[path] = (a, b)
-    return LoRAAdapter(config=config, pairs=pairs, scale=lora_scale(config))
+    return LoRAAdapter(config=config, pairs=pairs, scale=lora_scale(config), replaced=replaced,
+                       fan_in_fan_out=bool(config.get("fan_in_fan_out")))
 
 
-def merge_lora_tensor(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, name: str = "weight"
-                      ) -> torch.Tensor:
-    """Return `weight + scale * b @ a` in float32.
+def _check_finite(tensor: torch.Tensor, what: str, why: str) -> None:
+    """Raise an ExportError when a floating tensor holds NaN or inf; checked in slices of 16M elements, so a large
+    embedding costs no tensor-sized temporary."""
+    if not tensor.is_floating_point():
+        return
+    bad = sum(int((~torch.isfinite(part)).sum()) for part in tensor.detach().reshape(-1).split(1 << 24))
+    if bad:
+        raise ExportError(f"{what} holds {bad:,} NaN/inf value(s) of {tensor.numel():,}; {why}")
+
+
+def merge_lora_tensor(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, name: str = "weight",
+                      fan_in_fan_out: bool = False) -> torch.Tensor:
+    """Return `weight + scale * b @ a` in float32 (`weight + scale * (b @ a).T` for an `[in, out]` weight).
 
     Raises:
         ExportError: shapes do not fit (the adapter was trained on another base); names the tensor and both shapes.
     """
-    expected = (b.shape[0], a.shape[1])
+    expected = (a.shape[1], b.shape[0]) if fan_in_fan_out else (b.shape[0], a.shape[1])
     if tuple(weight.shape) != expected:
         raise ExportError(f"shape mismatch for {name}: the base model has {tuple(weight.shape)}, the adapter expects "
                           f"{expected} (lora_B {tuple(b.shape)} @ lora_A {tuple(a.shape)}); was this checkpoint "
                           f"trained on another base model? Pass the right one with --base")
+    if fan_in_fan_out:
+        return torch.addmm(weight.float(), a.float().t(), b.float().t(), alpha=scale)
     return torch.addmm(weight.float(), b.float(), a.float(), alpha=scale)
 
 
@@ -188,8 +270,8 @@ class _TensorSpec:
         return math.prod(self.shape) * torch.empty((), dtype=self.out_dtype).element_size()
 
 
-def _read_specs(files: list[Path], dtype: torch.dtype) -> list[_TensorSpec]:
-    """Names and shapes from the headers only; floating tensors are cast to `dtype`, others keep theirs."""
+def _read_specs(files: list[Path], dtype: torch.dtype | None) -> list[_TensorSpec]:
+    """Names and shapes from the headers only; floating tensors are cast to `dtype` (None: keep), others keep theirs."""
     specs = []
     for f in files:
         with safe_open(f, framework="pt") as st:
@@ -199,8 +281,18 @@ def _read_specs(files: list[Path], dtype: torch.dtype) -> list[_TensorSpec]:
                     raise ExportError(f"{f}: tensor {name} has dtype {sl.get_dtype()}, which export does not handle "
                                       f"(expected an unquantised model: {', '.join(_ST_DTYPES)})")
                 src = _ST_DTYPES[sl.get_dtype()][0]
-                specs.append(_TensorSpec(name, f, tuple(sl.get_shape()), dtype if src.is_floating_point else src))
+                out = dtype if src.is_floating_point and dtype is not None else src
+                specs.append(_TensorSpec(name, f, tuple(sl.get_shape()), out))
     return specs
+
+
+def _main_dtype(specs: list[_TensorSpec]) -> torch.dtype:
+    """The floating dtype holding most parameters: what config.json declares for `--dtype auto`."""
+    counts: dict[torch.dtype, int] = {}
+    for s in specs:
+        if s.out_dtype.is_floating_point:
+            counts[s.out_dtype] = counts.get(s.out_dtype, 0) + math.prod(s.shape)
+    return max(counts, key=counts.get) if counts else torch.float32
 
 
 def parse_size(size: int | str) -> int:
@@ -288,8 +380,10 @@ def write_sharded_weights(out_dir: Path, specs: list[_TensorSpec], max_shard_siz
             for spec in writer.specs:
                 if spec.file not in handles:
                     handles[spec.file] = safe_open(spec.file, framework="pt").__enter__()
-                tensor = transform(spec, handles[spec.file].get_tensor(spec.name))
-                writer.write(spec.name, tensor.to(spec.out_dtype))
+                tensor = transform(spec, handles[spec.file].get_tensor(spec.name)).to(spec.out_dtype)
+                _check_finite(tensor, f"tensor {spec.name} (from {spec.file}, as {_DTYPE_NAMES.get(spec.out_dtype)})",
+                              "the weights are corrupted, or the values overflow this --dtype; nothing was written")
+                writer.write(spec.name, tensor)
                 del tensor
             writer.close()
     finally:
@@ -327,17 +421,95 @@ def _resolve_base(checkpoint_dir: Path, meta: dict, base: str | Path | None) -> 
     return path
 
 
-def _check_output_dir(output_dir: Path, force: bool, inputs: list[Path]) -> None:
-    out = output_dir.resolve()
-    for p in inputs:
-        p = p.resolve()
-        if out == p or out in p.parents:
-            raise ExportError(f"output directory {output_dir} would overwrite the input {p}; choose another --output")
+def _protected_paths(checkpoint_dir: Path, meta: dict, base_dir: Path | None, tokenizer_dir: Path | None
+                     ) -> list[tuple[str, Path]]:
+    """What an export must never replace: the current directory, its inputs, and the training data (from the
+    checkpoint's config) -- each with a name for the message."""
+    config = meta.get("config") or {}
+    data = config.get("data") or {}
+    data_paths = [p for key in ("data_paths", "valid_data_paths") for p in (data.get(key) or []) if isinstance(p, str)]
+    tokenizer_path = (config.get("tokenizer") or {}).get("path")
+    try:
+        out = [("the current directory", Path.cwd())]
+    except FileNotFoundError:  # the shell's directory was deleted: nothing there to protect
+        out = []
+    out += [("the checkpoint", checkpoint_dir)]
+    out += [("the tokenizer", tokenizer_dir)] if tokenizer_dir is not None else []
+    out += [("the base model", base_dir)] if base_dir is not None else []
+    out += [("the training tokenizer", Path(tokenizer_path))] if isinstance(tokenizer_path, str) else []
+    out += [("the training data", Path(p)) for p in data_paths]
+    return out
+
+
+def _check_output_dir(output_dir: Path, force: bool, protected: list[tuple[str, Path]]) -> Path:
+    """The resolved output directory, after refusing every output that would delete what export did not write.
+
+    Raises:
+        ExportError: the output is or contains a protected path, is a file, or is a non-empty directory that is
+            not an earlier export (or is one, without ``force``).
+    """
+    out = output_dir.expanduser().resolve()
+    for what, path in protected:
+        path = path.expanduser().resolve()
+        if out == path or out in path.parents:
+            relation = "is" if out == path else "contains"
+            raise ExportError(f"--output {output_dir} ({out}) {relation} {what} ({path}); an export replaces its output "
+                              f"directory as a whole, so choose a new directory for it")
     if out.exists() and not out.is_dir():
-        raise ExportError(f"output {output_dir} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise ExportError(f"output directory {output_dir} exists and is not empty; choose another --output or pass "
-                          f"--force to replace it")
+        raise ExportError(f"--output {output_dir} exists and is not a directory")
+    entries = sorted(out.iterdir()) if out.is_dir() else []
+    if entries and not _is_export(out):
+        raise ExportError(f"--output {output_dir} holds files that mft export did not write (e.g. {entries[0].name}); "
+                          f"export never deletes those, even with --force (it replaces only an earlier export, "
+                          f"a directory with {CHAT_FORMAT_FILE}): choose another --output")
+    if entries and not force:
+        raise ExportError(f"--output {output_dir} holds an earlier export and is not empty; choose another --output "
+                          f"or pass --force to replace it")
+    return out
+
+
+def _is_export(directory: Path) -> bool:
+    return (directory / CHAT_FORMAT_FILE).is_file() or (directory / "adapter" / CHAT_FORMAT_FILE).is_file()
+
+
+def _sibling(out: Path, kind: str) -> Path:
+    """A new hidden ``.OUT.mft-export-KIND-*`` directory beside ``out``, marked with this process's id."""
+    path = mkdtemp_umask(prefix=f".{out.name}.mft-export-{kind}-", dir=out.parent)
+    (path / _PARTIAL_MARK).write_text(f"{os.getpid()}\n")
+    return path
+
+
+def remove_export_leftovers(out: Path) -> list[Path]:
+    """Remove the temporary siblings of ``out`` that interrupted exports left: only directories named
+    ``.OUT.mft-export-{tmp,old}-*`` holding a ``.mft-export-partial`` file whose process is gone.
+
+    Returns:
+        The directories removed.
+    """
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.mft-export-(tmp|old)-")
+    removed = []
+    for p in sorted(out.parent.iterdir()) if out.parent.is_dir() else []:
+        if pattern.match(p.name) and p.is_dir() and not p.is_symlink() and (p / _PARTIAL_MARK).is_file():
+            try:
+                pid = int((p / _PARTIAL_MARK).read_text().strip())
+            except (OSError, ValueError):
+                continue
+            if not _process_alive(pid):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _find_tokenizer_dir(checkpoint_dir: Path, meta: dict, base_dir: Path | None) -> Path:
@@ -353,10 +525,21 @@ def _find_tokenizer_dir(checkpoint_dir: Path, meta: dict, base_dir: Path | None)
                       f"pass --base with the model directory that holds the tokenizer")
 
 
-def _load_tokenizer(tokenizer_dir: Path):
+def _load_tokenizer(tokenizer_dir: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(tokenizer_dir)
+    try:
+        return AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise ExportError(remote_code_refused(tokenizer_dir, "tokenizer")) from e
+        raise
+
+
+def remote_code_refused(directory: Path, what: str) -> str:
+    """The message for a model or tokenizer directory that ships Python code and was not trusted."""
+    return (f"{directory}: the {what} ships its own Python code (auto_map in its config), which mft runs only when "
+            f"you pass --trust-remote-code; read that code first, it runs with your permissions")
 
 
 def _token_id(tokenizer, token: str) -> int:
@@ -400,8 +583,9 @@ def _write_adapter(adapter_out: Path, checkpoint_dir: Path, base_dir: Path, chat
 def model_card(meta: dict, base_name: str, adapter_only: bool = False) -> str:
     """A short README.md: base model, method, tasks with sample counts, steps, per-task validation loss."""
     method = {"lora": "LoRA", "qlora": "QLoRA", "full": "full-parameter"}[meta["method"]]
-    lines = [f"# Multi-task fine-tune of {base_name}", "",
-             f"Fine-tuned with mft ({method} multi-task fine-tuning, MFTCoder-style).", "",
+    made_by = (f"The PEFT adapter `{meta['adapter_dir']}` merged onto its base with `mft export --adapter`."
+               if meta.get("adapter_dir") else f"Fine-tuned with mft ({method} multi-task fine-tuning, MFTCoder-style).")
+    lines = [f"# Multi-task fine-tune of {base_name}", "", made_by, "",
              f"- Base model: `{base_name}`", f"- Method: {method}"]
     if meta.get("lora") and meta["method"] != "full":
         lo = meta["lora"]
@@ -426,25 +610,30 @@ def model_card(meta: dict, base_name: str, adapter_only: bool = False) -> str:
 
 
 def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, base: str | Path | None = None,
-                      dtype: str = "bf16", max_shard_size: int | str = "5GB", adapter_only: bool = False,
-                      force: bool = False) -> Path:
+                      dtype: str = "auto", max_shard_size: int | str = "5GB", adapter_only: bool = False,
+                      force: bool = False, meta: dict | None = None, trust_remote_code: bool = False) -> Path:
     """Export a training checkpoint as a Hugging Face model directory (and a PEFT adapter for LoRA / QLoRA).
 
     Args:
         checkpoint_dir: `output_dir/step_N/` written by a recipe (holds `mft_checkpoint.json`).
         output_dir: directory to create; see the module docstring for its layout.
         base: the base model directory; default `base_model_dir` from the checkpoint metadata.
-        dtype: "bf16" | "fp16" | "fp32" for the written weights (the merge itself runs in float32).
+        dtype: "auto" (each tensor keeps the dtype of the weights it comes from: the base for LoRA / QLoRA, the
+            checkpoint for full) | "bf16" | "fp16" | "fp32" for the written weights (the merge runs in float32).
         max_shard_size: largest safetensors file, e.g. "5GB" (one file when the model fits).
         adapter_only: write only `output_dir/adapter/` (LoRA / QLoRA checkpoints).
-        force: replace a non-empty `output_dir`.
+        force: replace `output_dir` when it holds an earlier export.
+        meta: the checkpoint metadata, for a directory without `mft_checkpoint.json` (`export_adapter`).
+        trust_remote_code: let `transformers` run Python code shipped with the tokenizer (never asked).
 
     Returns:
-        The output directory.
+        The output directory (resolved).
 
     Raises:
-        ExportError: missing checkpoint/base/tokenizer, shape mismatch with the base (names the tensor and both
-            shapes), non-empty output without `force`, `adapter_only` for a full checkpoint, bad dtype/size.
+        ExportError: missing or damaged checkpoint/base/tokenizer, NaN/inf weights, shape mismatch with the base
+            (names the tensor and both shapes), an output that is or contains an input, the current directory or
+            the data, a non-empty output that is not an earlier export (or is, without `force`), `adapter_only`
+            for a full checkpoint, bad dtype/size, untrusted remote code.
     """
     from mft_components.templates import ChatFormat
 
@@ -453,19 +642,25 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, base: 
         raise ExportError(f"--dtype: expected one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}")
     out_dtype = OUTPUT_DTYPES[dtype]
     parse_size(max_shard_size)  # fail before any work
-    meta = read_validated_meta(checkpoint_dir)
+    meta = meta if meta is not None else read_validated_meta(checkpoint_dir)
     full = meta["method"] == "full"
     if adapter_only and full:
         raise ExportError(f"--adapter-only: {checkpoint_dir} is a full fine-tuning checkpoint, it has no adapter")
     # A full checkpoint is self-contained; the base is only needed there for the tokenizer, and only when given.
     base_dir = _resolve_base(checkpoint_dir, meta, base) if not full or base is not None else None
-    _check_output_dir(output_dir, force, [checkpoint_dir] + ([base_dir] if base_dir else []))
+    try:
+        tokenizer_dir = _find_tokenizer_dir(checkpoint_dir, meta, base_dir)
+    except ExportError:  # reported once the weights are known to fit (a wrong --base is the likelier mistake)
+        tokenizer_dir = None
+    output_dir = _check_output_dir(output_dir, force, _protected_paths(checkpoint_dir, meta, base_dir, tokenizer_dir))
 
     chat_format = ChatFormat.from_config(meta.get("chat_format"))
     base_name = str(base) if base is not None else str(meta.get("base_model_dir") or "unknown base model")
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    for leftover in remove_export_leftovers(output_dir):
+        print(f"mft export: removed {leftover.name}, left by an interrupted export", file=sys.stderr)
+    tmp = _sibling(output_dir, "tmp")
     try:
         if full:
             weights_dir, transform = checkpoint_dir, (lambda spec, t: t)
@@ -475,16 +670,20 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, base: 
             by_weight = {f"{path}.weight": ab for path, ab in adapter.pairs.items()}
 
             def transform(spec, t):
+                if spec.name in adapter.replaced:  # a bias or module the adapter trained in place of the base's
+                    return adapter.replaced[spec.name]
                 if spec.name not in by_weight:
                     return t
                 a, b = by_weight[spec.name]
-                return merge_lora_tensor(t, a, b, adapter.scale, f"{spec.name} (from {spec.file})")
+                return merge_lora_tensor(t, a, b, adapter.scale, f"{spec.name} (from {spec.file})",
+                                         adapter.fan_in_fan_out)
 
         specs = _read_specs(safetensors_files(weights_dir), out_dtype)
         if not full:
             _check_adapter_against_base(adapter, specs, weights_dir)
 
-        tokenizer = _load_tokenizer(_find_tokenizer_dir(checkpoint_dir, meta, base_dir))
+        tokenizer = _load_tokenizer(tokenizer_dir or _find_tokenizer_dir(checkpoint_dir, meta, base_dir),
+                                    trust_remote_code)
         eos_token = meta.get("eos_token") or tokenizer.eos_token
         eos_id = _token_id(tokenizer, eos_token)
         chat_meta = {"chat_format": chat_format.to_dict(), "eos_token": eos_token}
@@ -496,34 +695,85 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, base: 
             # The training template becomes the model's chat template: apply_chat_template == training prompt.
             tokenizer.chat_template = chat_format.jinja_chat_template(tokenizer)
             tokenizer.save_pretrained(tmp)
-            _write_configs(tmp, checkpoint_dir if full else base_dir, base_dir, out_dtype, eos_id)
+            _write_configs(tmp, checkpoint_dir if full else base_dir, base_dir, out_dtype or _main_dtype(specs), eos_id)
             (tmp / CHAT_FORMAT_FILE).write_text(json.dumps(chat_meta, indent=2) + "\n")
             (tmp / "README.md").write_text(model_card(meta, base_name))
             if not full:
                 _write_adapter(tmp / "adapter", checkpoint_dir, base_dir, chat_meta)
-        # Replace only once everything is written: an interrupted export never leaves a half directory behind.
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(tmp, output_dir)
+        (tmp / _PARTIAL_MARK).unlink()
+        _swap_in(tmp, output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return output_dir
 
 
+def _swap_in(new: Path, out: Path) -> None:
+    """Put the complete export ``new`` at ``out``: an earlier export is renamed aside first and deleted only
+    once ``new`` is in place (a kill in between leaves both, as marked siblings the next export removes)."""
+    if not (out.is_dir() and any(out.iterdir())):
+        os.replace(new, out)  # nothing there, or an empty directory (rename replaces it)
+        return
+    old = _sibling(out, "old")
+    os.replace(out, old / "previous")
+    os.replace(new, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def _check_adapter_against_base(adapter: LoRAAdapter, specs: list[_TensorSpec], base_dir: Path) -> None:
     """Every adapted module exists in the base with the shape the adapter expects (headers only, before writing)."""
     shapes = {s.name: s.shape for s in specs}
+    for name, tensor in adapter.replaced.items():
+        if shapes.get(name) != tuple(tensor.shape):
+            found = f"has {shapes[name]}" if name in shapes else "has no such tensor"
+            raise ExportError(f"the adapter holds {name} {tuple(tensor.shape)}, but the base model in {base_dir} "
+                              f"{found}; was it trained on another base model? Pass the right one with --base")
     for path, (a, b) in adapter.pairs.items():
         name = f"{path}.weight"
         if name not in shapes:
             raise ExportError(f"the adapter targets {path}, but the base model in {base_dir} has no tensor {name}; was "
                               f"this checkpoint trained on another base model? Pass the right one with --base")
-        expected = (b.shape[0], a.shape[1])
+        expected = (a.shape[1], b.shape[0]) if adapter.fan_in_fan_out else (b.shape[0], a.shape[1])
         if shapes[name] != expected:
             raise ExportError(f"shape mismatch for {name}: the base model in {base_dir} has {shapes[name]}, the "
                               f"adapter expects {expected} (lora_B {tuple(b.shape)} @ lora_A {tuple(a.shape)}); was "
                               f"this checkpoint trained on another base model? Pass the right one with --base")
+
+
+def export_adapter(adapter_dir: str | Path, base: str | Path, output_dir: str | Path, template: str | None = None,
+                   **kwargs) -> Path:
+    """Merge a PEFT LoRA adapter (MFTCoder's, or anyone's) onto its base and write a Hugging Face model directory.
+
+    The adapter directory holds `adapter_config.json` and `adapter_model.safetensors` as `peft` saves them; what
+    the merge cannot reproduce exactly is refused (see `read_adapter`). The written `chat_template` is the
+    adapter's training format: the one in its `mft_chat_format.json` when mft exported it, else `template`
+    (default `mft`, MFTCoder's format, which MFTCoder's merge script writes too).
+
+    Args:
+        adapter_dir: the PEFT adapter directory.
+        base: the base model directory the adapter was trained on.
+        output_dir: directory to create.
+        template: ChatFormat template of the exported `chat_template` (`mft`, `mftcoder_atorch`, `hf`).
+        **kwargs: `export_checkpoint`'s dtype, max_shard_size, adapter_only, force.
+
+    Raises:
+        ExportError: as `export_checkpoint`, plus a missing adapter or base directory.
+    """
+    from mft_components.templates import ChatFormat
+
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise ExportError(f"--adapter {adapter_dir}: no such directory (expected a PEFT adapter directory with "
+                          f"{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
+    saved = adapter_dir / CHAT_FORMAT_FILE
+    chat = json.loads(saved.read_text()) if saved.is_file() and template is None else {}
+    try:
+        chat_format = ChatFormat.from_config(chat.get("chat_format") or {"template": template or "mft"})
+    except ValueError as e:
+        raise ExportError(f"--template: {e}") from None
+    meta = {"method": "lora", "base_model_dir": str(base), "adapter_dir": str(adapter_dir),
+            "chat_format": chat_format.to_dict(), "eos_token": chat.get("eos_token")}
+    return export_checkpoint(adapter_dir, output_dir, base=base, meta=meta, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -533,23 +783,41 @@ def _check_adapter_against_base(adapter: LoRAAdapter, specs: list[_TensorSpec], 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `mft export`."""
-    parser.add_argument("checkpoint_dir", help="a training checkpoint: output_dir/step_N/")
-    parser.add_argument("--output", "-o", required=True, help="directory to write (must not exist or be empty)")
+    parser.add_argument("checkpoint_dir", nargs="?", help="a training checkpoint: output_dir/step_N/")
+    parser.add_argument("--adapter", metavar="ADAPTER_DIR",
+                        help="instead of a checkpoint: a PEFT LoRA adapter directory to merge onto --base")
+    parser.add_argument("--template", choices=["mft", "mftcoder_atorch", "hf"], default=None,
+                        help="with --adapter: its training format, written as the chat_template (default: the "
+                             "adapter's mft_chat_format.json, else mft, MFTCoder's)")
+    parser.add_argument("--output", "-o", required=True, help="directory to write: new, empty, or an earlier export (with --force)")
     parser.add_argument("--base", default=None,
-                        help="base model directory (default: base_model_dir from the checkpoint's mft_checkpoint.json)")
-    parser.add_argument("--dtype", default="bf16", choices=list(OUTPUT_DTYPES), help="dtype of the written weights")
+                        help="base model directory (default: base_model_dir from the checkpoint's mft_checkpoint.json; "
+                             "required with --adapter)")
+    parser.add_argument("--dtype", default="auto", choices=list(OUTPUT_DTYPES),
+                        help="dtype of the written weights (default auto: each tensor keeps the base model's dtype)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
     parser.add_argument("--adapter-only", action="store_true", help="write only OUTPUT/adapter/ (PEFT format)")
-    parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    parser.add_argument("--force", action="store_true", help="replace an earlier export in the output directory")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let transformers run Python code shipped with the tokenizer (off: such a tokenizer "
+                             "is refused, never asked about)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run `mft export`; returns the exit status (errors for people go to stderr, status 2)."""
-    import sys
-
+    options = dict(dtype=args.dtype, max_shard_size=args.max_shard_size, adapter_only=args.adapter_only,
+                   force=args.force, trust_remote_code=args.trust_remote_code)
     try:
-        out = export_checkpoint(args.checkpoint_dir, args.output, base=args.base, dtype=args.dtype,
-                                max_shard_size=args.max_shard_size, adapter_only=args.adapter_only, force=args.force)
+        if (args.adapter is None) == (args.checkpoint_dir is None):
+            raise ExportError("give either a CHECKPOINT_DIR or --adapter ADAPTER_DIR (with --base MODEL_DIR)")
+        if args.adapter is not None:
+            if args.base is None:
+                raise ExportError("--adapter needs --base MODEL_DIR, the model the adapter was trained on")
+            out = export_adapter(args.adapter, args.base, args.output, template=args.template, **options)
+        else:
+            if args.template is not None:
+                raise ExportError("--template is for --adapter; a checkpoint exports the format it was trained with")
+            out = export_checkpoint(args.checkpoint_dir, args.output, base=args.base, **options)
     except ExportError as e:
         print(f"mft export: error: {e}", file=sys.stderr)
         return 2

@@ -20,7 +20,7 @@ output is one JSON line per input: the input record plus `"response"`.
 from __future__ import annotations
 
 import argparse
-import copy
+import contextlib
 import json
 import sys
 from dataclasses import dataclass, field
@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from mft_components.checkpoint import read_checkpoint_meta
+from mft_components.code_eval.generation import generate_batched
 from mft_components.export import (
     ADAPTER_CONFIG,
     CHAT_FORMAT_FILE,
@@ -37,6 +38,7 @@ from mft_components.export import (
     ExportError,
     merge_lora_tensor,
     read_adapter,
+    remote_code_refused,
 )
 
 _ROLES = ("system", "user", "assistant")
@@ -72,7 +74,12 @@ def _read_chat_meta(dirs: list[Path]) -> tuple[dict | None, str | None, Path]:
         for name in (CHAT_FORMAT_FILE, CHECKPOINT_META):
             p = d / name
             if p.is_file():
-                meta = json.loads(p.read_text())
+                try:
+                    meta = json.loads(p.read_text(encoding="utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                    raise GenerateError(f"{p}: not valid JSON ({e}); the file is damaged") from e
+                if not isinstance(meta, dict):
+                    raise GenerateError(f"{p}: expected a JSON object")
                 return meta.get("chat_format"), meta.get("eos_token"), p
     raise GenerateError(f"no training chat format found in {', '.join(map(str, dirs))} (expected {CHAT_FORMAT_FILE} "
                         f"from `mft export` or {CHECKPOINT_META} from a training checkpoint)")
@@ -108,7 +115,8 @@ def merge_adapter_into(model: torch.nn.Module, adapter_dir: str | Path) -> None:
 
 
 def load_generation_model(model_dir: str | Path, adapter: str | Path | None = None, dtype: str = "fp32",
-                          device: str | torch.device | None = None) -> GenerationModel:
+                          device: str | torch.device | None = None, trust_remote_code: bool = False,
+                          default_chat_format: dict | None = None) -> GenerationModel:
     """Load an exported directory, or a base model plus a checkpoint's LoRA adapter merged in float32.
 
     Args:
@@ -116,12 +124,16 @@ def load_generation_model(model_dir: str | Path, adapter: str | Path | None = No
         adapter: a LoRA / QLoRA checkpoint (`output_dir/step_N/`) or an exported `adapter/` directory.
         dtype: "fp32" | "bf16" | "fp16" for inference (the merge runs in float32 first).
         device: where to run (default cuda when available, else cpu).
+        trust_remote_code: let `transformers` run Python code shipped with the model or tokenizer (never asked).
+        default_chat_format: the chat format (``ChatFormat.from_config``) of a model that has no training one (a
+            base model); None refuses such a model.
 
     Returns:
         GenerationModel.
 
     Raises:
-        GenerateError: missing directories, chat format, tokenizer or EOS; adapter that does not fit the model.
+        GenerateError: missing directories, chat format, tokenizer or EOS; adapter that does not fit the model;
+            a model or tokenizer with its own code and no `trust_remote_code`.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -141,17 +153,26 @@ def load_generation_model(model_dir: str | Path, adapter: str | Path | None = No
                             f"--adapter, or pass the base model as --model")
     if dtype not in OUTPUT_DTYPES:
         raise GenerateError(f"dtype: expected one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}")
-    chat_dict, eos_token, meta_path = _read_chat_meta(([adapter_dir] if adapter_dir else []) + [model_dir])
+    try:
+        chat_dict, eos_token, meta_path = _read_chat_meta(([adapter_dir] if adapter_dir else []) + [model_dir])
+    except GenerateError:
+        if default_chat_format is None:
+            raise
+        chat_dict, eos_token, meta_path = default_chat_format, None, model_dir
     chat_format = ChatFormat.from_config(chat_dict)
 
-    tokenizer = AutoTokenizer.from_pretrained(_tokenizer_dir(model_dir, adapter_dir))
+    tokenizer_dir = _tokenizer_dir(model_dir, adapter_dir)
+    with _refusing_remote_code(tokenizer_dir, "tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code)
     eos_token = eos_token or tokenizer.eos_token
     eos_id = tokenizer.convert_tokens_to_ids(eos_token)
     if eos_id is None or (eos_id == tokenizer.unk_token_id and eos_token != tokenizer.unk_token):
         raise GenerateError(f"{meta_path}: eos_token {eos_token!r} is not in the tokenizer's vocabulary")
 
     # Load in float32 so that an adapter merge is exact, then cast.
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with _refusing_remote_code(model_dir, "model"):
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                     trust_remote_code=trust_remote_code)
     if adapter_dir is not None:
         try:
             merge_adapter_into(model, adapter_dir)
@@ -160,6 +181,17 @@ def load_generation_model(model_dir: str | Path, adapter: str | Path | None = No
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device=device, dtype=OUTPUT_DTYPES[dtype]).eval()
     return GenerationModel(model=model, tokenizer=tokenizer, chat_format=chat_format, eos_token_id=eos_id)
+
+
+@contextlib.contextmanager
+def _refusing_remote_code(directory: Path, what: str):
+    """transformers' refusal of untrusted custom code (a ValueError) as a GenerateError that says what to do."""
+    try:
+        yield
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise GenerateError(remote_code_refused(directory, what)) from e
+        raise
 
 
 def to_messages(prompt: str | list[dict], system: str | None = None) -> list[dict]:
@@ -198,22 +230,11 @@ def generate(gm: GenerationModel, prompt: str | list[dict], *, system: str | Non
         raise GenerateError("the conversation must end with a user turn (the model answers it)")
     eos = gm.eos_token_id if eos_token_id is None else eos_token_id
     prompt_ids = list(gm.chat_format.prompt_ids(messages, gm.tokenizer))
-    device = next(gm.model.parameters()).device
-    input_ids = torch.tensor([prompt_ids], device=device)
-
-    config = copy.deepcopy(gm.model.generation_config)
-    config.max_new_tokens = max_new_tokens
-    config.eos_token_id = eos
-    config.pad_token_id = config.pad_token_id if config.pad_token_id is not None else eos
-    config.do_sample = not greedy
-    config.temperature = None if greedy else temperature
-    config.top_p = None if greedy else top_p
-    config.top_k = None  # only the knobs the user chose
-    out = gm.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config)
-    new_ids = out[0, len(prompt_ids):].tolist()
-    finished = eos in new_ids
-    if finished:
-        new_ids = new_ids[: new_ids.index(eos)]
+    # The batched generation code evaluation runs inside training, for one prompt.
+    pad = gm.model.generation_config.pad_token_id
+    out = generate_batched(gm.model, [prompt_ids], eos_token_id=eos, max_new_tokens=max_new_tokens, greedy=greedy,
+                           temperature=temperature, top_p=top_p, pad_token_id=pad)[0]
+    new_ids, finished = out.new_ids, out.finished
     text = gm.tokenizer.decode(new_ids, skip_special_tokens=False)
     return Generation(text=text, prompt_ids=prompt_ids, new_ids=new_ids, finished=finished)
 
@@ -258,13 +279,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
     parser.add_argument("--dtype", default="fp32", choices=list(OUTPUT_DTYPES))
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let transformers run Python code shipped with the model (off: such a model is "
+                             "refused, never asked about)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run `mft generate`; returns the exit status (errors for people go to stderr, status 2)."""
     try:
         records = read_prompt_file(args.file) if args.file else None
-        gm = load_generation_model(args.model, args.adapter, dtype=args.dtype, device=args.device)
+        gm = load_generation_model(args.model, args.adapter, dtype=args.dtype, device=args.device,
+                                   trust_remote_code=args.trust_remote_code)
         if args.seed is not None:
             torch.manual_seed(args.seed)
         kwargs = dict(system=args.system, max_new_tokens=args.max_new_tokens, greedy=args.greedy,

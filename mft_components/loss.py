@@ -472,7 +472,8 @@ class TaskWeightedLoss:
                     f"loss.task_weights: a list needs one weight per task ({k}: {self.task_names}), got {len(weights)}"
                 )
         if any(x < 0 for x in weights) or sum(weights) <= 0:
-            raise ValueError(f"loss.task_weights: expected non-negative weights, not all 0, got {weights}")
+            raise ValueError(f"loss.task_weights: expected non-negative weights, not all 0, got "
+                             f"{dict(zip(self.task_names, weights))}")
         self._weights = weights
         if self.coba is not None:
             self.coba.setup(k)

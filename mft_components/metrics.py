@@ -27,7 +27,7 @@ from typing import Any, Iterable
 import torch
 import torch.distributed as dist
 
-from mft_components.distributed import all_reduce_sum, is_distributed, to_device
+from mft_components.distributed import all_reduce_sum, is_distributed, reshard, to_device
 from mft_components.loss import task_loss_sums
 
 __all__ = [
@@ -135,18 +135,30 @@ class EarlyStopping:
 
     Args:
         patience: evaluations without improvement before stopping; None never stops.
-        min_delta: an improvement must lower the loss by more than this.
+        min_delta: an improvement must beat the best by more than this.
+        metric: what is tracked, in words (``validation loss``; ``pass@1`` when ``eval.code.select_by`` says so).
+        higher_is_better: False for a loss, True for a pass rate.
     """
 
     patience: int | None = None
     min_delta: float = 0.0
-    best_loss: float = math.inf
+    best_loss: float = math.inf  # the best value of `metric`
     best_step: int | None = None
     bad_evals: int = 0
+    metric: str = "validation loss"
+    higher_is_better: bool = False
+
+    def __post_init__(self) -> None:
+        if self.higher_is_better and self.best_loss == math.inf:
+            self.best_loss = -math.inf
 
     def update(self, step: int, loss: float) -> bool:
-        """Record an evaluation; returns True when it is the new best."""
-        if loss < self.best_loss - self.min_delta:
+        """Record an evaluation (the value of `metric`); returns True when it is the new best."""
+        if self.higher_is_better:
+            better = loss > self.best_loss + self.min_delta
+        else:
+            better = loss < self.best_loss - self.min_delta
+        if better:
             self.best_loss, self.best_step, self.bad_evals = loss, step, 0
             return True
         self.bad_evals += 1
@@ -323,7 +335,7 @@ def evaluate(model: torch.nn.Module, loader: Iterable[dict], task_names: list[st
     if is_distributed():
         all_reduce_sum(sums)
         all_reduce_sum(counts)
-        _reshard(model)
+        reshard(model)
     model.train(was_training)
     task_loss = {name: (sums[i] / counts[i]).item() for i, name in enumerate(task_names) if counts[i] > 0}
     total = counts.sum().item()
@@ -333,20 +345,6 @@ def evaluate(model: torch.nn.Module, loader: Iterable[dict], task_names: list[st
         task_loss=task_loss,
         task_tokens={name: int(counts[i].item()) for i, name in enumerate(task_names) if counts[i] > 0},
     )
-
-
-def _reshard(model: torch.nn.Module) -> None:
-    """Put FSDP2 parameters back into their sharded form after a forward without backward.
-
-    FSDP2 leaves the root module's parameters unsharded after its forward until the backward reshards them; with
-    no backward (evaluation), the module would keep registering the unsharded tensors, which are not the
-    parameters the optimizer holds, and the next checkpoint or optimizer step would miss them.
-    """
-    from torch.distributed.fsdp import FSDPModule
-
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -400,7 +398,7 @@ def format_summary(*, steps: int, seconds: float, stop_reason: str, early_stoppi
     """The lines printed when a run ends: steps, time, why it stopped, best step and its per-task losses."""
     lines = [f"finished: {steps} steps in {seconds:.0f}s ({stop_reason})"]
     if early_stopping.best_step is not None:
-        lines.append(f"best step: {early_stopping.best_step} (validation loss {early_stopping.best_loss:.4f})")
+        lines.append(f"best step: {early_stopping.best_step} ({early_stopping.metric} {early_stopping.best_loss:.4f})")
     if best_eval is not None:
         width = max(map(len, best_eval.task_loss), default=4)
         for task, loss in best_eval.task_loss.items():

@@ -148,6 +148,13 @@ class MFTModel(nn.Module):
         return token_losses, aux
 
 
+    def generate(self, *args, **kwargs):
+        """transformers' ``generate`` on the decoder and its LM head, called through this root module so that under
+        FSDP2 (which registers it as a forward method) the root's parameters (embeddings, final norm, ``lm_head``)
+        are gathered first, as for ``forward``."""
+        return self.hf_model.generate(*args, **kwargs)
+
+
 # Batch key of the attention's inputs computed by `prepare_batch` (a dict of decoder keyword arguments).
 ATTENTION_INPUTS = "attention_inputs"
 
@@ -235,8 +242,12 @@ def resolve_lora_config(lora: dict | None, model_type: str) -> dict:
     if unknown:
         raise ValueError(f"model.lora: unknown keys {sorted(unknown)}; expected {sorted(_LORA_DEFAULTS)}")
     cfg = {**_LORA_DEFAULTS, **lora}
-    if not isinstance(cfg["rank"], int) or cfg["rank"] <= 0:
+    if not isinstance(cfg["rank"], int) or isinstance(cfg["rank"], bool) or cfg["rank"] <= 0:
         raise ValueError(f"model.lora.rank: expected a positive integer, got {cfg['rank']!r}")
+    if not _is_number(cfg["alpha"]) or not cfg["alpha"] > 0:
+        raise ValueError(f"model.lora.alpha: expected a positive number, got {cfg['alpha']!r}")
+    if not _is_number(cfg["dropout"]) or not 0 <= cfg["dropout"] < 1:
+        raise ValueError(f"model.lora.dropout: expected a probability in [0, 1), got {cfg['dropout']!r}")
     targets = cfg["target_modules"]
     if targets is None:
         if model_type not in DEFAULT_LORA_TARGETS:
@@ -249,6 +260,10 @@ def resolve_lora_config(lora: dict | None, model_type: str) -> dict:
         targets = [targets]
     cfg["target_modules"] = targets if targets == "all-linear" else list(targets)
     return cfg
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @contextlib.contextmanager
@@ -358,32 +373,15 @@ def build_model(
     Raises:
         ValueError: bad method / dtype / LoRA settings. FileNotFoundError: no config.json or safetensors.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     model_dir = Path(model_dir)
-    if method not in _METHODS:
-        raise ValueError(f"model.method: expected one of {_METHODS}, got {method!r}")
-    if dtype not in _DTYPES:
-        raise ValueError(f"model.dtype: expected one of {sorted(_DTYPES)}, got {dtype!r}")
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"model.model_dir: {model_dir} has no config.json (expected a Hugging Face model directory)")
-    torch_dtype = _DTYPES[dtype]
     device = torch.device(device or "cpu")
     attn, attn_why = resolve_attn_implementation(attn_implementation, device)
     checkpointing = dist_utils.activation_checkpointing_mode(activation_checkpointing)
     liger_kernels = resolve_liger(liger, device)
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    config.use_cache = False
+    hf_model, lora_cfg = build_meta_model(model_dir, method, lora, dtype, attn, trust_remote_code)
     scope, compile_why = dist_utils.resolve_compile(compile, device, BACKENDS[attn].static_shapes,
-                                                    moe=_num_experts(config) is not None)
-    with _parameters_on_meta():
-        hf_model = AutoModelForCausalLM.from_config(
-            config, dtype=torch_dtype, attn_implementation=attn, trust_remote_code=trust_remote_code
-        )
-    lora_cfg = None
-    if method != "full":
-        lora_cfg = resolve_lora_config(lora, config.model_type)
-        apply_lora(hf_model, lora_cfg, quantize_base=method == "qlora")
+                                                    moe=_num_experts(hf_model.config) is not None)
+    torch_dtype = _DTYPES[dtype]
     set_trainable_params(hf_model, "all" if method == "full" else "lora")
     if liger_kernels:
         apply_liger_kernels(hf_model, liger_kernels)
@@ -406,6 +404,74 @@ def build_model(
     load_weights(model, param_owners, device, torch_dtype)
     _print_param_counts(model)
     return model
+
+
+def build_meta_model(
+    model_dir: str | Path,
+    method: str = "lora",
+    lora: LoRAOptions | None = None,
+    dtype: str = "bf16",
+    attn_implementation: str = "sdpa",
+    trust_remote_code: bool = False,
+) -> tuple[nn.Module, dict | None]:
+    """The architecture of ``model_dir`` on the meta device with its LoRA / NF4 modules in place: every decision
+    ``build_model`` takes before it reads a weight, at no memory cost. ``mft validate`` calls it to check a
+    config against the model directory (``recipe_checks.py``).
+
+    Returns:
+        (the transformers causal LM with parameters on meta, the resolved LoRA settings or None for ``full``).
+
+    Raises:
+        ValueError: a bad method / dtype / LoRA setting, a ``model_type`` transformers does not know or has no
+            causal LM for, ``target_modules`` that match no linear. FileNotFoundError: no config.json, no
+            safetensors weights.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_dir = Path(model_dir)
+    if method not in _METHODS:
+        raise ValueError(f"model.method: expected one of {_METHODS}, got {method!r}")
+    if dtype not in _DTYPES:
+        raise ValueError(f"model.dtype: expected one of {sorted(_DTYPES)}, got {dtype!r}")
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"model.model_dir: {model_dir} has no config.json (expected a Hugging Face model directory)")
+    try:
+        safetensors_files(model_dir)  # no weights: say so now, not after the data is built
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"model.model_dir: {e}") from None
+    try:
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        raise ValueError(f"model.model_dir: {model_dir}/config.json: {_config_problem(model_dir, e)}") from None
+    config.use_cache = False
+    with _parameters_on_meta():
+        try:
+            hf_model = AutoModelForCausalLM.from_config(
+                config, dtype=_DTYPES[dtype], attn_implementation=attn_implementation,
+                trust_remote_code=trust_remote_code,
+            )
+        except ValueError as e:
+            raise ValueError(f"model.model_dir: {model_dir}: cannot build a causal LM: {str(e)[:300]}") from None
+    lora_cfg = None
+    if method != "full":
+        lora_cfg = resolve_lora_config(lora, config.model_type)
+        apply_lora(hf_model, lora_cfg, quantize_base=method == "qlora")
+    return hf_model, lora_cfg
+
+
+def _config_problem(model_dir: Path, error: ValueError) -> str:
+    """What is wrong with a config.json transformers refused: an unknown model_type in a line, else its words."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    try:
+        model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        model_type = None
+    if isinstance(model_type, str) and model_type not in CONFIG_MAPPING_NAMES:
+        return (f"model_type {model_type!r} is not an architecture transformers {transformers.__version__} knows "
+                "(a newer transformers may know it)")
+    return str(error).strip().splitlines()[0]
 
 
 LIGER_KERNELS = ("rms_norm", "swiglu", "rope")
@@ -475,7 +541,11 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
-        return [model_dir / f for f in dict.fromkeys(weight_map.values())]
+        files = [model_dir / f for f in dict.fromkeys(weight_map.values())]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index}: lists shards that are not in the directory: {missing[:5]}")
+        return files
     single = model_dir / "model.safetensors"
     if single.is_file():
         return [single]

@@ -1,17 +1,22 @@
 """The keys the fine-tuning recipes read, as a dataclass that ``mft validate`` and the recipes' ``@parse`` check.
 
-Top-level training keys are typed fields (a misspelt or mistyped key is reported with the closest valid one).
-The sections ``model``, ``tokenizer``, ``data``, ``loss``, ``optimizer`` and ``lr_scheduler`` are ``_component_``
-nodes: their arguments are checked against the builder's signature, and ``runtime_args`` lists the arguments the
-recipe itself passes at run time (so they may, and should, be absent from the config).
+Top-level training keys are typed fields (a misspelt or mistyped key is reported with the closest valid one;
+``minimum`` in a field's metadata bounds its value). The sections ``model``, ``tokenizer``, ``data``, ``loss``,
+``optimizer`` and ``lr_scheduler`` are ``_component_`` nodes: their arguments are checked against the builder's
+signature, and ``runtime_args`` lists the arguments the recipe itself passes at run time (so they may, and
+should, be absent from the config). What a schema cannot say (value ranges inside the sections, the model
+directory, the task names) is checked by ``semantic_checks`` (``recipe_checks.py``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Callable, ClassVar, Literal
 
-__all__ = ["RecipeConfig", "LoRARecipeConfig", "FullRecipeConfig"]
+from mft_components.code_eval.evaluate import CodeEvalOptions
+from mft_components.recipe_checks import check_recipe_config
+
+__all__ = ["RecipeConfig", "LoRARecipeConfig", "FullRecipeConfig", "EvalConfig"]
 
 
 def _component(*runtime_args: str, default: dict | None = None) -> Any:
@@ -19,6 +24,39 @@ def _component(*runtime_args: str, default: dict | None = None) -> Any:
     if default is None:
         return field(metadata=meta)
     return field(default_factory=lambda: dict(default), metadata=meta)
+
+
+def _at_least(minimum: int | float, default: Any) -> Any:
+    """A number field whose value must be >= ``minimum`` (null, where the type allows it, is always fine)."""
+    return field(default=default, metadata={"minimum": minimum})
+
+
+def _positive(default: Any) -> Any:
+    """A number field whose value must be > 0."""
+    return field(default=default, metadata={"minimum": 0, "exclusive": True})
+
+
+def check_code_eval(cfg: dict, flagged: set[str]) -> list[str]:
+    """``eval.code`` values a run would refuse (ranges, eval sets and their records, k / select_by, interpreter).
+
+    Run even when the schema flagged ``eval`` (a mistyped key there): it looks only at values of the right type.
+    """
+    section = cfg["eval"].get("code") if isinstance(cfg.get("eval"), dict) else None
+    if not isinstance(section, dict):
+        return []
+    return [f"'eval.code.{key}': {problem}" for key, problem in CodeEvalOptions.value_problems(section)]
+
+
+@dataclass
+class EvalConfig:
+    """``eval``: evaluations beyond the validation loss.
+
+    Attributes:
+        code: execution-based evaluation (pass@k per task; ``mft_components.code_eval.evaluate.CodeEvalOptions``),
+            or null.
+    """
+
+    code: CodeEvalOptions | None = None
 
 
 @dataclass
@@ -34,23 +72,28 @@ class RecipeConfig:
         optimizer: an optimizer class node, e.g. ``torch.optim.AdamW`` (``lr``, ``weight_decay``, ``betas``);
             the parameters are passed by the recipe, and ``fused=True`` on CUDA.
         lr_scheduler: ``mft_components.lr_schedule.cosine_with_warmup`` node (``warmup_steps``, ``min_lr``).
-        seed: seeds torch, numpy and python on every rank, and the data split and order.
+        seed: seeds torch, numpy and python on every rank, and the data split and order (an integer >= 0).
         dtype: parameter and compute dtype: ``bf16`` or ``fp32``.
-        epochs: passes over the training data (ignored when ``max_steps`` ends the run first).
-        max_steps: stop after this many optimizer steps (null: ``epochs`` decides).
+        epochs: passes over the training data, at least 1 (ignored when ``max_steps`` ends the run first).
+        max_steps: stop after this many optimizer steps, at least 1 (null: ``epochs`` decides).
         micro_batch_size: rows of ``seq_len`` tokens per micro-batch per rank.
         gradient_accumulation_steps: micro-batches per optimizer step per rank. The global batch is
             ``micro_batch_size x gradient_accumulation_steps x world_size`` rows.
-        clip_grad_norm: clip the global gradient norm to this (null: no clipping; the norm is still logged).
+        clip_grad_norm: clip the global gradient norm to this positive number (null: no clipping; the norm is
+            still logged).
         eval_every_n_steps: evaluate on the validation split every N steps (null: at the end of each epoch).
         eval_micro_batch_size: micro-batch size for evaluation (null: ``micro_batch_size``).
         early_stopping_patience: stop after this many evaluations without a lower validation loss (null: never).
         save_every_n_steps: also checkpoint every N steps (null: only at the end).
-        saving_limit: keep the N newest checkpoints plus the best one (null: keep all).
+        saving_limit: keep the N >= 1 newest checkpoints plus the best one (null: keep all).
         resume: ``auto`` (newest whole checkpoint in ``output_dir``, else a fresh start), a ``step_N`` directory,
             or null (start fresh).
         log_every_n_steps: write a ``metrics.jsonl`` line every N steps.
         tensorboard: also write TensorBoard events to ``output_dir/tb``.
+        distributed_timeout_s: under torchrun, how long a rank waits in a collective (all-reduce, FSDP's
+            gathers, the barriers around checkpoint writes and the data cache build) for the other ranks before
+            the run ends with a message naming the rank that stopped answering (null: torch's default, 30 min).
+        eval: ``code``: pass@k of generated code per task (:class:`EvalConfig`).
     """
 
     output_dir: str
@@ -62,21 +105,26 @@ class RecipeConfig:
     lr_scheduler: dict = _component(
         "optimizer", "num_training_steps", default={"_component_": "mft_components.lr_schedule.cosine_with_warmup"}
     )
-    seed: int = 42
+    seed: int = _at_least(0, 42)
     dtype: Literal["bf16", "fp32"] = "bf16"
-    epochs: int = 1
-    max_steps: int | None = None
-    micro_batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    clip_grad_norm: float | None = 1.0
-    eval_every_n_steps: int | None = None
-    eval_micro_batch_size: int | None = None
-    early_stopping_patience: int | None = None
-    save_every_n_steps: int | None = None
-    saving_limit: int | None = None
+    epochs: int = _at_least(1, 1)
+    max_steps: int | None = _at_least(1, None)
+    micro_batch_size: int = _at_least(1, 1)
+    gradient_accumulation_steps: int = _at_least(1, 1)
+    clip_grad_norm: float | None = _positive(1.0)
+    eval_every_n_steps: int | None = _at_least(1, None)
+    eval_micro_batch_size: int | None = _at_least(1, None)
+    early_stopping_patience: int | None = _at_least(1, None)
+    save_every_n_steps: int | None = _at_least(1, None)
+    saving_limit: int | None = _at_least(1, None)
     resume: str | None = None
-    log_every_n_steps: int = 1
+    log_every_n_steps: int = _at_least(1, 1)
     tensorboard: bool = True
+    distributed_timeout_s: float | None = _positive(600.0)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    # Cross-checks against the model directory, the tasks and the components' own rules (config.check_config).
+    semantic_checks: ClassVar[tuple[Callable[[dict, set], list[str]], ...]] = (check_recipe_config, check_code_eval)
 
 
 # The two recipes read the same keys; the names say which recipe a schema is declared for.

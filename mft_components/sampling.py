@@ -68,6 +68,7 @@ __all__ = [
     "MicroBatchDataset",
     "build_train_loader",
     "build_valid_loader",
+    "LoaderStateError",
 ]
 
 TASK_SAMPLING_MODES = ("proportional", "uniform", "temperature")
@@ -106,6 +107,10 @@ def task_probabilities(
         weights = np.where(sizes > 0, sizes ** (1.0 / float(temperature)), 0.0)
     total = weights.sum()
     return weights / total if total > 0 else weights
+
+
+class LoaderStateError(ValueError):
+    """A saved loader position this loader cannot continue from (another global batch, or mid-step)."""
 
 
 def _rng(seed: int, epoch: int, stream: int) -> np.random.Generator:
@@ -367,8 +372,8 @@ class MicroBatchSampler(Sampler):
         """Resume at ``state_dict``'s position (applied by torchdata when the next iterator is created).
 
         Raises:
-            ValueError: the state comes from a different global batch size, or from a different split and not at
-                an optimizer-step boundary.
+            LoaderStateError: the state comes from a different global batch size, or from a different split and
+                not at an optimizer-step boundary (raised when the next iterator is created).
         """
         epoch, yielded = int(state_dict["epoch"]), int(state_dict["yielded"])
         if self._epoch_set and epoch != self.epoch:
@@ -386,7 +391,7 @@ class MicroBatchSampler(Sampler):
         g_old = old["world_size"] * old["gradient_accumulation_steps"] * old["micro_batch_size"]
         g_new = new["world_size"] * new["gradient_accumulation_steps"] * new["micro_batch_size"]
         if g_old != g_new or yielded % old["gradient_accumulation_steps"]:
-            raise ValueError(
+            raise LoaderStateError(
                 f"cannot resume the data loader: it was saved with {old} after {yielded} micro-batches; resuming "
                 f"with {new} needs the same global batch (world_size * gradient_accumulation_steps * "
                 "micro_batch_size) and a state saved at an optimizer-step boundary"

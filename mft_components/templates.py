@@ -12,6 +12,18 @@ each EOS. Only ``A_i\\n<EOS>`` carries loss, for every assistant turn; markers, 
 carry none. No BOS unless ``add_bos``. ``role_markers`` replaces the three markers; ``template: hf`` uses the
 tokenizer's own ``chat_template`` instead (loss on the assistant turns, found by rendering prefixes).
 
+``template: mftcoder_atorch`` is the format of MFTCoder's atorch (GPT-NeoX) pipeline: fixed markers, nothing
+between the pieces, EOS after each assistant content (with loss), as its README shows for training and inference::
+
+    <|role_start|>system<|role_end|>S<|role_start|>human<|role_end|>Q1<|role_start|>bot<|role_end|>A1<EOS><|role_start|>human<|role_end|>...
+                                                                                                   ~~~~~~~~~
+                                                                                                   loss
+
+Each marker and each content is tokenised on its own, as MFTCoder's atorch tokenisation does, so the ids are
+its ids. A tokenizer that encodes the whole rendered text (a ``chat_template`` consumer) gets the same ids
+wherever a content starts and ends with a letter, digit or space; a byte-level BPE may merge punctuation across
+a marker boundary (``.<|`` after "sort."), as it does for MFTCoder's own inference prompts.
+
 Tokenisation is by segments: the text is cut at the loss boundaries (before each assistant content, around
 each EOS), each piece is tokenised on its own (``add_special_tokens=False``) and the EOS is inserted as its id. So a loss boundary is
 always a token boundary, and ``prompt_ids`` (what ``generate``/export feed the model) is exactly the prefix of
@@ -28,7 +40,13 @@ from typing import Any, Sequence
 
 ROLES = ("system", "user", "assistant")
 DEFAULT_ROLE_MARKERS = {"system": "<s>system\n", "user": "<s>human\n", "assistant": "<s>bot\n"}
-TEMPLATES = ("mft", "hf")
+ATORCH_ROLE_MARKERS = {
+    "system": "<|role_start|>system<|role_end|>",
+    "user": "<|role_start|>human<|role_end|>",
+    "assistant": "<|role_start|>bot<|role_end|>",
+}
+TEMPLATES = ("mft", "hf", "mftcoder_atorch")
+_NO_CHAT_TEMPLATE = "data.template is 'hf' but the tokenizer has no chat_template; use template: mft"
 
 # A segment is a piece of text (tokenised on its own) or a single token id, and whether it carries loss.
 Segment = tuple["str | int", bool]
@@ -72,7 +90,8 @@ def encode_segments(segment_lists: Sequence[Sequence[Segment]], tokenizer) -> li
 
 def _eos(tokenizer) -> tuple[str, int]:
     if tokenizer.eos_token is None or tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', tokenizer)!r} has no eos_token; set one")
+        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', tokenizer)}: has no eos_token, which ends "
+                         "every assistant turn; use a tokenizer that defines one (eos_token in tokenizer_config.json)")
     return tokenizer.eos_token, tokenizer.eos_token_id
 
 
@@ -89,19 +108,27 @@ class ChatFormat:
     """How conversations become text and tokens, for training and for inference alike.
 
     Args:
-        template: ``"mft"`` (MFTCoder's markers) or ``"hf"`` (the tokenizer's ``chat_template``).
+        template: ``"mft"`` (MFTCoder's markers), ``"hf"`` (the tokenizer's ``chat_template``) or
+            ``"mftcoder_atorch"`` (MFTCoder's atorch format, fixed markers).
         role_markers: ``{system, user, assistant}`` marker strings for ``template: mft``; missing keys keep
             their defaults (``<s>system\\n``, ``<s>human\\n``, ``<s>bot\\n``).
         add_bos: prepend the tokenizer's BOS token (no loss).
     """
 
     template: str = "mft"
-    role_markers: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_ROLE_MARKERS))
+    role_markers: dict[str, str] = field(default_factory=dict)  # filled with the template's markers
     add_bos: bool = False
 
     def __post_init__(self) -> None:
         if self.template not in TEMPLATES:
             raise ValueError(f"data.template: expected one of {TEMPLATES}, got {self.template!r}")
+        if self.template == "mftcoder_atorch":
+            if self.role_markers and dict(self.role_markers) != ATORCH_ROLE_MARKERS:
+                raise ValueError("data.role_markers: template mftcoder_atorch has fixed markers; remove "
+                                 "role_markers, or use template: mft with your markers")
+            self.role_markers = dict(ATORCH_ROLE_MARKERS)
+            self.add_bos = bool(self.add_bos)
+            return
         markers = dict(DEFAULT_ROLE_MARKERS)
         for key, value in dict(self.role_markers or {}).items():
             if key not in ROLES:
@@ -134,6 +161,18 @@ class ChatFormat:
         """The config node that ``from_config`` turns back into this format (stored in checkpoints)."""
         return {"template": self.template, "role_markers": dict(self.role_markers), "add_bos": self.add_bos}
 
+    def check_tokenizer(self, tokenizer) -> None:
+        """Raise what every conversation would raise with this tokenizer, once: no EOS, no BOS for ``add_bos``,
+        no ``chat_template`` for ``template: hf``.
+
+        Raises:
+            ValueError: naming the tokenizer and what it lacks.
+        """
+        _eos(tokenizer)
+        self._bos_segment(tokenizer)
+        if self.template == "hf" and not getattr(tokenizer, "chat_template", None):
+            raise ValueError(_NO_CHAT_TEMPLATE)
+
     # ------------------------------------------------------------------------------------------------------------
     def segments(self, messages: Sequence[dict], tokenizer, add_generation_prompt: bool = False) -> list[Segment]:
         """The conversation cut into pieces that are tokenised separately, each with its loss flag.
@@ -154,6 +193,11 @@ class ChatFormat:
             segs = self._mft_segments(messages, tokenizer, add_generation_prompt)
         return segs
 
+    @property
+    def _separator(self) -> str:
+        """What follows each content and each EOS: a newline in MFTCoder's accelerate format, nothing in atorch's."""
+        return "" if self.template == "mftcoder_atorch" else "\n"
+
     def _bos_segment(self, tokenizer) -> list[Segment]:
         if not self.add_bos:
             return []
@@ -163,27 +207,42 @@ class ChatFormat:
 
     def _mft_segments(self, messages, tokenizer, add_generation_prompt) -> list[Segment]:
         _, eos_id = _eos(tokenizer)
-        marker = self.role_markers
+        marker, sep = self.role_markers, self._separator
+        # mft: no-loss text is cut only before assistant content and at EOS (where a byte-level BPE splits anyway).
+        # atorch: every marker and every content is a piece of its own, as MFTCoder's atorch tokenisation has it.
+        separate = self.template == "mftcoder_atorch"
         segs: list[Segment] = self._bos_segment(tokenizer)
-        pending = ""  # no-loss text not yet emitted; cut only before assistant content and at EOS
+        pending = ""  # no-loss text not yet emitted
+
+        def no_loss(*texts: str) -> None:
+            nonlocal pending
+            for text in texts:
+                if separate:
+                    if text:
+                        segs.append((text, False))
+                else:
+                    pending += text
+
         for m in messages:
             role, content = m["role"], m["content"]
             if role == "assistant":
-                segs.append((pending + marker["assistant"], False))
-                segs.append((content + "\n", True))
+                no_loss(marker["assistant"])
+                if pending:
+                    segs.append((pending, False))
+                segs.append((content + sep, True))
                 segs.append((eos_id, True))
-                pending = "\n"
+                pending = sep
             else:
-                pending += marker[role] + content + "\n"
+                no_loss(marker[role], content + sep)
         if add_generation_prompt:
-            pending += marker["assistant"]
+            no_loss(marker["assistant"])
         if pending:
             segs.append((pending, False))
         return segs
 
     def _hf_render(self, tokenizer, messages, add_generation_prompt: bool) -> str:
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("data.template is 'hf' but the tokenizer has no chat_template; use template: mft")
+            raise ValueError(_NO_CHAT_TEMPLATE)
         return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def _hf_segments(self, messages, tokenizer, add_generation_prompt) -> list[Segment]:
@@ -273,7 +332,7 @@ class ChatFormat:
         """
         if self.template == "hf":
             if not getattr(tokenizer, "chat_template", None):
-                raise ValueError("data.template is 'hf' but the tokenizer has no chat_template; use template: mft")
+                raise ValueError(_NO_CHAT_TEMPLATE)
             return tokenizer.chat_template
 
         def lit(s: str) -> str:
@@ -281,17 +340,16 @@ class ChatFormat:
             # JSON's escapes (\n, \", \\, \u00XX) and passes non-ASCII through.
             return json.dumps(s, ensure_ascii=False)
 
-        m = self.role_markers
+        m, sep = self.role_markers, lit(self._separator)
         return (
             ("{{- bos_token -}}" if self.add_bos else "")
             + "{%- for message in messages -%}"
             + "{%- if message['role'] == 'system' -%}"
-            + "{{- " + lit(m["system"]) + " + message['content'] + " + lit("\n") + " -}}"
+            + "{{- " + lit(m["system"]) + " + message['content'] + " + sep + " -}}"
             + "{%- elif message['role'] == 'user' -%}"
-            + "{{- " + lit(m["user"]) + " + message['content'] + " + lit("\n") + " -}}"
+            + "{{- " + lit(m["user"]) + " + message['content'] + " + sep + " -}}"
             + "{%- elif message['role'] == 'assistant' -%}"
-            + "{{- " + lit(m["assistant"]) + " + message['content'] + " + lit("\n") + " + eos_token + "
-            + lit("\n") + " -}}"
+            + "{{- " + lit(m["assistant"]) + " + message['content'] + " + sep + " + eos_token + " + sep + " -}}"
             + "{%- else -%}{{- raise_exception('unknown role: ' + message['role']) -}}"
             + "{%- endif -%}"
             + "{%- endfor -%}"

@@ -13,6 +13,8 @@ Features:
     - Evaluation every ``eval_every_n_steps``: overall and per-task validation loss and perplexity; CoBa weights
       from per-task validation losses; early stopping after ``early_stopping_patience`` evaluations without a
       new best.
+    - Execution-based evaluation (``eval.code``): pass@1 / pass@k of generated code per task, sandboxed; with
+      ``select_by: pass@1`` early stopping and the best checkpoint follow it instead of the validation loss.
     - Checkpoints in ``output_dir/step_N``: the adapter in PEFT's format (``peft`` and ``mft export`` load it) plus
       the recipe state for an exact resume (``resume: auto`` or a path); written atomically; ``saving_limit``
       keeps the newest and the best.
@@ -24,6 +26,10 @@ Features:
       non-blocking copies, everything the forward needs from the host (attention boundaries, loss-token
       positions, per-task counts) is computed from the host copy, and losses, token counts and the gradient
       norm stay on the device until a log step reads them.
+    - Checkpoints carry a consistency record (size and sha256 of each file) that resume checks; ``resume: auto``
+      moves a damaged checkpoint aside and continues from the newest intact one.
+    - Under torchrun a collective that a rank never joins (a stopped or frozen process) ends the run after
+      ``distributed_timeout_s``, naming that rank.
 
 Copy it with ``mft cp lora_finetune_distributed my_recipe.py``, edit, and run ``mft run my_recipe.py --config ...``.
 """
@@ -39,9 +45,16 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from mft_components import checkpoint as ck
+from mft_components.code_eval.evaluate import CodeEvalError, CodeEvaluator
 from mft_components.config import instantiate, parse, to_container
 from mft_components.data import DataError
-from mft_components.distributed import destroy_distributed, gather_state_dict, init_distributed
+from mft_components.distributed import (
+    collective_timeout_message,
+    destroy_distributed,
+    gather_state_dict,
+    init_distributed,
+    is_collective_timeout,
+)
 from mft_components.models import prepare_batch
 from mft_components.lora import adapter_to_peft_state_dict, lora_target_names, peft_adapter_config
 from mft_components.metrics import (
@@ -56,6 +69,7 @@ from mft_components.metrics import (
     peak_memory_gb,
 )
 from mft_components.recipe_schema import LoRARecipeConfig
+from mft_components.sampling import LoaderStateError
 
 CONFIG_SCHEMA = LoRARecipeConfig
 
@@ -80,14 +94,15 @@ class LoRAFinetuneRecipe:
     def setup(self) -> None:
         cfg = self.cfg
         # 1. Process group first: everything after it may need the rank (nccl on GPU, gloo on CPU).
-        self.rank, self.world_size, self.device = init_distributed()
+        self.rank, self.world_size, self.device = init_distributed(cfg.distributed_timeout_s)
         self.is_rank0 = self.rank == 0
         if self.is_rank0:
             print(f"config:\n{OmegaConf.to_yaml(cfg, resolve=True)}", flush=True)
             ck.remove_partial_checkpoints(self.output_dir)  # leftovers of a save that was killed
         # 2. The same seed on every rank: LoRA initialisation must agree across ranks.
         torch.manual_seed(cfg.seed)
-        # Which checkpoint to continue from is settled before anything is loaded (a wrong path costs nothing).
+        # Which checkpoint to continue from is settled before anything is loaded (a wrong path costs nothing); its
+        # files are checked against its consistency record, and resume: auto steps back past damaged ones.
         resume_from = ck.resolve_resume(cfg.resume, self.output_dir)
 
         # 3-4. Tokenizer and data, validated before any model exists: a bad record costs seconds, not a model load.
@@ -107,12 +122,13 @@ class LoRAFinetuneRecipe:
             if self.data.valid_samples else []
         )
 
+        # Eval sets and the sandbox too (a bad record or interpreter costs no model load).
+        self.code_evaluator = CodeEvaluator.from_config(OmegaConf.select(cfg, "eval.code"), self.tokenizer,
+                                                        self.data.chat_format)
+
         # 5. Loss, still before the model: unknown tasks in task_weights or bad CoBa settings cost no model load.
         self.loss_fn = instantiate(cfg.loss)
         self.loss_fn.setup(self.task_names)
-        for key in ("log_every_n_steps", "early_stopping_patience", "eval_every_n_steps", "save_every_n_steps"):
-            if cfg[key] is not None and cfg[key] < 1:
-                sys.exit(f"config error: {key} is {cfg[key]}; expected a positive integer or null")
 
         # 6. Model: meta-device build, LoRA / NF4 modules, FSDP2 shards, weights streamed into them.
         method = cfg.model.get("method", self.METHODS[0])
@@ -134,21 +150,31 @@ class LoRAFinetuneRecipe:
         self.total_steps = cfg.max_steps or sum(plan.steps_per_epoch(e) for e in range(cfg.epochs))
         self.lr_scheduler = instantiate(cfg.lr_scheduler, self.optimizer, num_training_steps=self.total_steps)
 
-        self.early_stopping = EarlyStopping(patience=cfg.early_stopping_patience)
+        # Early stopping and the best checkpoint follow the validation loss, or eval.code.select_by (pass@1).
+        self.early_stopping = EarlyStopping(patience=cfg.early_stopping_patience,
+                                            **self.code_evaluator.early_stopping_kwargs())
         self.step, self.epoch, self.step_in_epoch = 0, 0, 0
         self.last_saved_step = None
 
         # 9. Resume: weights, optimizer, schedule, loss, data position and RNG of the checkpoint.
-        self.rank_state = self.evaluator_state = None
+        self.rank_state = self.evaluator_state = self.code_evaluator_state = None
         if resume_from is not None:
-            self.load_checkpoint(resume_from)
+            try:
+                self.load_checkpoint(resume_from)
+            except ck.CheckpointError as e:
+                raise ck.ResumeError(str(e)) from e
+            except ValueError as e:  # the checkpoint does not fit this run (model, LoRA, loss mode, tasks)
+                raise ck.ResumeError(f"{resume_from}: {e}") from e
 
         # 10. Output for people, on rank 0.
         self.logger = MetricLogger(self.output_dir, enabled=self.is_rank0, tensorboard=cfg.tensorboard)
         self.progress = ProgressBar(self.total_steps, initial=self.step, enabled=self.is_rank0)
+        loss_tracker = EarlyStopping() if self.code_evaluator.selects else self.early_stopping
         self.evaluator = Evaluator(valid_batches, self.task_names, self.device, cfg.eval_every_n_steps,
-                                   self.early_stopping, self.logger, self.progress, self.loss_fn.ce_kwargs)
+                                   loss_tracker, self.logger, self.progress, self.loss_fn.ce_kwargs)
         self.evaluator.load_state_dict(self.evaluator_state)
+        self.code_evaluator.attach(self.logger, self.progress, self.output_dir, self.early_stopping)
+        self.code_evaluator.load_state_dict(self.code_evaluator_state)
 
     # -------------------------------------------------------------------------------------------------- train
 
@@ -160,6 +186,8 @@ class LoRAFinetuneRecipe:
         if self.step == 0 and self.evaluator.valid_batches:
             # Per-task validation losses before any update: what every later evaluation is compared with.
             self.evaluator.run(self.model, 0, track=False)
+        if self.step == 0 and self.code_evaluator.enabled:
+            self.code_evaluator.run(self.model, 0, track=False)
         throughput = Throughput(self.device)
         while self.step < self.total_steps and not self.early_stopping.should_stop:
             if self.step_in_epoch >= plan.steps_per_epoch(self.epoch):  # the saved epoch was complete
@@ -213,7 +241,11 @@ class LoRAFinetuneRecipe:
                 with throughput.paused():  # evaluation and checkpoints are not training time
                     self.evaluator.update_coba(self.model, self.loss_fn, self.step)
                     epoch_end = self.step_in_epoch == plan.steps_per_epoch(self.epoch)
-                    improved = self.evaluator.due(self.step, epoch_end) and self.evaluator.run(self.model, self.step)
+                    loss_due = self.evaluator.due(self.step, epoch_end)
+                    improved = loss_due and self.evaluator.run(self.model, self.step)
+                    code_due = self.code_evaluator.due(self.step, loss_due)
+                    code_improved = code_due and self.code_evaluator.run(self.model, self.step)
+                    improved = code_improved if self.code_evaluator.selects else improved
                     if self.early_stopping.should_stop:
                         break
                     if improved or (cfg.save_every_n_steps and self.step % cfg.save_every_n_steps == 0):
@@ -222,13 +254,15 @@ class LoRAFinetuneRecipe:
                 continue  # the epoch (or the run) ended normally: next epoch
             break  # early stopping
         if self.early_stopping.should_stop:
-            stop_reason = (f"early stopping: {self.early_stopping.bad_evals} evaluations without a loss "
-                           f"below step {self.early_stopping.best_step}'s")
+            stop_reason = (f"early stopping: {self.early_stopping.bad_evals} evaluations without a better "
+                           f"{self.early_stopping.metric} than step {self.early_stopping.best_step}'s")
 
         # The end: evaluate if the last step was not evaluated, then the final checkpoint.
         self.finite_guard.check()
         if not self.evaluator.evaluated(self.step):
             self.evaluator.run(self.model, self.step)
+        if not self.code_evaluator.evaluated(self.step):
+            self.code_evaluator.run(self.model, self.step)
         if self.last_saved_step != self.step:
             self.save_checkpoint()
         self.progress.close()
@@ -266,11 +300,11 @@ class LoRAFinetuneRecipe:
         )
         if self.is_rank0:
             state["evaluator"] = self.evaluator.state_dict()
-            path = ck.save_checkpoint(
-                self.output_dir, self.step, **weights, recipe_state=state,
-                meta=ck.checkpoint_meta(self.model, self.data, self.tokenizer, self.evaluator.last,
-                                        to_container(self.cfg), base_model_dir=self.base_model_dir),
-            )
+            state["code_evaluator"] = self.code_evaluator.state_dict()
+            meta = ck.checkpoint_meta(self.model, self.data, self.tokenizer, self.evaluator.last,
+                                      to_container(self.cfg), base_model_dir=self.base_model_dir)
+            path = ck.save_checkpoint(self.output_dir, self.step, **weights, recipe_state=state,
+                                      meta={**meta, **self.code_evaluator.checkpoint_meta()})
             best = self.early_stopping.best_step
             ck.prune_checkpoints(self.output_dir, self.cfg.saving_limit, keep=(best,) if best else ())
             self.progress.write(f"saved {path}")
@@ -291,7 +325,8 @@ class LoRAFinetuneRecipe:
             early_stopping=self.early_stopping, rank=self.rank, world_size=self.world_size,
         )
         self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
-        self.evaluator_state = state.get("evaluator")  # restored once the evaluator exists (setup step 10)
+        self.evaluator_state = state.get("evaluator")  # restored once the evaluators exist (setup step 10)
+        self.code_evaluator_state = state.get("code_evaluator")
         self.last_saved_step = self.step
         if self.is_rank0:
             print(f"resumed from {path} at step {self.step}", flush=True)
@@ -307,13 +342,19 @@ def _item(t) -> float:
 
 
 def run(recipe: LoRAFinetuneRecipe) -> None:
-    """Set up, train, clean up; bad data and a non-finite loss end the run with a message and exit status 1."""
+    """Set up, train, clean up. Bad data, an unusable checkpoint, a non-finite loss and a rank that stopped
+    answering end the run with a message and exit status 1."""
     try:
         recipe.setup()
     except DataError as e:  # reported before any model was built
         sys.exit(f"data error:\n{e}")
-    except ck.ResumeError as e:  # settled before data and model
+    except CodeEvalError as e:  # eval sets and the sandbox: also before the model
+        sys.exit(f"eval.code error:\n{e}")
+    except ck.ResumeError as e:
         sys.exit(f"resume error: {e}")
+    except RuntimeError as e:
+        _exit_if_collective_timeout(recipe, e)
+        raise
     try:
         recipe.train()
     except NonFiniteLossError as e:
@@ -321,7 +362,18 @@ def run(recipe: LoRAFinetuneRecipe) -> None:
             print(f"error: {e}", file=sys.stderr, flush=True)
         recipe.cleanup()
         sys.exit(1)
+    except LoaderStateError as e:  # a resume with another global batch, found when the loader restarts
+        sys.exit(f"resume error: {e}")
+    except RuntimeError as e:
+        _exit_if_collective_timeout(recipe, e)
+        raise
     recipe.cleanup()
+
+
+def _exit_if_collective_timeout(recipe: LoRAFinetuneRecipe, error: RuntimeError) -> None:
+    # Every rank that timed out says so (the stuck one cannot): no cleanup, its collectives would wait again.
+    if is_collective_timeout(error):
+        sys.exit(f"error: {collective_timeout_message(error, recipe.cfg.distributed_timeout_s)}")
 
 
 @parse(schema=CONFIG_SCHEMA)

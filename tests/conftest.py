@@ -48,3 +48,21 @@ def run_torchrun(script: str | Path, *args: str, nproc: int = 2, timeout: int = 
     if proc.returncode != 0:
         pytest.fail(f"torchrun {script} failed (rc {proc.returncode})\nSTDOUT:\n{proc.stdout[-6000:]}\nSTDERR:\n{proc.stderr[-6000:]}")
     return proc
+
+
+def file_tree(*roots: Path, exclude: tuple[Path, ...] = ()) -> dict[str, tuple[int, int, int]]:
+    """Every path under ``roots`` (but ``exclude``) with its size, mtime and mode: compare two calls to show that
+    a command changed nothing outside its own files."""
+    tree = {}
+    for root in roots:
+        for dirpath, dirnames, filenames in os.walk(root):
+            if any(Path(dirpath).is_relative_to(e) for e in exclude):
+                dirnames.clear()
+                continue
+            for name in dirnames + filenames:
+                path = Path(dirpath) / name
+                if path in exclude:
+                    continue
+                st = path.lstat()
+                tree[str(path)] = (st.st_size, st.st_mtime_ns, st.st_mode)
+    return tree

@@ -22,7 +22,7 @@ from mft_components.attention import (
     attention_kwargs,
     block_causal_block_mask,
     cu_seqlens,
-    known_implementations,
+    known_attn_implementations,
     resolve_attn_implementation,
     segment_lengths,
     varlen_options,
@@ -233,7 +233,7 @@ def test_varlen_options_per_torch_signature():
 
 
 def test_auto_choice_per_device_and_errors(monkeypatch):
-    known = known_implementations()
+    known = known_attn_implementations()
     for name in ("auto", "sdpa_varlen", "varlen_attn", "flex_attention", "sdpa", "eager", "flash_attention_2"):
         assert name in known
     assert resolve_attn_implementation("auto", "cpu")[0] == SDPA_VARLEN
@@ -266,3 +266,20 @@ def test_build_model_prints_its_choice(tmp_path, capsys):
     assert "[mft] attention: auto on cpu: causal SDPA once per sample" in out
     assert "[mft] compile: nothing compiled (auto on cpu)" in out
     assert model.config._attn_implementation == SDPA_VARLEN and model.compile_scope == "off"
+
+
+def test_padding_only_micro_batch_gives_every_adapter_a_gradient(tmp_path):
+    """A micro-batch of padding rows only (what fills an epoch's last step): its loss is 0, and every LoRA weight
+    must still get a gradient (zeros), as with sdpa; FSDP2 needs the same set of gradients on every rank."""
+    from mft_components.models import build_model
+
+    model_dir = make_tiny_model_dir(tmp_path / "m", family="llama", vocab_size=VOCAB)
+    batch = collate([None, None], pad_to=16)
+    for attn in ("sdpa", SDPA_VARLEN):
+        model = build_model(model_dir, method="lora", lora={"rank": 4, "target_modules": "all-linear"},
+                            dtype="fp32", attn_implementation=attn)
+        token_losses, _ = model(batch)
+        assert token_losses.numel() == 0
+        token_losses.sum().backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        assert all(g is not None and not g.any() for g in grads.values()), [n for n, g in grads.items() if g is None]

@@ -150,3 +150,31 @@ def test_kill_mid_save_leaves_previous_checkpoint_whole(tmp_path):
     assert ck.resolve_resume("auto", out) == ckpts[-1][1]
     if partial:
         assert ck.remove_partial_checkpoints(out) and not any(".tmp-" in p.name for p in out.iterdir())
+
+
+@pytest.mark.parametrize("name", [ck.ADAPTER_WEIGHTS, ck.STATE_FILE, ck.META_FILE, ck.ADAPTER_CONFIG])
+def test_resume_auto_steps_back_past_a_damaged_checkpoint(tmp_path, capsys, name):
+    """The newest checkpoint's file truncated, garbage or emptied: resume: auto names it and what is wrong, moves
+    the checkpoint aside untouched and resumes from the newest intact one; an explicit resume of it is refused."""
+    for damage in ("truncated", "garbage", "empty"):
+        out = tmp_path / damage
+        _save(out, 2), _save(out, 4)
+        path = out / "step_4" / name
+        content = path.read_bytes()
+        path.write_bytes({"truncated": content[: len(content) // 2], "garbage": b"\xff\xfe{garbage" * 7,
+                          "empty": b""}[damage])
+        damaged = {p.name: p.read_bytes() for p in (out / "step_4").iterdir()}
+        with pytest.raises(ck.ResumeError, match=f"step_4 is not a resumable checkpoint: .*step_4/{name}"):
+            ck.resolve_resume(str(out / "step_4"), out)
+        assert ck.resolve_resume("auto", out) == out / "step_2"
+        err = capsys.readouterr().err
+        assert f"step_4 is damaged: {path}" in err and "moved it to step_4.damaged; resuming from step_2" in err
+        assert {p.name: p.read_bytes() for p in (out / "step_4.damaged").iterdir()} == damaged
+        assert [s for s, _ in ck.list_checkpoints(out)] == [2]
+    # Nothing intact: no silent fresh start.
+    out = tmp_path / "all"
+    _save(out, 3)
+    (out / "step_3" / name).write_bytes(b"")
+    with pytest.raises(ck.ResumeError, match=f"no intact checkpoint in {out}:\n  .*step_3/{name}"):
+        ck.resolve_resume("auto", out)
+    assert ck.load_recipe_state(_save(tmp_path / "ok", 5))["step"] == 5

@@ -28,7 +28,7 @@ def mft(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 
 def test_help_lists_every_command():
     out = mft("--help").stdout
-    for command in ("ls", "cp", "run", "validate", "data", "export", "generate"):
+    for command in ("ls", "cp", "run", "validate", "data", "export", "generate", "import"):
         assert f"    {command}" in out
 
 

@@ -13,6 +13,7 @@ from mft_components.config import (
     ConfigError,
     apply_overrides,
     check_config,
+    fill_defaults,
     instantiate,
     load_config,
     parse,
@@ -250,3 +251,23 @@ thing:
     assert "'thing.options.targets' is 5: expected a list or a string or null" in problems[1]
     ok = write(tmp_path, f"thing: {{_component_: {__name__}.make_with_options, name: x, options: {{rank: 3}}}}\n", "ok.yaml")
     assert check_config(load_config(ok)) == []
+
+
+@dataclasses.dataclass
+class SectionSchema:
+    counter: dict = dataclasses.field(default_factory=lambda: {"_component_": f"{__name__}.make_counter"},
+                                      metadata={"runtime_args": ()})
+    pair: Any = dataclasses.field(default=None, metadata={"runtime_args": ("first",)})
+
+
+def test_a_section_given_in_part_keeps_its_default_builder(tmp_path):
+    """`counter.step=2` on a config without a counter section is checked and built with the default builder; a
+    section without a default builder must name one (it used to pass validation and fail at instantiation)."""
+    cfg = load_config(write(tmp_path, "counter: {step: 2}\n"))
+    assert check_config(cfg, SectionSchema) == []
+    fill_defaults(cfg, SectionSchema)
+    assert instantiate(cfg.counter) == make_counter(step=2)
+    problems = check_config(load_config(write(tmp_path, "counter: {setp: 2}\npair: {second: 1}\n")), SectionSchema)
+    assert len(problems) == 2
+    assert "'counter.setp' is not an argument of tests.test_config.make_counter" in problems[0]
+    assert "'pair' has no '_component_'" in problems[1]

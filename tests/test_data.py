@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
+import cli
 from mft_components import data as data_mod
 from mft_components.data import DataError, build_mft_data, discover_tasks
 from mft_components.templates import ChatFormat, encode_segments
+from tests.conftest import REPO_ROOT, file_tree
 
 
 def write_jsonl(path: Path, records, raw_lines=()) -> Path:
@@ -78,9 +87,42 @@ def test_record_shapes_render_like_templates(smollm2_tokenizer, tmp_path):
     assert st["loss_tokens"] == sum(int(s.loss_mask.sum()) for s in d.train_samples)
 
 
+def mftcoder_single_turn(tok, system: str, prompt: str, answer: str) -> tuple[list[int], list[bool]]:
+    """MFTCoder's tokenisation of a single-turn record (``UniformEncoder._tokenize_fields``, sft mode, default
+    markers): every content gets a trailing newline, the prompt side is encoded in one piece, then the answer
+    and EOS (the only tokens with loss); no newline after EOS."""
+    enc = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prompt_ids = enc((f"<s>system\n{system}\n" if system else "") + f"<s>human\n{prompt}\n<s>bot\n")
+    answer_ids = enc(answer + "\n") + [tok.eos_token_id]
+    return prompt_ids + answer_ids, [False] * len(prompt_ids) + [True] * len(answer_ids)
+
+
+def test_mftcoder_single_turn_shapes_render_byte_exact(smollm2_tokenizer, tmp_path):
+    tok = smollm2_tokenizer
+    records = [
+        ({"instruction": "Reverse xs.", "response": "xs[::-1]"}, "", "Reverse xs.", "xs[::-1]"),
+        ({"question": "What is 2+2?", "response": "4", "system": "Be exact."}, "Be exact.", "What is 2+2?", "4"),
+        ({"query": "Sort xs.", "answer": "sorted(xs)", "system": ""}, "", "Sort xs.", "sorted(xs)"),
+        ({"query": "q", "answer": "def f():\n    return 1", "system": "S"}, "S", "q", "def f():\n    return 1"),
+    ]
+    path = write_jsonl(tmp_path / "mftcoder" / "a.jsonl", [r for r, *_ in records])
+    d = build(tok, [path.parent], tmp_path)
+    assert len(d.train_samples) == len(records)
+    for sample, (_, system, prompt, answer) in zip(d.train_samples, records):
+        ids, mask = sample.input_ids.tolist(), sample.loss_mask.tolist()
+        text = (f"<s>system\n{system}\n" if system else "") + f"<s>human\n{prompt}\n<s>bot\n{answer}\n<|im_end|>\n"
+        assert tok.decode(ids) == text
+        # MFTCoder's ids and mask, plus mft's newline after EOS, which carries no loss (nothing reads it).
+        ref_ids, ref_mask = mftcoder_single_turn(tok, system, prompt, answer)
+        assert ids[:-1] == ref_ids and mask[:-1] == ref_mask
+        assert ids[-1:] == tok("\n", add_special_tokens=False)["input_ids"] and not mask[-1]
+
+
 BAD_CASES = [  # (line text, field, words in the problem)
     ('{"chat_rounds": [', "json", "invalid JSON"),
-    ('{"prompt": "x"}', "record", "no known shape"),
+    ('{"prompt": "x"}', "record", "no known shape: 'prompt' has no answer/response to learn"),
+    ('{"instruction": "x", "system": "s"}', "record", "'instruction' has no output/response to learn"),
+    ('{"query": "x", "response": "y"}', "record", "'query' has no answer to learn"),
     ('{"id": 3}', "record", "no known shape"),
     ('{"chat_rounds": []}', "chat_rounds", "is empty"),
     ('{"chat_rounds": [{"role": "narrator", "content": "x"}]}', "chat_rounds[0].role", "unknown role 'narrator'"),
@@ -372,3 +414,126 @@ def test_mft_data_command_prints_stats_and_marked_samples(smollm2_dir, tmp_path,
     out = capsys.readouterr().out
     assert "alpha" in out and "pack_eff" in out and "1 bad record(s) skipped" in out
     assert "<s>human\nQuestion 0.0: add 0 and 0.\n<s>bot\n[[def f():\n    return 0 + 0\n<|im_end|>]]\n" in out
+
+
+# --------------------------------------------------------------------------------- through `mft data` (cli.py)
+
+
+def data_config(tmp_path: Path, tokenizer_dir, data_paths, name: str = "data", **extra) -> Path:
+    config = tmp_path / f"{name}.yaml"
+    config.write_text(yaml.safe_dump({
+        "tokenizer": {"_component_": "mft_components.models.load_tokenizer", "path": str(tokenizer_dir)},
+        "data": {"_component_": "mft_components.data.build_mft_data", "data_paths": [str(p) for p in data_paths],
+                 "seq_len": 256, "valid_ratio": 0.0, "num_workers": 0, "cache_dir": str(tmp_path / "cache"), **extra},
+    }))
+    return config
+
+
+def test_malformed_lines_are_bad_records(smollm2_dir, tmp_path, capsys):
+    """Lines that used to abort the build (RecursionError, a tokenizer TypeError) or were blamed on the wrong
+    field are each one `path:line: field: problem`; with on_bad_record: skip the rest of the file trains."""
+    ok = conv(0)
+    lines = [
+        json.dumps(ok),
+        "[" * 10_000 + "]" * 10_000,                                                     # 2: deeper than json reads
+        json.dumps({"prompt": "caf\ud800", "answer": "x"}),                              # 3: lone surrogate
+        '{"id": ' + "7" * 5000 + ', "prompt": "p", "answer": "a"}',                      # 4: fine, id is ignored
+        '{"prompt": "p", "answer": ' + "7" * 5000 + '}',                                 # 5: a number, not text
+        '{"prompt": "nul\x00", "answer": "a"}',                                          # 6: raw control character
+        json.dumps({"chat_rounds": [{"role": "user", "content": "q"}, {"role": "bot", "content": " \n"}]}),  # 7
+        json.dumps({"prompt": "", "answer": "an answer to nothing"}),                    # 8: fine, empty user turn
+    ]
+    task = tmp_path / "task" / "t.jsonl"
+    task.parent.mkdir()
+    task.write_text("\n".join(lines) + "\n", encoding="utf-8", errors="surrogatepass")
+    config = data_config(tmp_path, smollm2_dir, [task.parent])
+    before = file_tree(tmp_path, exclude=(tmp_path / "cache",))
+
+    assert cli.main(["data", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "5 bad record(s) in task" in err
+    assert f"{task}:2: json: nested too deeply (Python's JSON decoder stops at about" in err
+    assert f"{task}:3: prompt: lone surrogate '\\ud800' at character 3: not valid Unicode text" in err
+    assert f"{task}:5: answer: expected a string, got int" in err
+    assert f"{task}:6: json: invalid JSON: Invalid control character '\\x00' at column 16 (control characters" in err
+    assert f"{task}:7: chat_rounds[1].content: empty assistant content (nothing to learn)" in err
+    assert f"{task}:4:" not in err and f"{task}:8:" not in err and "at at" not in err
+
+    assert cli.main(["data", "--config", str(config), "data.on_bad_record=skip"]) == 0
+    out = capsys.readouterr().out
+    assert "5 bad record(s) skipped" in out
+    assert re.search(r"^task\s+8\s+5\s+3\s", out, re.M), out  # records, bad, kept
+    assert file_tree(tmp_path, exclude=(tmp_path / "cache",)) == before
+
+
+def test_symlinked_subdirectories_are_followed(smollm2_dir, tmp_path, capsys):
+    """A task assembled from linked folders trains all of them; a link back up (a cycle) and a second path to the
+    same file are read once; a link to nothing is named."""
+    shared = write_jsonl(tmp_path / "elsewhere" / "shared.jsonl", [conv(i) for i in range(3)])
+    write_jsonl(tmp_path / "task" / "own.jsonl", [conv(i) for i in range(2)])
+    (tmp_path / "task" / "linked").symlink_to(shared.parent, target_is_directory=True)
+    (tmp_path / "task" / "linked_again").symlink_to(shared.parent, target_is_directory=True)
+    (tmp_path / "task" / "loop").symlink_to(tmp_path / "task", target_is_directory=True)
+    (tmp_path / "task" / "same.jsonl").symlink_to(shared)
+    config = data_config(tmp_path, smollm2_dir, [tmp_path / "task"])
+    assert cli.main(["data", "--config", str(config)]) == 0
+    assert re.search(r"^task\s+5\s+0\s+5\s", capsys.readouterr().out, re.M)  # 2 own + 3 shared, each once
+    assert discover_tasks([tmp_path / "task"])["task"] == [tmp_path / "task" / "own.jsonl",
+                                                           tmp_path / "task" / "same.jsonl"]
+
+    (tmp_path / "task" / "gone.jsonl").symlink_to(tmp_path / "deleted.jsonl")
+    assert cli.main(["data", "--config", str(config)]) == 1
+    assert (f"data.data_paths[0]: {tmp_path / 'task' / 'gone.jsonl'}: symbolic link to {tmp_path / 'deleted.jsonl'}, "
+            "which does not exist") in capsys.readouterr().err
+
+
+def test_tokenizer_without_eos_is_one_error(smollm2_dir, tmp_path, capsys):
+    """Every record needs the EOS token: one message about the tokenizer, not one bad record per line."""
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    shutil.copy(smollm2_dir / "tokenizer.json", tok)
+    settings = json.loads((smollm2_dir / "tokenizer_config.json").read_text())
+    (tok / "tokenizer_config.json").write_text(json.dumps({**settings, "eos_token": None}))
+    task = write_jsonl(tmp_path / "task" / "t.jsonl", [conv(i) for i in range(30)])
+    assert cli.main(["data", "--config", str(data_config(tmp_path, tok, [task.parent]))]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == (f"mft data: tokenizer {tok}: has no eos_token, which ends every assistant turn; use a "
+                           "tokenizer that defines one (eos_token in tokenizer_config.json)")
+    assert not (tmp_path / "cache").exists()  # nothing was tokenised
+
+
+def _drop_read_override() -> None:
+    """In the child: give up root's power to read any file (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH leave the
+    bounding set, so the exec'd process never has them); harmless where they are not held."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2):
+        libc.prctl(24, capability, 0, 0, 0)  # PR_CAPBSET_DROP
+
+
+def test_unreadable_files_and_directories_are_named(smollm2_dir, tmp_path):
+    """A file and a task directory this process may not read (mode 000; as root, with the capabilities that
+    bypass modes dropped) are named with the reason, instead of a PermissionError traceback or "contains no
+    *.jsonl files"."""
+    probe = tmp_path / "probe"
+    probe.write_text("x")
+    probe.chmod(0)
+    can_read = subprocess.run([sys.executable, "-c", f"open({str(probe)!r}).read()"], preexec_fn=_drop_read_override,
+                              capture_output=True).returncode == 0
+    if can_read:
+        pytest.skip("this process reads mode-000 files (root whose CAP_DAC_OVERRIDE cannot be dropped here)")
+    locked_file = write_jsonl(tmp_path / "a" / "train.jsonl", [conv(0)])
+    locked_dir = write_jsonl(tmp_path / "b" / "train.jsonl", [conv(1)]).parent
+    locked_file.chmod(0)
+    locked_dir.chmod(0)
+    script = ("import sys, cli\n"
+              f"print('rc', cli.main(['data', '--config', {str(data_config(tmp_path, smollm2_dir, [locked_file.parent]))!r}]))\n"
+              f"print('rc', cli.main(['data', '--config', {str(data_config(tmp_path, smollm2_dir, [locked_dir], 'b'))!r}]))\n")
+    try:
+        proc = subprocess.run([sys.executable, "-c", script], preexec_fn=_drop_read_override, capture_output=True,
+                              text=True, cwd=REPO_ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    finally:
+        locked_dir.chmod(0o755)
+    assert proc.stdout.split() == ["rc", "1", "rc", "1"], proc.stderr[-3000:]
+    assert f"mft data: {locked_file}: cannot read the file: Permission denied" in proc.stderr
+    assert f"mft data: data.data_paths[0]: {locked_dir}: cannot read the directory: Permission denied" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -287,15 +290,19 @@ def test_non_empty_output_needs_force(llama_lora, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    with pytest.raises(ExportError, match="not empty.*--force"):
-        export_checkpoint(ck, out)
+    for force in (False, True):  # not an earlier export: never replaced
+        with pytest.raises(ExportError, match="did not write .*precious.txt"):
+            export_checkpoint(ck, out, force=force)
     assert (out / "precious.txt").read_text() == "keep me"
-    export_checkpoint(ck, out, force=True)
-    assert not (out / "precious.txt").exists() and (out / "config.json").is_file()
-    # An empty directory is fine without --force; the checkpoint itself is never a valid output.
+    # An empty directory is fine without --force; an earlier export is replaced with it only.
     (tmp_path / "empty").mkdir()
     export_checkpoint(ck, tmp_path / "empty", adapter_only=True)
-    with pytest.raises(ExportError, match="would overwrite the input"):
+    with pytest.raises(ExportError, match="earlier export and is not empty.*--force"):
+        export_checkpoint(ck, tmp_path / "empty")
+    export_checkpoint(ck, tmp_path / "empty", force=True)
+    assert (tmp_path / "empty" / "config.json").is_file()
+    # The checkpoint itself is never a valid output.
+    with pytest.raises(ExportError, match="contains the checkpoint"):
         export_checkpoint(ck, ck.parent, force=True)
 
 
@@ -327,3 +334,227 @@ def test_cli_run(llama_lora, tmp_path, capsys):
     assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
     assert export.run(parser.parse_args([str(ck), "--output", str(out)])) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- PEFT adapters from elsewhere
+
+
+def peft_adapter(base_dir: Path, out: Path, seed: int = 0, **lora_kwargs) -> Path:
+    """An adapter trained elsewhere, as `peft` saves it: random non-zero B, and every other trainable tensor
+    (biases with bias=lora_only, modules_to_save copies) perturbed."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(seed)
+    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+                                peft.LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": "all-linear",
+                                                   **lora_kwargs}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(out)
+    return out
+
+
+def run_export_cli(*argv) -> int:
+    parser = argparse.ArgumentParser()
+    export.add_arguments(parser)
+    return export.run(parser.parse_args([str(a) for a in argv]))
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory, smollm2_dir):
+    """GPT-2: Conv1D layers store weights as [in, out], so its LoRA adapters are fan_in_fan_out."""
+    import transformers
+
+    path = tmp_path_factory.mktemp("gpt2")
+    torch.manual_seed(2)
+    cfg = transformers.GPT2Config(vocab_size=len(AutoTokenizer.from_pretrained(smollm2_dir)), n_embd=64, n_layer=2,
+                                  n_head=4, n_positions=64)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("case", ["qwen2 MFTCoder's LoraConfig", "llama rslora + modules_to_save", "gpt2 Conv1D"])
+def test_peft_adapter_merged_gives_peft_logits(tiny_bases, tiny_gpt2, tmp_path, case):
+    peft = pytest.importorskip("peft")
+    base, kwargs = {
+        # MFTCoder: all linear layers, bias="lora_only" (it trains the biases of adapted layers: Qwen2's q/k/v)
+        "qwen2 MFTCoder's LoraConfig": (tiny_bases["qwen2"], {"bias": "lora_only", "lora_dropout": 0.05}),
+        "llama rslora + modules_to_save": (tiny_bases["llama"], {"use_rslora": True, "modules_to_save": ["lm_head"],
+                                                                 "target_modules": ["q_proj", "v_proj", "down_proj"]}),
+        "gpt2 Conv1D": (tiny_gpt2, {"target_modules": ["c_attn", "c_proj", "c_fc"], "fan_in_fan_out": True}),
+    }[case]
+    adapter = peft_adapter(base, tmp_path / "adapter", **kwargs)
+    assert run_export_cli("--adapter", adapter, "--base", base, "--output", tmp_path / "out") == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    reference = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                               adapter).eval()
+    torch.testing.assert_close(logits(merged, IDS), logits(reference, IDS), atol=2e-5, rtol=1e-5)
+    assert logits(merged, IDS).sub(logits(AutoModelForCausalLM.from_pretrained(base), IDS)).abs().max() > 1e-3
+    # The base is fp32: so is the export, by default. The chat template is MFTCoder's format.
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "float32"
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    msgs = [{"role": "user", "content": "hi"}]
+    assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == "<s>human\nhi\n<s>bot\n"
+    assert "merged onto its base with `mft export --adapter`" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_dtype_auto_keeps_the_base_dtype(tiny_bases, llama_lora, tmp_path):
+    ck, trained = llama_lora
+    f32 = export_checkpoint(ck, tmp_path / "f32")  # the tiny base is fp32
+    with safe_open(f32 / "model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(f32), IDS), logits(trained.hf_model, IDS),
+                               atol=2e-5, rtol=1e-5)
+    bf16_base = tmp_path / "bf16_base"
+    AutoModelForCausalLM.from_pretrained(tiny_bases["llama"], dtype=torch.bfloat16).save_pretrained(bf16_base)
+    AutoTokenizer.from_pretrained(tiny_bases["llama"]).save_pretrained(bf16_base)
+    b16 = export_checkpoint(ck, tmp_path / "b16", base=bf16_base)
+    assert json.loads((b16 / "config.json").read_text())["dtype"] == "bfloat16"
+    assert AutoModelForCausalLM.from_pretrained(b16).dtype == torch.bfloat16
+
+
+def test_unmergeable_adapters_are_refused_naming_the_option(tiny_bases, tmp_path, capsys):
+    base = tiny_bases["llama"]
+    dora = peft_adapter(base, tmp_path / "dora", use_dora=True, target_modules=["q_proj"])
+    assert run_export_cli("--adapter", dora, "--base", base, "--output", tmp_path / "o") == 2
+    assert "use_dora: True is not supported by the merge (DoRA" in capsys.readouterr().err
+    plain = peft_adapter(base, tmp_path / "plain", target_modules=["q_proj"])
+    for key, value, words in [("init_lora_weights", "pissa", "rewrites the base weights"),
+                              ("peft_type", "IA3", "peft_type: 'IA3'"),
+                              ("rank_pattern", {"q_proj": 8}, "per-module ranks")]:
+        edited = tmp_path / f"edited_{key}"
+        shutil.copytree(plain, edited)
+        cfg = json.loads((edited / "adapter_config.json").read_text())
+        (edited / "adapter_config.json").write_text(json.dumps({**cfg, key: value}))
+        with pytest.raises(ExportError, match=words):
+            export.export_adapter(edited, base, tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+    assert run_export_cli("--adapter", plain, "--output", tmp_path / "o") == 2
+    assert "--adapter needs --base" in capsys.readouterr().err
+    assert run_export_cli("--base", base, "--output", tmp_path / "o") == 2
+    assert "either a CHECKPOINT_DIR or --adapter" in capsys.readouterr().err
+
+
+def _tree(root: Path, skip: tuple[Path, ...] = ()) -> dict[str, tuple[int, int]]:
+    """Every file and directory under root (not under `skip`): relative path -> (size, mtime_ns) of files."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if any(p == s or s in p.parents for s in skip):
+            continue
+        st = p.lstat()
+        out[str(p.relative_to(root))] = (st.st_size, st.st_mtime_ns) if p.is_file() else "dir"
+    return out
+
+
+def _mft(*args: str) -> int:
+    import cli
+
+    return cli.main(list(map(str, args)))
+
+
+def test_export_never_deletes_what_it_did_not_write(llama_lora, tiny_bases, tmp_path, monkeypatch, capsys):
+    """`mft export --output . --force` (and `..`, the tokenizer, the data, the base) is refused; --force replaces
+    only an earlier export, swapping the new one in only when it is complete; leftovers of killed exports (and
+    only those) are removed; directories get the umask's mode, not 0700."""
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    (work / "notes.txt").write_text("mine")
+    (work / "sub" / "keep.txt").write_text("mine too")
+    data = work / "data" / "task_a"
+    data.mkdir(parents=True)
+    (data / "train.jsonl").write_text('{"prompt": "a", "answer": "b"}\n')
+    tok = work / "tokenizer"
+    tok.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_bases["llama"] / name).is_file():
+            shutil.copy(tiny_bases["llama"] / name, tok / name)
+    ck = copy_checkpoint(llama_lora[0], tmp_path / "run" / "step_7",
+                         config={"data": {"data_paths": [str(data)]}, "tokenizer": {"path": str(tok)}})
+    before = _tree(tmp_path)
+
+    monkeypatch.chdir(work / "sub")
+    refusals = {
+        ".": "is the current directory", "..": "contains the current directory", str(tok): "is the tokenizer",
+        str(work / "data"): "contains the training data", str(tiny_bases["llama"]): "is the base model",
+        str(ck.parent): "contains the checkpoint",
+    }
+    for output, why in refusals.items():
+        assert _mft("export", ck, "--output", output, "--force") == 2
+        assert why in capsys.readouterr().err, output
+    monkeypatch.chdir(work)
+    assert _mft("export", ck, "--output", "sub", "--force") == 2  # not an earlier export: never replaced
+    assert "did not write (e.g. keep.txt)" in capsys.readouterr().err
+    (work / "empty").mkdir()
+    monkeypatch.chdir(work / "empty")
+    assert _mft("export", ck, "--output", ".") == 2
+    assert "is the current directory" in capsys.readouterr().err
+    monkeypatch.chdir(work)
+    (work / "empty").rmdir()
+    assert _tree(tmp_path) == before  # nothing was touched
+
+    # Leftovers: a killed export's marked sibling goes, a look-alike without the marker stays.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    killed = work / ".out.mft-export-tmp-x1y2"
+    killed.mkdir()
+    (killed / ".mft-export-partial").write_text(dead.stdout)
+    (killed / "model.safetensors").write_bytes(b"0" * 1000)
+    foreign = work / ".out.tmp-notmine"
+    foreign.mkdir()
+    old_umask = os.umask(0o022)
+    try:
+        assert _mft("export", ck, "--output", work / "out") == 0
+    finally:
+        os.umask(old_umask)
+    assert not killed.exists() and foreign.is_dir() and ".out.mft-export-tmp-x1y2" in capsys.readouterr().err
+    out = work / "out"
+    assert oct(out.stat().st_mode & 0o777) == "0o755"
+    assert oct((out / "adapter").stat().st_mode & 0o777) == "0o755"
+
+    # A failing export onto an earlier one (a NaN adapter, found after writing began) leaves it as it was.
+    exported = _tree(out)
+    weights = ckpt.load_checkpoint_weights(ck)
+    weights[next(iter(weights))][0, 0] = float("nan")
+    meta = {k: v for k, v in json.loads((ck / "mft_checkpoint.json").read_text()).items() if k != "files"}
+    nan_ck = ckpt.save_checkpoint(tmp_path / "nan_run", 7, weights=weights, meta=meta,
+                                  adapter_config=json.loads((ck / "adapter_config.json").read_text()))
+    assert _mft("export", nan_ck, "--output", out, "--force") == 2
+    assert "NaN/inf" in capsys.readouterr().err
+    assert _tree(out) == exported and not list(work.glob(".out.mft-export-*"))
+    assert _mft("export", ck, "--output", out, "--force") == 0  # an earlier export is replaced
+    assert (out / "config.json").is_file() and not list(work.glob(".out.mft-export-*"))
+    assert _tree(tmp_path, skip=(out, foreign, tmp_path / "nan_run")) == before
+
+
+def test_corrupted_adapter_fails_naming_the_file(llama_lora, tmp_path, capsys):
+    """A bit flip is caught by the checkpoint's consistency record; NaN / inf weights saved as such by the
+    reader of the adapter; truncated, garbage or empty files by either. Each names the file; nothing is written."""
+    ck = llama_lora[0]
+    cases = {}
+    flipped = copy_checkpoint(ck, tmp_path / "flip" / "step_7")
+    raw = bytearray((flipped / "adapter_model.safetensors").read_bytes())
+    raw[-5] ^= 0x10  # one bit of the last tensor's data: still a valid file, silently other weights
+    (flipped / "adapter_model.safetensors").write_bytes(raw)
+    cases[flipped] = "adapter_model.safetensors: its content differs from the record"
+    meta = {k: v for k, v in json.loads((ck / "mft_checkpoint.json").read_text()).items() if k != "files"}
+    for bad in (float("nan"), float("inf")):
+        weights = ckpt.load_checkpoint_weights(ck)
+        weights[sorted(weights)[3]][1, 2] = bad
+        saved = ckpt.save_checkpoint(tmp_path / f"{bad}", 7, weights=weights, meta=meta,
+                                     adapter_config=json.loads((ck / "adapter_config.json").read_text()))
+        cases[saved] = f"adapter_model.safetensors: tensor {sorted(weights)[3]} holds 1 NaN/inf value"
+    for name in ("adapter_model.safetensors", "adapter_config.json", "mft_checkpoint.json"):
+        for damage, content in (("truncated", None), ("garbage", b"\x8f\x00garbage" * 10), ("empty", b"")):
+            copy = copy_checkpoint(ck, tmp_path / f"{name}-{damage}" / "step_7")
+            full = (copy / name).read_bytes()
+            (copy / name).write_bytes(full[: len(full) // 2] if content is None else content)
+            cases[copy] = name
+    for case, expected in cases.items():
+        before = _tree(tmp_path)
+        assert _mft("export", case, "--output", tmp_path / "out") == 2
+        err = capsys.readouterr().err
+        assert expected in err and str(case) in err, (case, err)
+        assert _tree(tmp_path) == before

@@ -8,6 +8,7 @@ the training EOS: generation must then stop right before it, whichever way the m
 from __future__ import annotations
 
 import argparse
+import io
 import json
 
 import pytest
@@ -134,3 +135,59 @@ def test_errors(trained, tmp_path, capsys):
     args = _parser().parse_args(["--model", str(trained["out"]), "--file", str(bad)])
     assert gen.run(args) == 2
     assert "bad.jsonl:1: expected an object with 'prompt'" in capsys.readouterr().err
+
+
+_EVIL = '''
+import pathlib
+pathlib.Path({marker!r}).write_text("the model's own code ran")
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+
+class EvilConfig(LlamaConfig):
+    model_type = "mft_evil"
+
+
+class EvilModel(LlamaForCausalLM):
+    config_class = EvilConfig
+
+
+class EvilTokenizer(PreTrainedTokenizerFast):
+    pass
+'''
+
+
+def test_remote_code_runs_only_when_trusted(trained, tmp_path, monkeypatch, capsys):
+    """A model and a tokenizer that ship Python code (auto_map): `mft generate` and `mft export` refuse them with a
+    message naming --trust-remote-code, never ask (a "y" on stdin changes nothing) and run none of it."""
+    import shutil
+
+    import cli
+
+    marker = tmp_path / "RAN"
+    model = tmp_path / "evil_model"
+    shutil.copytree(trained["out"], model)
+    (model / "evil.py").write_text(_EVIL.format(marker=str(marker)))
+    config = json.loads((model / "config.json").read_text())
+    config.update(model_type="mft_evil", auto_map={"AutoConfig": "evil.EvilConfig",
+                                                   "AutoModelForCausalLM": "evil.EvilModel"})
+    (model / "config.json").write_text(json.dumps(config))
+    tokenizer = tmp_path / "evil_tokenizer"
+    shutil.copytree(trained["base"], tokenizer, ignore=shutil.ignore_patterns("*.safetensors"))
+    (tokenizer / "evil.py").write_text(_EVIL.format(marker=str(marker)))
+    tok_config = json.loads((tokenizer / "tokenizer_config.json").read_text())
+    tok_config.update(tokenizer_class="EvilTokenizer", auto_map={"AutoTokenizer": [None, "evil.EvilTokenizer"]})
+    (tokenizer / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    ck = tmp_path / "run" / "step_7"
+    shutil.copytree(trained["ck"], ck)
+    meta = json.loads((ck / "mft_checkpoint.json").read_text())
+    (ck / "mft_checkpoint.json").write_text(json.dumps({**meta, "config": {"tokenizer": {"path": str(tokenizer)}}}))
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("y\n" * 10))  # what a user typing "y" at a prompt would send
+    assert cli.main(["generate", "--model", str(model), "--prompt", "hi", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"{model}: the model ships its own Python code" in err and "--trust-remote-code" in err
+    assert cli.main(["export", str(ck), "--output", str(tmp_path / "out")]) == 2
+    out = capsys.readouterr()
+    assert f"{tokenizer}: the tokenizer ships its own Python code" in out.err and "--trust-remote-code" in out.err
+    assert not marker.exists() and not (tmp_path / "out").exists()
+    assert "Do you wish to run the custom code" not in out.out + out.err

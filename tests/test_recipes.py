@@ -7,11 +7,15 @@ run (resume), the 1-rank run (2 ranks), `transformers` + `peft` (saved adapter).
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import random
 import runpy
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -283,3 +287,204 @@ def test_two_rank_full_resume_is_exact(assets, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+
+
+def _write_matrix_tasks(root: Path) -> list[str]:
+    """Three tasks of 20 / 12 / 8 short conversations: about 19 packed rows of 64 tokens, so a global batch of up
+    to 24 rows runs into the padding rows that fill an epoch's last step, and with 2 ranks some micro-batches
+    hold padding only on one rank."""
+    rng = random.Random(2)
+    words = ["def", "return", "list", "sorted", "x", "y", "map", "filter", "lambda", "print"]
+    paths = []
+    for task, n in (("fix", 20), ("doc", 12), ("test", 8)):
+        (root / task).mkdir(parents=True)
+        with open(root / task / "train.jsonl", "w", encoding="utf-8") as f:
+            for _ in range(n):
+                q = " ".join(rng.choice(words) for _ in range(rng.randint(2, 12)))
+                a = " ".join(rng.choice(words) for _ in range(rng.randint(1, 14)))
+                f.write(json.dumps({"chat_rounds": [{"role": "human", "content": f"{task}: {q}"},
+                                                    {"role": "bot", "content": a}]}) + "\n")
+        paths.append(str(root / task))
+    return paths
+
+
+@pytest.mark.slow
+def test_every_batch_split_trains_the_same(assets, tmp_path):
+    """ranks {1, 2} x micro_batch_size {1, 2, 3} x gradient_accumulation_steps {1, 2, 4}, packing and padding,
+    every loss mode (180 runs of 2 steps, in one torchrun launch and one in-process run): each run finishes, and
+    runs with the same global batch give the same adapter. SGD, so the adapter is the gradients themselves, not
+    Adam's normalised signs. Before the fix, a micro-batch of padding only (sdpa_varlen) left q/k/v without a
+    gradient on one rank and the 2-rank launch died in FSDP2's reduce-scatter."""
+    from tests.dist.batch_split_matrix import MATRIX, run_matrix, run_name
+
+    cfg = yaml.safe_load(_config(assets, tmp_path).read_text())
+    cfg["model"]["attn_implementation"] = "sdpa_varlen"
+    cfg["data"].update(data_paths=_write_matrix_tasks(tmp_path / "data"), valid_size=0, cache_dir="")
+    cfg["loss"] = {"_component_": "mft_components.loss.TaskWeightedLoss"}
+    cfg["optimizer"] = {"_component_": "torch.optim.SGD", "lr": 0.5}
+    cfg["lr_scheduler"]["min_lr"] = 0.5  # constant
+    cfg["max_steps"] = 2
+    config = tmp_path / "matrix.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+
+    script = REPO_ROOT / "tests" / "dist" / "batch_split_matrix.py"
+    two_ranks = subprocess.Popen(  # both cores: 2 ranks in the background, 1 rank here
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", str(script),
+         str(config), str(tmp_path / "w2")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)})
+    try:
+        assert len(run_matrix(str(config), str(tmp_path / "w1"))) == 90
+        output, _ = two_ranks.communicate(timeout=900)
+    finally:
+        two_ranks.kill()
+    assert two_ranks.returncode == 0 and "MATRIX OK 90 runs on 2 rank(s)" in output, output[-6000:]
+
+    adapters = {}  # (packing, mode, global batch) -> [(run, adapter)]
+    for world in (1, 2):
+        for packing, mode, mbs, gas in itertools.product(*MATRIX.values()):
+            name = run_name(packing, mode, world, mbs, gas)
+            weights = ck.load_checkpoint_weights(tmp_path / f"w{world}" / name / "step_2")
+            adapters.setdefault((packing, mode, world * mbs * gas), []).append((name, weights))
+    compared = 0
+    for runs in adapters.values():
+        (ref_name, ref), others = runs[0], runs[1:]
+        for name, weights in others:
+            for k in ref:
+                torch.testing.assert_close(weights[k], ref[k], rtol=1e-4, atol=1e-6, msg=f"{name} vs {ref_name}: {k}")
+            compared += 1
+    assert compared == 90  # 9 second splits of a global batch (2, 4, 6, 8, 12 rows) x 2 packings x 5 modes
+    # Not vacuous: another global batch trains another adapter.
+    one, big = adapters[("pack", "task", 1)][0][1], adapters[("pack", "task", 24)][0][1]
+    assert max((one[k] - big[k]).abs().max() for k in one) > 1e-2
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_checkpoints_are_verified_on_resume(assets, tmp_path, capsys):
+    """Through `mft run`: a recipe_state.pt from another step placed in step_4 is refused naming the file; with
+    step_4's adapter truncated, resume: auto says so, moves step_4 aside untouched and continues from step_2 to the
+    same weights as the run that never stopped. Checkpoint directories get the umask's mode, not 0700."""
+    import cli
+
+    old_umask = os.umask(0o022)
+    try:
+        cfg = _config(assets, tmp_path, save_every_n_steps=2)
+        assert cli.main(["run", "lora_finetune_distributed", "--config", str(cfg)]) == 0
+        out = tmp_path / "out"
+        assert oct((out / "step_2").stat().st_mode & 0o777) == "0o755"
+        straight = ck.load_checkpoint_weights(out / "step_4")
+        damaged = tmp_path / "damaged"
+        shutil.copytree(out, damaged)
+        capsys.readouterr()
+
+        # Another step's recipe state in step_4 (same size, other content): refused, nothing changed.
+        shutil.copy(damaged / "step_2" / "recipe_state.pt", damaged / "step_4" / "recipe_state.pt")
+        before = _files(damaged)
+        assert cli.main(["run", "lora_finetune_distributed", "--config", str(cfg), f"output_dir={damaged}",
+                         f"resume={damaged / 'step_4'}", "max_steps=6"]) == 1
+        err = capsys.readouterr().err
+        assert f"resume error: resume: {damaged / 'step_4'} is not a resumable checkpoint" in err
+        assert "step_4/recipe_state.pt: " in err and "the record in mft_checkpoint.json" in err
+        assert _files(damaged) == before
+
+        # The newest checkpoint's adapter truncated: resume: auto falls back to step_2, saying so.
+        shutil.copy(out / "step_4" / "recipe_state.pt", damaged / "step_4" / "recipe_state.pt")
+        adapter = damaged / "step_4" / "adapter_model.safetensors"
+        adapter.write_bytes(adapter.read_bytes()[:100])
+        before = _files(damaged / "step_4")
+        assert cli.main(["run", "lora_finetune_distributed", "--config", str(cfg), f"output_dir={damaged}",
+                         "resume=auto"]) == 0
+        err = capsys.readouterr().err
+        assert "resume: step_4 is damaged: " in err and "adapter_model.safetensors: 100 bytes, the record" in err
+        assert "moved it to step_4.damaged; resuming from step_2" in err
+    finally:
+        os.umask(old_umask)
+    assert _files(damaged / "step_4.damaged") == before
+    resumed = ck.load_checkpoint_weights(damaged / "step_4")
+    for k in straight:
+        torch.testing.assert_close(resumed[k], straight[k], rtol=0, atol=0, msg=k)
+
+
+def _rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
+    """The pid of torchrun worker `rank` under `launcher` (found by its RANK environment variable)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid, ppid = int(stat.parent.name), int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(pid)
+    todo, seen = [launcher.pid], []
+    while todo:
+        pid = todo.pop()
+        seen.append(pid)
+        todo += children.get(pid, [])
+    for pid in seen:
+        try:
+            if f"RANK={rank}".encode() in (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0"):
+                return pid
+        except OSError:
+            continue
+    return None
+
+
+def _wait_for(predicate, timeout: float) -> bool:
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.mark.slow
+def test_stopped_rank_ends_the_run_naming_it(assets, tmp_path, capsys):
+    """SIGSTOP rank 1 of a 2-rank `mft run`: rank 0's collective times out after distributed_timeout_s and the
+    run ends naming rank 1. Then the checkpoints it left are resumed on 1 rank with another global batch: a
+    message, no traceback."""
+    import signal
+
+    out = tmp_path / "out"
+    cfg = _config(assets, tmp_path, max_steps=10_000, save_every_n_steps=1, micro_batch_size=2,
+                  gradient_accumulation_steps=1, distributed_timeout_s=15,
+                  **{"data.valid_size": 0, "data.cache_dir": ""})
+    log = open(tmp_path / "run.log", "w")
+    run = subprocess.Popen(
+        [sys.executable, "-c", "import sys, cli; sys.exit(cli.main())", "run", "--nproc-per-node", "2",
+         "--standalone", "--monitor-interval", "0.5", "lora_finetune_distributed", "--config", str(cfg)],
+        stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    rank1 = None
+    try:
+        assert _wait_for(lambda: (out / "step_2").is_dir(), 240), (tmp_path / "run.log").read_text()[-3000:]
+        rank1 = _rank_pid(run, 1)
+        assert rank1 is not None
+        os.kill(rank1, signal.SIGSTOP)
+        text = lambda: (tmp_path / "run.log").read_text(errors="replace")  # noqa: E731
+        assert _wait_for(lambda: "stopped answering" in text(), 120), text()[-3000:]
+    finally:
+        if rank1 is not None:
+            os.kill(rank1, signal.SIGCONT)  # its pending SIGTERM from torchrun ends it at once
+        try:
+            run.wait(timeout=120)
+        finally:
+            run.kill()
+            log.close()
+    assert run.returncode != 0
+    message = text()
+    assert "rank 0: a collective did not complete within distributed_timeout_s=15" in message
+    assert "rank 1 stopped answering" in message and "[rank0]: Traceback" not in message  # (torchrun's own remains)
+
+    # A 2-rank checkpoint (mid-epoch) on 1 rank with micro_batch_size 2 x GA 1: another global batch (2 rows, not 4).
+    import cli
+
+    capsys.readouterr()
+    assert cli.main(["run", "lora_finetune_distributed", "--config", str(cfg), f"output_dir={tmp_path / 'one'}",
+                     f"resume={out / 'step_1'}", "max_steps=100"]) == 1
+    err = capsys.readouterr().err
+    assert "resume error: cannot resume the data loader" in err and "same global batch" in err, err[-3000:]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 from mft_components.templates import ChatFormat
@@ -172,3 +174,82 @@ def test_encode_texts_equals_tokenizer_call(smollm2_tokenizer):
     tok = smollm2_tokenizer
     texts = ["def f(x):\n    return x", "  leading\n\n\ttabs", "<|im_end|> special inside", "", "héllo 用户 🙂"]
     assert encode_texts(tok, texts) == tok(texts, add_special_tokens=False)["input_ids"]
+
+
+# ------------------------------------------------------------------------------------- MFTCoder's atorch format
+
+ROLE_TAGS = {"system": "<|role_start|>system<|role_end|>", "user": "<|role_start|>human<|role_end|>",
+             "assistant": "<|role_start|>bot<|role_end|>"}
+# Contents that start and end with letters: tokenising the whole rendered text cuts where the pieces are cut.
+ATORCH_CONV = [
+    {"role": "system", "content": "You write Python"},
+    {"role": "user", "content": "Write a function that sorts xs"},
+    {"role": "assistant", "content": "def f(xs):\n    return sorted(xs)"},
+    {"role": "user", "content": "Now reverse it"},
+    {"role": "assistant", "content": "sorted(xs, reverse=True)"},
+]
+
+
+@pytest.fixture(scope="module")
+def neox_tokenizer(smollm2_tokenizer):
+    """A GPT-NeoX tokenizer class over a byte-level BPE (SmolLM2's vocabulary), EOS <|endoftext|>."""
+    from transformers import GPTNeoXTokenizerFast
+
+    return GPTNeoXTokenizerFast(tokenizer_object=smollm2_tokenizer.backend_tokenizer, eos_token="<|endoftext|>",
+                                bos_token="<|endoftext|>")
+
+
+def atorch_reference(messages, tok) -> tuple[list[int], list[bool]]:
+    """MFTCoder atorch's tokenisation (``UniformEncoder._tokenize_fields``, chatML records): each role marker and
+    each content encoded on its own; a bot content is followed by EOS; loss on bot content and EOS only."""
+    enc = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    ids, mask = [], []
+    for m in messages:
+        content = enc(m["content"]) + ([tok.eos_token_id] if m["role"] == "assistant" else [])
+        marker = enc(ROLE_TAGS[m["role"]])
+        ids += marker + content
+        mask += [False] * len(marker) + [m["role"] == "assistant"] * len(content)
+    return ids, mask
+
+
+def test_mftcoder_atorch_text_mask_and_chat_template_round_trip(neox_tokenizer):
+    tok = neox_tokenizer
+    fmt = ChatFormat.from_config({"template": "mftcoder_atorch"})
+    eos = "<|endoftext|>"
+    expected = (
+        "<|role_start|>system<|role_end|>You write Python"
+        "<|role_start|>human<|role_end|>Write a function that sorts xs"
+        "<|role_start|>bot<|role_end|>def f(xs):\n    return sorted(xs)" + eos
+        + "<|role_start|>human<|role_end|>Now reverse it"
+        "<|role_start|>bot<|role_end|>sorted(xs, reverse=True)" + eos
+    )
+    assert fmt.render_text(ATORCH_CONV, tok) == expected
+    ids, mask = fmt.render(ATORCH_CONV, tok)
+    assert (ids, mask) == atorch_reference(ATORCH_CONV, tok)
+    assert loss_runs(ids, mask, tok) == ["def f(xs):\n    return sorted(xs)" + eos, "sorted(xs, reverse=True)" + eos]
+    assert ids == whole_text_ids(expected, tok)
+    # The exported chat_template renders the same text: for training (whole conversation) and for inference.
+    tok = copy.copy(tok)
+    tok.chat_template = fmt.jinja_chat_template(tok)
+    assert tok.apply_chat_template(ATORCH_CONV, tokenize=False) == expected
+    prompt_text = tok.apply_chat_template(ATORCH_CONV[:4], tokenize=False, add_generation_prompt=True)
+    assert prompt_text == fmt.render_text(ATORCH_CONV[:4], tok, add_generation_prompt=True)
+    assert prompt_text == expected[: expected.index("sorted(xs, reverse")]  # MFTCoder's: ends with the bot tag
+    prompt = fmt.prompt_ids(ATORCH_CONV[:4], tok)
+    assert prompt == whole_text_ids(prompt_text, tok) == ids[: len(prompt)] and mask[len(prompt)]
+    # Config round trip; its markers are fixed.
+    assert ChatFormat.from_config(fmt.to_dict()) == fmt and fmt.role_markers == ROLE_TAGS
+    with pytest.raises(ValueError, match="fixed markers"):
+        ChatFormat.from_config({"template": "mftcoder_atorch", "role_markers": {"user": "Q: "}})
+
+
+def test_mftcoder_atorch_pieces_are_tokenised_apart_as_mftcoder_does(neox_tokenizer):
+    # Punctuation next to a marker: a byte-level BPE over the whole text merges ".<|"; MFTCoder (and mft) encode
+    # the content and the marker apart. The text, and so the chat_template's rendering, is the same.
+    tok = neox_tokenizer
+    fmt = ChatFormat(template="mftcoder_atorch")
+    conv = [{"role": "user", "content": "Sort xs."}, {"role": "assistant", "content": "(sorted(xs))"}]
+    ids, mask = fmt.render(conv, tok)
+    assert (ids, mask) == atorch_reference(conv, tok)
+    assert tok.decode(ids) == fmt.render_text(conv, tok)
+    assert ids != whole_text_ids(fmt.render_text(conv, tok), tok)

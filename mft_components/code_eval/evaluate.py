@@ -1,0 +1,490 @@
+"""Execution-based evaluation: generate answers, run them with their tests, score pass@k per task.
+
+    eval sets (suites.py) --ChatFormat.prompt_ids--> prompts
+      --generation.py (this rank's share, batched, KV cache)--> answers --suites.extract_code--> code
+      --sandbox.py (this rank's share, N workers)--> verdicts --gathered from every rank-->
+      pass@1 (greedy) and pass@k (num_samples sampled answers, unbiased estimator) per task; overall = task mean
+
+Two callers: the recipes (:class:`CodeEvaluator`, next to the validation-loss ``Evaluator``: before training, every
+``eval.code.every_n_steps`` and at the end; results in ``metrics.jsonl`` / TensorBoard / the progress output and
+``mft_checkpoint.json``; ``select_by: pass@1`` makes early stopping and the best checkpoint follow it) and
+``mft eval`` (:func:`run`, a checkpoint, an exported directory or a base model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from mft_components.code_eval.generation import Generated, batches_needed, generate_batched
+from mft_components.code_eval.pass_at_k import mean_pass_at_k
+from mft_components.code_eval.sandbox import ISOLATIONS, Limits, Sandbox, SandboxError
+from mft_components.code_eval.suites import (
+    DATAFRAMEBENCH_TASKS,
+    EvalSetError,
+    Problem,
+    check_task_source,
+    extract_code,
+    load_task,
+    read_eval_file,
+)
+from mft_components.config import to_container
+from mft_components.distributed import get_rank, get_world_size, is_distributed
+
+__all__ = ["CodeEvalError", "CodeEvalOptions", "CodeEvalResult", "CodeEvaluator", "evaluate_code", "format_table"]
+
+NO_CODE = "no code block in the answer"
+
+
+class CodeEvalError(ValueError):
+    """Bad ``eval.code`` settings, eval set or eval interpreter: ``eval.code.KEY: problem`` / ``path:line: ...``."""
+
+
+@dataclass
+class CodeEvalOptions:
+    """The config section ``eval.code`` (checked by ``mft validate``; see README *Code evaluation*).
+
+    Attributes:
+        tasks: task name -> eval set: a JSONL file, ``humaneval`` or ``dataframebench:TASK``.
+        num_samples: sampled answers per problem for pass@k (0: greedy pass@1 only).
+        k: the k of pass@k reported from the samples (each 2..num_samples; default [num_samples]).
+        temperature, top_p: sampling settings of those answers.
+        max_new_tokens: answer budget.
+        batch_size: prompts decoded together.
+        cpu_threads: torch's intra-op threads while generating on a CPU (null: torch's setting; 1 by default:
+            small-batch decoding gains little from threads and loses much when the cores are shared).
+        every_n_steps: evaluate every N steps (null: whenever the validation loss is evaluated); always before
+            training and at the end.
+        max_problems: the first N problems of each task (null: all).
+        timeout_s, memory_mb, max_processes: per-program sandbox limits (seconds, MB of address space, tasks).
+        workers: programs run in parallel (per rank).
+        python: the interpreter that runs the programs (null: this one); the suite's libraries must be in it.
+        isolation: ``auto`` (bubblewrap where it works), ``bwrap`` (required) or ``process``.
+        select_by: ``loss``, ``pass@1`` or ``pass@K`` (a K of ``k``): what early stopping and the best checkpoint
+            follow.
+        seed: seeds the sampled answers (each evaluation samples alike; training's RNG is left untouched).
+    """
+
+    tasks: dict[str, str] = field(default_factory=dict)
+    num_samples: int = 0
+    k: list[int] | None = None
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_new_tokens: int = 512
+    batch_size: int = 8
+    cpu_threads: int | None = 1
+    every_n_steps: int | None = None
+    max_problems: int | None = None
+    timeout_s: float = 10.0
+    memory_mb: int | None = 4096
+    max_processes: int = 64
+    workers: int = 2
+    python: str | None = None
+    isolation: Literal["auto", "bwrap", "process"] = "auto"
+    select_by: str = "loss"
+    seed: int = 0
+
+    @property
+    def ks(self) -> list[int]:
+        """The k of the sampled pass@k."""
+        if self.num_samples < 2:
+            return []
+        return sorted(set(self.k or [self.num_samples]))
+
+    @classmethod
+    def value_problems(cls, section: dict) -> list[tuple[str, str]]:
+        """``(key, problem)`` for every value of an ``eval.code`` section a run would refuse (types are checked by
+        the schema already); eval files are read, so their bad records are listed as ``path:line: field: ...``."""
+        out = []
+        opts = {f: section.get(f, getattr(cls(), f)) for f in cls.__dataclass_fields__}
+
+        def num(key, ok, expected):
+            value = opts[key]
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and not ok(value):
+                out.append((key, f"is {value!r}: expected {expected}"))
+
+        tasks = opts["tasks"]
+        if not isinstance(tasks, dict) or not tasks:
+            out.append(("tasks", "expected a mapping TASK: eval set (a .jsonl file, humaneval or "
+                                 f"dataframebench:TASK), e.g. {{{DATAFRAMEBENCH_TASKS[0]}: dataframebench:"
+                                 f"{DATAFRAMEBENCH_TASKS[0]}}}"))
+        else:
+            for name, source in tasks.items():
+                problem = check_task_source(source)
+                if problem:
+                    out.append((f"tasks.{name}", problem))
+                elif source.endswith(".jsonl"):
+                    try:
+                        read_eval_file(source)
+                    except EvalSetError as e:
+                        out.append((f"tasks.{name}", str(e)))
+        num("num_samples", lambda v: v >= 0, "0 (greedy only) or more")
+        for key in ("max_new_tokens", "batch_size", "max_processes", "workers"):
+            num(key, lambda v: v >= 1, "a positive integer")
+        for key in ("every_n_steps", "max_problems", "cpu_threads"):
+            if opts[key] is not None:
+                num(key, lambda v: v >= 1, "a positive integer or null")
+        num("timeout_s", lambda v: v > 0, "seconds > 0")
+        num("top_p", lambda v: 0 < v <= 1, "0 < top_p <= 1")
+        if opts["memory_mb"] is not None:
+            num("memory_mb", lambda v: v >= 64, "at least 64 (MB) or null")
+        n = opts["num_samples"] if isinstance(opts["num_samples"], int) else 0
+        if n > 0:
+            num("temperature", lambda v: v > 0, "> 0 when num_samples > 0 (sampled answers)")
+        ks = opts["k"] or ([n] if n >= 2 else [])
+        if isinstance(ks, list):
+            for k in ks:
+                if not isinstance(k, int) or not 2 <= k <= max(n, 1):
+                    out.append(("k", f"{k!r}: each k must lie in 2..num_samples ({n}); pass@1 is the greedy one"))
+        choices = ["loss", "pass@1"] + [f"pass@{k}" for k in ks if isinstance(k, int) and k >= 2]
+        if opts["select_by"] not in choices:
+            out.append(("select_by", f"is {opts['select_by']!r}: expected one of {', '.join(choices)}"))
+        if opts["python"] is not None and shutil.which(str(opts["python"])) is None:
+            out.append(("python", f"{opts['python']!r} is not an executable interpreter"))
+        if opts["isolation"] == "bwrap" and shutil.which("bwrap") is None:
+            out.append(("isolation", "bwrap: `bwrap` is not installed (apt-get install bubblewrap), or use auto"))
+        return out
+
+    @classmethod
+    def from_config(cls, section: dict) -> "CodeEvalOptions":
+        """Options from a config section, refusing what :meth:`value_problems` finds.
+
+        Raises:
+            CodeEvalError: ``eval.code.KEY: problem`` lines.
+        """
+        unknown = set(section) - set(cls.__dataclass_fields__)
+        problems = [(k, "unknown key") for k in sorted(unknown)] + cls.value_problems(section)
+        if problems:
+            raise CodeEvalError("\n".join(f"eval.code.{k}: {p}" for k, p in problems))
+        return cls(**section)
+
+
+@dataclass
+class CodeEvalResult:
+    """One evaluation: ``metrics`` (``pass@1``, ``task_pass@1``, ``pass@K``, ``task_pass@K``, ``task_problems``,
+    seconds, the sandbox's isolation), and ``records``, one per answer with its verdict."""
+
+    metrics: dict[str, Any]
+    records: list[dict]
+
+
+def load_tasks(tasks: dict[str, str], max_problems: int | None = None) -> dict[str, list[Problem]]:
+    """Each task's problems (the first ``max_problems``)."""
+    return {name: load_task(source)[:max_problems] for name, source in tasks.items()}
+
+
+def make_sandbox(options: CodeEvalOptions) -> Sandbox:
+    limits = Limits(timeout_s=options.timeout_s, memory_mb=options.memory_mb, max_processes=options.max_processes)
+    return Sandbox(python=options.python, workers=options.workers, limits=limits, isolation=options.isolation)
+
+
+def evaluate_code(model: torch.nn.Module, tokenizer, chat_format, tasks: dict[str, list[Problem]],
+                  options: CodeEvalOptions, sandbox: Sandbox) -> CodeEvalResult:
+    """Generate, run and score every problem of every task (collective under torchrun: every rank calls it).
+
+    Args:
+        model: the ``MFTModel`` being trained (possibly FSDP2-sharded) or a loaded transformers model.
+        tokenizer, chat_format: the training tokenizer and ``ChatFormat`` (prompts and EOS as in training).
+        tasks: task -> problems (:func:`load_tasks`).
+        options: decoding and scoring settings.
+        sandbox: where programs run (this rank's).
+    """
+    start = time.perf_counter()
+    rank, world = get_rank(), get_world_size()
+    problems = [(task, i, p) for task, ps in tasks.items() for i, p in enumerate(ps)]
+    prompt_ids = {(t, i): chat_format.prompt_ids(p.messages, tokenizer) for t, i, p in problems}
+    greedy = problems[rank::world]
+    sampled = [(t, i, p, s) for t, i, p in problems for s in range(options.num_samples)][rank::world]
+    gen = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+               max_new_tokens=options.max_new_tokens, batch_size=options.batch_size, cpu_threads=options.cpu_threads)
+    # Every rank runs as many generate calls as the busiest rank (FSDP2's all-gathers are collective).
+    answers = generate_batched(model, [prompt_ids[t, i] for t, i, _ in greedy], greedy=True,
+                               min_batches=batches_needed(math.ceil(len(problems) / world), options.batch_size), **gen)
+    if options.num_samples:
+        device = next(model.parameters()).device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(options.seed * 1000 + rank)
+            n_sampled = len(problems) * options.num_samples
+            answers += generate_batched(model, [prompt_ids[t, i] for t, i, _, _ in sampled], greedy=False,
+                                        temperature=options.temperature, top_p=options.top_p,
+                                        min_batches=batches_needed(math.ceil(n_sampled / world), options.batch_size),
+                                        **gen)
+    generate_s = time.perf_counter() - start
+    items = [(t, i, p, "greedy") for t, i, p in greedy] + sampled
+    records = _run(items, answers, tokenizer, sandbox)
+    execute_s = time.perf_counter() - start - generate_s
+    if is_distributed():
+        import torch.distributed as dist
+
+        gathered = [None] * world
+        dist.all_gather_object(gathered, records)
+        records = [r for part in gathered for r in part]
+        times = torch.tensor([generate_s, execute_s], dtype=torch.float64)
+        dist.all_reduce(times, op=dist.ReduceOp.MAX)
+        generate_s, execute_s = times.tolist()
+    order = {t: n for n, t in enumerate(tasks)}
+    records.sort(key=lambda r: (order[r["task"]], r["index"], -1 if r["sample"] == "greedy" else r["sample"]))
+    metrics = _score(records, tasks, options.ks)
+    metrics.update(seconds=time.perf_counter() - start, generate_s=generate_s, execute_s=execute_s,
+                   isolation=sandbox.isolation)
+    return CodeEvalResult(metrics=metrics, records=records)
+
+
+def _run(items: list[tuple], answers: list[Generated], tokenizer, sandbox: Sandbox) -> list[dict]:
+    records, programs, where = [], [], []
+    for (task, index, problem, sample), answer in zip(items, answers):
+        text = tokenizer.decode(answer.new_ids, skip_special_tokens=False)
+        code = extract_code(text)
+        records.append({"task": task, "task_id": problem.task_id, "index": index, "sample": sample,
+                        "completion": text, "finished": answer.finished, "code": code,
+                        "status": "failed", "reason": NO_CODE, "output": ""})
+        if code is not None:
+            programs.append(problem.program(code))
+            where.append(len(records) - 1)
+    for n, result in zip(where, sandbox.run_many(programs)):
+        records[n].update(status=result.status, reason=result.reason, output=result.output[-2000:],
+                          seconds=round(result.seconds, 3))
+    return records
+
+
+def _score(records: list[dict], tasks: dict[str, list[Problem]], ks: list[int]) -> dict[str, Any]:
+    metrics: dict[str, Any] = {"task_problems": {t: len(ps) for t, ps in tasks.items()}}
+    for name in ["pass@1", *(f"pass@{k}" for k in ks)]:
+        k = int(name.split("@")[1])
+        per_task = {}
+        for task, ps in tasks.items():
+            verdicts: dict[int, list[bool]] = {i: [] for i in range(len(ps))}
+            for r in records:
+                if r["task"] == task and (r["sample"] == "greedy") == (name == "pass@1"):
+                    verdicts[r["index"]].append(r["status"] == "passed")
+            per_task[task] = mean_pass_at_k(verdicts.values(), k)
+        metrics[name] = sum(per_task.values()) / len(per_task) if per_task else math.nan
+        metrics[f"task_{name}"] = per_task
+    return metrics
+
+
+def format_table(metrics: dict[str, Any], ks: list[int]) -> str:
+    """Per-task pass@k as an aligned table, with the overall (task mean) last."""
+    names = ["pass@1", *(f"pass@{k}" for k in ks)]
+    tasks = list(metrics["task_problems"])
+    width = max(len("overall"), *map(len, tasks))
+    lines = [f"{'task':<{width}}  problems  " + "  ".join(f"{n:>8}" for n in names)]
+    for t in tasks:
+        lines.append(f"{t:<{width}}  {metrics['task_problems'][t]:>8}  "
+                     + "  ".join(f"{metrics[f'task_{n}'][t]:>8.3f}" for n in names))
+    lines.append(f"{'overall':<{width}}  {sum(metrics['task_problems'].values()):>8}  "
+                 + "  ".join(f"{metrics[n]:>8.3f}" for n in names))
+    return "\n".join(lines)
+
+
+def write_records(records: list[dict], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return path
+
+
+# -------------------------------------------------------------------------------------------------- recipes
+
+
+class CodeEvaluator:
+    """The recipe's execution evaluation: when to run, what to log, the best pass@k (``select_by``).
+
+    Built before the model (a bad eval set or interpreter costs no model load); disabled without ``eval.code``.
+
+    Args:
+        options: the ``eval.code`` section, or None.
+        tokenizer, chat_format: the training tokenizer and ``ChatFormat``.
+    """
+
+    def __init__(self, options: CodeEvalOptions | None, tokenizer, chat_format):
+        self.options = options
+        self.enabled = options is not None
+        self.tokenizer, self.chat_format = tokenizer, chat_format
+        self.last: tuple[int, dict] | None = None
+        self.best: tuple[int, dict] | None = None
+        self.logger = self.progress = self.output_dir = self.early_stopping = None
+        if self.enabled:
+            try:
+                self.tasks = load_tasks(options.tasks, options.max_problems)
+                self.sandbox = make_sandbox(options)
+            except (EvalSetError, SandboxError) as e:
+                raise CodeEvalError(str(e)) from e
+
+    @classmethod
+    def from_config(cls, section, tokenizer, chat_format) -> "CodeEvaluator":
+        """From ``cfg.eval.code`` (None or a mapping).
+
+        Raises:
+            CodeEvalError: bad options, eval records or interpreter.
+        """
+        if section is None:
+            return cls(None, tokenizer, chat_format)
+        return cls(CodeEvalOptions.from_config(to_container(section)), tokenizer, chat_format)
+
+    @property
+    def selects(self) -> bool:
+        """True when early stopping and the best checkpoint follow a pass@k instead of the validation loss."""
+        return self.enabled and self.options.select_by != "loss"
+
+    def early_stopping_kwargs(self) -> dict:
+        """``EarlyStopping`` arguments for what is selected by (none for the validation loss)."""
+        return {"metric": self.options.select_by, "higher_is_better": True} if self.selects else {}
+
+    def attach(self, logger, progress, output_dir: str | Path, early_stopping) -> None:
+        """Where results go (rank 0 writes), and the tracker ``select_by`` feeds."""
+        self.logger, self.progress, self.output_dir = logger, progress, Path(output_dir)
+        self.early_stopping = early_stopping
+        if self.enabled:
+            progress.write(f"code evaluation: {', '.join(f'{t} ({len(p)} problems)' for t, p in self.tasks.items())}; "
+                           f"isolation: {self.sandbox.isolation}")
+
+    def due(self, step: int, loss_due: bool) -> bool:
+        if not self.enabled:
+            return False
+        every = self.options.every_n_steps
+        return step % every == 0 if every else loss_due
+
+    def evaluated(self, step: int) -> bool:
+        return not self.enabled or (self.last is not None and self.last[0] == step)
+
+    def run(self, model: torch.nn.Module, step: int, track: bool = True) -> bool:
+        """Evaluate (collective), log, and feed ``select_by``; returns True on a new best (when it selects).
+
+        ``track=False`` (before training) logs without feeding early stopping, as the loss evaluation does.
+        """
+        result = evaluate_code(model, self.tokenizer, self.chat_format, self.tasks, self.options, self.sandbox)
+        metrics = result.metrics
+        improved = False
+        if track:
+            self.last = (step, metrics)
+            if self.selects:
+                improved = self.early_stopping.update(step, metrics[self.options.select_by])
+                if improved:
+                    self.best = (step, metrics)
+        if self.logger is not None and self.logger.enabled:
+            self.logger.log("code_eval", step, {k: v for k, v in metrics.items() if k != "task_problems"})
+            if self.output_dir is not None:
+                write_records(result.records, self.output_dir / "code_eval" / f"step_{step}.jsonl")
+        if self.progress is not None:
+            per_task = "  ".join(f"{t} {round(v * len(self.tasks[t]))}/{len(self.tasks[t])}"
+                                 for t, v in metrics["task_pass@1"].items())
+            extra = "".join(f" pass@{k} {metrics[f'pass@{k}']:.3f}" for k in self.options.ks)
+            self.progress.write(f"step {step} code eval pass@1 {metrics['pass@1']:.3f}{extra}"
+                                f"{' (best)' if improved else ''}: {per_task} ({metrics['seconds']:.0f}s)")
+        return improved
+
+    def checkpoint_meta(self) -> dict:
+        """What ``mft_checkpoint.json`` records of the last evaluation."""
+        if self.last is None:
+            return {}
+        return {"code_eval": {"step": self.last[0], **self.last[1]}}
+
+    def state_dict(self) -> dict:
+        return {"last": list(self.last) if self.last else None, "best": list(self.best) if self.best else None}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        state = state or {}
+        self.last = tuple(state["last"]) if state.get("last") else None
+        self.best = tuple(state["best"]) if state.get("best") else None
+
+
+# ---------------------------------------------------------------------------------------------------- mft eval
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``mft eval``."""
+    parser.add_argument("--model", required=True,
+                        help="an exported directory, a checkpoint (output_dir/step_N) or a base model directory")
+    parser.add_argument("--suite", required=True,
+                        help="dataframebench, humaneval, or an eval JSONL file (README: Code evaluation)")
+    parser.add_argument("--task", action="append", default=None,
+                        help=f"dataframebench: which tasks (default all: {', '.join(DATAFRAMEBENCH_TASKS)}); "
+                             "a file: the task's name (default the file's stem)")
+    parser.add_argument("--output", default="mft_eval.jsonl", help="JSONL of every answer with its verdict")
+    parser.add_argument("--template", choices=["mft", "hf"], default=None,
+                        help="chat format for a model without a training one (a base model): mft markers or the "
+                             "tokenizer's chat_template")
+    defaults = CodeEvalOptions()
+    for name, kind in (("num_samples", int), ("k", int), ("temperature", float), ("top_p", float),
+                       ("max_new_tokens", int), ("batch_size", int), ("cpu_threads", int), ("max_problems", int),
+                       ("timeout_s", float),
+                       ("memory_mb", int), ("max_processes", int), ("workers", int), ("python", str), ("seed", int)):
+        flag = "--" + name.replace("_", "-")
+        if name == "k":
+            parser.add_argument(flag, type=int, action="append", default=None, help="pass@k to report (repeatable)")
+        else:
+            parser.add_argument(flag, type=kind, default=getattr(defaults, name), help=f"default {getattr(defaults, name)}")
+    parser.add_argument("--isolation", choices=ISOLATIONS, default="auto")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+
+
+def _suite_tasks(suite: str, task_names: list[str] | None) -> dict[str, str]:
+    if suite == "dataframebench":
+        names = task_names or list(DATAFRAMEBENCH_TASKS)
+        return {t: f"dataframebench:{t}" for t in names}
+    if suite == "humaneval":
+        return {(task_names or ["humaneval"])[0]: "humaneval"}
+    if len(task_names or []) > 1:
+        raise ValueError("--task: one name for an eval file")
+    return {(task_names or [Path(suite).stem])[0]: suite}
+
+
+def _load_model(model: str, template: str | None, dtype: str, device: str | None):
+    from mft_components.checkpoint import META_FILE, read_checkpoint_meta
+    from mft_components.export import ADAPTER_CONFIG
+    from mft_components.generate import load_generation_model
+
+    path = Path(model)
+    fallback = {"template": template} if template else None
+    if (path / ADAPTER_CONFIG).is_file() and (path / META_FILE).is_file():  # a LoRA / QLoRA checkpoint
+        base = read_checkpoint_meta(path).get("base_model_dir")
+        return load_generation_model(base, adapter=path, dtype=dtype, device=device, default_chat_format=fallback)
+    return load_generation_model(path, dtype=dtype, device=device, default_chat_format=fallback)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``mft eval``: per-task table on stdout, every answer with its verdict in ``--output``; errors: status 2."""
+    from mft_components.generate import GenerateError
+
+    try:
+        tasks = _suite_tasks(args.suite, args.task)
+        section = {"tasks": tasks, **{k: getattr(args, k) for k in (
+            "num_samples", "k", "temperature", "top_p", "max_new_tokens", "batch_size", "cpu_threads", "max_problems",
+            "timeout_s", "memory_mb", "max_processes", "workers", "python", "isolation", "seed")}}
+        options = CodeEvalOptions.from_config(section)
+        problems = load_tasks(options.tasks, options.max_problems)
+        sandbox = make_sandbox(options)
+        gm = _load_model(args.model, args.template, args.dtype, args.device)
+    except (ValueError, SandboxError, GenerateError) as e:  # CodeEvalError, EvalSetError are ValueErrors
+        print(f"mft eval: error: {e}", file=sys.stderr)
+        return 2
+    print(f"isolation: {sandbox.isolation}", file=sys.stderr)
+    tokenizer = _with_eos(gm.tokenizer, gm.eos_token_id)
+    result = evaluate_code(gm.model, tokenizer, gm.chat_format, problems, options, sandbox)
+    sandbox.close()
+    write_records(result.records, args.output)
+    print(format_table(result.metrics, options.ks))
+    m = result.metrics
+    print(f"{len(result.records)} answers in {m['seconds']:.1f}s (generation {m['generate_s']:.1f}s, execution "
+          f"{m['execute_s']:.1f}s); answers and verdicts: {args.output}")
+    return 0
+
+
+def _with_eos(tokenizer, eos_token_id: int):
+    """The tokenizer with the training EOS (a checkpoint may declare another than the tokenizer's)."""
+    if tokenizer.eos_token_id != eos_token_id:
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos_token_id)
+    return tokenizer

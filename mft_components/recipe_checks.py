@@ -1,0 +1,191 @@
+"""What a recipe config's schema cannot say: values inside the sections, checked against the model and the data.
+
+``config.check_config`` runs these after the schema's key, type and bound checks, for ``mft validate`` and for
+the recipes' ``@parse`` alike, so a run fails at its first line with the message ``mft validate`` gave::
+
+    output_dir      not a file (nor under one)
+    optimizer       ``lr`` a number >= 0; the optimizer and the scheduler accept their settings (both are
+                    built over one dummy parameter: their own argument checks run, nothing is trained)
+    model           ``attn_implementation`` one of ``attention.known_attn_implementations()``; the architecture
+                    of ``model_dir``'s config.json built on the meta device with LoRA applied
+                    (``models.build_meta_model``: model_type known, safetensors present, LoRA rank / alpha /
+                    dropout in range, ``target_modules`` matching linears of this architecture)
+    tokenizer       loads, and can render the data's chat format (EOS, BOS, chat_template)
+    data            option values and task files (``data.resolve_data_config``, what the data build runs first)
+    loss            mode and options, ``task_weights`` against the task names of ``data``
+
+Each section is checked only when it uses mft's own builder (a user's component gets the generic signature
+checks) and was not already reported by the schema check; a path that does not exist is left to the path check.
+Messages name the config key; ``check_config`` puts the file in front.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+__all__ = ["check_recipe_config"]
+
+
+def check_recipe_config(cfg: dict, flagged: set[str]) -> list[str]:
+    """Every problem of a recipe config beyond its schema, as messages naming the key (empty: none).
+
+    Args:
+        cfg: the resolved config (plain dicts).
+        flagged: top-level keys the schema check already reported; they are not looked at again.
+    """
+    problems: list[str] = []
+    sections = {key: value for key, value in cfg.items() if key not in flagged}
+    _check_output_dir(sections.get("output_dir"), problems)
+    _check_optimizer(sections, problems)
+    _check_model(sections, problems)
+    tokenizer = _load_tokenizer(sections.get("tokenizer"), problems)
+    tasks = _check_data(sections.get("data"), tokenizer, problems)
+    _check_loss(sections.get("loss"), tasks, problems)
+    return problems
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+
+
+def _builder_args(node: Any, builder: Callable) -> dict | None:
+    """The node's arguments with ``builder``'s defaults filled in, when the node builds with ``builder``."""
+    from mft_components.config import COMPONENT_KEY, ConfigError, import_object
+
+    if not isinstance(node, dict) or COMPONENT_KEY not in node:
+        return None
+    try:
+        if import_object(node[COMPONENT_KEY]) is not builder:
+            return None
+    except (ConfigError, ImportError):
+        return None  # reported by the signature check
+    args = {name: p.default for name, p in inspect.signature(builder).parameters.items() if p.default is not p.empty}
+    args.update((k, v) for k, v in node.items() if k != COMPONENT_KEY)
+    return args
+
+
+def _exists(*paths: Any) -> bool:
+    """All paths are strings naming something that exists (a missing one is the path check's message)."""
+    return all(isinstance(p, str) and Path(os.path.expanduser(p)).exists() for p in paths)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# ------------------------------------------------------------------------------------------------ sections
+
+
+def _check_output_dir(output_dir: Any, problems: list[str]) -> None:
+    if not isinstance(output_dir, str):
+        return
+    path = Path(os.path.expanduser(output_dir))
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = "is a file" if existing == path else f"is under {existing}, a file"
+        problems.append(f"'output_dir' is {output_dir!r}: it {where}; expected a directory for checkpoints and "
+                        "metrics (or a path where one can be made)")
+
+
+def _check_optimizer(cfg: dict, problems: list[str]) -> None:
+    """``lr`` by hand (torch's optimizers take anything for it), then the optimizer and the scheduler built over
+    a dummy parameter, so their own argument checks (betas, eps, weight_decay, warmup, min_lr) speak now."""
+    import torch
+
+    from mft_components.config import COMPONENT_KEY, ConfigError, instantiate
+
+    node = cfg.get("optimizer")
+    if not isinstance(node, dict) or COMPONENT_KEY not in node:
+        return
+    if "lr" in node and not (_is_number(node["lr"]) and node["lr"] >= 0):  # 0: evaluate without learning
+        problems.append(f"'optimizer.lr' is {node['lr']!r}: expected a non-negative number")
+        return
+    try:
+        optimizer = instantiate(node, [torch.nn.Parameter(torch.zeros(1))])
+    except ConfigError:
+        return  # a signature problem, reported by the schema check
+    except (ValueError, TypeError) as e:
+        problems.append(f"'optimizer': {node[COMPONENT_KEY]} refuses these settings: {e}")
+        return
+    scheduler = cfg.get("lr_scheduler")
+    if isinstance(scheduler, dict) and COMPONENT_KEY in scheduler:
+        steps = cfg.get("max_steps")
+        try:
+            instantiate(scheduler, optimizer, num_training_steps=steps if isinstance(steps, int) and steps > 0 else 1000)
+        except ConfigError:
+            pass
+        except (ValueError, TypeError) as e:
+            problems.append(f"'lr_scheduler': {e}")
+
+
+def _check_model(cfg: dict, problems: list[str]) -> None:
+    from mft_components.attention import known_attn_implementations
+    from mft_components.models import build_meta_model, build_model
+
+    args = _builder_args(cfg.get("model"), build_model)
+    if args is None:
+        return
+    attn = args["attn_implementation"]
+    known = known_attn_implementations()
+    if attn not in known:
+        problems.append(f"'model.attn_implementation' is {attn!r}: expected one of {', '.join(known)}")
+    if not _exists(args.get("model_dir")):
+        return
+    dtype = cfg.get("dtype") if cfg.get("dtype") in ("bf16", "fp32") else "bf16"
+    try:
+        # eager: every architecture has it, and whether a GPU kernel is installed here is not the config's fault
+        build_meta_model(args["model_dir"], args["method"], args["lora"], dtype, "eager", args["trust_remote_code"])
+    except (ValueError, TypeError, OSError) as e:
+        problems.append(str(e))
+
+
+def _load_tokenizer(node: Any, problems: list[str]):
+    """The tokenizer the run would load (None when it is not mft's loader or cannot load)."""
+    from mft_components.config import instantiate
+    from mft_components.models import load_tokenizer
+
+    args = _builder_args(node, load_tokenizer)
+    if args is None or not _exists(args.get("path")):
+        return None
+    try:
+        return instantiate(node)
+    except Exception as e:  # transformers' loaders raise many types; any of them means the run would stop here
+        problems.append(f"'tokenizer.path': cannot load a tokenizer from {args['path']}: {type(e).__name__}: {e}")
+        return None
+
+
+def _check_data(node: Any, tokenizer, problems: list[str]) -> list[str] | None:
+    """The task names (None when they cannot be known)."""
+    from mft_components.data import DataError, build_mft_data, resolve_data_config
+
+    args = _builder_args(node, build_mft_data)
+    if args is None:
+        return None
+    paths = [*(args.get("data_paths") or []), *(args.get("valid_data_paths") or [])]
+    if not _exists(*paths):
+        return None
+    wanted = inspect.signature(resolve_data_config).parameters
+    try:
+        _, tasks, _ = resolve_data_config(tokenizer, **{k: v for k, v in args.items() if k in wanted})
+    except DataError as e:
+        problems.append(str(e))
+        return None
+    return list(tasks)
+
+
+def _check_loss(node: Any, tasks: list[str] | None, problems: list[str]) -> None:
+    from mft_components.config import ConfigError, instantiate
+    from mft_components.loss import TaskWeightedLoss
+
+    if _builder_args(node, TaskWeightedLoss) is None:
+        return
+    try:
+        loss = instantiate(node)
+        if tasks:
+            loss.setup(tasks)
+    except ConfigError:
+        pass  # a signature problem, reported by the schema check
+    except (ValueError, TypeError) as e:
+        problems.append(str(e))

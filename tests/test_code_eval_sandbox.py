@@ -1,0 +1,145 @@
+"""The sandbox holds: programs that hang, allocate without bound, fork without bound, read the environment or
+(with bubblewrap) write outside their directory or reach the network are each stopped, reported as failures with
+their reason, and leave nothing running and this (the "training") process unchanged.
+
+Every program that could harm the machine runs only under a cap the kernel enforces (a pids cgroup, or
+RLIMIT_NPROC for users other than root); where there is none the test is skipped, never run uncapped.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import socket
+import uuid
+from pathlib import Path
+
+import pytest
+
+from mft_components.code_eval.sandbox import Limits, Sandbox, SandboxError
+
+LIMITS = Limits(timeout_s=3, memory_mb=512, max_processes=16, file_size_mb=1)
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    sb = Sandbox(workers=2, limits=LIMITS, isolation="process")
+    yield sb
+    sb.close()
+
+
+@pytest.fixture(scope="module")
+def bwrap_sandbox():
+    try:
+        sb = Sandbox(workers=2, limits=LIMITS, isolation="bwrap")
+    except SandboxError as e:
+        pytest.skip(f"bubblewrap is not usable here: {e}")
+    yield sb
+    sb.close()
+
+
+def _processes_with(marker: str) -> list[int]:
+    """Pids of live processes whose environment holds `marker` (what a run left behind)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        try:
+            if marker.encode() in Path(f"/proc/{pid}/environ").read_bytes():
+                found.append(int(pid))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def _state() -> dict:
+    return {"cwd": os.getcwd(), "env": dict(os.environ), "nproc": resource.getrlimit(resource.RLIMIT_NPROC),
+            "as": resource.getrlimit(resource.RLIMIT_AS), "fsize": resource.getrlimit(resource.RLIMIT_FSIZE)}
+
+
+def test_ordinary_programs_pass_and_fail(sandbox):
+    results = sandbox.run_many(["print('hello')", "assert 1 + 1 == 3, 'arithmetic'", "raise SystemExit(0)",
+                                "import sys; sys.exit(2)", "def f(:\n"])
+    assert [r.status for r in results] == ["passed", "failed", "passed", "failed", "failed"]
+    assert results[0].output.strip() == "hello"
+    assert results[1].reason == "exit status 1: AssertionError: arithmetic"
+    assert results[3].returncode == 2
+    assert "SyntaxError" in results[4].reason
+
+
+def test_hostile_programs_are_contained(sandbox, tmp_path):
+    """Hang (with a child that would outlive it), unbounded memory, huge output, environment secrets."""
+    before = _state()
+    marker = f"mft-test-{uuid.uuid4().hex}"
+    os.environ["MFT_TEST_SECRET"] = "hunter2"
+    try:
+        hang = "import subprocess, time\nsubprocess.Popen(['sleep', '600'])\ntime.sleep(600)"
+        escape = "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(600)\n"  # leaves a daemon
+        memory = "blocks = []\nwhile True:\n    blocks.append(bytearray(50 * 2**20))"
+        output = "import sys\nwhile True:\n    sys.stdout.write('x' * 65536)"
+        secret = "import os\nassert os.environ.get('MFT_TEST_SECRET') == 'hunter2', sorted(os.environ)"
+        results = sandbox.run_many([hang, escape, memory, output, secret], env={"MFT_MARK": marker})
+    finally:
+        del os.environ["MFT_TEST_SECRET"]
+    hang_r, escape_r, memory_r, output_r, secret_r = results
+    assert hang_r.status == "timeout" and hang_r.reason == "timed out after 3 s"
+    assert escape_r.passed  # the program itself is fine; its daemon must not survive it (below)
+    assert memory_r.status == "failed" and memory_r.reason == "exit status 1: MemoryError"
+    assert output_r.status == "failed" and "file size limit" in output_r.reason
+    assert secret_r.status == "failed" and secret_r.reason.startswith("exit status 1: AssertionError")
+    visible = secret_r.output.strip().splitlines()[-1]  # the AssertionError's message: the variables it saw
+    assert "MFT_TEST_SECRET" not in visible and "'HOME'" in visible
+    assert _processes_with(marker) == []
+    assert _state() == before
+
+
+def test_fork_bomb_is_capped(sandbox):
+    if not sandbox.limits_processes:
+        pytest.skip("no process-count limit the kernel enforces here (root without a writable pids cgroup): "
+                    "a fork bomb would reach the machine's pid limit")
+    marker = f"mft-test-{uuid.uuid4().hex}"
+    bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    counted = ("import os, time\nn = 0\ntry:\n    while True:\n        if os.fork() == 0:\n            time.sleep(60)\n"
+               "            os._exit(0)\n        n += 1\nexcept OSError as e:\n    print('forked', n)\n    raise\n")
+    bomb_r, counted_r = sandbox.run_many([bomb, counted], env={"MFT_MARK": marker})
+    assert bomb_r.status == "timeout"
+    assert counted_r.status == "failed" and "BlockingIOError" in counted_r.reason
+    forked = int(counted_r.output.split("forked")[1].split()[0])
+    assert 0 < forked < LIMITS.max_processes
+    assert _processes_with(marker) == []
+
+
+def test_isolation_is_reported(sandbox):
+    assert sandbox.isolation.startswith("separate process")
+    assert "timeout 3s, memory 512 MB" in sandbox.isolation
+
+
+def test_bwrap_read_only_filesystem_and_no_network(bwrap_sandbox, tmp_path):
+    assert bwrap_sandbox.isolation.startswith("bubblewrap")
+    victim = tmp_path / "keep.txt"
+    victim.write_text("precious")
+    outside = tmp_path / "written.txt"
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    try:
+        results = bwrap_sandbox.run_many([
+            f"open({str(outside)!r}, 'w').write('x')",
+            f"import os\nos.remove({str(victim)!r})",
+            f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)",
+            "import os\nopen('mine.txt', 'w').write('ok')\nassert open(os.path.expanduser('~/mine.txt')).read() == 'ok'",
+        ])
+    finally:
+        server.close()
+    write_r, remove_r, net_r, own_r = results
+    assert write_r.status == "failed" and "Read-only file system" in write_r.reason
+    assert remove_r.status == "failed" and "Read-only file system" in remove_r.reason
+    assert net_r.status == "failed" and "Error" in net_r.reason
+    assert own_r.passed, own_r.output
+    assert not outside.exists() and victim.read_text() == "precious"
+
+
+def test_bad_interpreter():
+    with pytest.raises(SandboxError, match="python: /nonexistent/python"):
+        Sandbox(python="/nonexistent/python")
+    with pytest.raises(SandboxError, match="isolation: expected one of"):
+        Sandbox(isolation="docker")

@@ -1,0 +1,114 @@
+"""mft_components/recipe_checks.py and the schema's bounds: `mft validate` names every bad setting, and `mft run`
+stops at its first line with the same message, no traceback, writing nothing.
+
+One tiny Llama directory (tests/tiny_models.py) with SmolLM2's tokenizer and two tasks; each case changes one
+setting of a config that validates. Two more model directories (config.json without weights, an unknown
+model_type) and a tokenizer without an EOS token.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import yaml
+
+import cli
+from tests.conftest import file_tree
+from tests.tiny_models import make_tiny_model_dir
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory, smollm2_dir):
+    root = tmp_path_factory.mktemp("recipe_checks")
+    model = make_tiny_model_dir(root / "model", family="llama", tokenizer_dir=smollm2_dir)
+    for task in ("add", "upper"):
+        (root / "data" / task).mkdir(parents=True)
+        (root / "data" / task / "train.jsonl").write_text(
+            "".join(json.dumps({"prompt": f"{task} {i}", "answer": str(i)}) + "\n" for i in range(4)))
+    no_weights = root / "no_weights"
+    no_weights.mkdir()
+    shutil.copy(model / "config.json", no_weights)
+    unknown = root / "unknown_type"
+    unknown.mkdir()
+    (unknown / "config.json").write_text(json.dumps({**json.loads((model / "config.json").read_text()),
+                                                     "model_type": "mystery_lm"}))
+    os.symlink(model / "model.safetensors", unknown / "model.safetensors")
+    no_eos = root / "no_eos_tokenizer"
+    no_eos.mkdir()
+    shutil.copy(model / "tokenizer.json", no_eos)
+    (no_eos / "tokenizer_config.json").write_text(json.dumps({
+        **json.loads((model / "tokenizer_config.json").read_text()), "eos_token": None}))
+    (root / "a_file").write_text("not a directory")
+    config = root / "cfg.yaml"
+    config.write_text(yaml.safe_dump({
+        "output_dir": str(root / "out"),
+        "model": {"_component_": "mft_components.models.build_model", "model_dir": str(model),
+                  "lora": {"rank": 4, "alpha": 8}, "attn_implementation": "sdpa_varlen"},
+        "tokenizer": {"_component_": "mft_components.models.load_tokenizer", "path": str(model)},
+        "data": {"_component_": "mft_components.data.build_mft_data", "seq_len": 64, "num_workers": 0,
+                 "data_paths": [str(root / "data" / "add"), str(root / "data" / "upper")],
+                 "cache_dir": str(root / "cache")},
+        "loss": {"_component_": "mft_components.loss.TaskWeightedLoss", "mode": "task"},
+        "optimizer": {"_component_": "torch.optim.AdamW", "lr": 1e-3},
+        "max_steps": 2,
+    }))
+    return root
+
+
+# (override, what the message must say): each is a setting that used to pass `mft validate` and then crash the
+# run with a traceback, or train wrongly (clip_grad_norm -1 ascends; max_steps 0 ran a whole epoch).
+BAD_SETTINGS = [
+    ("clip_grad_norm=-1", "'clip_grad_norm' is -1: expected a positive number or null"),
+    ("max_steps=0", "'max_steps' is 0: expected a positive integer or null"),
+    ("max_steps=-5", "'max_steps' is -5: expected a positive integer or null"),
+    ("epochs=0", "'epochs' is 0: expected a positive integer"),
+    ("micro_batch_size=0", "'micro_batch_size' is 0: expected a positive integer"),
+    ("micro_batch_size=-1", "'micro_batch_size' is -1: expected a positive integer"),
+    ("gradient_accumulation_steps=0", "'gradient_accumulation_steps' is 0: expected a positive integer"),
+    ("log_every_n_steps=0", "'log_every_n_steps' is 0: expected a positive integer"),
+    ("optimizer.lr=fast", "'optimizer.lr' is 'fast': expected a non-negative number"),
+    ("optimizer.lr=-0.1", "'optimizer.lr' is -0.1: expected a non-negative number"),
+    ("optimizer.betas=[0.9,1.5]", "'optimizer': torch.optim.AdamW refuses these settings: Invalid beta parameter"),
+    ("model.model_dir={root}/no_weights", "model.model_dir: {root}/no_weights: no model.safetensors"),
+    ("model.model_dir={root}/unknown_type",
+     "model.model_dir: {root}/unknown_type/config.json: model_type 'mystery_lm' is not an architecture transformers"),
+    ("model.lora.rank=0", "model.lora.rank: expected a positive integer, got 0"),
+    ("model.lora.rank=-4", "model.lora.rank: expected a positive integer, got -4"),
+    ("model.lora.dropout=2.0", "model.lora.dropout: expected a probability in [0, 1), got 2.0"),
+    ("model.lora.target_modules=[qproj]",
+     "model.lora.target_modules: ['qproj'] matched no nn.Linear in the decoder layers of LlamaForCausalLM; "
+     "linear names there: ['down_proj', 'gate_proj', 'k_proj', 'o_proj', 'q_proj', 'up_proj', 'v_proj']"),
+    ("tokenizer.path={root}/no_eos_tokenizer",
+     "tokenizer {root}/no_eos_tokenizer: has no eos_token, which ends every assistant turn"),
+    ("model.attn_implementation=flash", "'model.attn_implementation' is 'flash': expected one of auto, eager, "),
+    ("loss.mode=tasks", "loss.mode: expected one of token, sample, task, task_sample, coba"),
+    ("loss.task_weights.unit_tests=2", "loss.task_weights: unknown task(s) ['unit_tests']; the tasks are ['add', 'upper']"),
+    ("loss.task_weights.add=-1", "loss.task_weights: expected non-negative weights, not all 0, got {'add': -1.0, "),
+    ("output_dir={root}/a_file", "'output_dir' is '{root}/a_file': it is a file; expected a directory"),
+    ("output_dir={root}/a_file/run", "'output_dir' is '{root}/a_file/run': it is under {root}/a_file, a file"),
+]
+
+
+def test_the_base_config_is_valid(assets, capsys):
+    assert cli.main(["validate", "--config", str(assets / "cfg.yaml")]) == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override,message", BAD_SETTINGS, ids=[o.replace("{root}/", "") for o, _ in BAD_SETTINGS])
+def test_validate_and_run_name_the_bad_setting(assets, capsys, override, message):
+    override, message = override.replace("{root}", str(assets)), message.replace("{root}", str(assets))
+    config = str(assets / "cfg.yaml")
+    before = file_tree(assets)
+
+    assert cli.main(["validate", "--config", config, override]) == 1
+    err = capsys.readouterr().err
+    assert "1 problem(s)" in err and f"{config}: {message}" in err, err
+
+    assert cli.main(["run", "lora_finetune_distributed", "--config", config, override]) == 1
+    out, err = capsys.readouterr()
+    assert err.startswith("config errors:\n") and f"{config}: {message}" in err, err
+    assert "Traceback" not in err and "trainable params" not in out  # stopped before any model was built
+
+    assert file_tree(assets) == before  # no output_dir, no cache, the model and data untouched
