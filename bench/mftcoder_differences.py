@@ -19,8 +19,8 @@ Five figures, each from MFTCoder's rule (re-implemented here from its source, v0
    samples' attention, labels every token with its own task.
 3. What cross-sample attention does to the loss: the real model on MFTCoder-packed rows (one causal sequence,
    continuous positions) against the same samples run one by one (what mft's packing computes).
-4. CoBa: the divergence factor MFTCoder leaves uncapped, and the validation-loss normaliser (MFTCoder: each task's
-   full-validation loss before training; mft: its first sampled validation loss).
+4. CoBa: the divergence factor MFTCoder leaves uncapped, and why the validation-loss normaliser is each task's
+   full-validation loss before training (both MFTCoder and mft) rather than one sampled validation row.
 """
 
 from __future__ import annotations
@@ -288,8 +288,8 @@ def section_coba(model, data, valid_per_task: int, seed: int) -> None:
     print(f"   (b) window of the absolute convergence score with coba_history_length H=200, coba_warmup_steps=100: "
           f"MFTCoder slices its slope list (one slope per update since warmup) from index step - H, so it uses "
           f"the last H - warmup + 1 = {200 - 100 + 1} slopes; mft uses the last H = 200")
-    # (c) Normalisers: MFTCoder divides each task's sampled validation loss by its full-validation loss before
-    # training; mft by its first sampled validation loss. With one validation row per sample, how far apart?
+    # (c) Normalisers: MFTCoder and mft divide each task's sampled validation loss by its full-validation loss
+    # before training. How far would one sampled validation row (a first sampled loss) be from it?
     rng = random.Random(seed)
     by_task: dict[int, list] = {}
     for s in data.train_samples:

@@ -670,6 +670,13 @@ class TaskWeightedLoss:
         self.coba.update(step, losses)
         return self.task_weights()
 
+    def set_coba_reference(self, valid_losses_per_task: Mapping[str, float]) -> None:
+        """Give CoBa the per-task losses on the whole validation split before training, the reference its
+        curves are normalised by (as MFTCoder does); without it the first sampled validation loss is used.
+        No-op unless the mode is coba."""
+        if self.coba is not None:
+            self.coba.set_reference([float(valid_losses_per_task.get(name, math.nan)) for name in self.task_names])
+
     def state_dict(self) -> dict:
         """Plain Python state (CoBa history and weights); safe for ``torch.load(weights_only=True)``."""
         return {"mode": self.mode, "coba": self.coba.state_dict() if self.coba is not None else None}
@@ -723,7 +730,7 @@ class CoBa:
 
     At each update t (every ``coba_update_interval`` steps), with K tasks::
 
-        y_k(t)      = L^val_k(t) / L^val_k(t0)              validation loss normalised by its first value
+        y_k(t)      = L^val_k(t) / L^val_k(0)               validation loss normalised by its value before training
         a_k(t)      = least-squares slope of y_k over the last H updates (H = history_length)
         a_max(t)    = slope of max_k y_k over the same window
         RCS(t)      = softmax_k( K * a_k(t) / sum_j |a_j(t)| )                  slow / diverging tasks up
@@ -766,10 +773,15 @@ class CoBa:
     def floor(self) -> float:
         return 1.0 / (10 * self.num_tasks)
 
+    def set_reference(self, losses: list[float]) -> None:
+        """Normalise each task's curve by ``losses`` (finite, positive ones), before any update."""
+        self.initial = [loss if math.isfinite(loss) and loss > 0 else math.nan for loss in losses]
+
     def update(self, step: int, losses: list[float]) -> list[float]:
         """Record validation losses at ``step`` and recompute the weights (see the class docstring)."""
         k = self.num_tasks
-        # Normalise by each task's first finite validation loss ("its value at the start of training").
+        # Normalise by each task's reference: its loss on the whole validation split before training
+        # (set_reference), else its first finite sampled validation loss.
         for i, loss in enumerate(losses):
             if not math.isfinite(self.initial[i]) and math.isfinite(loss) and loss > 0:
                 self.initial[i] = loss

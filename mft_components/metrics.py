@@ -434,6 +434,7 @@ class Evaluator:
         self.forward_kwargs = forward_kwargs
         self.best: EvalResult | None = None
         self.last: tuple[int, EvalResult] | None = None
+        self.reference: EvalResult | None = None  # the evaluation before training (track=False)
 
     def due(self, step: int, epoch_end: bool) -> bool:
         if not self.valid_batches:
@@ -455,6 +456,8 @@ class Evaluator:
             self.best = result
         if track:
             self.last = (step, result)
+        else:
+            self.reference = result
         self.logger.log("eval", step, {**result.to_dict(), "best_step": self.early_stopping.best_step})
         per_task = "  ".join(f"{t} {v:.3f}" for t, v in result.task_loss.items())
         self.progress.write(f"step {step} eval loss {result.loss:.4f}{' (best)' if improved else ''}: {per_task}")

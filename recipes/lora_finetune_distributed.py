@@ -184,8 +184,10 @@ class LoRAFinetuneRecipe:
         start = time.perf_counter()
         stop_reason = f"reached {self.total_steps} steps"
         if self.step == 0 and self.evaluator.valid_batches:
-            # Per-task validation losses before any update: what every later evaluation is compared with.
+            # Per-task validation losses before any update: what every later evaluation is compared with, and
+            # what CoBa normalises each task's validation curve by.
             self.evaluator.run(self.model, 0, track=False)
+            self.loss_fn.set_coba_reference(self.evaluator.reference.task_loss)
         if self.step == 0 and self.code_evaluator.enabled:
             self.code_evaluator.run(self.model, 0, track=False)
         throughput = Throughput(self.device)

@@ -563,3 +563,15 @@ def test_liger_cross_entropy_switch_errors():
             TaskWeightedLoss(cross_entropy="liger")
     with pytest.raises(ValueError, match="liger runs on CUDA only"):
         chunked_cross_entropy(h, w, labels, kernel="liger")
+
+
+def test_coba_reference_normalises_the_curves():
+    """With a reference (the whole validation split before training), each task's curve is its loss over that
+    reference, not over its first sampled loss; a task without a reference falls back to its first loss."""
+    loss_fn = TaskWeightedLoss(mode="coba", coba_warmup_steps=100)
+    loss_fn.setup(["a", "b"])
+    loss_fn.set_coba_reference({"a": 2.0})  # "b" had no validation tokens before training
+    loss_fn.update_coba(1, {"a": 1.5, "b": 4.0})
+    loss_fn.update_coba(2, {"a": 1.0, "b": 2.0})
+    assert loss_fn.coba.history == [[0.75, 1.0], [0.5, 0.5]]
+    TaskWeightedLoss(mode="task").set_coba_reference({"a": 2.0})  # not CoBa: nothing to do

@@ -193,6 +193,20 @@ def test_two_ranks_match_one_rank(assets, tmp_path):
     assert la == pytest.approx(lb, rel=1e-5)
 
 
+def test_coba_normalises_by_the_validation_losses_before_training(assets, tmp_path):
+    """CoBa's reference is each task's loss on the whole validation split at step 0 (the evaluation the recipe
+    runs before training), as MFTCoder's; its curves start from there."""
+    cfg = _config(assets, tmp_path, max_steps=2, **{"loss": {"_component_": "mft_components.loss.TaskWeightedLoss",
+                                                             "mode": "coba", "coba_warmup_steps": 1}})
+    _run(LORA_RECIPE, cfg)
+    before = _records(tmp_path / "out", "eval")[0]
+    assert before["step"] == 0
+    coba = ck.load_recipe_state(tmp_path / "out" / "step_2")["loss"]["coba"]
+    reference = [before["task_loss"][t] for t in ("add", "upper")]
+    assert coba["initial"] == pytest.approx(reference, rel=1e-6)
+    assert len(coba["steps"]) == 2 and coba["weights"] != [0.5, 0.5]
+
+
 @pytest.mark.slow
 def test_early_stopping_and_saving_limit(assets, tmp_path, capsys):
     """lr 0: the validation loss never improves after the first evaluation, so patience 2 stops at step 3;
