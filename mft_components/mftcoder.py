@@ -176,7 +176,8 @@ def _coba(name: str) -> Callable[[Any, dict], Out]:
         if args["weighted_loss_mode"] != "coba":
             return "used only with weighted_loss_mode coba"
         comment = ("mft's CoBa: divergence factor capped at 1, slopes over the last coba_history_length updates, "
-                   "curves normalised by each task's first sampled validation loss (docs/migrating-from-mftcoder.md)"
+                   "curves normalised by each task's validation loss before training, as MFTCoder "
+                   "(docs/migrating-from-mftcoder.md)"
                    if name == "coba_warmup_steps" else "")
         return {f"loss.{name}": (value, comment)}
     return convert
@@ -279,8 +280,10 @@ def _saving_limit(value: Any, args: dict) -> Out:
 def _attention(value: Any, args: dict) -> Out:
     if value not in ("flash_attention_2", "sdpa", "eager"):
         raise MFTCoderConfigError(f"attn_implementation: {value!r}; expected flash_attention_2, sdpa or eager")
-    comment = "GPU only; on a CPU use sdpa_varlen" if value == "flash_attention_2" else ""
-    return {"model.attn_implementation": (value, comment)}
+    # MFTCoder's choice is a kernel; mft's auto picks the fastest attention that keeps packed samples apart on the
+    # device at hand (MFTCoder's flash_attention_2 on packed rows lets samples attend to each other).
+    return {"model.attn_implementation": ("auto", f"MFTCoder: {value}; auto = the fastest exact packed attention "
+                                                  "of the device (CUDA: flex_attention, CPU: sdpa_varlen)")}
 
 
 def _role_markers(value: Any, args: dict) -> Out:

@@ -135,7 +135,7 @@ def test_imported_config_validates_and_trains(assets, tmp_path, name):
     assert cli.main(["import", "mftcoder", str(src), "-o", str(out)]) == 0
     cfg = load_config(out)
     for dotted, value in {"data.seq_len": 64, "data.valid_ratio": 0.2, "optimizer.lr": keys.get("learning_rate", 1e-2),
-                          "max_steps": 2, "micro_batch_size": 2, "early_stopping_patience": 2, **expected}.items():
+                          "model.attn_implementation": "auto", "max_steps": 2, "micro_batch_size": 2, "early_stopping_patience": 2, **expected}.items():
         node = cfg
         for part in dotted.split("."):
             node = node[part]
@@ -143,8 +143,8 @@ def test_imported_config_validates_and_trains(assets, tmp_path, name):
     assert check_config(cfg, RecipeConfig) == []
     recipe = "full_finetune_distributed" if keys["peft_type"] is None else "lora_finetune_distributed"
     assert cli.main(["validate", "--config", str(out), "--recipe", recipe]) == 0
-    # Two steps on the CPU: sdpa_varlen instead of flash_attention_2, fp32, the tokenisation cache in tmp.
-    assert cli.main(["run", recipe, "--config", str(out), "model.attn_implementation=sdpa_varlen", "dtype=fp32",
+    # Two steps on the CPU: attention auto (sdpa_varlen here), fp32, the tokenisation cache in tmp.
+    assert cli.main(["run", recipe, "--config", str(out), "dtype=fp32",
                      "model.activation_checkpointing=false", f"data.cache_dir={tmp_path / 'cache'}",
                      "data.num_workers=0", "tensorboard=false"]) == 0
     records = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
