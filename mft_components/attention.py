@@ -163,17 +163,31 @@ def block_causal_block_mask(sample_ids: torch.Tensor):
     """flex_attention's ``BlockMask`` of a packed micro-batch: query q may see key kv of its row when both carry
     the same sample id and kv <= q (padding, id -1, sees earlier padding only). Built on ``sample_ids``' device,
     without reading anything back to the host; blocks that cross samples are skipped by the kernel."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
     ids = sample_ids
     batch, length = ids.shape
 
     def same_sample_causal(b, h, q, kv):
         return (q >= kv) & (ids[b, q] == ids[b, kv])
 
-    # Compiled mask construction on GPUs (one pass over the blocks); eager on the CPU (tests: tiny rows).
-    return create_block_mask(same_sample_causal, batch, None, length, length, device=ids.device,
-                             _compile=ids.device.type == "cuda")
+    return _create_block_mask(ids.device.type)(same_sample_causal, batch, None, length, length, device=ids.device)
+
+
+_COMPILED_CREATE_BLOCK_MASK = None
+
+
+def _create_block_mask(device_type: str) -> Callable:
+    """``create_block_mask``, compiled on GPUs (one pass over the blocks instead of a dense [B, T, T] mask), eager
+    on the CPU (tests: tiny rows). One compiled function for the process: one graph serves every micro-batch of
+    a shape (the mask function is a new closure each time; dynamo guards its code, not its identity). torch's own
+    ``_compile=True`` flag does the same per call and is deprecated (torch 2.11 warns)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    global _COMPILED_CREATE_BLOCK_MASK
+    if device_type != "cuda":
+        return create_block_mask
+    if _COMPILED_CREATE_BLOCK_MASK is None:
+        _COMPILED_CREATE_BLOCK_MASK = torch.compile(create_block_mask)
+    return _COMPILED_CREATE_BLOCK_MASK
 
 
 # --------------------------------------------------------------------------------------- attention functions

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import inspect
 
 import numpy as np
 import pytest
@@ -230,6 +231,14 @@ def test_varlen_options_per_torch_signature():
     with pytest.raises(ValueError, match="scale"):
         varlen_options(v29, 4, 4, 16, 0.5, None)
     assert varlen_options(v29, 4, 4, 16, 0.25, None) == ({"is_causal": True}, 1)  # 1/sqrt(16) is the default
+    # and this torch's own varlen_attn takes what varlen_options gives it (the GPU machine's torch 2.11 has
+    # window_size and scale, no enable_gqa; torch 2.13 adds enable_gqa)
+    if attention._torch_varlen_attn is not None:
+        bind = inspect.signature(attention._torch_varlen_attn).bind
+        for heads, kv_heads, scale in ((4, 2, None), (4, 4, 0.3)):
+            options, repeat = varlen_options(attention._VARLEN_PARAMETERS, heads, kv_heads, 16, scale, None)
+            bind(*[None] * 5, 16, 16, **options)
+            assert repeat == (1 if kv_heads == heads or "enable_gqa" in options else heads // kv_heads)
 
 
 def test_auto_choice_per_device_and_errors(monkeypatch):

@@ -37,3 +37,22 @@ def test_cpu_mode_runs_every_contender(tmp_path, smollm2_dir):
     assert table.count("| tiny-llama |") == 3
     # the CPU mode records nothing: RESULTS-GPU.md holds GPU figures only
     assert (results_gpu.read_text() if results_gpu.exists() else None) == before
+
+
+def test_a_contender_cut_at_its_time_limit_keeps_what_it_logged(tmp_path):
+    """A recipe killed at its limit (GPU runs: a slow compilation) may leave a partial last line in metrics.jsonl:
+    the complete records still give figures, and the table says the run was cut."""
+    spec = importlib.util.spec_from_file_location("gpu_throughput", REPO_ROOT / "bench" / "gpu_throughput.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    metrics.parent.mkdir()
+    metrics.write_text('{"kind": "train", "step": 5, "tokens_per_s": 10.0}\n{"kind": "eval", "step": 5}\n'
+                       '{"kind": "train", "step": 10, "tokens_per_s": 30.0}\n{"kind": "tra')
+    train = bench._train_records(metrics, tmp_path / "kept.jsonl")
+    assert [r["step"] for r in train] == [5, 10]
+    assert (tmp_path / "kept.jsonl").read_text() == metrics.read_text()
+    assert bench._train_records(tmp_path / "missing.jsonl", tmp_path / "k2.jsonl") == []
+    row = {"contender": "mft", "model": "m", "tokens_per_s": 30.0, "peak_gib": 1.0, "mfu": 0.5, "attention": "a",
+           "compile": "c", "note": "killed at its 240s limit after step 10"}
+    assert "| mft (killed at its 240s limit after step 10) | m | 30 |" in bench.format_table([row])

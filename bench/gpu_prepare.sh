@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Here (no GPU): fill .device/ for bench/gpu_check.sh on the GPU machine, from any checkout of mft.
+#
+#   make install && bash bench/gpu_prepare.sh
+#
+# It runs the shared ../shared/device/prepare.sh (the machine's own recipe: wheels of what the device image lacks,
+# mft as a wheel, SmolLM2's tokenizer, the demo's tasks) with the wheels the GPU check needs on top
+# (liger-kernel for the packed + liger baseline and the liger tests, pytest and its dependencies for
+# tests/test_gpu.py), then checks that .device/ holds everything bench/gpu_check.sh imports there.
+# The shared script assumes the main checkout (a .git directory, the shared folder at ../shared); in a git worktree
+# (.git is a file, the shared folder elsewhere) it runs a copy with those two paths corrected. .device/ is
+# git-ignored (.gitignore), so the device run must carry it: run tool carry [".device"].
+set -euo pipefail
+root=$(git rev-parse --show-toplevel); cd "$root"
+shared=""
+for d in ${MFT_DEVICE_DIR:-} ../shared/device ../../shared/device /work/shared/device; do
+  if [ -f "$d/prepare.sh" ]; then shared=$(cd "$d" && pwd); break; fi
+done
+[ -n "$shared" ] || { echo "gpu_prepare: no shared device/prepare.sh found (set MFT_DEVICE_DIR)"; exit 1; }
+git check-ignore -q .device/ || { echo "gpu_prepare: .device/ is not git-ignored; add /.device/ to .gitignore"; exit 1; }
+
+# What tests/test_gpu.py and the hf-packed-liger baseline need beyond the shared list (pure-Python wheels).
+export DEVICE_EXTRA_WHEELS=${DEVICE_EXTRA_WHEELS:-"liger-kernel==0.8.5 pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 pygments==2.21.0"}
+if [ -d .git ] && [ "$shared" = "$(cd .. && pwd)/shared/device" ]; then
+  bash "$shared/prepare.sh"
+else
+  patched=$(mktemp); trap 'rm -f "$patched"' EXIT
+  sed -e "s#\.\./shared/device/#$shared/#g" \
+      -e "s#^grep -qx '/.device/' .git/info/exclude.*#: .device/ is ignored by .gitignore#" "$shared/prepare.sh" > "$patched"
+  if grep -q '\.\./shared/device/\|\.git/info/exclude' "$patched"; then
+    echo "gpu_prepare: $shared/prepare.sh changed; cannot adapt it to this worktree (run it from the main checkout)"
+    exit 1
+  fi
+  bash "$patched"
+fi
+
+# The check: every distribution the GPU run imports is either on the device image or carried here.
+py=${PYTHON:-.venv/bin/python}
+"$py" - <<'PY'
+import re
+import sys
+from pathlib import Path
+
+carried = {re.sub(r"[-_.]+", "_", w.name.split("-")[0]).lower() for w in Path(".device/whl").glob("*.whl")}
+need = ["mft", "transformers", "peft", "torchao", "torchdata", "omegaconf", "liger_kernel", "pytest", "pluggy",
+        "iniconfig", "pygments"]
+missing = [n for n in need if n not in carried]
+for d in ("tok", "data"):
+    if not any(Path(".device", d).iterdir()):
+        missing.append(f".device/{d}/ (empty)")
+if not Path(".device/setup-remote.sh").is_file():
+    missing.append(".device/setup-remote.sh")
+size = sum(f.stat().st_size for f in Path(".device").rglob("*") if f.is_file())
+print(f"gpu_prepare: .device/ holds {size / 2**20:.1f} MiB (the run tool carries at most 64 MiB)")
+if missing or size > 60 * 2**20:
+    sys.exit(f"gpu_prepare: not ready: missing {missing}" if missing else "gpu_prepare: .device/ is too large to carry")
+print('gpu_prepare: ready. GPU session: run tool, carry [".device"], timeout_s 590, command:\n'
+      "  source .device/setup-remote.sh && bash bench/gpu_check.sh")
+PY
