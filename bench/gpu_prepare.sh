@@ -39,6 +39,7 @@ py=${PYTHON:-.venv/bin/python}
 "$py" - <<'PY'
 import re
 import sys
+import zipfile
 from pathlib import Path
 
 carried = {re.sub(r"[-_.]+", "_", w.name.split("-")[0]).lower() for w in Path(".device/whl").glob("*.whl")}
@@ -50,6 +51,10 @@ for d in ("tok", "data"):
         missing.append(f".device/{d}/ (empty)")
 if not Path(".device/setup-remote.sh").is_file():
     missing.append(".device/setup-remote.sh")
+# mft's wheel must hold every module of this checkout (a `mft run` there imports the installed copy)
+for wheel in Path(".device/whl").glob("mft-*.whl"):
+    modules = {p.as_posix() for p in Path("mft_components").rglob("*.py")}
+    missing += sorted(modules - set(zipfile.ZipFile(wheel).namelist()))
 size = sum(f.stat().st_size for f in Path(".device").rglob("*") if f.is_file())
 print(f"gpu_prepare: .device/ holds {size / 2**20:.1f} MiB (the run tool carries at most 64 MiB)")
 if missing or size > 60 * 2**20:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -133,14 +134,23 @@ def test_builtin_configs_validate_against_their_recipes():
 
 
 def test_wheel_ships_recipes_configs_and_cli(tmp_path):
-    """A normal (non-editable) install finds built-ins by name: they must be inside the wheel."""
+    """A normal (non-editable) install finds built-ins by name: they must be inside the wheel. Built from a copy of
+    the sources: setuptools' build/ directory in the checkout keeps what earlier builds put there."""
+    src = tmp_path / "src"
+    for name in ("mft_components", "recipes", "configs"):
+        shutil.copytree(REPO_ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "cli.py"):
+        shutil.copy(REPO_ROOT / name, src / name)
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(REPO_ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(src)],
         check=True, capture_output=True, timeout=300,
     )
     (wheel,) = tmp_path.glob("mft-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "cli.py" in names
+    # every module of the library, subpackages too (the recipe imports mft_components.code_eval)
+    modules = {p.relative_to(REPO_ROOT).as_posix() for p in (REPO_ROOT / "mft_components").rglob("*.py")}
+    assert modules - names == set()
     for recipe in registry.RECIPE_CONFIGS:
         assert f"mft_recipes/{recipe}.py" in names
     for configs in registry.RECIPE_CONFIGS.values():

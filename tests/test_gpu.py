@@ -32,6 +32,17 @@ CUDA = torch.device("cuda")
 LORA = {"rank": 8, "alpha": 16, "target_modules": "all-linear"}
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles from scratch: the decoder layer's forward is one code object for all of them, and dynamo
+    keeps at most 8 graphs per code object (recompile_limit); past that it runs layers eagerly without a word, and
+    a later test's 'compiled' run would be an eager one. (torch's on-disk caches still make recompiling cheap.)"""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    yield
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return make_tiny_model_dir(tmp_path_factory.mktemp("gpu") / "llama", family="llama", vocab_size=VOCAB)
