@@ -20,7 +20,7 @@
 # ~20 s of wheel installation before it, the whole command ends within ~570 s (run tool timeout_s 590).
 # Contenders and tests that did not fit, in a second command if the device time allows:
 #   source .device/setup-remote.sh && python3 bench/gpu_throughput.py --contenders mft-ac,mft-qlora-ac,hf-padded \
-#       --out "$OUT/bench" --work /tmp/mft-gpu-models --budget-s 500 --contender-timeout 240
+#       --out "$OUT/bench" --work /tmp/mft-gpu-models --budget-s 500 --contender-timeout 300; cp bench/RESULTS-GPU.md "$OUT/"
 #   (--set all: every variant, Qwen2.5-Coder-7B QLoRA included)
 set -uo pipefail
 cd "$(dirname "$0")/.."
