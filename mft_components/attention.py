@@ -533,9 +533,9 @@ def resolve_attn_implementation(name: str | None, device: torch.device | str) ->
                 return candidate, f"auto on {device_type}: {BACKENDS[candidate].how}{skipped}"
             tried.append(f"{candidate}: {reason}")
         return "sdpa", f"auto on {device_type}: {BACKENDS['sdpa'].how} (not available: {'; '.join(tried)})"
-    known = known_attn_implementations()
-    if name not in known:
-        raise ValueError(f"model.attn_implementation: unknown {name!r}; expected one of {', '.join(known)}")
+    if name not in known_attn_implementations():
+        raise ValueError(f"model.attn_implementation: unknown {name!r}; expected {AUTO} or one of "
+                         f"{', '.join(BACKENDS)}")
     backend = BACKENDS.get(name)
     if backend is None:
         raise ValueError(

@@ -44,7 +44,9 @@ def check_code_eval(cfg: dict, flagged: set[str]) -> list[str]:
     section = cfg["eval"].get("code") if isinstance(cfg.get("eval"), dict) else None
     if not isinstance(section, dict):
         return []
-    return [f"'eval.code.{key}': {problem}" for key, problem in CodeEvalOptions.value_problems(section)]
+    # "'eval.code.top_p' is 2: expected ...", or "'eval.code.tasks.x': path does not exist: ..."
+    return [f"'eval.code.{key}'{' ' if problem.startswith('is ') else ': '}{problem}"
+            for key, problem in CodeEvalOptions.value_problems(section)]
 
 
 @dataclass

@@ -113,8 +113,8 @@ def test_validate_names_every_bad_key(assets, tmp_path, capsys):  # noqa: F811
     err = capsys.readouterr().err
     for expected in ("unknown key 'eval.code.bogus'", "'eval.code.timeout_s' is 'x': expected a number",
                      "'eval.code.tasks.b': dataframebench task 'unit_tests' unknown",
-                     "'eval.code.k': 9: each k must lie in 2..num_samples (4)",
-                     "'eval.code.select_by': is 'pass@3': expected one of loss, pass@1, pass@9",
+                     "'eval.code.k': 9: pass@9 needs num_samples >= 9 sampled answers per problem (it is 4)",
+                     "'eval.code.select_by' is 'pass@3': expected one of loss, pass@1, pass@9",
                      f"{bad_file}:1: test: missing or empty"):
         assert expected in err, (expected, err)
     good = _config(assets, tmp_path, name="good", eval={"code": {"tasks": {"d": "humaneval"}, "num_samples": 5,

@@ -13,6 +13,7 @@ import os
 import shutil
 
 import pytest
+import torch
 import yaml
 
 import cli
@@ -83,13 +84,27 @@ BAD_SETTINGS = [
      "linear names there: ['down_proj', 'gate_proj', 'k_proj', 'o_proj', 'q_proj', 'up_proj', 'v_proj']"),
     ("tokenizer.path={root}/no_eos_tokenizer",
      "tokenizer {root}/no_eos_tokenizer: has no eos_token, which ends every assistant turn"),
-    ("model.attn_implementation=flash", "'model.attn_implementation' is 'flash': expected one of auto, eager, "),
+    ("model.attn_implementation=flash",
+     "model.attn_implementation: unknown 'flash'; expected auto or one of flex_attention, varlen_attn, "),
+    ("model.attn_implementation=paged|eager",
+     "model.attn_implementation: 'paged|eager' is a transformers attention mft cannot give packed-sample boundaries"),
+    ("model.compile=null", "'model.compile' is None: expected true or false or 'auto'"),
+    ("eval.code=true", "'eval.code' is True: expected a mapping of its keys (tasks, num_samples, k, ...) or null"),
     ("loss.mode=tasks", "loss.mode: expected one of token, sample, task, task_sample, coba"),
     ("loss.task_weights.unit_tests=2", "loss.task_weights: unknown task(s) ['unit_tests']; the tasks are ['add', 'upper']"),
     ("loss.task_weights.add=-1", "loss.task_weights: expected non-negative weights, not all 0, got {'add': -1.0, "),
     ("output_dir={root}/a_file", "'output_dir' is '{root}/a_file': it is a file; expected a directory"),
     ("output_dir={root}/a_file/run", "'output_dir' is '{root}/a_file/run': it is under {root}/a_file, a file"),
 ]
+if not torch.cuda.is_available():  # CUDA-only settings: a run on this machine would stop after the data build
+    BAD_SETTINGS += [
+        ("model.attn_implementation=flex_attention",
+         "model.attn_implementation: flex_attention trains on cuda only, this run is on cpu; use auto (here: "
+         "sdpa_varlen)"),
+        ("model.liger=true", "model.liger: liger-kernel's Triton kernels run on CUDA only, not cpu; set it to false"),
+        ("loss.cross_entropy=liger",
+         "loss.cross_entropy: liger runs on CUDA only (Triton kernels), and this machine has no CUDA; use chunked"),
+    ]
 
 
 def test_the_base_config_is_valid(assets, capsys):

@@ -143,7 +143,10 @@ class CodeEvalOptions:
         ks = opts["k"] or ([n] if n >= 2 else [])
         if isinstance(ks, list):
             for k in ks:
-                if not isinstance(k, int) or not 2 <= k <= max(n, 1):
+                if isinstance(k, int) and k >= 2 and n < k:
+                    out.append(("k", f"{k!r}: pass@{k} needs num_samples >= {k} sampled answers per problem (it is "
+                                     f"{n}); raise eval.code.num_samples or lower k"))
+                elif not isinstance(k, int) or not 2 <= k <= max(n, 1):
                     out.append(("k", f"{k!r}: each k must lie in 2..num_samples ({n}); pass@1 is the greedy one"))
         choices = ["loss", "pass@1"] + [f"pass@{k}" for k in ks if isinstance(k, int) and k >= 2]
         if opts["select_by"] not in choices:
