@@ -139,7 +139,7 @@ def test_mft_eval_on_a_base_model(smollm2_dir, tmp_path, capsys):
     assert table[:3] == ["task     problems    pass@1", "easy            2     0.500", "overall         2     0.500"]
 
 
-def test_mft_eval_errors(tmp_path, capsys):
+def test_mft_eval_errors(tmp_path, capsys, smollm2_dir):
     assert ce.run(_parse(["--model", str(tmp_path), "--suite", "mbpp"])) == 2
     assert "eval.code.tasks.mbpp: path does not exist: mbpp (an eval set is a .jsonl file, or a suite: humaneval" \
         in capsys.readouterr().err
@@ -147,6 +147,8 @@ def test_mft_eval_errors(tmp_path, capsys):
     assert "eval.code.tasks.unit_tests: dataframebench task 'unit_tests' unknown" in capsys.readouterr().err
     assert ce.run(_parse(["--model", str(tmp_path), "--suite", "humaneval"])) == 2  # no model there
     assert "no training chat format" in capsys.readouterr().err
+    assert ce.run(_parse(["--model", str(smollm2_dir), "--suite", "humaneval"])) == 2  # a base model: how to prompt it
+    assert "pass --template hf (its tokenizer's chat_template) or --template mft" in capsys.readouterr().err
 
 
 def _parse(argv):

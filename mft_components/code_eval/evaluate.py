@@ -448,14 +448,20 @@ def _suite_tasks(suite: str, task_names: list[str] | None) -> dict[str, str]:
 def _load_model(model: str, template: str | None, dtype: str, device: str | None):
     from mft_components.checkpoint import META_FILE, read_checkpoint_meta
     from mft_components.export import ADAPTER_CONFIG
-    from mft_components.generate import load_generation_model
+    from mft_components.generate import GenerateError, load_generation_model
 
     path = Path(model)
     fallback = {"template": template} if template else None
     if (path / ADAPTER_CONFIG).is_file() and (path / META_FILE).is_file():  # a LoRA / QLoRA checkpoint
         base = read_checkpoint_meta(path).get("base_model_dir")
         return load_generation_model(base, adapter=path, dtype=dtype, device=device, default_chat_format=fallback)
-    return load_generation_model(path, dtype=dtype, device=device, default_chat_format=fallback)
+    try:
+        return load_generation_model(path, dtype=dtype, device=device, default_chat_format=fallback)
+    except GenerateError as e:
+        if template is None and str(e).startswith("no training chat format"):  # a base model: say how to prompt it
+            raise GenerateError(f"{e}; for a model mft did not train, pass --template hf (its tokenizer's "
+                                "chat_template) or --template mft (MFTCoder's markers)") from None
+        raise
 
 
 def run(args: argparse.Namespace) -> int:
