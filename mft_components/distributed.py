@@ -259,7 +259,11 @@ def apply_activation_checkpointing(model: nn.Module, mode: str | bool = "full") 
     kwargs = {"use_reentrant": False}
     if mode == "selective":
         kwargs["context_fn"] = _selective_context
-    model.hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    enable = getattr(model.hf_model, "activation_checkpointing_enable", None)
+    if enable is not None:  # newer transformers: the old name is a deprecated alias that warns on every rank
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if mode == "every_other":
         for i, layer in enumerate(model.decoder_layers()):
             layer.gradient_checkpointing = i % 2 == 0
