@@ -23,6 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from omegaconf import DictConfig
+
 from mft_components import registry
 from mft_components.config import ConfigError, check_config, load_config
 
@@ -196,7 +198,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 1
-    recipe_name = args.recipe or registry.recipe_of_config(args.config) or "lora_finetune_distributed"
+    # A copy under another name: the recipe that trains its model.method.
+    method = cfg.get("model", {}).get("method") if isinstance(cfg.get("model"), DictConfig) else None
+    recipe_name = (args.recipe or registry.recipe_of_config(args.config)
+                   or ("full_finetune_distributed" if method == "full" else "lora_finetune_distributed"))
     try:
         recipe = registry.resolve_recipe(recipe_name)
     except FileNotFoundError as e:

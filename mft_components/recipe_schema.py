@@ -129,6 +129,36 @@ class RecipeConfig:
     semantic_checks: ClassVar[tuple[Callable[[dict, set], list[str]], ...]] = (check_recipe_config, check_code_eval)
 
 
-# The two recipes read the same keys; the names say which recipe a schema is declared for.
-LoRARecipeConfig = RecipeConfig
-FullRecipeConfig = RecipeConfig
+def _method_check(recipe: str, methods: tuple[str, ...], other: str) -> Callable[[dict, set], list[str]]:
+    """``model.method`` against what ``recipe`` trains (the recipe would stop on it after building the data)."""
+
+    def check_method(cfg: dict, flagged: set[str]) -> list[str]:
+        model = cfg.get("model")
+        if "model" in flagged or not isinstance(model, dict):
+            return []
+        method = model.get("method", "lora")  # build_model's default
+        if method in methods or method not in ("lora", "qlora", "full"):  # an unknown one: build_model's message
+            return []
+        given = repr(method) if "method" in model else f"absent (build_model's default: {method})"
+        return [f"'model.method' is {given}: {recipe} trains {' or '.join(methods)}; run {method} with {other}"
+                + (" (or set model.method: full)" if "method" not in model else "")]
+
+    return check_method
+
+
+@dataclass
+class LoRARecipeConfig(RecipeConfig):
+    """``lora_finetune_distributed``'s keys: :class:`RecipeConfig`, with ``model.method`` lora or qlora."""
+
+    semantic_checks: ClassVar[tuple[Callable[[dict, set], list[str]], ...]] = (
+        *RecipeConfig.semantic_checks, _method_check("lora_finetune_distributed", ("lora", "qlora"),
+                                                     "full_finetune_distributed"))
+
+
+@dataclass
+class FullRecipeConfig(RecipeConfig):
+    """``full_finetune_distributed``'s keys: :class:`RecipeConfig`, with ``model.method: full``."""
+
+    semantic_checks: ClassVar[tuple[Callable[[dict, set], list[str]], ...]] = (
+        *RecipeConfig.semantic_checks, _method_check("full_finetune_distributed", ("full",),
+                                                     "lora_finetune_distributed"))

@@ -127,3 +127,19 @@ def test_validate_and_run_name_the_bad_setting(assets, capsys, override, message
     assert "Traceback" not in err and "trainable params" not in out  # stopped before any model was built
 
     assert file_tree(assets) == before  # no output_dir, no cache, the model and data untouched
+
+
+def test_model_method_against_the_recipe(assets, capsys):
+    """A full config run with the LoRA recipe (or the reverse) used to pass `mft validate` and stop after the data
+    build; now both name model.method. Without --recipe, a renamed copy is checked against the recipe of its
+    method."""
+    config = str(assets / "cfg.yaml")
+    assert cli.main(["validate", "--config", config, "model.method=full"]) == 0
+    assert "OK for recipe full_finetune_distributed" in capsys.readouterr().out
+    assert cli.main(["validate", "--config", config, "--recipe", "lora_finetune_distributed", "model.method=full"]) == 1
+    assert ("'model.method' is 'full': lora_finetune_distributed trains lora or qlora; run full with "
+            "full_finetune_distributed") in capsys.readouterr().err
+    assert cli.main(["run", "full_finetune_distributed", "--config", config, "model.method=qlora"]) == 1
+    out, err = capsys.readouterr()
+    assert err.startswith("config errors:\n") and "'model.method' is 'qlora': full_finetune_distributed trains full" in err
+    assert "trainable params" not in out
