@@ -270,7 +270,10 @@ class LoRAFinetuneRecipe:
         self.progress.close()
         if self.is_rank0:
             print(format_summary(steps=self.step, seconds=time.perf_counter() - start, stop_reason=stop_reason,
-                                 early_stopping=self.early_stopping, best_eval=self.evaluator.best,
+                                 early_stopping=self.early_stopping,
+                                 # the best step's per-task values: its losses, or what select_by follows
+                                 best_eval=None if self.code_evaluator.selects else self.evaluator.best,
+                                 best_task_values=self.code_evaluator.best_task_values(),
                                  checkpoints=[p for _, p in ck.list_checkpoints(self.output_dir)],
                                  output_dir=self.output_dir), flush=True)
 

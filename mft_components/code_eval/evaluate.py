@@ -385,6 +385,12 @@ class CodeEvaluator:
                                 f"{' (best)' if improved else ''}: {per_task} ({metrics['seconds']:.0f}s)")
         return improved
 
+    def best_task_values(self) -> dict[str, float] | None:
+        """Per task, the ``select_by`` pass rate of the best evaluation (None unless it selects the best step)."""
+        if not self.selects or self.best is None:
+            return None
+        return dict(self.best[1][f"task_{self.options.select_by}"])
+
     def checkpoint_meta(self) -> dict:
         """What ``mft_checkpoint.json`` records of the last evaluation."""
         if self.last is None:
