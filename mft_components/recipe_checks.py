@@ -122,7 +122,7 @@ def _check_optimizer(cfg: dict, problems: list[str]) -> None:
 
 def _check_model(cfg: dict, problems: list[str]) -> None:
     from mft_components.attention import known_attn_implementations
-    from mft_components.models import build_meta_model, build_model
+    from mft_components.models import build_meta_model, build_model, liger_kernel_names
 
     args = _builder_args(cfg.get("model"), build_model)
     if args is None:
@@ -131,6 +131,10 @@ def _check_model(cfg: dict, problems: list[str]) -> None:
     known = known_attn_implementations()
     if attn not in known:
         problems.append(f"'model.attn_implementation' is {attn!r}: expected one of {', '.join(known)}")
+    try:
+        liger_kernel_names(args["liger"])
+    except (ValueError, TypeError) as e:
+        problems.append(str(e))
     if not _exists(args.get("model_dir")):
         return
     dtype = cfg.get("dtype") if cfg.get("dtype") in ("bf16", "fp32") else "bf16"

@@ -136,7 +136,10 @@ class LoRAFinetuneRecipe:
             sys.exit(f"config error: model.method is {method!r}; this recipe does {' or '.join(self.METHODS)} "
                      f"(use {self.OTHER_RECIPE} for {method})")
         self.base_model_dir = cfg.model.model_dir
-        self.model = self.build_model(resume_from)
+        try:
+            self.model = self.build_model(resume_from)
+        except ValueError as e:  # settings this machine cannot run (an attention or kernels of another device)
+            sys.exit(f"config error: {e}")
         self.model.train()
 
         # 7. Optimizer over the adapters only; fused AdamW on CUDA (one kernel for all parameters).

@@ -84,6 +84,8 @@ BAD_SETTINGS = [
     ("tokenizer.path={root}/no_eos_tokenizer",
      "tokenizer {root}/no_eos_tokenizer: has no eos_token, which ends every assistant turn"),
     ("model.attn_implementation=flash", "'model.attn_implementation' is 'flash': expected one of auto, eager, "),
+    ("model.liger=[rms_norm,fast]",
+     "model.liger: unknown kernels ['fast']; expected true or a list of ['rms_norm', 'swiglu', 'rope']"),
     ("loss.mode=tasks", "loss.mode: expected one of token, sample, task, task_sample, coba"),
     ("loss.task_weights.unit_tests=2", "loss.task_weights: unknown task(s) ['unit_tests']; the tasks are ['add', 'upper']"),
     ("loss.task_weights.add=-1", "loss.task_weights: expected non-negative weights, not all 0, got {'add': -1.0, "),
@@ -112,3 +114,23 @@ def test_validate_and_run_name_the_bad_setting(assets, capsys, override, message
     assert "Traceback" not in err and "trainable params" not in out  # stopped before any model was built
 
     assert file_tree(assets) == before  # no output_dir, no cache, the model and data untouched
+
+
+# Settings that are right for another machine (a GPU): `mft validate` accepts them (a config is often checked where
+# it does not run), and the run on this CPU stops before loading the model with the key and what to set instead.
+DEVICE_SETTINGS = [
+    ("model.attn_implementation=flex_attention",
+     "model.attn_implementation: flex_attention trains on cuda only, this run is on cpu; use auto (here: sdpa_varlen)"),
+    ("model.liger=true", "model.liger: liger-kernel's Triton kernels run on CUDA only, not cpu; set it to false"),
+]
+
+
+@pytest.mark.parametrize("override,message", DEVICE_SETTINGS, ids=[o for o, _ in DEVICE_SETTINGS])
+def test_run_names_a_setting_this_device_cannot_do(assets, tmp_path, capsys, override, message):
+    config = str(assets / "cfg.yaml")
+    assert cli.main(["validate", "--config", config, override]) == 0
+    capsys.readouterr()
+    assert cli.main(["run", "lora_finetune_distributed", "--config", config, override,
+                     f"output_dir={tmp_path / 'out'}"]) == 1
+    out, err = capsys.readouterr()
+    assert err == f"config error: {message}\n" and "trainable params" not in out
