@@ -262,13 +262,17 @@ class LoRAFinetuneRecipe:
             stop_reason = (f"early stopping: {self.early_stopping.bad_evals} evaluations without a better "
                            f"{self.early_stopping.metric} than step {self.early_stopping.best_step}'s")
 
-        # The end: evaluate if the last step was not evaluated, then the final checkpoint.
+        # The end: evaluate if the last step was not evaluated, then the final checkpoint (again, when a periodic
+        # save of this step came before these evaluations: the checkpoint carries them and the best step).
         self.finite_guard.check()
+        evaluated_now = False
         if not self.evaluator.evaluated(self.step):
             self.evaluator.run(self.model, self.step)
+            evaluated_now = True
         if not self.code_evaluator.evaluated(self.step):
             self.code_evaluator.run(self.model, self.step)
-        if self.last_saved_step != self.step:
+            evaluated_now = True
+        if evaluated_now or self.last_saved_step != self.step:
             self.save_checkpoint()
         self.progress.close()
         if self.is_rank0:
