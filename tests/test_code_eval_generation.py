@@ -1,6 +1,7 @@
 """Generation for code evaluation: the in-training model (LoRA not merged, packed-training attention, train mode)
 gives the same greedy tokens as its `mft export` and as a plain greedy loop; under FSDP2 on 2 ranks, the same
-answers as one process, with every verdict gathered."""
+answers as one process, with every verdict gathered, also when one rank's programs run for longer than the
+process group's timeout."""
 
 from __future__ import annotations
 
