@@ -41,7 +41,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from mft_components import checkpoint as ck
@@ -54,6 +53,7 @@ from mft_components.distributed import (
     gather_state_dict,
     init_distributed,
     is_collective_timeout,
+    run_in_step,
 )
 from mft_components.models import prepare_batch
 from mft_components.lora import adapter_to_peft_state_dict, lora_target_names, peft_adapter_config
@@ -310,7 +310,8 @@ class LoRAFinetuneRecipe:
             early_stopping=self.early_stopping, train_loader=self.train_loader,
             step=self.step, epoch=self.epoch, step_in_epoch=self.step_in_epoch,
         )
-        if self.is_rank0:
+
+        def write() -> None:  # rank 0 only
             state["evaluator"] = self.evaluator.state_dict()
             state["code_evaluator"] = self.code_evaluator.state_dict()
             meta = ck.checkpoint_meta(self.model, self.data, self.tokenizer, self.evaluator.last,
@@ -320,9 +321,11 @@ class LoRAFinetuneRecipe:
             best = self.early_stopping.best_step
             ck.prune_checkpoints(self.output_dir, self.cfg.saving_limit, keep=(best,) if best else ())
             self.progress.write(f"saved {path}")
+
+        # The other ranks wait in step (a short all-reduce each second), not in one barrier: writing and hashing a
+        # large checkpoint may take longer than distributed_timeout_s, which is meant for a rank that stopped.
+        run_in_step(write if self.is_rank0 else lambda: None)
         self.last_saved_step = self.step
-        if dist.is_initialized():
-            dist.barrier()
 
     def load_checkpoint(self, path: Path) -> None:
         """Restore the adapter, then the recipe state."""
