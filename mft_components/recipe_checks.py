@@ -6,15 +6,14 @@ the recipes' ``@parse`` alike, so a run fails at its first line with the message
     output_dir      not a file (nor under one)
     optimizer       ``lr`` a number >= 0; the optimizer and the scheduler accept their settings (both are
                     built over one dummy parameter: their own argument checks run, nothing is trained)
-    model           ``attn_implementation`` and ``liger`` as the run resolves them on this machine's device
-                    (a name mft knows, that keeps packed samples apart, and runs here); the architecture
+    model           ``attn_implementation`` a name mft trains with (``auto`` or ``attention.BACKENDS``: known,
+                    keeping packed samples apart), ``liger`` kernel names; the architecture
                     of ``model_dir``'s config.json built on the meta device with LoRA applied
                     (``models.build_meta_model``: model_type known, safetensors present, LoRA rank / alpha /
                     dropout in range, ``target_modules`` matching linears of this architecture)
     tokenizer       loads, and can render the data's chat format (EOS, BOS, chat_template)
     data            option values and task files (``data.resolve_data_config``, what the data build runs first)
-    loss            mode and options, ``task_weights`` against the task names of ``data``, ``cross_entropy:
-                    liger`` only where CUDA is
+    loss            mode and options, ``task_weights`` against the task names of ``data``
 
 Each section is checked only when it uses mft's own builder (a user's component gets the generic signature
 checks) and was not already reported by the schema check; a path that does not exist is left to the path check.
@@ -122,30 +121,25 @@ def _check_optimizer(cfg: dict, problems: list[str]) -> None:
             problems.append(f"'lr_scheduler': {e}")
 
 
-def _run_device() -> str:
-    """The device type a run started on this machine trains on (``distributed.init_distributed``: CUDA when
-    available), for the settings that run on CUDA only."""
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _check_model(cfg: dict, problems: list[str]) -> None:
-    from mft_components.attention import resolve_attn_implementation
-    from mft_components.models import build_meta_model, build_model, resolve_liger
+    from mft_components.attention import AUTO, BACKENDS, resolve_attn_implementation
+    from mft_components.models import build_meta_model, build_model, liger_kernel_names
 
     args = _builder_args(cfg.get("model"), build_model)
     if args is None:
         return
-    # What build_model resolves first: an unknown attention, one that cannot keep packed samples apart, a CUDA
-    # kernel on a machine without CUDA, liger-kernel missing or off CUDA (the run would stop there).
-    device = _run_device()
-    for resolve in (lambda: resolve_attn_implementation(args["attn_implementation"], device),
-                    lambda: resolve_liger(args["liger"], device)):
+    attn = args["attn_implementation"]
+    if attn != AUTO and attn not in BACKENDS:
+        # unknown, or a transformers attention that cannot keep packed samples apart: wrong on any machine (whether
+        # a backend runs on the device is the run's business: a config is often checked where it does not run)
         try:
-            resolve()
+            resolve_attn_implementation(attn, "cpu")
         except ValueError as e:
             problems.append(str(e))
+    try:
+        liger_kernel_names(args["liger"])
+    except (ValueError, TypeError) as e:
+        problems.append(str(e))
     if not _exists(args.get("model_dir")):
         return
     dtype = cfg.get("dtype") if cfg.get("dtype") in ("bf16", "fp32") else "bf16"
@@ -196,11 +190,6 @@ def _check_loss(node: Any, tasks: list[str] | None, problems: list[str]) -> None
 
     if _builder_args(node, TaskWeightedLoss) is None:
         return
-    if node.get("cross_entropy") == "liger" and _run_device() != "cuda":
-        # the loss builds anywhere; its first forward off CUDA would stop the run after the model load
-        problems.append("loss.cross_entropy: liger runs on CUDA only (Triton kernels), and this machine has no "
-                        "CUDA; use chunked")
-        node = {**node, "cross_entropy": "chunked"}  # its other settings are still checked
     try:
         loss = instantiate(node)
         if tasks:

@@ -92,9 +92,10 @@ class RecipeConfig:
             or null (start fresh).
         log_every_n_steps: write a ``metrics.jsonl`` line every N steps.
         tensorboard: also write TensorBoard events to ``output_dir/tb``.
-        distributed_timeout_s: under torchrun, how long a rank waits in a collective (all-reduce, FSDP's
-            gathers, the barriers around checkpoint writes and the data cache build) for the other ranks before
-            the run ends with a message naming the rank that stopped answering (null: torch's default, 30 min).
+        distributed_timeout_s: under torchrun, how long a rank waits in one collective (all-reduce, FSDP's
+            gathers) for the other ranks before the run ends with a message naming the rank that stopped answering
+            (null: torch's default, 30 min). Work one rank does alone (checkpoint writes, the data cache build,
+            code-evaluation programs) is waited for in step and is not bounded by it.
         eval: ``code``: pass@k of generated code per task (:class:`EvalConfig`).
     """
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -59,7 +60,8 @@ def test_recipe_evaluates_code_and_selects_by_pass_at_1(assets, tmp_path, capsys
     assert losses[4] < losses[2]  # the loss improved, yet pass@1 did not: pass@1 decides
     stdout = capsys.readouterr().out
     assert "early stopping: 1 evaluations without a better pass@1 than step 2's" in stdout
-    assert "best step: 2 (pass@1 0.0000)" in stdout
+    # the per-task values under the best step are its pass@1, not the losses of another step's evaluation
+    assert "best step: 2 (pass@1 0.0000)\n  sums  pass@1 0.0000\ncheckpoints:" in stdout
     assert "code eval pass@1 0.000" in stdout and "isolation: separate process" in stdout
     answers = [json.loads(line) for line in (out / "code_eval" / "step_4.jsonl").read_text().splitlines()]
     assert [(a["task_id"], a["sample"]) for a in answers] == [
@@ -75,6 +77,32 @@ def test_recipe_evaluates_code_and_selects_by_pass_at_1(assets, tmp_path, capsys
     assert ce.run(args) == 0
     again = [json.loads(line) for line in (tmp_path / "again.jsonl").read_text().splitlines()]
     assert [a["completion"] for a in again] == [a["completion"] for a in answers if a["sample"] == "greedy"]
+
+
+def test_select_by_pass_at_1_resumes_exactly(assets, tmp_path):  # noqa: F811
+    """resume: auto with select_by pass@1 continues as the run that never stopped: same evaluations, the same best
+    step in every record (the validation loss's own tracker included, which select_by keeps apart from early
+    stopping), the same checkpoints. lr 0: the loss never improves after step 1, so a tracker that restarted would
+    call step 3 the best."""
+    code = {"tasks": {"sums": _eval_file(tmp_path / "sums.jsonl")}, "every_n_steps": 2, "max_new_tokens": 2,
+            "select_by": "pass@1", "isolation": "process"}
+    cfg = _config(assets, tmp_path, max_steps=4, eval_every_n_steps=1, save_every_n_steps=2, eval={"code": code},
+                  **{"optimizer.lr": 0.0, "lr_scheduler.min_lr": 0.0})
+    _run(LORA_RECIPE, cfg)
+    straight, resumed = tmp_path / "out", tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(straight / "step_2", resumed / "step_2")
+    _run(LORA_RECIPE, cfg, f"output_dir={resumed}", "resume=auto")
+
+    timing = {"seconds", "generate_s", "execute_s", "tokens_per_s", "peak_memory_gb"}
+    for kind in ("train", "eval", "code_eval"):
+        after = [{k: v for k, v in r.items() if k not in timing} for r in _records(straight, kind) if r["step"] > 2]
+        assert [{k: v for k, v in r.items() if k not in timing} for r in _records(resumed, kind)] == after, kind
+    assert [r["best_step"] for r in _records(resumed, "eval")] == [1, 1]
+    a, b = ck.load_recipe_state(straight / "step_4"), ck.load_recipe_state(resumed / "step_4")
+    assert b["evaluator"] == a["evaluator"] and b["early_stopping"] == a["early_stopping"]
+    assert [(step, metrics["pass@1"]) for step, metrics in b["code_evaluator"].values()] == [
+        (step, metrics["pass@1"]) for step, metrics in a["code_evaluator"].values()] == [(4, 0.0), (2, 0.0)]
 
 
 def test_code_evaluation_leaves_training_unchanged(assets, tmp_path):  # noqa: F811

@@ -8,12 +8,13 @@ model_type) and a tokenizer without an EOS token.
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import json
 import os
 import shutil
 
 import pytest
-import torch
 import yaml
 
 import cli
@@ -88,6 +89,8 @@ BAD_SETTINGS = [
      "model.attn_implementation: unknown 'flash'; expected auto or one of flex_attention, varlen_attn, "),
     ("model.attn_implementation=paged|eager",
      "model.attn_implementation: 'paged|eager' is a transformers attention mft cannot give packed-sample boundaries"),
+    ("model.liger=[rms_norm,fast]",
+     "model.liger: unknown kernels ['fast']; expected true or a list of ['rms_norm', 'swiglu', 'rope']"),
     ("model.compile=null", "'model.compile' is None: expected true or false or 'auto'"),
     ("eval.code=true", "'eval.code' is True: expected a mapping of its keys (tasks, num_samples, k, ...) or null"),
     ("loss.mode=tasks", "loss.mode: expected one of token, sample, task, task_sample, coba"),
@@ -96,15 +99,6 @@ BAD_SETTINGS = [
     ("output_dir={root}/a_file", "'output_dir' is '{root}/a_file': it is a file; expected a directory"),
     ("output_dir={root}/a_file/run", "'output_dir' is '{root}/a_file/run': it is under {root}/a_file, a file"),
 ]
-if not torch.cuda.is_available():  # CUDA-only settings: a run on this machine would stop after the data build
-    BAD_SETTINGS += [
-        ("model.attn_implementation=flex_attention",
-         "model.attn_implementation: flex_attention trains on cuda only, this run is on cpu; use auto (here: "
-         "sdpa_varlen)"),
-        ("model.liger=true", "model.liger: liger-kernel's Triton kernels run on CUDA only, not cpu; set it to false"),
-        ("loss.cross_entropy=liger",
-         "loss.cross_entropy: liger runs on CUDA only (Triton kernels), and this machine has no CUDA; use chunked"),
-    ]
 
 
 def test_the_base_config_is_valid(assets, capsys):
@@ -143,3 +137,29 @@ def test_model_method_against_the_recipe(assets, capsys):
     out, err = capsys.readouterr()
     assert err.startswith("config errors:\n") and "'model.method' is 'qlora': full_finetune_distributed trains full" in err
     assert "trainable params" not in out
+
+
+# Settings that are right for another machine (a GPU): `mft validate` accepts them (a config is often checked where
+# it does not run), and the run on this CPU stops before loading the model with the key and what to set instead.
+DEVICE_SETTINGS = [
+    ("model.attn_implementation=flex_attention",
+     "model.attn_implementation: flex_attention trains on cuda only, this run is on cpu; use auto (here: sdpa_varlen)"),
+    ("model.liger=true", "model.liger: liger-kernel's Triton kernels run on CUDA only, not cpu; set it to false"),
+    ("loss.cross_entropy=liger",
+     "loss.cross_entropy: liger runs on CUDA only (Triton kernels), this run is on cpu; use chunked"),
+]
+
+
+@pytest.mark.parametrize("override,message", DEVICE_SETTINGS, ids=[o for o, _ in DEVICE_SETTINGS])
+def test_run_names_a_setting_this_device_cannot_do(assets, tmp_path, capsys, monkeypatch, override, message):
+    config = str(assets / "cfg.yaml")
+    if "cross_entropy" in override:  # installed or not, liger-kernel is not what stops a CPU run: pretend it is there
+        find_spec = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: importlib.machinery.ModuleSpec(name, None)
+                            if name == "liger_kernel" else find_spec(name, *a))
+    assert cli.main(["validate", "--config", config, override]) == 0
+    capsys.readouterr()
+    assert cli.main(["run", "lora_finetune_distributed", "--config", config, override,
+                     f"output_dir={tmp_path / 'out'}"]) == 1
+    out, err = capsys.readouterr()
+    assert err == f"config error: {message}\n" and "trainable params" not in out
