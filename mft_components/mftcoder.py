@@ -299,8 +299,9 @@ def _init_timeout(value: Any, args: dict) -> Out:
     if value is None:
         return "null: mft's distributed_timeout_s keeps its default (600 s)"
     return {"distributed_timeout_s": (value, "MFTCoder's process-group timeout (accelerate's InitProcessGroupKwargs): "
-                                             "how long a rank waits in a collective for the others; rank 0 alone "
-                                             "builds the tokenisation cache and writes checkpoints meanwhile")}
+                                             "how long a rank waits in one collective for the others; work one rank "
+                                             "does alone (tokenisation cache, checkpoint writes) does not count "
+                                             "against it in mft, so mft's default, 600 s, is usually enough")}
 
 
 def _model_type(value: Any, args: dict) -> Out:
