@@ -15,6 +15,7 @@ import os
 import shutil
 
 import pytest
+import torch
 import yaml
 
 import cli
@@ -150,6 +151,7 @@ DEVICE_SETTINGS = [
 ]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="these settings run on CUDA: the test needs a CPU-only machine")
 @pytest.mark.parametrize("override,message", DEVICE_SETTINGS, ids=[o for o, _ in DEVICE_SETTINGS])
 def test_run_names_a_setting_this_device_cannot_do(assets, tmp_path, capsys, monkeypatch, override, message):
     config = str(assets / "cfg.yaml")
