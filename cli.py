@@ -15,12 +15,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import runpy
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from omegaconf import DictConfig
 
 from mft_components import registry
 from mft_components.config import ConfigError, check_config, load_config
@@ -149,11 +152,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if launcher:
         cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, str(recipe), *recipe_argv]
         return subprocess.call(cmd)
-    # One rank, in this process: the recipe sees the same argv as under torchrun.
+    # One rank, in this process: the recipe sees the same argv and sys.path as under torchrun.
     saved_argv = sys.argv
     sys.argv = [str(recipe), *recipe_argv]
     try:
-        runpy.run_path(str(recipe), run_name="__main__")
+        with recipe_dir_on_path(recipe):
+            runpy.run_path(str(recipe), run_name="__main__")
     except SystemExit as e:
         if e.code in (None, 0):
             return 0
@@ -169,9 +173,23 @@ def cmd_run(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------- validate
 
 
+@contextlib.contextmanager
+def recipe_dir_on_path(recipe: Path):
+    """The recipe's directory first on ``sys.path`` while it loads, as ``python recipe.py`` and torchrun have it:
+    a copied recipe imports its copied siblings (a copy of full_finetune_distributed.py importing the
+    LoRAFinetuneRecipe of a copied lora_finetune_distributed.py)."""
+    directory = str(Path(recipe).resolve().parent)
+    sys.path.insert(0, directory)
+    try:
+        yield
+    finally:
+        sys.path.remove(directory)
+
+
 def recipe_schema(recipe: Path) -> type | None:
     """The ``CONFIG_SCHEMA`` a recipe file declares (its module is loaded, its main is not run)."""
-    return runpy.run_path(str(recipe), run_name="mft_validate").get("CONFIG_SCHEMA")
+    with recipe_dir_on_path(recipe):
+        return runpy.run_path(str(recipe), run_name="mft_validate").get("CONFIG_SCHEMA")
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -180,7 +198,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 1
-    recipe_name = args.recipe or registry.recipe_of_config(args.config) or "lora_finetune_distributed"
+    # A copy under another name: the recipe that trains its model.method.
+    method = cfg.get("model", {}).get("method") if isinstance(cfg.get("model"), DictConfig) else None
+    recipe_name = (args.recipe or registry.recipe_of_config(args.config)
+                   or ("full_finetune_distributed" if method == "full" else "lora_finetune_distributed"))
     try:
         recipe = registry.resolve_recipe(recipe_name)
     except FileNotFoundError as e:

@@ -70,9 +70,12 @@ VARLEN_ATTN = "varlen_attn"
 FLEX_ATTENTION = "flex_attention"
 # mft's own implementations, registered with transformers' AttentionInterface below.
 MFT_IMPLEMENTATIONS = (SDPA_VARLEN, VARLEN_ATTN)
-# Training attentions that cannot decode with a KV cache, and the one generation uses in their place.
-NO_KV_CACHE = {SDPA_VARLEN, VARLEN_ATTN}
+# Training attentions that generation replaces: mft's own cannot decode with a KV cache, and flex_attention runs
+# unfused (torch's math fallback, with a warning) in the eager layers generation uses. In their place: sdpa, or
+# eager where the model softcaps attention logits (Gemma-2), which sdpa does not.
+NO_KV_CACHE = {SDPA_VARLEN, VARLEN_ATTN, FLEX_ATTENTION}
 KV_CACHE_ATTENTION = "sdpa"
+SOFTCAP_KV_CACHE_ATTENTION = "eager"
 
 
 # ----------------------------------------------------------------------------------------------- boundaries
@@ -270,8 +273,9 @@ def _padding_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
 
 @contextlib.contextmanager
 def kv_cache_attention(config):
-    """Inside the block, a model trained with an attention in ``NO_KV_CACHE`` runs ``sdpa`` (same weights, same
-    math on an unpacked batch) so that it can generate with a KV cache; others run as they are. Layers compiled
+    """Inside the block, a model trained with an attention in ``NO_KV_CACHE`` runs ``sdpa`` (``eager`` when it
+    softcaps attention logits; same weights, same math on an unpacked batch) so that it generates with a fused
+    kernel and a KV cache; others run as they are. Layers compiled
     for training (``compile: auto`` on CUDA) run eagerly inside the block: generation's shapes change with every
     token and would recompile them.
 
@@ -284,7 +288,8 @@ def kv_cache_attention(config):
         if current not in NO_KV_CACHE:
             yield
             return
-        config._attn_implementation = KV_CACHE_ATTENTION
+        softcap = getattr(config, "attn_logit_softcapping", None)
+        config._attn_implementation = SOFTCAP_KV_CACHE_ATTENTION if softcap else KV_CACHE_ATTENTION
         try:
             yield
         finally:
@@ -547,9 +552,9 @@ def resolve_attn_implementation(name: str | None, device: torch.device | str) ->
                 return candidate, f"auto on {device_type}: {BACKENDS[candidate].how}{skipped}"
             tried.append(f"{candidate}: {reason}")
         return "sdpa", f"auto on {device_type}: {BACKENDS['sdpa'].how} (not available: {'; '.join(tried)})"
-    known = known_attn_implementations()
-    if name not in known:
-        raise ValueError(f"model.attn_implementation: unknown {name!r}; expected one of {', '.join(known)}")
+    if name not in known_attn_implementations():
+        raise ValueError(f"model.attn_implementation: unknown {name!r}; expected {AUTO} or one of "
+                         f"{', '.join(BACKENDS)}")
     backend = BACKENDS.get(name)
     if backend is None:
         raise ValueError(

@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from mft_components.distributed import get_rank, is_distributed
+from mft_components.distributed import get_rank, is_distributed, run_in_step
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -410,11 +410,14 @@ def resolve_resume(resume: str | os.PathLike | None, output_dir: str | os.PathLi
     if not is_distributed():
         return _resolve_resume(resume, output_dir)
     answer: list[Any] = [None]
-    if get_rank() == 0:
+
+    def decide() -> None:  # reads every file of the checkpoint: the others wait in step, not in the broadcast
         try:
             answer[0] = ("path", _resolve_resume(resume, output_dir))
         except ResumeError as e:
             answer[0] = ("error", str(e))
+
+    run_in_step(decide if get_rank() == 0 else lambda: None)
     dist.broadcast_object_list(answer, src=0)
     kind, value = answer[0]
     if kind == "error":

@@ -292,6 +292,12 @@ def _check_against_schema(data: dict, schema: type, prefix: str, source: str, pr
                 data[key] = value = {COMPONENT_KEY: default, **value}
         if dataclasses.is_dataclass(field_type) and isinstance(value, dict):
             _check_against_schema(value, field_type, f"{path}.", source, problems)
+        elif dataclasses.is_dataclass(field_type) and not (value is None and _type_error(None, hints[key]) is None):
+            # a section of keys (eval, eval.code) given a scalar or a list: the run would fail on its first key
+            nullable = " or null" if _type_error(None, hints[key]) is None else ""
+            keys = [f.name for f in dataclasses.fields(field_type)]
+            problems.append(f"{source}: '{path}' is {value!r}: expected a mapping of its keys "
+                            f"({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}){nullable}")
         elif isinstance(value, dict) and COMPONENT_KEY in value:
             _check_component(value, path, source, problems, _runtime_args(fields[key]))
         elif is_component and not isinstance(value, dict):
@@ -432,7 +438,9 @@ def _type_error(value: Any, annotation: Any) -> str | None:
         return " or ".join(_type_error(None, o) or "null" if o is type(None) else _describe(o) for o in options)
     if origin is Literal:
         choices = get_args(annotation)
-        return None if value in choices else "one of " + ", ".join(repr(c) for c in choices)
+        if value in choices:
+            return None
+        return repr(choices[0]) if len(choices) == 1 else "one of " + ", ".join(repr(c) for c in choices)
     if annotation is type(None):
         return None if value is None else "null"
     if origin in (list, tuple) or annotation in (list, tuple):

@@ -31,7 +31,7 @@ Pipeline and cache::
                     batch-tokenise, truncate --> arrays --> written atomically to the cache   (cold start)
     samples --per task split (seed)--> train_samples / valid_samples --sampling.py--> loaders
 
-Under torch.distributed the local rank 0 of each node builds the cache while the other ranks wait on a barrier,
+Under torch.distributed the local rank 0 of each node builds the cache while the other ranks wait in step,
 then every rank memory-maps it.
 """
 
@@ -911,15 +911,22 @@ def build_mft_data(
     distributed, builder = _distributed_rank_info()
     distributed = distributed and cache_path is not None  # without a cache every rank tokenises for itself
     if distributed:
-        import torch.distributed as dist
+        # Only under torchrun, where torch.distributed is loaded anyway. The other ranks wait in step (a short
+        # all-reduce each second) rather than in one barrier: a cache build longer than distributed_timeout_s is
+        # not a stopped rank.
+        from mft_components.distributed import run_in_step
 
         error: BaseException | None = None
-        if builder:
-            try:
-                _build_files(all_files, job, cache_path, num_workers)
-            except BaseException as e:  # reach the barrier anyway, or the other ranks would hang
-                error = e
-        dist.barrier()
+
+        def build() -> None:
+            nonlocal error
+            if builder:
+                try:
+                    _build_files(all_files, job, cache_path, num_workers)
+                except BaseException as e:  # keep meeting the others, or they would wait for the timeout
+                    error = e
+
+        run_in_step(build)
         if error is not None:
             raise error
     results = _build_files(all_files, job, cache_path, num_workers if not distributed else 1)

@@ -153,6 +153,32 @@ def collective_timeout_message(error: BaseException, timeout_s: float | None) ->
             f"than the timeout (raise distributed_timeout_s) or a recipe change made ranks run different collectives")
 
 
+def run_in_step(fn, poll_s: float = 1.0):
+    """``fn()`` on this rank, while the ranks meet in a one-number all-reduce every ``poll_s`` seconds until every
+    rank's ``fn`` is done; returns its result (single process: just ``fn()``).
+
+    For work between two collectives whose length differs between ranks without bound (code evaluation runs each
+    rank's share of the programs, and one that hangs costs its whole timeout): a rank done early would otherwise
+    wait for the others inside the next collective, and the process group's timeout (``distributed_timeout_s``,
+    meant for a rank that stopped) would end the run. A rank that does stop stops joining the all-reduces, so that
+    still ends the run after the timeout. ``fn`` runs in a thread; it should not call collectives itself.
+    """
+    if not is_distributed():
+        return fn()
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    world = get_world_size()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mft-in-step") as pool:
+        future = pool.submit(fn)
+        while True:
+            wait([future], timeout=poll_s)
+            if future.done() and future.exception() is not None:
+                return future.result()  # raises here; the others stop at the timeout (torchrun ends them sooner)
+            done = all_reduce_sum(torch.tensor([1.0 if future.done() else 0.0]))
+            if int(done.item()) == world:
+                return future.result()
+
+
 def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
     """Sum `t` over ranks in place (no-op single-process) and return it; a CPU tensor under NCCL, which reduces
     CUDA tensors only, goes through the GPU."""
@@ -259,7 +285,11 @@ def apply_activation_checkpointing(model: nn.Module, mode: str | bool = "full") 
     kwargs = {"use_reentrant": False}
     if mode == "selective":
         kwargs["context_fn"] = _selective_context
-    model.hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    enable = getattr(model.hf_model, "activation_checkpointing_enable", None)
+    if enable is not None:  # newer transformers: the old name is a deprecated alias that warns on every rank
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if mode == "every_other":
         for i, layer in enumerate(model.decoder_layers()):
             layer.gradient_checkpointing = i % 2 == 0

@@ -441,12 +441,17 @@ def _protected_paths(checkpoint_dir: Path, meta: dict, base_dir: Path | None, to
     return out
 
 
-def _check_output_dir(output_dir: Path, force: bool, protected: list[tuple[str, Path]]) -> Path:
+def _check_output_dir(output_dir: Path, force: bool, protected: list[tuple[str, Path]],
+                      checkpoint: Path | None = None) -> Path:
     """The resolved output directory, after refusing every output that would delete what export did not write.
 
+    Args:
+        checkpoint: a training checkpoint, which the output must not be inside either: ``saving_limit`` deletes
+            and a damaged-checkpoint resume renames a ``step_N`` directory as a whole, export and all.
+
     Raises:
-        ExportError: the output is or contains a protected path, is a file, or is a non-empty directory that is
-            not an earlier export (or is one, without ``force``).
+        ExportError: the output is or contains a protected path, lies inside ``checkpoint``, is a file, or is a
+            non-empty directory that is not an earlier export (or is one, without ``force``).
     """
     out = output_dir.expanduser().resolve()
     for what, path in protected:
@@ -455,6 +460,9 @@ def _check_output_dir(output_dir: Path, force: bool, protected: list[tuple[str, 
             relation = "is" if out == path else "contains"
             raise ExportError(f"--output {output_dir} ({out}) {relation} {what} ({path}); an export replaces its output "
                               f"directory as a whole, so choose a new directory for it")
+    if checkpoint is not None and checkpoint.expanduser().resolve() in out.parents:
+        raise ExportError(f"--output {output_dir} ({out}) is inside the checkpoint {checkpoint}, which a run deletes "
+                          f"(saving_limit) or renames (resume after damage) as a whole; choose a directory outside it")
     if out.exists() and not out.is_dir():
         raise ExportError(f"--output {output_dir} exists and is not a directory")
     entries = sorted(out.iterdir()) if out.is_dir() else []
@@ -652,7 +660,8 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, base: 
         tokenizer_dir = _find_tokenizer_dir(checkpoint_dir, meta, base_dir)
     except ExportError:  # reported once the weights are known to fit (a wrong --base is the likelier mistake)
         tokenizer_dir = None
-    output_dir = _check_output_dir(output_dir, force, _protected_paths(checkpoint_dir, meta, base_dir, tokenizer_dir))
+    output_dir = _check_output_dir(output_dir, force, _protected_paths(checkpoint_dir, meta, base_dir, tokenizer_dir),
+                                   checkpoint=checkpoint_dir if (checkpoint_dir / CHECKPOINT_META).is_file() else None)
 
     chat_format = ChatFormat.from_config(meta.get("chat_format"))
     base_name = str(base) if base is not None else str(meta.get("base_model_dir") or "unknown base model")

@@ -230,10 +230,11 @@ def generate(gm: GenerationModel, prompt: str | list[dict], *, system: str | Non
         raise GenerateError("the conversation must end with a user turn (the model answers it)")
     eos = gm.eos_token_id if eos_token_id is None else eos_token_id
     prompt_ids = list(gm.chat_format.prompt_ids(messages, gm.tokenizer))
-    # The batched generation code evaluation runs inside training, for one prompt.
+    # The batched generation code evaluation runs inside training, for one prompt, on torch's threads (code
+    # evaluation's one-thread default was measured on shared cores, not for a person's own machine).
     pad = gm.model.generation_config.pad_token_id
     out = generate_batched(gm.model, [prompt_ids], eos_token_id=eos, max_new_tokens=max_new_tokens, greedy=greedy,
-                           temperature=temperature, top_p=top_p, pad_token_id=pad)[0]
+                           temperature=temperature, top_p=top_p, pad_token_id=pad, cpu_threads=None)[0]
     new_ids, finished = out.new_ids, out.finished
     text = gm.tokenizer.decode(new_ids, skip_special_tokens=False)
     return Generation(text=text, prompt_ids=prompt_ids, new_ids=new_ids, finished=finished)

@@ -394,11 +394,17 @@ class Throughput:
 
 
 def format_summary(*, steps: int, seconds: float, stop_reason: str, early_stopping: EarlyStopping,
-                   best_eval: EvalResult | None, checkpoints: list[Path], output_dir: str | os.PathLike) -> str:
-    """The lines printed when a run ends: steps, time, why it stopped, best step and its per-task losses."""
+                   best_eval: EvalResult | None, checkpoints: list[Path], output_dir: str | os.PathLike,
+                   best_task_values: dict[str, float] | None = None) -> str:
+    """The lines printed when a run ends: steps, time, why it stopped, best step and its per-task values: the
+    validation losses of ``best_eval``, or ``best_task_values`` (per-task values of ``early_stopping.metric``,
+    e.g. pass@1, when that decides the best step instead of the loss)."""
     lines = [f"finished: {steps} steps in {seconds:.0f}s ({stop_reason})"]
     if early_stopping.best_step is not None:
         lines.append(f"best step: {early_stopping.best_step} ({early_stopping.metric} {early_stopping.best_loss:.4f})")
+    if best_task_values is not None:
+        width = max(map(len, best_task_values), default=4)
+        lines += [f"  {task:<{width}}  {early_stopping.metric} {value:.4f}" for task, value in best_task_values.items()]
     if best_eval is not None:
         width = max(map(len, best_eval.task_loss), default=4)
         for task, loss in best_eval.task_loss.items():
@@ -464,14 +470,20 @@ class Evaluator:
         return improved
 
     def state_dict(self) -> dict[str, Any]:
-        """The best and the last evaluation, so a resumed run reports them (plain values: weights_only-safe)."""
+        """The best and the last evaluation and the tracker of the best, so a resumed run reports and compares
+        them as the run that saved did (plain values: weights_only-safe). The tracker is the recipe's early
+        stopping, or, when ``eval.code.select_by`` follows a pass rate, one of the evaluator's own that is saved
+        nowhere else."""
         return {"best": asdict(self.best) if self.best else None,
-                "last": [self.last[0], asdict(self.last[1])] if self.last else None}
+                "last": [self.last[0], asdict(self.last[1])] if self.last else None,
+                "early_stopping": self.early_stopping.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         state = state or {}
         self.best = EvalResult(**state["best"]) if state.get("best") else None
         self.last = (state["last"][0], EvalResult(**state["last"][1])) if state.get("last") else None
+        if state.get("early_stopping"):
+            self.early_stopping.load_state_dict(state["early_stopping"])
 
     def update_coba(self, model: torch.nn.Module, loss_fn: Any, step: int) -> None:
         """Feed CoBa per-task losses of ``loss_fn.coba_sample_valid_num`` validation micro-batches.

@@ -295,6 +295,15 @@ def _role_markers(value: Any, args: dict) -> Out:
     return {"data.role_markers": (dict(value), "")}
 
 
+def _init_timeout(value: Any, args: dict) -> Out:
+    if value is None:
+        return "null: mft's distributed_timeout_s keeps its default (600 s)"
+    return {"distributed_timeout_s": (value, "MFTCoder's process-group timeout (accelerate's InitProcessGroupKwargs): "
+                                             "how long a rank waits in one collective for the others; work one rank "
+                                             "does alone (tokenisation cache, checkpoint writes) does not count "
+                                             "against it in mft, so mft's default, 600 s, is usually enough")}
+
+
 def _model_type(value: Any, args: dict) -> Out:
     if value in _REMOTE_CODE_TYPES:
         return (f"mft reads the architecture from config.json; {value!r} runs MFTCoder's own modelling code, which "
@@ -381,7 +390,7 @@ MFTCODER_KEYS: dict[str, Key] = {
     "role_markers": Key(None, (dict,) + _NONE, _role_markers),
     "distributed_type": Key(None, _STR + _NONE, _dropped(
         "mft shards with FSDP2 under torchrun: mft run RECIPE --config CONFIG --nproc-per-node N")),
-    "init_timeout_seconds": Key(3600, _INT + _NONE, _dropped("mft uses torch.distributed's default timeout")),
+    "init_timeout_seconds": Key(3600, _INT + _NONE, _init_timeout),
     "use_xformers": Key(True, _BOOL, _dropped(LEGACY)),
     "trust_remote_code": Key(True, _BOOL, _dropped(
         f"{LEGACY} (its loaders always trust remote code); mft runs a model's own code only with "
@@ -417,7 +426,8 @@ _LAYOUT = {
 }
 _TOP_LEVEL_ORDER = ("seed", "dtype", "epochs", "max_steps", "micro_batch_size", "eval_micro_batch_size",
                     "gradient_accumulation_steps", "clip_grad_norm", "eval_every_n_steps", "early_stopping_patience",
-                    "save_every_n_steps", "saving_limit", "resume", "log_every_n_steps", "tensorboard")
+                    "save_every_n_steps", "saving_limit", "resume", "log_every_n_steps", "tensorboard",
+                    "distributed_timeout_s")
 
 
 # ------------------------------------------------------------------------------------------------------ reading
@@ -447,6 +457,11 @@ def read_mftcoder_config(path: str | Path, overrides: dict[str, Any] | None = No
         raise MFTCoderConfigError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
     if not isinstance(raw, dict):
         raise MFTCoderConfigError(f"{path}: expected a JSON object of MftTrainArgs keys, got {type(raw).__name__}")
+    if "xxpo" in raw:  # MFTCoder's dpo_train_config.json: another trainer, other keys
+        raise MFTCoderConfigError(
+            f"{path}: xxpo: {raw['xxpo']!r}: a config of MFTCoder's preference-optimisation trainer (xxpo_accelerate.py: "
+            "DPO, RPO, ORPO on chosen / rejected answers); mft imports configs of its multi-task fine-tuning "
+            "(mft_accelerate.py, e.g. lora_train_config.json) and has no preference training")
     overrides = dict(overrides or {})
     micro = overrides.pop("micro_batch_size", None)
     if micro is not None:  # as mft_accelerate.py: both batch sizes
@@ -457,7 +472,7 @@ def read_mftcoder_config(path: str | Path, overrides: dict[str, Any] | None = No
         if key not in MFTCODER_KEYS:
             close = difflib.get_close_matches(key, MFTCODER_KEYS, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            problems.append(f"{path}: {key}: not an MftTrainArgs key (MFTCoder would refuse it too){hint}")
+            problems.append(f"{path}: {key}: not an MftTrainArgs key (MFTCoder v0.5's mft_accelerate.py would refuse it too){hint}")
     args = {}
     for key, spec in MFTCODER_KEYS.items():
         if key not in raw:

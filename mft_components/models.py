@@ -477,20 +477,33 @@ def _config_problem(model_dir: Path, error: ValueError) -> str:
 LIGER_KERNELS = ("rms_norm", "swiglu", "rope")
 
 
-def resolve_liger(value, device: torch.device) -> tuple[str, ...]:
-    """``model.liger`` as the kernel names to apply: false -> (), true -> all of ``LIGER_KERNELS``.
+def liger_kernel_names(value) -> tuple[str, ...]:
+    """``model.liger`` as kernel names, wherever the run is: false -> (), true -> all of ``LIGER_KERNELS``
+    (``mft validate`` checks this much; the device and the package are ``resolve_liger``'s).
 
     Raises:
-        ValueError: unknown names, a device other than CUDA, or liger-kernel not installed.
+        ValueError: unknown names.
     """
     if not value:
         return ()
-    if torch.device(device).type != "cuda":
-        raise ValueError(f"model.liger: liger-kernel's Triton kernels run on CUDA only, not {device}; set it to false")
     kernels = LIGER_KERNELS if value is True else tuple([value] if isinstance(value, str) else value)
     unknown = sorted(set(kernels) - set(LIGER_KERNELS))
     if unknown:
         raise ValueError(f"model.liger: unknown kernels {unknown}; expected true or a list of {list(LIGER_KERNELS)}")
+    return kernels
+
+
+def resolve_liger(value, device: torch.device) -> tuple[str, ...]:
+    """``model.liger`` as the kernel names to apply on ``device``: false -> (), true -> all of ``LIGER_KERNELS``.
+
+    Raises:
+        ValueError: unknown names, a device other than CUDA, or liger-kernel not installed.
+    """
+    kernels = liger_kernel_names(value)
+    if not kernels:
+        return ()
+    if torch.device(device).type != "cuda":
+        raise ValueError(f"model.liger: liger-kernel's Triton kernels run on CUDA only, not {device}; set it to false")
     if importlib.util.find_spec("liger_kernel") is None:
         raise ValueError("model.liger: needs the liger-kernel package (pip install 'mft[gpu]'); or set it to false")
     return kernels

@@ -6,7 +6,8 @@ the recipes' ``@parse`` alike, so a run fails at its first line with the message
     output_dir      not a file (nor under one)
     optimizer       ``lr`` a number >= 0; the optimizer and the scheduler accept their settings (both are
                     built over one dummy parameter: their own argument checks run, nothing is trained)
-    model           ``attn_implementation`` one of ``attention.known_attn_implementations()``; the architecture
+    model           ``attn_implementation`` a name mft trains with (``auto`` or ``attention.BACKENDS``: known,
+                    keeping packed samples apart), ``liger`` kernel names; the architecture
                     of ``model_dir``'s config.json built on the meta device with LoRA applied
                     (``models.build_meta_model``: model_type known, safetensors present, LoRA rank / alpha /
                     dropout in range, ``target_modules`` matching linears of this architecture)
@@ -121,16 +122,24 @@ def _check_optimizer(cfg: dict, problems: list[str]) -> None:
 
 
 def _check_model(cfg: dict, problems: list[str]) -> None:
-    from mft_components.attention import known_attn_implementations
-    from mft_components.models import build_meta_model, build_model
+    from mft_components.attention import AUTO, BACKENDS, resolve_attn_implementation
+    from mft_components.models import build_meta_model, build_model, liger_kernel_names
 
     args = _builder_args(cfg.get("model"), build_model)
     if args is None:
         return
     attn = args["attn_implementation"]
-    known = known_attn_implementations()
-    if attn not in known:
-        problems.append(f"'model.attn_implementation' is {attn!r}: expected one of {', '.join(known)}")
+    if attn != AUTO and attn not in BACKENDS:
+        # unknown, or a transformers attention that cannot keep packed samples apart: wrong on any machine (whether
+        # a backend runs on the device is the run's business: a config is often checked where it does not run)
+        try:
+            resolve_attn_implementation(attn, "cpu")
+        except ValueError as e:
+            problems.append(str(e))
+    try:
+        liger_kernel_names(args["liger"])
+    except (ValueError, TypeError) as e:
+        problems.append(str(e))
     if not _exists(args.get("model_dir")):
         return
     dtype = cfg.get("dtype") if cfg.get("dtype") in ("bf16", "fp32") else "bf16"

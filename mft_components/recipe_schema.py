@@ -44,7 +44,9 @@ def check_code_eval(cfg: dict, flagged: set[str]) -> list[str]:
     section = cfg["eval"].get("code") if isinstance(cfg.get("eval"), dict) else None
     if not isinstance(section, dict):
         return []
-    return [f"'eval.code.{key}': {problem}" for key, problem in CodeEvalOptions.value_problems(section)]
+    # "'eval.code.top_p' is 2: expected ...", or "'eval.code.tasks.x': path does not exist: ..."
+    return [f"'eval.code.{key}'{' ' if problem.startswith('is ') else ': '}{problem}"
+            for key, problem in CodeEvalOptions.value_problems(section)]
 
 
 @dataclass
@@ -90,9 +92,10 @@ class RecipeConfig:
             or null (start fresh).
         log_every_n_steps: write a ``metrics.jsonl`` line every N steps.
         tensorboard: also write TensorBoard events to ``output_dir/tb``.
-        distributed_timeout_s: under torchrun, how long a rank waits in a collective (all-reduce, FSDP's
-            gathers, the barriers around checkpoint writes and the data cache build) for the other ranks before
-            the run ends with a message naming the rank that stopped answering (null: torch's default, 30 min).
+        distributed_timeout_s: under torchrun, how long a rank waits in one collective (all-reduce, FSDP's
+            gathers) for the other ranks before the run ends with a message naming the rank that stopped answering
+            (null: torch's default, 30 min). Work one rank does alone (checkpoint writes, the data cache build,
+            code-evaluation programs) is waited for in step and is not bounded by it.
         eval: ``code``: pass@k of generated code per task (:class:`EvalConfig`).
     """
 
@@ -127,6 +130,36 @@ class RecipeConfig:
     semantic_checks: ClassVar[tuple[Callable[[dict, set], list[str]], ...]] = (check_recipe_config, check_code_eval)
 
 
-# The two recipes read the same keys; the names say which recipe a schema is declared for.
-LoRARecipeConfig = RecipeConfig
-FullRecipeConfig = RecipeConfig
+def _method_check(recipe: str, methods: tuple[str, ...], other: str) -> Callable[[dict, set], list[str]]:
+    """``model.method`` against what ``recipe`` trains (the recipe would stop on it after building the data)."""
+
+    def check_method(cfg: dict, flagged: set[str]) -> list[str]:
+        model = cfg.get("model")
+        if "model" in flagged or not isinstance(model, dict):
+            return []
+        method = model.get("method", "lora")  # build_model's default
+        if method in methods or method not in ("lora", "qlora", "full"):  # an unknown one: build_model's message
+            return []
+        given = repr(method) if "method" in model else f"absent (build_model's default: {method})"
+        return [f"'model.method' is {given}: {recipe} trains {' or '.join(methods)}; run {method} with {other}"
+                + (" (or set model.method: full)" if "method" not in model else "")]
+
+    return check_method
+
+
+@dataclass
+class LoRARecipeConfig(RecipeConfig):
+    """``lora_finetune_distributed``'s keys: :class:`RecipeConfig`, with ``model.method`` lora or qlora."""
+
+    semantic_checks: ClassVar[tuple[Callable[[dict, set], list[str]], ...]] = (
+        *RecipeConfig.semantic_checks, _method_check("lora_finetune_distributed", ("lora", "qlora"),
+                                                     "full_finetune_distributed"))
+
+
+@dataclass
+class FullRecipeConfig(RecipeConfig):
+    """``full_finetune_distributed``'s keys: :class:`RecipeConfig`, with ``model.method: full``."""
+
+    semantic_checks: ClassVar[tuple[Callable[[dict, set], list[str]], ...]] = (
+        *RecipeConfig.semantic_checks, _method_check("full_finetune_distributed", ("full",),
+                                                     "lora_finetune_distributed"))

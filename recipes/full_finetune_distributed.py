@@ -13,7 +13,10 @@ per-task evaluation, CoBa, early stopping, atomic checkpoints, exact resume, met
       straight from the checkpoint directory: one weight load, not two.
 
 The training loop is ``LoRAFinetuneRecipe.train`` (read it in lora_finetune_distributed.py); this file overrides
-only what is trained and how it is saved. Copy both with ``mft cp`` to change the loop.
+only what is trained and how it is saved. To change the loop, copy both into one directory (``mft cp
+lora_finetune_distributed .`` and ``mft cp full_finetune_distributed .``), edit the loop in the LoRA copy, and
+import from it here: ``from lora_finetune_distributed import LoRAFinetuneRecipe, run`` (``mft run`` puts a
+recipe's directory first on ``sys.path``, as ``python`` and torchrun do).
 """
 
 from __future__ import annotations

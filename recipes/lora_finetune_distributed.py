@@ -41,7 +41,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from mft_components import checkpoint as ck
@@ -54,6 +53,7 @@ from mft_components.distributed import (
     gather_state_dict,
     init_distributed,
     is_collective_timeout,
+    run_in_step,
 )
 from mft_components.models import prepare_batch
 from mft_components.lora import adapter_to_peft_state_dict, lora_target_names, peft_adapter_config
@@ -129,6 +129,9 @@ class LoRAFinetuneRecipe:
         # 5. Loss, still before the model: unknown tasks in task_weights or bad CoBa settings cost no model load.
         self.loss_fn = instantiate(cfg.loss)
         self.loss_fn.setup(self.task_names)
+        if self.loss_fn.cross_entropy == "liger" and self.device.type != "cuda":  # else: at the first forward
+            sys.exit(f"config error: loss.cross_entropy: liger runs on CUDA only (Triton kernels), this run is on "
+                     f"{self.device.type}; use chunked")
 
         # 6. Model: meta-device build, LoRA / NF4 modules, FSDP2 shards, weights streamed into them.
         method = cfg.model.get("method", self.METHODS[0])
@@ -136,7 +139,10 @@ class LoRAFinetuneRecipe:
             sys.exit(f"config error: model.method is {method!r}; this recipe does {' or '.join(self.METHODS)} "
                      f"(use {self.OTHER_RECIPE} for {method})")
         self.base_model_dir = cfg.model.model_dir
-        self.model = self.build_model(resume_from)
+        try:
+            self.model = self.build_model(resume_from)
+        except ValueError as e:  # settings this machine cannot run (an attention or kernels of another device)
+            sys.exit(f"config error: {e}")
         self.model.train()
 
         # 7. Optimizer over the adapters only; fused AdamW on CUDA (one kernel for all parameters).
@@ -259,18 +265,25 @@ class LoRAFinetuneRecipe:
             stop_reason = (f"early stopping: {self.early_stopping.bad_evals} evaluations without a better "
                            f"{self.early_stopping.metric} than step {self.early_stopping.best_step}'s")
 
-        # The end: evaluate if the last step was not evaluated, then the final checkpoint.
+        # The end: evaluate if the last step was not evaluated, then the final checkpoint (again, when a periodic
+        # save of this step came before these evaluations: the checkpoint carries them and the best step).
         self.finite_guard.check()
+        evaluated_now = False
         if not self.evaluator.evaluated(self.step):
             self.evaluator.run(self.model, self.step)
+            evaluated_now = True
         if not self.code_evaluator.evaluated(self.step):
             self.code_evaluator.run(self.model, self.step)
-        if self.last_saved_step != self.step:
+            evaluated_now = True
+        if evaluated_now or self.last_saved_step != self.step:
             self.save_checkpoint()
         self.progress.close()
         if self.is_rank0:
             print(format_summary(steps=self.step, seconds=time.perf_counter() - start, stop_reason=stop_reason,
-                                 early_stopping=self.early_stopping, best_eval=self.evaluator.best,
+                                 early_stopping=self.early_stopping,
+                                 # the best step's per-task values: its losses, or what select_by follows
+                                 best_eval=None if self.code_evaluator.selects else self.evaluator.best,
+                                 best_task_values=self.code_evaluator.best_task_values(),
                                  checkpoints=[p for _, p in ck.list_checkpoints(self.output_dir)],
                                  output_dir=self.output_dir), flush=True)
 
@@ -300,7 +313,8 @@ class LoRAFinetuneRecipe:
             early_stopping=self.early_stopping, train_loader=self.train_loader,
             step=self.step, epoch=self.epoch, step_in_epoch=self.step_in_epoch,
         )
-        if self.is_rank0:
+
+        def write() -> None:  # rank 0 only
             state["evaluator"] = self.evaluator.state_dict()
             state["code_evaluator"] = self.code_evaluator.state_dict()
             meta = ck.checkpoint_meta(self.model, self.data, self.tokenizer, self.evaluator.last,
@@ -310,9 +324,11 @@ class LoRAFinetuneRecipe:
             best = self.early_stopping.best_step
             ck.prune_checkpoints(self.output_dir, self.cfg.saving_limit, keep=(best,) if best else ())
             self.progress.write(f"saved {path}")
+
+        # The other ranks wait in step (a short all-reduce each second), not in one barrier: writing and hashing a
+        # large checkpoint may take longer than distributed_timeout_s, which is meant for a rank that stopped.
+        run_in_step(write if self.is_rank0 else lambda: None)
         self.last_saved_step = self.step
-        if dist.is_initialized():
-            dist.barrier()
 
     def load_checkpoint(self, path: Path) -> None:
         """Restore the adapter, then the recipe state."""

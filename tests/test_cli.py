@@ -120,6 +120,26 @@ def test_validate_reports_every_problem_at_once(tmp_path):
     assert ok.returncode == 0, ok.stderr
 
 
+def test_copied_recipes_import_their_copied_siblings(tmp_path, capsys, monkeypatch):
+    """full_finetune_distributed's docstring: copy both recipes, import the loop from the LoRA copy; `mft validate`
+    and `mft run` (one rank, in this process) load the copy, as `python` and torchrun would."""
+    assert cli.main(["cp", "lora_finetune_distributed", str(tmp_path)]) == 0
+    assert cli.main(["cp", "full_finetune_distributed", str(tmp_path)]) == 0
+    full = tmp_path / "full_finetune_distributed.py"
+    original = "from mft_recipes.lora_finetune_distributed import LoRAFinetuneRecipe, run"
+    assert original in full.read_text()
+    full.write_text(full.read_text().replace(original, "from lora_finetune_distributed import LoRAFinetuneRecipe, run"))
+    monkeypatch.delitem(sys.modules, "lora_finetune_distributed", raising=False)
+    schema = cli.recipe_schema(full)
+    assert schema is not None and Path(sys.modules["lora_finetune_distributed"].__file__) == tmp_path / (
+        "lora_finetune_distributed.py")
+    assert str(tmp_path) not in sys.path
+    config = tmp_path / "bad.yaml"
+    config.write_text("max_steps: 0\n")
+    assert cli.main(["run", str(full), "--config", str(config)]) == 1  # loaded, then stopped by the config check
+    assert "'max_steps' is 0" in capsys.readouterr().err
+
+
 def test_builtin_configs_validate_against_their_recipes():
     for recipe, configs in registry.RECIPE_CONFIGS.items():
         schema = cli.recipe_schema(registry.resolve_recipe(recipe))

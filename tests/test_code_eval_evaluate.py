@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -59,7 +60,8 @@ def test_recipe_evaluates_code_and_selects_by_pass_at_1(assets, tmp_path, capsys
     assert losses[4] < losses[2]  # the loss improved, yet pass@1 did not: pass@1 decides
     stdout = capsys.readouterr().out
     assert "early stopping: 1 evaluations without a better pass@1 than step 2's" in stdout
-    assert "best step: 2 (pass@1 0.0000)" in stdout
+    # the per-task values under the best step are its pass@1, not the losses of another step's evaluation
+    assert "best step: 2 (pass@1 0.0000)\n  sums  pass@1 0.0000\ncheckpoints:" in stdout
     assert "code eval pass@1 0.000" in stdout and "isolation: separate process" in stdout
     answers = [json.loads(line) for line in (out / "code_eval" / "step_4.jsonl").read_text().splitlines()]
     assert [(a["task_id"], a["sample"]) for a in answers] == [
@@ -75,6 +77,32 @@ def test_recipe_evaluates_code_and_selects_by_pass_at_1(assets, tmp_path, capsys
     assert ce.run(args) == 0
     again = [json.loads(line) for line in (tmp_path / "again.jsonl").read_text().splitlines()]
     assert [a["completion"] for a in again] == [a["completion"] for a in answers if a["sample"] == "greedy"]
+
+
+def test_select_by_pass_at_1_resumes_exactly(assets, tmp_path):  # noqa: F811
+    """resume: auto with select_by pass@1 continues as the run that never stopped: same evaluations, the same best
+    step in every record (the validation loss's own tracker included, which select_by keeps apart from early
+    stopping), the same checkpoints. lr 0: the loss never improves after step 1, so a tracker that restarted would
+    call step 3 the best."""
+    code = {"tasks": {"sums": _eval_file(tmp_path / "sums.jsonl")}, "every_n_steps": 2, "max_new_tokens": 2,
+            "select_by": "pass@1", "isolation": "process"}
+    cfg = _config(assets, tmp_path, max_steps=4, eval_every_n_steps=1, save_every_n_steps=2, eval={"code": code},
+                  **{"optimizer.lr": 0.0, "lr_scheduler.min_lr": 0.0})
+    _run(LORA_RECIPE, cfg)
+    straight, resumed = tmp_path / "out", tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(straight / "step_2", resumed / "step_2")
+    _run(LORA_RECIPE, cfg, f"output_dir={resumed}", "resume=auto")
+
+    timing = {"seconds", "generate_s", "execute_s", "tokens_per_s", "peak_memory_gb"}
+    for kind in ("train", "eval", "code_eval"):
+        after = [{k: v for k, v in r.items() if k not in timing} for r in _records(straight, kind) if r["step"] > 2]
+        assert [{k: v for k, v in r.items() if k not in timing} for r in _records(resumed, kind)] == after, kind
+    assert [r["best_step"] for r in _records(resumed, "eval")] == [1, 1]
+    a, b = ck.load_recipe_state(straight / "step_4"), ck.load_recipe_state(resumed / "step_4")
+    assert b["evaluator"] == a["evaluator"] and b["early_stopping"] == a["early_stopping"]
+    assert [(step, metrics["pass@1"]) for step, metrics in b["code_evaluator"].values()] == [
+        (step, metrics["pass@1"]) for step, metrics in a["code_evaluator"].values()] == [(4, 0.0), (2, 0.0)]
 
 
 def test_code_evaluation_leaves_training_unchanged(assets, tmp_path):  # noqa: F811
@@ -113,8 +141,8 @@ def test_validate_names_every_bad_key(assets, tmp_path, capsys):  # noqa: F811
     err = capsys.readouterr().err
     for expected in ("unknown key 'eval.code.bogus'", "'eval.code.timeout_s' is 'x': expected a number",
                      "'eval.code.tasks.b': dataframebench task 'unit_tests' unknown",
-                     "'eval.code.k': 9: each k must lie in 2..num_samples (4)",
-                     "'eval.code.select_by': is 'pass@3': expected one of loss, pass@1, pass@9",
+                     "'eval.code.k': 9: pass@9 needs num_samples >= 9 sampled answers per problem (it is 4)",
+                     "'eval.code.select_by' is 'pass@3': expected one of loss, pass@1, pass@9",
                      f"{bad_file}:1: test: missing or empty"):
         assert expected in err, (expected, err)
     good = _config(assets, tmp_path, name="good", eval={"code": {"tasks": {"d": "humaneval"}, "num_samples": 5,
@@ -139,7 +167,7 @@ def test_mft_eval_on_a_base_model(smollm2_dir, tmp_path, capsys):
     assert table[:3] == ["task     problems    pass@1", "easy            2     0.500", "overall         2     0.500"]
 
 
-def test_mft_eval_errors(tmp_path, capsys):
+def test_mft_eval_errors(tmp_path, capsys, smollm2_dir):
     assert ce.run(_parse(["--model", str(tmp_path), "--suite", "mbpp"])) == 2
     assert "eval.code.tasks.mbpp: path does not exist: mbpp (an eval set is a .jsonl file, or a suite: humaneval" \
         in capsys.readouterr().err
@@ -147,6 +175,8 @@ def test_mft_eval_errors(tmp_path, capsys):
     assert "eval.code.tasks.unit_tests: dataframebench task 'unit_tests' unknown" in capsys.readouterr().err
     assert ce.run(_parse(["--model", str(tmp_path), "--suite", "humaneval"])) == 2  # no model there
     assert "no training chat format" in capsys.readouterr().err
+    assert ce.run(_parse(["--model", str(smollm2_dir), "--suite", "humaneval"])) == 2  # a base model: how to prompt it
+    assert "pass --template hf (its tokenizer's chat_template) or --template mft" in capsys.readouterr().err
 
 
 def _parse(argv):

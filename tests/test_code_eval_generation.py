@@ -1,6 +1,7 @@
 """Generation for code evaluation: the in-training model (LoRA not merged, packed-training attention, train mode)
 gives the same greedy tokens as its `mft export` and as a plain greedy loop; under FSDP2 on 2 ranks, the same
-answers as one process, with every verdict gathered."""
+answers as one process, with every verdict gathered, also when one rank's programs run for longer than the
+process group's timeout."""
 
 from __future__ import annotations
 
@@ -63,3 +64,18 @@ def test_fsdp_ranks_stay_in_step_and_gather(base, tmp_path):
     eval_file.write_text("".join(json.dumps({"prompt": q, "test": "assert True"}) + "\n" for q in QUESTIONS))
     proc = run_torchrun(REPO_ROOT / "tests" / "dist" / "code_eval_check.py", base, eval_file)
     assert "OK" in proc.stdout
+
+
+def test_generation_replaces_training_attentions_that_cannot_decode_fast():
+    """mft's packed attentions and flex_attention (unfused in generation's eager layers) decode with sdpa, or with
+    eager where the model softcaps attention logits (sdpa would drop the softcap); others run as trained."""
+    import transformers
+
+    cases = [(transformers.LlamaConfig(), "sdpa_varlen", "sdpa"), (transformers.LlamaConfig(), "varlen_attn", "sdpa"),
+             (transformers.LlamaConfig(), "flex_attention", "sdpa"), (transformers.LlamaConfig(), "eager", "eager"),
+             (transformers.Gemma2Config(), "flex_attention", "eager"), (transformers.Gemma2Config(), "sdpa_varlen", "eager")]
+    for config, trained, generating in cases:
+        config._attn_implementation = trained
+        with kv_cache_attention(config):
+            assert config._attn_implementation == generating, (type(config).__name__, trained)
+        assert config._attn_implementation == trained

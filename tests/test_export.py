@@ -481,6 +481,7 @@ def test_export_never_deletes_what_it_did_not_write(llama_lora, tiny_bases, tmp_
         ".": "is the current directory", "..": "contains the current directory", str(tok): "is the tokenizer",
         str(work / "data"): "contains the training data", str(tiny_bases["llama"]): "is the base model",
         str(ck.parent): "contains the checkpoint",
+        str(ck / "exported"): "is inside the checkpoint",  # pruned or renamed with it by a later run
     }
     for output, why in refusals.items():
         assert _mft("export", ck, "--output", output, "--force") == 2

@@ -88,6 +88,22 @@ def test_budget_exhausted_without_eos(trained):
     assert runs[0] == runs[1] and len(runs[0]) <= 5
 
 
+def test_decodes_with_torchs_threads(trained):
+    """`mft generate` decodes on the threads torch has (all cores by default), not on the one thread that code
+    evaluation inside training uses by default (``eval.code.cpu_threads``, measured on shared cores)."""
+    gm = load_generation_model(trained["out"])
+    seen = []
+    hook = gm.model.register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        generate(gm, MESSAGES, greedy=True, max_new_tokens=2)
+    finally:
+        torch.set_num_threads(before)
+        hook.remove()
+    assert seen and set(seen) == {2}
+
+
 def _parser():
     parser = argparse.ArgumentParser()
     gen.add_arguments(parser)

@@ -74,6 +74,8 @@ def test_shipped_style_config_reports_placeholders_and_every_key(tmp_path, capsy
         ("data_paths", "data.data_paths"), ("output_dir", "output_dir"), ("pretrained_model_path", "model.model_dir")]
     assert "3 value(s) to fill in" in printed and "$MODEL_NAME_OR_PATH" in printed
     assert out.read_text() == text and "data_paths: [$DATA_PATHS]  # data_paths; <- FILL IN" in text
+    # MFTCoder's process-group timeout (its default, 3600 s: the key is absent) is mft's collective timeout.
+    assert "distributed_timeout_s: 3600  # init_timeout_seconds" in text
     # `mft validate` accepts every key and points at exactly the two paths still to fill in.
     problems = check_config(load_config(out), RecipeConfig)
     assert len(problems) == 2 and all("path does not exist: $" in p for p in problems), problems
@@ -167,8 +169,10 @@ BAD = [  # (key, value, words of the error)
     ("lora_rank", "96", "lora_rank: expected int, got '96'"),
     ("load_raw_dataset", False, "load_raw_dataset: false reads MFTCoder's offline-tokenised"),
     ("tokenize_mode", "pretrain", "tokenize_mode: 'pretrain'"),
-    ("lora_rnk", 8, "lora_rnk: not an MftTrainArgs key (MFTCoder would refuse it too); did you mean 'lora_rank'?"),
+    ("lora_rnk", 8, "lora_rnk: not an MftTrainArgs key (MFTCoder v0.5's mft_accelerate.py would refuse it too); did you mean "
+                           "'lora_rank'?"),
     ("role_markers", {"bot": "B:"}, "role_markers: {'bot': 'B:'}; expected non-empty strings"),
+    ("xxpo", "dpo", "xxpo: 'dpo': a config of MFTCoder's preference-optimisation trainer"),  # dpo_train_config.json
 ]
 
 

@@ -8,11 +8,14 @@ model_type) and a tokenizer without an EOS token.
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import json
 import os
 import shutil
 
 import pytest
+import torch
 import yaml
 
 import cli
@@ -83,7 +86,14 @@ BAD_SETTINGS = [
      "linear names there: ['down_proj', 'gate_proj', 'k_proj', 'o_proj', 'q_proj', 'up_proj', 'v_proj']"),
     ("tokenizer.path={root}/no_eos_tokenizer",
      "tokenizer {root}/no_eos_tokenizer: has no eos_token, which ends every assistant turn"),
-    ("model.attn_implementation=flash", "'model.attn_implementation' is 'flash': expected one of auto, eager, "),
+    ("model.attn_implementation=flash",
+     "model.attn_implementation: unknown 'flash'; expected auto or one of flex_attention, varlen_attn, "),
+    ("model.attn_implementation=paged|eager",
+     "model.attn_implementation: 'paged|eager' is a transformers attention mft cannot give packed-sample boundaries"),
+    ("model.liger=[rms_norm,fast]",
+     "model.liger: unknown kernels ['fast']; expected true or a list of ['rms_norm', 'swiglu', 'rope']"),
+    ("model.compile=null", "'model.compile' is None: expected true or false or 'auto'"),
+    ("eval.code=true", "'eval.code' is True: expected a mapping of its keys (tasks, num_samples, k, ...) or null"),
     ("loss.mode=tasks", "loss.mode: expected one of token, sample, task, task_sample, coba"),
     ("loss.task_weights.unit_tests=2", "loss.task_weights: unknown task(s) ['unit_tests']; the tasks are ['add', 'upper']"),
     ("loss.task_weights.add=-1", "loss.task_weights: expected non-negative weights, not all 0, got {'add': -1.0, "),
@@ -112,3 +122,46 @@ def test_validate_and_run_name_the_bad_setting(assets, capsys, override, message
     assert "Traceback" not in err and "trainable params" not in out  # stopped before any model was built
 
     assert file_tree(assets) == before  # no output_dir, no cache, the model and data untouched
+
+
+def test_model_method_against_the_recipe(assets, capsys):
+    """A full config run with the LoRA recipe (or the reverse) used to pass `mft validate` and stop after the data
+    build; now both name model.method. Without --recipe, a renamed copy is checked against the recipe of its
+    method."""
+    config = str(assets / "cfg.yaml")
+    assert cli.main(["validate", "--config", config, "model.method=full"]) == 0
+    assert "OK for recipe full_finetune_distributed" in capsys.readouterr().out
+    assert cli.main(["validate", "--config", config, "--recipe", "lora_finetune_distributed", "model.method=full"]) == 1
+    assert ("'model.method' is 'full': lora_finetune_distributed trains lora or qlora; run full with "
+            "full_finetune_distributed") in capsys.readouterr().err
+    assert cli.main(["run", "full_finetune_distributed", "--config", config, "model.method=qlora"]) == 1
+    out, err = capsys.readouterr()
+    assert err.startswith("config errors:\n") and "'model.method' is 'qlora': full_finetune_distributed trains full" in err
+    assert "trainable params" not in out
+
+
+# Settings that are right for another machine (a GPU): `mft validate` accepts them (a config is often checked where
+# it does not run), and the run on this CPU stops before loading the model with the key and what to set instead.
+DEVICE_SETTINGS = [
+    ("model.attn_implementation=flex_attention",
+     "model.attn_implementation: flex_attention trains on cuda only, this run is on cpu; use auto (here: sdpa_varlen)"),
+    ("model.liger=true", "model.liger: liger-kernel's Triton kernels run on CUDA only, not cpu; set it to false"),
+    ("loss.cross_entropy=liger",
+     "loss.cross_entropy: liger runs on CUDA only (Triton kernels), this run is on cpu; use chunked"),
+]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="these settings run on CUDA: the test needs a CPU-only machine")
+@pytest.mark.parametrize("override,message", DEVICE_SETTINGS, ids=[o for o, _ in DEVICE_SETTINGS])
+def test_run_names_a_setting_this_device_cannot_do(assets, tmp_path, capsys, monkeypatch, override, message):
+    config = str(assets / "cfg.yaml")
+    if "cross_entropy" in override:  # installed or not, liger-kernel is not what stops a CPU run: pretend it is there
+        find_spec = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: importlib.machinery.ModuleSpec(name, None)
+                            if name == "liger_kernel" else find_spec(name, *a))
+    assert cli.main(["validate", "--config", config, override]) == 0
+    capsys.readouterr()
+    assert cli.main(["run", "lora_finetune_distributed", "--config", config, override,
+                     f"output_dir={tmp_path / 'out'}"]) == 1
+    out, err = capsys.readouterr()
+    assert err == f"config error: {message}\n" and "trainable params" not in out

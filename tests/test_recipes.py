@@ -221,6 +221,20 @@ def test_early_stopping_and_saving_limit(assets, tmp_path, capsys):
     assert "early stopping" in capsys.readouterr().out
 
 
+def test_final_checkpoint_holds_the_final_evaluation(assets, tmp_path):
+    """The last step is saved by save_every_n_steps before the end's evaluation (not due at that step) runs: the
+    final checkpoint is written again, so its metadata and recipe state carry that evaluation and its best step."""
+    cfg = _config(assets, tmp_path, max_steps=4, eval_every_n_steps=3, save_every_n_steps=2)
+    _run(LORA_RECIPE, cfg)
+    out = tmp_path / "out"
+    last = _records(out, "eval")[-1]
+    assert last["step"] == 4 and last["best_step"] == 4  # the loss still falls at step 4
+    meta, state = ck.read_checkpoint_meta(out / "step_4"), ck.load_recipe_state(out / "step_4")
+    assert meta["valid_step"] == 4 and meta["valid_losses"] == last["task_loss"]
+    assert state["early_stopping"]["best_step"] == 4 and state["evaluator"]["last"][0] == 4
+    ck.verify_checkpoint(out / "step_4", resumable=True)
+
+
 def test_bad_data_fails_before_the_model_loads(assets, tmp_path, capsys):
     bad = tmp_path / "broken"
     bad.mkdir()

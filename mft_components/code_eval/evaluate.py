@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 
 from mft_components.code_eval.generation import Generated, batches_needed, generate_batched
 from mft_components.code_eval.pass_at_k import mean_pass_at_k
@@ -38,7 +39,7 @@ from mft_components.code_eval.suites import (
     read_eval_file,
 )
 from mft_components.config import to_container
-from mft_components.distributed import get_rank, get_world_size, is_distributed
+from mft_components.distributed import get_rank, get_world_size, is_distributed, run_in_step
 
 __all__ = ["CodeEvalError", "CodeEvalOptions", "CodeEvalResult", "CodeEvaluator", "evaluate_code", "format_table"]
 
@@ -143,7 +144,10 @@ class CodeEvalOptions:
         ks = opts["k"] or ([n] if n >= 2 else [])
         if isinstance(ks, list):
             for k in ks:
-                if not isinstance(k, int) or not 2 <= k <= max(n, 1):
+                if isinstance(k, int) and k >= 2 and n < k:
+                    out.append(("k", f"{k!r}: pass@{k} needs num_samples >= {k} sampled answers per problem (it is "
+                                     f"{n}); raise eval.code.num_samples or lower k"))
+                elif not isinstance(k, int) or not 2 <= k <= max(n, 1):
                     out.append(("k", f"{k!r}: each k must lie in 2..num_samples ({n}); pass@1 is the greedy one"))
         choices = ["loss", "pass@1"] + [f"pass@{k}" for k in ks if isinstance(k, int) and k >= 2]
         if opts["select_by"] not in choices:
@@ -220,23 +224,42 @@ def evaluate_code(model: torch.nn.Module, tokenizer, chat_format, tasks: dict[st
                                         **gen)
     generate_s = time.perf_counter() - start
     items = [(t, i, p, "greedy") for t, i, p in greedy] + sampled
-    records = _run(items, answers, tokenizer, sandbox)
-    execute_s = time.perf_counter() - start - generate_s
+    records, execute_s = execute_answers(items, answers, tokenizer, sandbox)
     if is_distributed():
-        import torch.distributed as dist
-
-        gathered = [None] * world
-        dist.all_gather_object(gathered, records)
-        records = [r for part in gathered for r in part]
-        times = torch.tensor([generate_s, execute_s], dtype=torch.float64)
+        times = torch.tensor([generate_s], dtype=torch.float64)
         dist.all_reduce(times, op=dist.ReduceOp.MAX)
-        generate_s, execute_s = times.tolist()
+        generate_s = times.item()
     order = {t: n for n, t in enumerate(tasks)}
     records.sort(key=lambda r: (order[r["task"]], r["index"], -1 if r["sample"] == "greedy" else r["sample"]))
     metrics = _score(records, tasks, options.ks)
     metrics.update(seconds=time.perf_counter() - start, generate_s=generate_s, execute_s=execute_s,
                    isolation=sandbox.isolation)
     return CodeEvalResult(metrics=metrics, records=records)
+
+
+def execute_answers(items: list[tuple], answers: list[Generated], tokenizer,
+                    sandbox: Sandbox) -> tuple[list[dict], float]:
+    """Run this rank's answers with their tests and gather every rank's records (collective under torchrun).
+
+    Ranks finish their programs at different times (a program that hangs costs its whole timeout), so they wait
+    for each other in step (``distributed.run_in_step``), not inside the gather, where a wait longer than
+    ``distributed_timeout_s`` would end the run.
+
+    Args:
+        items: ``(task, index, problem, sample)`` of each answer (``sample`` is ``"greedy"`` or its number).
+        answers: this rank's generated answers, in the order of ``items``.
+
+    Returns:
+        (the records of every rank, the seconds the slowest rank spent running its programs).
+    """
+    start = time.perf_counter()
+    records = run_in_step(lambda: _run(items, answers, tokenizer, sandbox))
+    execute_s = time.perf_counter() - start
+    if is_distributed():
+        gathered = [None] * get_world_size()
+        dist.all_gather_object(gathered, records)
+        records = [r for part in gathered for r in part]
+    return records, execute_s
 
 
 def _run(items: list[tuple], answers: list[Generated], tokenizer, sandbox: Sandbox) -> list[dict]:
@@ -385,6 +408,12 @@ class CodeEvaluator:
                                 f"{' (best)' if improved else ''}: {per_task} ({metrics['seconds']:.0f}s)")
         return improved
 
+    def best_task_values(self) -> dict[str, float] | None:
+        """Per task, the ``select_by`` pass rate of the best evaluation (None unless it selects the best step)."""
+        if not self.selects or self.best is None:
+            return None
+        return dict(self.best[1][f"task_{self.options.select_by}"])
+
     def checkpoint_meta(self) -> dict:
         """What ``mft_checkpoint.json`` records of the last evaluation."""
         if self.last is None:
@@ -445,14 +474,20 @@ def _suite_tasks(suite: str, task_names: list[str] | None) -> dict[str, str]:
 def _load_model(model: str, template: str | None, dtype: str, device: str | None):
     from mft_components.checkpoint import META_FILE, read_checkpoint_meta
     from mft_components.export import ADAPTER_CONFIG
-    from mft_components.generate import load_generation_model
+    from mft_components.generate import GenerateError, load_generation_model
 
     path = Path(model)
     fallback = {"template": template} if template else None
     if (path / ADAPTER_CONFIG).is_file() and (path / META_FILE).is_file():  # a LoRA / QLoRA checkpoint
         base = read_checkpoint_meta(path).get("base_model_dir")
         return load_generation_model(base, adapter=path, dtype=dtype, device=device, default_chat_format=fallback)
-    return load_generation_model(path, dtype=dtype, device=device, default_chat_format=fallback)
+    try:
+        return load_generation_model(path, dtype=dtype, device=device, default_chat_format=fallback)
+    except GenerateError as e:
+        if template is None and str(e).startswith("no training chat format"):  # a base model: say how to prompt it
+            raise GenerateError(f"{e}; for a model mft did not train, pass --template hf (its tokenizer's "
+                                "chat_template) or --template mft (MFTCoder's markers)") from None
+        raise
 
 
 def run(args: argparse.Namespace) -> int:

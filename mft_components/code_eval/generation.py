@@ -7,8 +7,9 @@
 
 The model may be an ``MFTModel`` in training (LoRA applied, not merged; put in eval mode and back, no grad) or a
 plain transformers model (``mft generate``, ``mft eval`` on an exported directory): both run the same code, so
-greedy tokens agree between the in-training model and its export. A packed-training attention without KV-cache
-support (``sdpa_varlen``) is swapped for ``sdpa`` while generating (``attention.kv_cache_attention``).
+greedy tokens agree between the in-training model and its export. A training attention that cannot use a KV cache
+(``sdpa_varlen``, ``varlen_attn``) or would run unfused (``flex_attention``) is swapped for ``sdpa`` while
+generating (``attention.kv_cache_attention``).
 
 Under FSDP2 every rank must run the same forwards (each layer's all-gather is collective): ranks call
 :func:`generate_batched` with the same ``min_batches`` (padding with throw-away batches), and transformers'

@@ -3,7 +3,8 @@
 Usage: torchrun --nproc-per-node 2 tests/dist/code_eval_check.py MODEL_DIR EVAL_FILE
 Each rank generates its share of the prompts (uneven: one rank runs a throw-away batch to keep the collective
 forwards in step) with the sharded in-training model (sdpa_varlen attention, LoRA not merged); every rank checks
-the gathered answers against an unsharded copy of the same model answering every prompt. Rank 0 prints OK.
+the gathered answers against an unsharded copy of the same model answering every prompt. Then programs that
+keep one rank busy for longer than the process group's timeout are still gathered. Rank 0 prints OK.
 """
 
 import sys
@@ -63,6 +64,30 @@ def main(model_dir: str, eval_file: str) -> None:
                                   eos_token_id=tok.eos_token_id, max_new_tokens=4, batch_size=2)
     assert [r["completion"] for r in result.records if r["sample"] == "greedy"] == [
         tok.decode(g.new_ids, skip_special_tokens=False) for g in greedy_ref]
+
+    # Ranks whose programs take longer than the process group's timeout apart (rank 1's sleeps 4 s, rank 0's is
+    # done at once; timeout 2 s) still meet: they wait for each other in step, not inside the gather.
+    import datetime
+    import json
+    from pathlib import Path
+
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
+    from mft_components.code_eval.evaluate import execute_answers
+    from mft_components.code_eval.generation import Generated
+    from mft_components.code_eval.suites import read_eval_file
+
+    uneven = Path(eval_file).with_name("uneven.jsonl")
+    uneven.write_text("".join(json.dumps({"task_id": t, "prompt": "p", "test": test}) + "\n" for t, test in (
+        ("quick", "assert x == 1"), ("slow", "import time\ntime.sleep(4)\nassert x == 1"))))
+    problem = read_eval_file(str(uneven))[rank]
+    answer = Generated(new_ids=tok.encode("```python\nx = 1\n```"), finished=True)
+    _set_pg_timeout(datetime.timedelta(seconds=2))
+    records, seconds = execute_answers([("t", rank, problem, "greedy")], [answer], tok, make_sandbox(options))
+    assert [(r["task_id"], r["status"]) for r in records] == [("quick", "passed"), ("slow", "passed")], records
+    assert seconds >= 4, seconds
+    _set_pg_timeout(datetime.timedelta(minutes=5))
+
     destroy_distributed()
     if rank == 0:
         print("OK")
