@@ -3,7 +3,7 @@
     mft ls                                        recipes and their built-in configs
     mft cp NAME DEST [--make-parents] [--force]   copy a built-in recipe or config
     mft run RECIPE --config CONFIG [torchrun flags] [key=value | ~key ...]
-    mft validate --config CONFIG [--recipe RECIPE] [key=value ...]
+    mft validate --config CONFIG [--recipe RECIPE] [--no-data] [key=value ...]
     mft data --config CONFIG [key=value ...] [--show N]
     mft export CHECKPOINT_DIR --output OUT_DIR [...]
     mft export --adapter ADAPTER_DIR --base MODEL_DIR --output OUT_DIR     merge any PEFT LoRA adapter
@@ -213,7 +213,30 @@ def cmd_validate(args: argparse.Namespace) -> int:
         for problem in problems:
             print(f"  - {problem}", file=sys.stderr)
         return 1
-    print(f"{args.config}: OK for recipe {recipe.stem}")
+    if args.no_data:
+        print(f"{args.config}: OK for recipe {recipe.stem} (records not read: --no-data)")
+        return 0
+    if cfg.get("data") is None or cfg.get("tokenizer") is None:  # a custom recipe that reads no data
+        print(f"{args.config}: OK for recipe {recipe.stem}")
+        return 0
+    return _validate_records(cfg, args.config, recipe.stem)
+
+
+def _validate_records(cfg: DictConfig, source: str, recipe: str) -> int:
+    """Reads and tokenises every record as the run will (the run then finds them in the tokenisation cache): a bad
+    record stops a run with ``on_bad_record: error`` before the model loads, so validate names it too."""
+    from mft_components.data import DataError
+    from mft_components.data_report import build_config_data
+
+    try:
+        _, data = build_config_data(cfg, source)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"data error in {source}:\n{e}", file=sys.stderr)
+        return 1
+    total = data.total_stats
+    skipped = f"; {len(data.skipped)} bad record(s) the run will skip (data.on_bad_record: skip), first: " \
+              f"{data.skipped[0]}" if data.skipped else ""
+    print(f"{source}: OK for recipe {recipe} ({total['records']} records read{skipped})")
     return 0
 
 
@@ -249,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a config without training; report every problem")
     p.add_argument("--config", required=True, help="built-in config name or YAML file")
     p.add_argument("--recipe", help="recipe whose keys to check against (default: the config's built-in recipe)")
+    p.add_argument("--no-data", action="store_true",
+                   help="check the config only; do not read and tokenise the records (as `mft data` and the run do)")
     p.add_argument("overrides", nargs="*", help="key=value or ~key")
     p.set_defaults(func=cmd_validate)
 

@@ -69,21 +69,33 @@ def _pick(samples, num_tasks: int, n: int) -> list:
     return picked
 
 
+def build_config_data(cfg, source: str):
+    """The tokenizer and ``MFTData`` of a config's ``tokenizer:`` and ``data:`` sections, built as the recipe builds
+    them (same template, split and tokenisation cache; one rank).
+
+    Raises:
+        ConfigError: a section is missing. DataError: bad records (``on_bad_record: error``) or data options.
+    """
+    from mft_components.config import ConfigError, instantiate
+
+    if cfg.get("data") is None or cfg.get("tokenizer") is None:
+        raise ConfigError(f"{source}: needs a `data:` and a `tokenizer:` section")
+    tokenizer = instantiate(cfg.tokenizer)
+    return tokenizer, instantiate(cfg.data, tokenizer=tokenizer, seed=int(cfg.get("seed", 42)), rank=0, world_size=1)
+
+
 def run(args: argparse.Namespace) -> int:
     """Build the config's data and print its statistics (and samples with ``--show``).
 
     Returns:
         0, or 1 with the problem on stderr (bad config, bad records with ``on_bad_record: error``).
     """
-    from mft_components.config import ConfigError, instantiate, load_config
+    from mft_components.config import ConfigError, load_config
     from mft_components.data import DataError
 
     try:
         cfg = load_config(args.config, args.overrides)
-        if cfg.get("data") is None or cfg.get("tokenizer") is None:
-            raise ConfigError(f"{args.config}: needs a `data:` and a `tokenizer:` section")
-        tokenizer = instantiate(cfg.tokenizer)
-        data = instantiate(cfg.data, tokenizer=tokenizer, seed=int(cfg.get("seed", 42)), rank=0, world_size=1)
+        tokenizer, data = build_config_data(cfg, args.config)
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"mft data: {e}", file=sys.stderr)
         return 1

@@ -106,6 +106,28 @@ def test_the_base_config_is_valid(assets, capsys):
     assert cli.main(["validate", "--config", str(assets / "cfg.yaml")]) == 0, capsys.readouterr().err
 
 
+def test_validate_reads_the_records_as_the_run_does(assets, tmp_path, capsys):
+    """A bad record stops a run (on_bad_record: error) after the data build: validate reads the records too and
+    names it with path:line: field; with skip it counts what the run will skip; --no-data checks the config only."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "train.jsonl").write_text('{"prompt": "p", "answer": "a"}\n{"prompt": "p"}\n')
+    config = str(assets / "cfg.yaml")
+    paths = f"data.data_paths=[{assets}/data/add,{bad}]"
+    assert cli.main(["validate", "--config", config, paths]) == 1
+    err = capsys.readouterr().err
+    assert f"{bad / 'train.jsonl'}:2: " in err and "Traceback" not in err, err
+    assert cli.main(["validate", "--config", config, paths, "data.on_bad_record=skip"]) == 0
+    out = capsys.readouterr().out
+    assert "OK for recipe lora_finetune_distributed (6 records read; 1 bad record(s) the run will skip" in out, out
+    assert f"{bad / 'train.jsonl'}:2: " in out
+    assert cli.main(["validate", "--config", config, paths, "--no-data"]) == 0
+    assert "records not read: --no-data" in capsys.readouterr().out
+    assert cli.main(["run", "lora_finetune_distributed", "--config", config, paths,
+                     f"output_dir={tmp_path / 'out'}"]) == 1
+    assert f"{bad / 'train.jsonl'}:2: " in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("override,message", BAD_SETTINGS, ids=[o.replace("{root}/", "") for o, _ in BAD_SETTINGS])
 def test_validate_and_run_name_the_bad_setting(assets, capsys, override, message):
     override, message = override.replace("{root}", str(assets)), message.replace("{root}", str(assets))
