@@ -361,7 +361,8 @@ def build_model(
         liger: liger-kernel's RMSNorm, SwiGLU and RoPE kernels (CUDA, ``pip install 'mft[gpu]'``): true for all
             three, or a list of ``rms_norm``, ``swiglu``, ``rope``. Off by default (not yet measured against
             compile on a GPU). The fused linear cross entropy is ``loss.cross_entropy: liger``.
-        cpu_offload: FSDP2 CPU offload of parameters, gradients and optimizer state (distributed only).
+        cpu_offload: FSDP2 CPU offload of parameters, gradients and optimizer state (2 or more ranks; a
+            one-rank run refuses it rather than ignore it).
         trust_remote_code: allow custom modelling code shipped with the model.
         device: device for the parameters (runtime; default CPU).
         distributed: shard with FSDP2 over the default process group (runtime).
@@ -378,6 +379,10 @@ def build_model(
     attn, attn_why = resolve_attn_implementation(attn_implementation, device)
     checkpointing = dist_utils.activation_checkpointing_mode(activation_checkpointing)
     liger_kernels = resolve_liger(liger, device)
+    if cpu_offload and not distributed:  # FSDP2's offload policy: without sharding it would be silently ignored
+        raise ValueError("model.cpu_offload: FSDP2 offloads the shards of a run on 2 or more ranks; this run has one, "
+                         "where it would do nothing; set it to false (on one GPU, method: qlora and "
+                         "activation_checkpointing save memory)")
     hf_model, lora_cfg = build_meta_model(model_dir, method, lora, dtype, attn, trust_remote_code)
     scope, compile_why = dist_utils.resolve_compile(compile, device, BACKENDS[attn].static_shapes,
                                                     moe=_num_experts(hf_model.config) is not None)

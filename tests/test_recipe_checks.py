@@ -162,7 +162,7 @@ def test_model_method_against_the_recipe(assets, capsys):
     assert "trainable params" not in out
 
 
-# Settings that are right for another machine (a GPU): `mft validate` accepts them (a config is often checked where
+# Settings that are right for another machine (a GPU, more ranks): `mft validate` accepts them (a config is often checked where
 # it does not run), and the run on this CPU stops before loading the model with the key and what to set instead.
 DEVICE_SETTINGS = [
     ("model.attn_implementation=flex_attention",
@@ -170,6 +170,9 @@ DEVICE_SETTINGS = [
     ("model.liger=true", "model.liger: liger-kernel's Triton kernels run on CUDA only, not cpu; set it to false"),
     ("loss.cross_entropy=liger",
      "loss.cross_entropy: liger runs on CUDA only (Triton kernels), this run is on cpu; use chunked"),
+    ("model.cpu_offload=true",  # right for a multi-rank run; one rank would ignore it
+     "model.cpu_offload: FSDP2 offloads the shards of a run on 2 or more ranks; this run has one, where it would do "
+     "nothing; set it to false (on one GPU, method: qlora and activation_checkpointing save memory)"),
 ]
 
 
