@@ -174,7 +174,8 @@ class Sandbox:
     def isolation(self) -> str:
         """One line saying how programs are isolated here (printed by every evaluation)."""
         parts = ["bubblewrap (read-only filesystem but the program's directory, no network, own pid namespace)"
-                 if self.bwrap else f"separate process ({self.bwrap_failure or 'bubblewrap not used'})"]
+                 if self.bwrap else f"separate process ({self.bwrap_failure or 'bubblewrap not used'}): programs "
+                                    f"read, write and reach the network as this user can"]
         if self._cgroup is not None:
             parts.append(f"pids cgroup ({self.limits.max_processes} tasks)")
         elif os.geteuid() != 0:
