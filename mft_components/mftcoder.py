@@ -241,6 +241,9 @@ def _scheduler(value: Any, args: dict) -> Out:
 
 def _warmup(value: Any, args: dict) -> Out:
     gas = args["gradient_accumulation_steps"]
+    if args["lr_scheduler_type"] == "constant":  # transformers' get_scheduler ignores num_warmup_steps for it
+        return {"lr_scheduler.warmup_steps": (0, f"MFTCoder's constant schedule has no warmup (num_warmup_steps "
+                                                 f"{value} is ignored by it)")}
     if isinstance(value, float) and value < 1:
         return {"lr_scheduler.warmup_steps": (value, "a fraction of the run's optimizer steps (MFTCoder divided it "
                                                      "by the number of processes and multiplied it by "

@@ -205,3 +205,15 @@ def test_migration_page_lists_every_key():
     page = (Path(__file__).resolve().parent.parent / "docs" / "migrating-from-mftcoder.md").read_text()
     table = "\n".join(line.split("|")[1] for line in page.splitlines() if line.startswith("| `"))
     assert [k for k in MFTTRAINARGS if f"`{k}`" not in table] == []
+
+
+@pytest.mark.parametrize("schedule,warmup", [("constant", 0), ("constant_with_warmup", 6), ("cosine", 6)])
+def test_warmup_follows_mftcoder_schedule(tmp_path, schedule, warmup):
+    # transformers' get_scheduler("constant") ignores num_warmup_steps: MFTCoder ran no warmup there.
+    src = write_json(tmp_path / "c.json", {"data_paths": "[a,b]", "output_dir": "o", "pretrained_model_path": "m",
+                                           "lr_scheduler_type": schedule, "num_warmup_steps": 3,
+                                           "gradient_accumulation_steps": 2, "learning_rate": 1e-4})
+    result, _ = mftcoder.import_mftcoder(src)
+    assert result.config["lr_scheduler"]["warmup_steps"] == warmup
+    if schedule != "cosine":
+        assert result.config["lr_scheduler"]["min_lr"] == 1e-4
