@@ -275,8 +275,11 @@ def _early_stopping(value: Any, args: dict) -> Out:
 
 
 def _saving_limit(value: Any, args: dict) -> Out:
-    if value is None and args["peft_type"] is None:
-        return {"saving_limit": (2, "MFTCoder keeps 2 checkpoints in full fine-tuning when saving_limit is null")}
+    if value is None or value < 1:  # MFTCoder: no limit (its trainer tests `if saving_limit`), 2 in full fine-tuning
+        if args["peft_type"] is None:
+            return {"saving_limit": (2, "MFTCoder keeps 2 checkpoints in full fine-tuning when saving_limit is null "
+                                        "or below 1")}
+        return {"saving_limit": (None, "keep every checkpoint, as MFTCoder with saving_limit null or 0")}
     return {"saving_limit": (value, "the newest N plus the best, as in MFTCoder")}
 
 

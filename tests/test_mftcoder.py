@@ -217,3 +217,14 @@ def test_warmup_follows_mftcoder_schedule(tmp_path, schedule, warmup):
     assert result.config["lr_scheduler"]["warmup_steps"] == warmup
     if schedule != "cosine":
         assert result.config["lr_scheduler"]["min_lr"] == 1e-4
+
+
+@pytest.mark.parametrize("peft_type,limit,expected", [("lora", 0, None), ("lora", None, None), ("lora", 3, 3),
+                                                       (None, 0, 2), (None, None, 2), (None, 3, 3)])
+def test_saving_limit_below_one_is_mftcoders_default(tmp_path, peft_type, limit, expected):
+    # MFTCoder's trainer deletes old checkpoints only `if saving_limit` (0: keep all); full fine-tuning sets 2 for
+    # null or < 1. mft's saving_limit is >= 1 or null, so 0 must not be copied (it would fail `mft validate`).
+    src = write_json(tmp_path / "c.json", {"data_paths": "[a,b]", "output_dir": "o", "pretrained_model_path": "m",
+                                           "peft_type": peft_type, "saving_limit": limit})
+    result, _ = mftcoder.import_mftcoder(src)
+    assert result.config["saving_limit"] == expected
