@@ -283,6 +283,12 @@ def _saving_limit(value: Any, args: dict) -> Out:
     return {"saving_limit": (value, "the newest N plus the best, as in MFTCoder")}
 
 
+def _checkpointing_steps(value: Any, args: dict) -> Out:
+    if value < 1:  # MFTCoder's trainer saves by step only `if checkpointing_steps`; mft's key is >= 1 or null
+        return {"save_every_n_steps": (None, "MFTCoder's 0: no checkpoints every N steps")}
+    return {"save_every_n_steps": (value, "")}
+
+
 def _attention(value: Any, args: dict) -> Out:
     if value not in ("flash_attention_2", "sdpa", "eager"):
         raise MFTCoderConfigError(f"attn_implementation: {value!r}; expected flash_attention_2, sdpa or eager")
@@ -374,7 +380,7 @@ MFTCODER_KEYS: dict[str, Key] = {
     "resume_from_checkpoint": Key(None, _STR + _NONE, _resume),
     "auto_resume": Key(True, _BOOL, _resume),
     "log_interval": Key(10, _INT, _same("log_every_n_steps")),
-    "checkpointing_steps": Key(100, _INT, _same("save_every_n_steps")),
+    "checkpointing_steps": Key(100, _INT, _checkpointing_steps),
     "evaluation_steps": Key(100, _INT, _same("eval_every_n_steps")),
     "epoch_checkpointing": Key(False, _BOOL, _dropped(
         "mft checkpoints every save_every_n_steps, at each new best evaluation and at the end")),

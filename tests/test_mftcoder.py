@@ -228,3 +228,12 @@ def test_saving_limit_below_one_is_mftcoders_default(tmp_path, peft_type, limit,
                                            "peft_type": peft_type, "saving_limit": limit})
     result, _ = mftcoder.import_mftcoder(src)
     assert result.config["saving_limit"] == expected
+
+
+@pytest.mark.parametrize("steps,expected", [(0, None), (50, 50)])
+def test_checkpointing_steps_zero_is_no_step_checkpoints(tmp_path, steps, expected):
+    # MFTCoder saves by step only `if checkpointing_steps`; mft's save_every_n_steps is >= 1 or null.
+    src = write_json(tmp_path / "c.json", {"data_paths": "[a,b]", "output_dir": "o", "pretrained_model_path": "m",
+                                           "checkpointing_steps": steps})
+    result, _ = mftcoder.import_mftcoder(src)
+    assert result.config["save_every_n_steps"] == expected
