@@ -22,6 +22,7 @@ import json
 import math
 import re
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -576,15 +577,8 @@ def _scalar(value: Any) -> str:
 
 def _wrap(text: str, first: str, rest: str, width: int = 116) -> list[str]:
     """``text`` as comment lines of at most ``width`` characters: ``first`` starts the first, ``rest`` the others."""
-    lines, line = [], ""
-    for word in text.split():
-        prefix = rest if lines else first
-        if line and len(prefix) + len(line) + 1 + len(word) > width:
-            lines.append(prefix + line)
-            line = word
-        else:
-            line = f"{line} {word}" if line else word
-    return lines + [(rest if lines else first) + line]
+    return textwrap.wrap(text, width, initial_indent=first, subsequent_indent=rest, break_long_words=False,
+                         break_on_hyphens=False)
 
 
 def to_yaml(result: Imported, source: str) -> str:
