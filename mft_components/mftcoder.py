@@ -256,13 +256,18 @@ def _warmup(value: Any, args: dict) -> Out:
                                                  "gradient_accumulation_steps / processes steps, mft's over the run")}
 
 
-def _resume(value: Any, args: dict) -> Out:
+def _resume_from_checkpoint(value: Any, args: dict) -> Out:
+    # Judged on args, not value: a placeholder ("$CKPT") arrives as the default, None, and is a path all the same.
+    if args["resume_from_checkpoint"] is not None:
+        return ("mft resumes only its own checkpoints (optimizer, data position, RNG); to start from an MFTCoder "
+                "adapter merge it (mft export --adapter DIR --base MODEL_DIR --output MERGED) and set "
+                "model.model_dir")
+    return _auto_resume(args["auto_resume"], args)
+
+
+def _auto_resume(value: Any, args: dict) -> Out:
     # resume_from_checkpoint and auto_resume decide `resume` together.
     if args["resume_from_checkpoint"] is not None:
-        if value is args["resume_from_checkpoint"]:
-            return ("mft resumes only its own checkpoints (optimizer, data position, RNG); to start from an MFTCoder "
-                    "adapter merge it (mft export --adapter DIR --base MODEL_DIR --output MERGED) and set "
-                    "model.model_dir")
         return {"resume": (None, "")}
     auto = bool(args["auto_resume"])
     return {"resume": ("auto" if auto else None, "the newest whole mft checkpoint in output_dir" if auto else "")}
@@ -378,8 +383,8 @@ MFTCODER_KEYS: dict[str, Key] = {
     "seed": Key(1234, _INT, _same("seed")),
     "seq_length": Key(4096, _INT, _same("data.seq_len", "longer samples are dropped (data.truncation: drop), as in "
                                                         "MFTCoder")),
-    "resume_from_checkpoint": Key(None, _STR + _NONE, _resume),
-    "auto_resume": Key(True, _BOOL, _resume),
+    "resume_from_checkpoint": Key(None, _STR + _NONE, _resume_from_checkpoint),
+    "auto_resume": Key(True, _BOOL, _auto_resume),
     "log_interval": Key(10, _INT, _same("log_every_n_steps")),
     "checkpointing_steps": Key(100, _INT, _checkpointing_steps),
     "evaluation_steps": Key(100, _INT, _same("eval_every_n_steps")),

@@ -237,3 +237,13 @@ def test_checkpointing_steps_zero_is_no_step_checkpoints(tmp_path, steps, expect
                                            "checkpointing_steps": steps})
     result, _ = mftcoder.import_mftcoder(src)
     assert result.config["save_every_n_steps"] == expected
+
+
+def test_placeholder_resume_from_checkpoint_is_an_mftcoder_adapter(tmp_path):
+    # "$CKPT" stands for an MFTCoder adapter path, as a real path would: not written, nothing to fill in.
+    src = write_json(tmp_path / "c.json", {"data_paths": "[a,b]", "output_dir": "o", "pretrained_model_path": "m",
+                                           "resume_from_checkpoint": "$CKPT"})
+    result, text = mftcoder.import_mftcoder(src)
+    assert result.fill_in == [] and "FILL IN" not in text
+    assert "mft resumes only its own checkpoints" in dict(result.dropped)["resume_from_checkpoint"]
+    assert result.config["resume"] is None
