@@ -208,7 +208,7 @@ def _lora(name: str) -> Callable[[Any, dict], Out]:
 def _target_modules(value: Any, args: dict) -> Out:
     if args["peft_type"] is None:
         return "full fine-tuning (peft_type null) has no adapter"
-    if value is None:
+    if not value:  # MFTCoder tests `if args.target_modules`: null, "" and [] all mean every linear layer
         return {"model.lora.target_modules": ("all-linear", "MFTCoder's default (null): every linear layer")}
     if isinstance(value, str) and value != "all-linear":
         value = _split_list(value, "target_modules") if value.startswith("[") else [value]

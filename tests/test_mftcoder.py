@@ -247,3 +247,12 @@ def test_placeholder_resume_from_checkpoint_is_an_mftcoder_adapter(tmp_path):
     assert result.fill_in == [] and "FILL IN" not in text
     assert "mft resumes only its own checkpoints" in dict(result.dropped)["resume_from_checkpoint"]
     assert result.config["resume"] is None
+
+
+@pytest.mark.parametrize("targets", [None, [], ""])
+def test_empty_target_modules_is_all_linear(tmp_path, targets):
+    # MFTCoder's `if args.target_modules: ... else: "all-linear"`; an empty list in mft would match no linear.
+    src = write_json(tmp_path / "c.json", {"data_paths": "[a,b]", "output_dir": "o", "pretrained_model_path": "m",
+                                           "peft_type": "lora", "target_modules": targets})
+    result, _ = mftcoder.import_mftcoder(src)
+    assert result.config["model"]["lora"]["target_modules"] == "all-linear"
