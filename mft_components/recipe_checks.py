@@ -13,7 +13,8 @@ the recipes' ``@parse`` alike, so a run fails at its first line with the message
                     dropout in range, ``target_modules`` matching linears of this architecture)
     tokenizer       loads, and can render the data's chat format (EOS, BOS, chat_template)
     data            option values and task files (``data.resolve_data_config``, what the data build runs first)
-    loss            mode and options, ``task_weights`` against the task names of ``data``
+    loss            mode and options, ``task_weights`` against the task names of ``data``; CoBa has
+                    validation data to follow (else it would train with fixed weights, saying nothing)
 
 Each section is checked only when it uses mft's own builder (a user's component gets the generic signature
 checks) and was not already reported by the schema check; a path that does not exist is left to the path check.
@@ -45,6 +46,7 @@ def check_recipe_config(cfg: dict, flagged: set[str]) -> list[str]:
     tokenizer = _load_tokenizer(sections.get("tokenizer"), problems)
     tasks = _check_data(sections.get("data"), tokenizer, problems)
     _check_loss(sections.get("loss"), tasks, problems)
+    _check_coba_has_validation(sections.get("loss"), sections.get("data"), problems)
     return problems
 
 
@@ -198,3 +200,18 @@ def _check_loss(node: Any, tasks: list[str] | None, problems: list[str]) -> None
         pass  # a signature problem, reported by the schema check
     except (ValueError, TypeError) as e:
         problems.append(str(e))
+
+
+def _check_coba_has_validation(loss_node: Any, data_node: Any, problems: list[str]) -> None:
+    from mft_components.data import build_mft_data
+    from mft_components.loss import TaskWeightedLoss
+
+    loss, data = _builder_args(loss_node, TaskWeightedLoss), _builder_args(data_node, build_mft_data)
+    if loss is None or data is None or loss.get("mode") != "coba":
+        return
+    size, ratio = data.get("valid_size"), data.get("valid_ratio")
+    held_out = size > 0 if isinstance(size, int) else isinstance(ratio, (int, float)) and ratio > 0
+    if not (held_out or data.get("valid_data_paths")):
+        problems.append("loss.mode: coba weighs the tasks by their validation-loss curves, but data holds out no "
+                        "validation data (data.valid_size / data.valid_ratio 0, no data.valid_data_paths): hold "
+                        "some out, or choose another loss.mode")

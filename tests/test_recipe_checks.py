@@ -97,6 +97,8 @@ BAD_SETTINGS = [
     ("loss.mode=tasks", "loss.mode: expected one of token, sample, task, task_sample, coba"),
     ("loss.task_weights.unit_tests=2", "loss.task_weights: unknown task(s) ['unit_tests']; the tasks are ['add', 'upper']"),
     ("loss.task_weights.add=-1", "loss.task_weights: expected non-negative weights, not all 0, got {'add': -1.0, "),
+    ("loss.mode=coba data.valid_ratio=0",  # else CoBa kept its first weights for the whole run, saying nothing
+     "loss.mode: coba weighs the tasks by their validation-loss curves, but data holds out no validation data"),
     ("output_dir={root}/a_file", "'output_dir' is '{root}/a_file': it is a file; expected a directory"),
     ("output_dir={root}/a_file/run", "'output_dir' is '{root}/a_file/run': it is under {root}/a_file, a file"),
 ]
@@ -134,11 +136,12 @@ def test_validate_and_run_name_the_bad_setting(assets, capsys, override, message
     config = str(assets / "cfg.yaml")
     before = file_tree(assets)
 
-    assert cli.main(["validate", "--config", config, override]) == 1
+    overrides = override.split(" ")
+    assert cli.main(["validate", "--config", config, *overrides]) == 1
     err = capsys.readouterr().err
     assert "1 problem(s)" in err and f"{config}: {message}" in err, err
 
-    assert cli.main(["run", "lora_finetune_distributed", "--config", config, override]) == 1
+    assert cli.main(["run", "lora_finetune_distributed", "--config", config, *overrides]) == 1
     out, err = capsys.readouterr()
     assert err.startswith("config errors:\n") and f"{config}: {message}" in err, err
     assert "Traceback" not in err and "trainable params" not in out  # stopped before any model was built
