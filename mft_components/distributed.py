@@ -17,7 +17,6 @@ the counters that stopped (a stopped, frozen or killed process) when a collectiv
 
 from __future__ import annotations
 
-import atexit
 import datetime
 import os
 import threading
@@ -102,9 +101,6 @@ class _Heartbeat(threading.Thread):
             return None
         beat = cls(dist.PrefixStore("mft_heartbeat", store), rank, world_size)
         beat.start()
-        # Stopped before the interpreter finalises: a daemon thread still inside the store's C++ call then would
-        # end the process with std::terminate (SIGABRT) when a run exits without destroy_distributed (sys.exit).
-        atexit.register(beat.stop, join=True)
         return beat
 
     def run(self) -> None:
@@ -116,10 +112,8 @@ class _Heartbeat(threading.Thread):
             if self._stopped.wait(HEARTBEAT_S):
                 return
 
-    def stop(self, join: bool = False) -> None:
+    def stop(self) -> None:
         self._stopped.set()
-        if join and self.is_alive():
-            self.join(timeout=5)
 
     def silent_ranks(self, window_s: float) -> list[int] | None:
         """Other ranks whose counter did not move during ``window_s``; None when the store cannot be read."""
