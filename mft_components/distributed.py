@@ -388,8 +388,6 @@ def shard_model(
     )
 
     apply_activation_checkpointing(model, activation_checkpointing)
-    if compile != "off":
-        compile_layers(model, whole=compile == "layers")
     mesh = _device_mesh()
     kwargs = dict(
         mesh=mesh,
@@ -398,6 +396,10 @@ def shard_model(
     )
     for layer in model.decoder_layers():
         fully_shard(layer, reshard_after_forward=reshard_after_forward, **kwargs)
+    # After fully_shard: it gives each layer a subclass whose forward wraps the class's again, and transformers
+    # checkpoints in the outermost wrapper only; a forward compiled before would be an inner one, never checkpointed.
+    if compile != "off":
+        compile_layers(model, whole=compile == "layers")
     # The root group (embeddings, final norm, lm_head) is needed right after the last layer for the loss:
     # keeping it unsharded after forward saves one all-gather at the start of backward.
     fully_shard(model, reshard_after_forward=False, **kwargs)

@@ -352,7 +352,7 @@ def build_model(
         dtype: "bf16" or "fp32" for parameters and compute (NF4 weights dequantise to it).
         attn_implementation: ``auto`` (the fastest exact packed attention of the device: flex_attention on CUDA,
             sdpa_varlen on the CPU; `attention.resolve_attn_implementation`), or a name from
-            `attention.known_implementations()` (``flex_attention``, ``varlen_attn``, ``sdpa_varlen``,
+            `attention.known_attn_implementations()` (``flex_attention``, ``varlen_attn``, ``sdpa_varlen``,
             ``flash_attention_2``, ``sdpa``, ``eager``, ...). The run prints what it chose.
         activation_checkpointing: false, true / ``full`` (every layer recomputed in backward), ``every_other``
             or ``selective`` (only cheap ops recomputed); `distributed.ACTIVATION_CHECKPOINTING`.

@@ -318,6 +318,29 @@ def test_activation_checkpointing_modes_match_none(tiny_dir, mode):
     assert flags == ([True, False] if mode == "every_other" else [True, True])
 
 
+def test_sharded_whole_layer_compile_keeps_activation_checkpointing(tiny_dir, tmp_path):
+    """FSDP2 (a one-rank group here) with whole decoder layers compiled still recomputes every layer in backward:
+    the compiled forward is the outermost checkpointing wrapper, not the inner one FSDP2's subclass hides. Run
+    under the force_eager stance: the compiled callable runs as Python, so no compilation is needed to see it."""
+    import torch.distributed as dist
+
+    model_dir = tiny_dir("llama")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = build_model(model_dir, lora={"rank": 4, "alpha": 8}, dtype="fp32", attn_implementation="sdpa",
+                            activation_checkpointing="full", compile=True, distributed=True)
+        assert model.compile_scope == "layers"
+        checkpointed = []
+        for i, layer in enumerate(model.decoder_layers()):
+            inner = layer._gradient_checkpointing_func
+            layer._gradient_checkpointing_func = lambda *a, _i=i, _f=inner, **k: checkpointed.append(_i) or _f(*a, **k)
+        with torch.compiler.set_stance("force_eager"):
+            _losses_and_grads(model, _packings(VOCAB)[:1])
+        assert checkpointed == list(range(len(model.decoder_layers())))
+    finally:
+        dist.destroy_process_group()
+
+
 def test_compile_and_checkpointing_choices():
     from mft_components.distributed import activation_checkpointing_mode, resolve_compile
 
