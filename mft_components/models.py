@@ -21,7 +21,7 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from safetensors import safe_open
@@ -359,7 +359,7 @@ def build_model(
         compile: ``auto`` (CUDA: whole decoder layers when the attention has static shapes, else norms and MLP;
             CPU: off), true (the same scope on any device) or false; `distributed.resolve_compile`.
         liger: liger-kernel's RMSNorm, SwiGLU and RoPE kernels (CUDA, ``pip install 'mft[gpu]'``): true for all
-            three, or a list of ``rms_norm``, ``swiglu``, ``rope``. Off by default (not yet measured against
+            three, or a list of ``rms_norm``, ``swiglu`` (GeGLU in Gemma), ``rope``; only those run. Off by default (not yet measured against
             compile on a GPU). The fused linear cross entropy is ``loss.cross_entropy: liger``.
         cpu_offload: FSDP2 CPU offload of parameters, gradients and optimizer state (2 or more ranks; a
             one-rank run refuses it rather than ignore it).
@@ -528,10 +528,29 @@ def apply_liger_kernels(hf_model: nn.Module, kernels: tuple[str, ...]) -> None:
     apply = MODEL_TYPE_TO_APPLY_LIGER_FN.get(model_type)
     if apply is None:
         raise ValueError(f"model.liger: liger-kernel has no kernels for model_type {model_type!r}; set it to false")
+    apply(model=hf_model, **liger_options(apply, kernels, model_type))
+
+
+# mft's kernel name -> liger's keyword for it; the MLP's gated activation is SwiGLU, or GeGLU in the Gemma family.
+_LIGER_KEYWORDS = {"rms_norm": ("rms_norm",), "rope": ("rope",), "swiglu": ("swiglu", "geglu")}
+
+
+def liger_options(apply: Callable, kernels: tuple[str, ...], model_type: str) -> dict[str, bool]:
+    """Keyword arguments of a liger ``apply_liger_kernel_to_*`` function that apply exactly ``kernels``: every
+    kernel liger would apply by default (e.g. Gemma's geglu, the fused linear cross entropy) is off unless asked for.
+
+    Raises:
+        ValueError: a kernel asked for that liger has not for this ``model_type``.
+    """
     accepted = inspect.signature(apply).parameters
-    options = {name: name in kernels for name in LIGER_KERNELS if name in accepted}
-    options.update({k: False for k in ("cross_entropy", "fused_linear_cross_entropy") if k in accepted})
-    apply(model=hf_model, **options)
+    options = {name: False for name, p in accepted.items() if isinstance(p.default, bool)}
+    for kernel in kernels:
+        keyword = next((k for k in _LIGER_KEYWORDS[kernel] if k in accepted), None)
+        if keyword is None:
+            raise ValueError(f"model.liger: liger-kernel has no {kernel} kernel for model_type {model_type!r}; "
+                             f"list the others ({[k for k in LIGER_KERNELS if k != kernel]}) or set it to false")
+        options[keyword] = True
+    return options
 
 
 def _parameter_owners(module: nn.Module) -> dict[str, list[tuple[nn.Module, str]]]:

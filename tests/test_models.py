@@ -362,6 +362,32 @@ def test_compile_and_checkpointing_choices():
         resolve_liger(True, "cpu")
 
 
+def test_liger_options_apply_exactly_the_kernels_asked_for():
+    """liger's per-family functions default some kernels on (Gemma's geglu, the fused linear cross entropy); mft
+    passes every one explicitly. Signatures as in liger-kernel 0.8.5 (the package needs CUDA's Triton to import)."""
+    from mft_components.models import liger_options
+
+    def apply_liger_kernel_to_llama(rope=True, cross_entropy=False, fused_linear_cross_entropy=True, rms_norm=True,
+                                    swiglu=True, model=None):
+        pass
+
+    def apply_liger_kernel_to_gemma(rope=True, cross_entropy=False, fused_linear_cross_entropy=True, rms_norm=True,
+                                    geglu=True, model=None):
+        pass
+
+    assert liger_options(apply_liger_kernel_to_llama, ("rms_norm",), "llama") == {
+        "rope": False, "cross_entropy": False, "fused_linear_cross_entropy": False, "rms_norm": True, "swiglu": False}
+    gemma = liger_options(apply_liger_kernel_to_gemma, ("rope",), "gemma")
+    assert gemma["geglu"] is False and gemma["rope"] is True  # was left at liger's default: on, unasked
+    assert liger_options(apply_liger_kernel_to_gemma, ("swiglu",), "gemma")["geglu"] is True  # Gemma's MLP kernel
+
+    def apply_liger_kernel_to_phi(rope=True, rms_norm=True, model=None):
+        pass
+
+    with pytest.raises(ValueError, match="model.liger: liger-kernel has no swiglu kernel for model_type 'phi'"):
+        liger_options(apply_liger_kernel_to_phi, ("rms_norm", "swiglu"), "phi")
+
+
 def test_prepare_batch_matches_and_checks_labels(tiny_dir):
     """A prepared micro-batch (loss positions and attention boundaries from the host copy) computes what the
     plain batch computes; a label outside the vocabulary is reported before anything reaches the device."""
