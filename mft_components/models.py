@@ -359,8 +359,9 @@ def build_model(
         compile: ``auto`` (CUDA: whole decoder layers when the attention has static shapes, else norms and MLP;
             CPU: off), true (the same scope on any device) or false; `distributed.resolve_compile`.
         liger: liger-kernel's RMSNorm, SwiGLU and RoPE kernels (CUDA, ``pip install 'mft[gpu]'``): true for all
-            three, or a list of ``rms_norm``, ``swiglu`` (GeGLU in Gemma), ``rope``; only those run. Off by default (not yet measured against
-            compile on a GPU). The fused linear cross entropy is ``loss.cross_entropy: liger``.
+            three, or a list of ``rms_norm``, ``swiglu`` (GeGLU in Gemma), ``rope``; only those run. Off by default
+            (not yet measured against compile on a GPU). The fused linear cross entropy is ``loss.cross_entropy:
+            liger``.
         cpu_offload: FSDP2 CPU offload of parameters, gradients and optimizer state (2 or more ranks; a
             one-rank run refuses it rather than ignore it).
         trust_remote_code: allow custom modelling code shipped with the model.
