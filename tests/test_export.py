@@ -400,6 +400,12 @@ def test_peft_adapter_merged_gives_peft_logits(tiny_bases, tiny_gpt2, tmp_path, 
     msgs = [{"role": "user", "content": "hi"}]
     assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == "<s>human\nhi\n<s>bot\n"
     assert "merged onto its base with `mft export --adapter`" in (tmp_path / "out" / "README.md").read_text()
+    # `mft generate --model BASE --adapter ADAPTER` merges the same adapter the same way (biases, modules_to_save
+    # copies and Conv1D's [in, out] layout included).
+    from mft_components.generate import load_generation_model
+
+    gm = load_generation_model(base, adapter=adapter, default_chat_format={"template": "mft"})
+    torch.testing.assert_close(logits(gm.model, IDS), logits(reference, IDS), atol=2e-5, rtol=1e-5)
 
 
 def test_dtype_auto_keeps_the_base_dtype(tiny_bases, llama_lora, tmp_path):
