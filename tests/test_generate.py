@@ -207,3 +207,14 @@ def test_remote_code_runs_only_when_trusted(trained, tmp_path, monkeypatch, caps
     assert f"{tokenizer}: the tokenizer ships its own Python code" in out.err and "--trust-remote-code" in out.err
     assert not marker.exists() and not (tmp_path / "out").exists()
     assert "Do you wish to run the custom code" not in out.out + out.err
+    # `mft eval` refuses the model the same way, and the option its message names exists there: trusted, it runs.
+    evalset = tmp_path / "e.jsonl"
+    evalset.write_text(json.dumps({"prompt": "p", "test": "assert True"}) + "\n")
+    argv = ["eval", "--model", str(model), "--suite", str(evalset), "--isolation", "process", "--max-new-tokens", "1",
+            "--output", str(tmp_path / "answers.jsonl")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{model}: the model ships its own Python code" in err and "--trust-remote-code" in err
+    assert not marker.exists()
+    assert cli.main(argv + ["--trust-remote-code"]) == 0
+    assert marker.exists()
