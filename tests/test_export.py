@@ -438,6 +438,11 @@ def test_unmergeable_adapters_are_refused_naming_the_option(tiny_bases, tmp_path
         (edited / "adapter_config.json").write_text(json.dumps({**cfg, key: value}))
         with pytest.raises(ExportError, match=words):
             export.export_adapter(edited, base, tmp_path / "o")
+    damaged = tmp_path / "damaged_chat_format"
+    shutil.copytree(plain, damaged)
+    (damaged / export.CHAT_FORMAT_FILE).write_text('{"chat_format": ')
+    with pytest.raises(ExportError, match=f"{damaged / export.CHAT_FORMAT_FILE}: not valid JSON"):
+        export.export_adapter(damaged, base, tmp_path / "o")
     assert not (tmp_path / "o").exists()
     assert run_export_cli("--adapter", plain, "--output", tmp_path / "o") == 2
     assert "--adapter needs --base" in capsys.readouterr().err
