@@ -168,8 +168,8 @@ def load_generation_model(model_dir: str | Path, adapter: str | Path | None = No
         raise GenerateError(f"dtype: expected one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}")
     try:
         chat_dict, eos_token, meta_path = _read_chat_meta(([adapter_dir] if adapter_dir else []) + [model_dir])
-    except GenerateError:
-        if default_chat_format is None:
+    except GenerateError as e:
+        if default_chat_format is None or not str(e).startswith("no training chat format"):  # damaged: say so
             raise
         chat_dict, eos_token, meta_path = default_chat_format, None, model_dir
     chat_format = ChatFormat.from_config(chat_dict)

@@ -138,6 +138,14 @@ def test_errors(trained, tmp_path, capsys):
         load_generation_model(trained["out"], adapter=trained["ck"])
     with pytest.raises(GenerateError, match="--model .*does not exist"):
         load_generation_model(tmp_path / "nowhere")
+    # A fallback format (mft eval --template) is for a model without a training one, not for a damaged one.
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(trained["out"], damaged)
+    (damaged / "mft_chat_format.json").write_text('{"chat_format": ')
+    with pytest.raises(GenerateError, match="mft_chat_format.json: not valid JSON"):
+        load_generation_model(damaged, default_chat_format={"template": "hf"})
     gm = load_generation_model(trained["out"])
     with pytest.raises(GenerateError, match="must end with a user turn"):
         generate(gm, MESSAGES + [{"role": "assistant", "content": "x"}])
