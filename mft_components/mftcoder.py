@@ -22,6 +22,7 @@ import json
 import math
 import re
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -207,7 +208,7 @@ def _lora(name: str) -> Callable[[Any, dict], Out]:
 def _target_modules(value: Any, args: dict) -> Out:
     if args["peft_type"] is None:
         return "full fine-tuning (peft_type null) has no adapter"
-    if value is None:
+    if not value:  # MFTCoder tests `if args.target_modules`: null, "" and [] all mean every linear layer
         return {"model.lora.target_modules": ("all-linear", "MFTCoder's default (null): every linear layer")}
     if isinstance(value, str) and value != "all-linear":
         value = _split_list(value, "target_modules") if value.startswith("[") else [value]
@@ -241,6 +242,9 @@ def _scheduler(value: Any, args: dict) -> Out:
 
 def _warmup(value: Any, args: dict) -> Out:
     gas = args["gradient_accumulation_steps"]
+    if args["lr_scheduler_type"] == "constant":  # transformers' get_scheduler ignores num_warmup_steps for it
+        return {"lr_scheduler.warmup_steps": (0, f"MFTCoder's constant schedule has no warmup (num_warmup_steps "
+                                                 f"{value} is ignored by it)")}
     if isinstance(value, float) and value < 1:
         return {"lr_scheduler.warmup_steps": (value, "a fraction of the run's optimizer steps (MFTCoder divided it "
                                                      "by the number of processes and multiplied it by "
@@ -252,13 +256,18 @@ def _warmup(value: Any, args: dict) -> Out:
                                                  "gradient_accumulation_steps / processes steps, mft's over the run")}
 
 
-def _resume(value: Any, args: dict) -> Out:
+def _resume_from_checkpoint(value: Any, args: dict) -> Out:
+    # Judged on args, not value: a placeholder ("$CKPT") arrives as the default, None, and is a path all the same.
+    if args["resume_from_checkpoint"] is not None:
+        return ("mft resumes only its own checkpoints (optimizer, data position, RNG); to start from an MFTCoder "
+                "adapter merge it (mft export --adapter DIR --base MODEL_DIR --output MERGED) and set "
+                "model.model_dir")
+    return _auto_resume(args["auto_resume"], args)
+
+
+def _auto_resume(value: Any, args: dict) -> Out:
     # resume_from_checkpoint and auto_resume decide `resume` together.
     if args["resume_from_checkpoint"] is not None:
-        if value is args["resume_from_checkpoint"]:
-            return ("mft resumes only its own checkpoints (optimizer, data position, RNG); to start from an MFTCoder "
-                    "adapter merge it (mft export --adapter DIR --base MODEL_DIR --output MERGED) and set "
-                    "model.model_dir")
         return {"resume": (None, "")}
     auto = bool(args["auto_resume"])
     return {"resume": ("auto" if auto else None, "the newest whole mft checkpoint in output_dir" if auto else "")}
@@ -272,9 +281,18 @@ def _early_stopping(value: Any, args: dict) -> Out:
 
 
 def _saving_limit(value: Any, args: dict) -> Out:
-    if value is None and args["peft_type"] is None:
-        return {"saving_limit": (2, "MFTCoder keeps 2 checkpoints in full fine-tuning when saving_limit is null")}
+    if value is None or value < 1:  # MFTCoder: no limit (its trainer tests `if saving_limit`), 2 in full fine-tuning
+        if args["peft_type"] is None:
+            return {"saving_limit": (2, "MFTCoder keeps 2 checkpoints in full fine-tuning when saving_limit is null "
+                                        "or below 1")}
+        return {"saving_limit": (None, "keep every checkpoint, as MFTCoder with saving_limit null or 0")}
     return {"saving_limit": (value, "the newest N plus the best, as in MFTCoder")}
+
+
+def _checkpointing_steps(value: Any, args: dict) -> Out:
+    if value < 1:  # MFTCoder's trainer saves by step only `if checkpointing_steps`; mft's key is >= 1 or null
+        return {"save_every_n_steps": (None, "MFTCoder's 0: no checkpoints every N steps")}
+    return {"save_every_n_steps": (value, "")}
 
 
 def _attention(value: Any, args: dict) -> Out:
@@ -365,10 +383,10 @@ MFTCODER_KEYS: dict[str, Key] = {
     "seed": Key(1234, _INT, _same("seed")),
     "seq_length": Key(4096, _INT, _same("data.seq_len", "longer samples are dropped (data.truncation: drop), as in "
                                                         "MFTCoder")),
-    "resume_from_checkpoint": Key(None, _STR + _NONE, _resume),
-    "auto_resume": Key(True, _BOOL, _resume),
+    "resume_from_checkpoint": Key(None, _STR + _NONE, _resume_from_checkpoint),
+    "auto_resume": Key(True, _BOOL, _auto_resume),
     "log_interval": Key(10, _INT, _same("log_every_n_steps")),
-    "checkpointing_steps": Key(100, _INT, _same("save_every_n_steps")),
+    "checkpointing_steps": Key(100, _INT, _checkpointing_steps),
     "evaluation_steps": Key(100, _INT, _same("eval_every_n_steps")),
     "epoch_checkpointing": Key(False, _BOOL, _dropped(
         "mft checkpoints every save_every_n_steps, at each new best evaluation and at the end")),
@@ -564,15 +582,8 @@ def _scalar(value: Any) -> str:
 
 def _wrap(text: str, first: str, rest: str, width: int = 116) -> list[str]:
     """``text`` as comment lines of at most ``width`` characters: ``first`` starts the first, ``rest`` the others."""
-    lines, line = [], ""
-    for word in text.split():
-        prefix = rest if lines else first
-        if line and len(prefix) + len(line) + 1 + len(word) > width:
-            lines.append(prefix + line)
-            line = word
-        else:
-            line = f"{line} {word}" if line else word
-    return lines + [(rest if lines else first) + line]
+    return textwrap.wrap(text, width, initial_indent=first, subsequent_indent=rest, break_long_words=False,
+                         break_on_hyphens=False)
 
 
 def to_yaml(result: Imported, source: str) -> str:

@@ -205,3 +205,54 @@ def test_migration_page_lists_every_key():
     page = (Path(__file__).resolve().parent.parent / "docs" / "migrating-from-mftcoder.md").read_text()
     table = "\n".join(line.split("|")[1] for line in page.splitlines() if line.startswith("| `"))
     assert [k for k in MFTTRAINARGS if f"`{k}`" not in table] == []
+
+
+@pytest.mark.parametrize("schedule,warmup", [("constant", 0), ("constant_with_warmup", 6), ("cosine", 6)])
+def test_warmup_follows_mftcoder_schedule(tmp_path, schedule, warmup):
+    # transformers' get_scheduler("constant") ignores num_warmup_steps: MFTCoder ran no warmup there.
+    src = write_json(tmp_path / "c.json", {"data_paths": "[a,b]", "output_dir": "o", "pretrained_model_path": "m",
+                                           "lr_scheduler_type": schedule, "num_warmup_steps": 3,
+                                           "gradient_accumulation_steps": 2, "learning_rate": 1e-4})
+    result, _ = mftcoder.import_mftcoder(src)
+    assert result.config["lr_scheduler"]["warmup_steps"] == warmup
+    if schedule != "cosine":
+        assert result.config["lr_scheduler"]["min_lr"] == 1e-4
+
+
+@pytest.mark.parametrize("peft_type,limit,expected", [("lora", 0, None), ("lora", None, None), ("lora", 3, 3),
+                                                       (None, 0, 2), (None, None, 2), (None, 3, 3)])
+def test_saving_limit_below_one_is_mftcoders_default(tmp_path, peft_type, limit, expected):
+    # MFTCoder's trainer deletes old checkpoints only `if saving_limit` (0: keep all); full fine-tuning sets 2 for
+    # null or < 1. mft's saving_limit is >= 1 or null, so 0 must not be copied (it would fail `mft validate`).
+    src = write_json(tmp_path / "c.json", {"data_paths": "[a,b]", "output_dir": "o", "pretrained_model_path": "m",
+                                           "peft_type": peft_type, "saving_limit": limit})
+    result, _ = mftcoder.import_mftcoder(src)
+    assert result.config["saving_limit"] == expected
+
+
+@pytest.mark.parametrize("steps,expected", [(0, None), (50, 50)])
+def test_checkpointing_steps_zero_is_no_step_checkpoints(tmp_path, steps, expected):
+    # MFTCoder saves by step only `if checkpointing_steps`; mft's save_every_n_steps is >= 1 or null.
+    src = write_json(tmp_path / "c.json", {"data_paths": "[a,b]", "output_dir": "o", "pretrained_model_path": "m",
+                                           "checkpointing_steps": steps})
+    result, _ = mftcoder.import_mftcoder(src)
+    assert result.config["save_every_n_steps"] == expected
+
+
+def test_placeholder_resume_from_checkpoint_is_an_mftcoder_adapter(tmp_path):
+    # "$CKPT" stands for an MFTCoder adapter path, as a real path would: not written, nothing to fill in.
+    src = write_json(tmp_path / "c.json", {"data_paths": "[a,b]", "output_dir": "o", "pretrained_model_path": "m",
+                                           "resume_from_checkpoint": "$CKPT"})
+    result, text = mftcoder.import_mftcoder(src)
+    assert result.fill_in == [] and "FILL IN" not in text
+    assert "mft resumes only its own checkpoints" in dict(result.dropped)["resume_from_checkpoint"]
+    assert result.config["resume"] is None
+
+
+@pytest.mark.parametrize("targets", [None, [], ""])
+def test_empty_target_modules_is_all_linear(tmp_path, targets):
+    # MFTCoder's `if args.target_modules: ... else: "all-linear"`; an empty list in mft would match no linear.
+    src = write_json(tmp_path / "c.json", {"data_paths": "[a,b]", "output_dir": "o", "pretrained_model_path": "m",
+                                           "peft_type": "lora", "target_modules": targets})
+    result, _ = mftcoder.import_mftcoder(src)
+    assert result.config["model"]["lora"]["target_modules"] == "all-linear"
