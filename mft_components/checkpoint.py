@@ -442,13 +442,16 @@ def _resolve_resume(resume: str | os.PathLike | None, output_dir: str | os.PathL
 
 
 def _newest_intact_checkpoint(output_dir: Path) -> Path | None:
-    """``resume: auto``: the newest checkpoint that verifies; damaged newer ones are moved aside, saying so."""
+    """``resume: auto``: the newest checkpoint that verifies; damaged newer ones are moved aside, saying so. One
+    saved without a recipe state (weights only) is passed over and left where it is, as ``latest_checkpoint`` does."""
     damaged = []
     for _, path in reversed(list_checkpoints(output_dir)):
         try:
-            verify_checkpoint(path, resumable=True)
+            verify_checkpoint(path)
         except CheckpointError as e:
             damaged.append((path, e))
+            continue
+        if not (path / STATE_FILE).is_file():  # its record does not list one (verified): whole, not resumable
             continue
         for bad, problem in damaged:
             aside = _move_aside(bad)

@@ -775,7 +775,12 @@ def export_adapter(adapter_dir: str | Path, base: str | Path, output_dir: str | 
         raise ExportError(f"--adapter {adapter_dir}: no such directory (expected a PEFT adapter directory with "
                           f"{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
     saved = adapter_dir / CHAT_FORMAT_FILE
-    chat = json.loads(saved.read_text()) if saved.is_file() and template is None else {}
+    try:
+        chat = json.loads(saved.read_text(encoding="utf-8")) if saved.is_file() and template is None else {}
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ExportError(f"{saved}: not valid JSON ({e}); the file is damaged (or pass --template)") from e
+    if not isinstance(chat, dict):
+        raise ExportError(f"{saved}: expected a JSON object (or pass --template)")
     try:
         chat_format = ChatFormat.from_config(chat.get("chat_format") or {"template": template or "mft"})
     except ValueError as e:

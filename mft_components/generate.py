@@ -97,20 +97,33 @@ def _tokenizer_dir(model_dir: Path, adapter_dir: Path | None) -> Path:
 
 
 def merge_adapter_into(model: torch.nn.Module, adapter_dir: str | Path) -> None:
-    """Merge a PEFT-format LoRA adapter into `model`'s float32 weights in place (`W += scale * B @ A`).
+    """Merge a PEFT-format LoRA adapter into `model`'s float32 weights in place (`W += scale * B @ A`), as `mft
+    export` does: the tensors it trained in place of the base's (biases, `modules_to_save`) replace them, and
+    `fan_in_fan_out` targets (GPT-2's Conv1D) take the transposed update.
 
     Raises:
         GenerateError: the adapter targets a module the model does not have, or a shape does not fit.
     """
     adapter = read_adapter(adapter_dir)
+    where = Path(adapter_dir) / ADAPTER_CONFIG
     with torch.no_grad():
+        for name, tensor in adapter.replaced.items():
+            try:
+                param = model.get_parameter(name)
+            except AttributeError as e:
+                raise GenerateError(f"{where}: the adapter holds {name}, which the model has not; is --model the "
+                                    f"base the adapter was trained on?") from e
+            if param.shape != tensor.shape:
+                raise GenerateError(f"{where}: the adapter holds {name} {tuple(tensor.shape)}, the model has "
+                                    f"{tuple(param.shape)}; is --model the base the adapter was trained on?")
+            param.copy_(tensor)
         for path, (a, b) in adapter.pairs.items():
             try:
                 linear = model.get_submodule(path)
             except AttributeError as e:
-                raise GenerateError(f"{Path(adapter_dir) / ADAPTER_CONFIG}: the adapter targets {path}, which the "
+                raise GenerateError(f"{where}: the adapter targets {path}, which the "
                                     f"model has not; is --model the base the adapter was trained on?") from e
-            merged = merge_lora_tensor(linear.weight, a, b, adapter.scale, f"{path}.weight")
+            merged = merge_lora_tensor(linear.weight, a, b, adapter.scale, f"{path}.weight", adapter.fan_in_fan_out)
             linear.weight.copy_(merged)
 
 
@@ -155,8 +168,8 @@ def load_generation_model(model_dir: str | Path, adapter: str | Path | None = No
         raise GenerateError(f"dtype: expected one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}")
     try:
         chat_dict, eos_token, meta_path = _read_chat_meta(([adapter_dir] if adapter_dir else []) + [model_dir])
-    except GenerateError:
-        if default_chat_format is None:
+    except GenerateError as e:
+        if default_chat_format is None or not str(e).startswith("no training chat format"):  # damaged: say so
             raise
         chat_dict, eos_token, meta_path = default_chat_format, None, model_dir
     chat_format = ChatFormat.from_config(chat_dict)

@@ -178,3 +178,19 @@ def test_resume_auto_steps_back_past_a_damaged_checkpoint(tmp_path, capsys, name
     with pytest.raises(ck.ResumeError, match=f"no intact checkpoint in {out}:\n  .*step_3/{name}"):
         ck.resolve_resume("auto", out)
     assert ck.load_recipe_state(_save(tmp_path / "ok", 5))["step"] == 5
+
+
+def test_resume_auto_skips_a_checkpoint_saved_without_recipe_state(tmp_path, capsys):
+    """A weights-only save (recipe_state=None) is whole but not resumable: resume: auto steps past it and leaves it
+    where it is, instead of calling it damaged and moving it aside; its files are still verified."""
+    _save(tmp_path, 2)
+    ck.save_checkpoint(tmp_path, 4, weights=_adapter(4), meta=META, adapter_config={"peft_type": "LORA"})
+    assert ck.resolve_resume("auto", tmp_path) == tmp_path / "step_2"
+    assert "damaged" not in capsys.readouterr().err
+    assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [2, 4]
+    only = tmp_path / "only"
+    ck.save_checkpoint(only, 3, weights=_adapter(3), meta=META, adapter_config={"peft_type": "LORA"})
+    assert ck.resolve_resume("auto", only) is None and (only / "step_3").is_dir()
+    (tmp_path / "step_4" / ck.ADAPTER_WEIGHTS).write_bytes(b"")
+    assert ck.resolve_resume("auto", tmp_path) == tmp_path / "step_2"
+    assert "step_4 is damaged" in capsys.readouterr().err

@@ -14,6 +14,7 @@ import sys
 import pytest
 
 from mft_components.code_eval import suites
+from mft_components.code_eval.evaluate import CodeEvalOptions
 from mft_components.code_eval.sandbox import Limits, Sandbox
 from mft_components.demo_assets import dataframebench_package
 
@@ -142,6 +143,16 @@ def test_eval_file_round_trip_and_defaults(tmp_path):
     again = suites.read_eval_file(suites.write_eval_file(problems, tmp_path / "again.jsonl"))
     assert [(p.task_id, p.messages, p.test, p.harness, p.entry_point) for p in again] == \
         [(p.task_id, p.messages, p.test, p.harness, p.entry_point) for p in problems]
+
+
+def test_eval_file_under_home(tmp_path, monkeypatch):
+    """`~/...` eval sets load as `~/...` data paths do (the config check accepted them, then the run refused)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "evals").mkdir()
+    (tmp_path / "evals" / "e.jsonl").write_text(json.dumps({"prompt": "p", "test": "assert True"}) + "\n")
+    assert suites.check_task_source("~/evals/e.jsonl") is None
+    assert [p.task_id for p in suites.load_task("~/evals/e.jsonl")] == ["e/1"]
+    assert CodeEvalOptions.value_problems({"tasks": {"e": "~/evals/e.jsonl"}}) == []
 
 
 def test_bad_records_name_file_line_and_field(tmp_path):

@@ -400,6 +400,12 @@ def test_peft_adapter_merged_gives_peft_logits(tiny_bases, tiny_gpt2, tmp_path, 
     msgs = [{"role": "user", "content": "hi"}]
     assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == "<s>human\nhi\n<s>bot\n"
     assert "merged onto its base with `mft export --adapter`" in (tmp_path / "out" / "README.md").read_text()
+    # `mft generate --model BASE --adapter ADAPTER` merges the same adapter the same way (biases, modules_to_save
+    # copies and Conv1D's [in, out] layout included).
+    from mft_components.generate import load_generation_model
+
+    gm = load_generation_model(base, adapter=adapter, default_chat_format={"template": "mft"})
+    torch.testing.assert_close(logits(gm.model, IDS), logits(reference, IDS), atol=2e-5, rtol=1e-5)
 
 
 def test_dtype_auto_keeps_the_base_dtype(tiny_bases, llama_lora, tmp_path):
@@ -432,6 +438,11 @@ def test_unmergeable_adapters_are_refused_naming_the_option(tiny_bases, tmp_path
         (edited / "adapter_config.json").write_text(json.dumps({**cfg, key: value}))
         with pytest.raises(ExportError, match=words):
             export.export_adapter(edited, base, tmp_path / "o")
+    damaged = tmp_path / "damaged_chat_format"
+    shutil.copytree(plain, damaged)
+    (damaged / export.CHAT_FORMAT_FILE).write_text('{"chat_format": ')
+    with pytest.raises(ExportError, match=f"{damaged / export.CHAT_FORMAT_FILE}: not valid JSON"):
+        export.export_adapter(damaged, base, tmp_path / "o")
     assert not (tmp_path / "o").exists()
     assert run_export_cli("--adapter", plain, "--output", tmp_path / "o") == 2
     assert "--adapter needs --base" in capsys.readouterr().err

@@ -138,6 +138,14 @@ def test_errors(trained, tmp_path, capsys):
         load_generation_model(trained["out"], adapter=trained["ck"])
     with pytest.raises(GenerateError, match="--model .*does not exist"):
         load_generation_model(tmp_path / "nowhere")
+    # A fallback format (mft eval --template) is for a model without a training one, not for a damaged one.
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(trained["out"], damaged)
+    (damaged / "mft_chat_format.json").write_text('{"chat_format": ')
+    with pytest.raises(GenerateError, match="mft_chat_format.json: not valid JSON"):
+        load_generation_model(damaged, default_chat_format={"template": "hf"})
     gm = load_generation_model(trained["out"])
     with pytest.raises(GenerateError, match="must end with a user turn"):
         generate(gm, MESSAGES + [{"role": "assistant", "content": "x"}])
@@ -207,3 +215,14 @@ def test_remote_code_runs_only_when_trusted(trained, tmp_path, monkeypatch, caps
     assert f"{tokenizer}: the tokenizer ships its own Python code" in out.err and "--trust-remote-code" in out.err
     assert not marker.exists() and not (tmp_path / "out").exists()
     assert "Do you wish to run the custom code" not in out.out + out.err
+    # `mft eval` refuses the model the same way, and the option its message names exists there: trusted, it runs.
+    evalset = tmp_path / "e.jsonl"
+    evalset.write_text(json.dumps({"prompt": "p", "test": "assert True"}) + "\n")
+    argv = ["eval", "--model", str(model), "--suite", str(evalset), "--isolation", "process", "--max-new-tokens", "1",
+            "--output", str(tmp_path / "answers.jsonl")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{model}: the model ships its own Python code" in err and "--trust-remote-code" in err
+    assert not marker.exists()
+    assert cli.main(argv + ["--trust-remote-code"]) == 0
+    assert marker.exists()

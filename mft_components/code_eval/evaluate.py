@@ -458,6 +458,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--isolation", choices=ISOLATIONS, default="auto")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let transformers run Python code shipped with the model (off: such a model is "
+                             "refused, never asked about)")
 
 
 def _suite_tasks(suite: str, task_names: list[str] | None) -> dict[str, str]:
@@ -471,7 +474,7 @@ def _suite_tasks(suite: str, task_names: list[str] | None) -> dict[str, str]:
     return {(task_names or [Path(suite).stem])[0]: suite}
 
 
-def _load_model(model: str, template: str | None, dtype: str, device: str | None):
+def _load_model(model: str, template: str | None, dtype: str, device: str | None, trust_remote_code: bool = False):
     from mft_components.checkpoint import META_FILE, read_checkpoint_meta
     from mft_components.export import ADAPTER_CONFIG
     from mft_components.generate import GenerateError, load_generation_model
@@ -480,9 +483,11 @@ def _load_model(model: str, template: str | None, dtype: str, device: str | None
     fallback = {"template": template} if template else None
     if (path / ADAPTER_CONFIG).is_file() and (path / META_FILE).is_file():  # a LoRA / QLoRA checkpoint
         base = read_checkpoint_meta(path).get("base_model_dir")
-        return load_generation_model(base, adapter=path, dtype=dtype, device=device, default_chat_format=fallback)
+        return load_generation_model(base, adapter=path, dtype=dtype, device=device, default_chat_format=fallback,
+                                     trust_remote_code=trust_remote_code)
     try:
-        return load_generation_model(path, dtype=dtype, device=device, default_chat_format=fallback)
+        return load_generation_model(path, dtype=dtype, device=device, default_chat_format=fallback,
+                                     trust_remote_code=trust_remote_code)
     except GenerateError as e:
         if template is None and str(e).startswith("no training chat format"):  # a base model: say how to prompt it
             raise GenerateError(f"{e}; for a model mft did not train, pass --template hf (its tokenizer's "
@@ -502,7 +507,7 @@ def run(args: argparse.Namespace) -> int:
         options = CodeEvalOptions.from_config(section)
         problems = load_tasks(options.tasks, options.max_problems)
         sandbox = make_sandbox(options)
-        gm = _load_model(args.model, args.template, args.dtype, args.device)
+        gm = _load_model(args.model, args.template, args.dtype, args.device, args.trust_remote_code)
     except (ValueError, SandboxError, GenerateError) as e:  # CodeEvalError, EvalSetError are ValueErrors
         print(f"mft eval: error: {e}", file=sys.stderr)
         return 2

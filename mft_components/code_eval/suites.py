@@ -277,7 +277,7 @@ def read_eval_file(path: str | Path) -> list[Problem]:
         EvalSetError: ``path:line: field: problem`` for every bad record (up to 20 listed), duplicate task ids,
             a missing or empty file.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise EvalSetError(f"{path}: no such file (an eval set is a JSONL file of problems)")
     problems, bad, seen = [], [], {}
@@ -411,7 +411,7 @@ def load_task(source: str) -> list[Problem]:
         return humaneval_problems()
     if source.startswith("dataframebench:"):
         return dataframebench_problems(source.split(":", 1)[1])
-    if Path(source).suffix != ".jsonl" and not Path(source).is_file():
+    if Path(source).suffix != ".jsonl" and not Path(source).expanduser().is_file():
         raise EvalSetError(f"{source!r} is neither a suite ({', '.join(SUITES)}) nor a .jsonl eval file")
     return read_eval_file(source)
 
