@@ -576,6 +576,9 @@ def verify_checkpoint(ckpt_dir: str | os.PathLike, *, resumable: bool = False) -
         return meta  # written before the record existed
     for name, want in record.items():
         path = ckpt_dir / name
+        if not (isinstance(want, dict) and isinstance(want.get("size"), int) and isinstance(want.get("sha256"), str)):
+            raise CheckpointError(f"{meta_path}: its record entry for {name!r} is {want!r}; expected "
+                                  f"{{\"size\": bytes, \"sha256\": hex}} (edited by hand?)")
         if not path.is_file():
             raise CheckpointError(f"{path}: missing (the checkpoint's record in {META_FILE} lists it)")
         size = path.stat().st_size

@@ -194,3 +194,14 @@ def test_resume_auto_skips_a_checkpoint_saved_without_recipe_state(tmp_path, cap
     (tmp_path / "step_4" / ck.ADAPTER_WEIGHTS).write_bytes(b"")
     assert ck.resolve_resume("auto", tmp_path) == tmp_path / "step_2"
     assert "step_4 is damaged" in capsys.readouterr().err
+
+
+def test_a_hand_edited_consistency_record_is_named(tmp_path):
+    """A record entry that is not {"size", "sha256"} (edited by hand) is a CheckpointError naming the file, not a
+    TypeError from comparing sizes."""
+    path = _save(tmp_path, 2)
+    meta = json.loads((path / ck.META_FILE).read_text())
+    meta[ck.RECORD_KEY][ck.ADAPTER_WEIGHTS] = {"size": "big"}
+    (path / ck.META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ck.CheckpointError, match=f"{ck.META_FILE}: its record entry for '{ck.ADAPTER_WEIGHTS}' is"):
+        ck.verify_checkpoint(path)
