@@ -106,6 +106,9 @@ def merge_adapter_into(model: torch.nn.Module, adapter_dir: str | Path) -> None:
     """
     adapter = read_adapter(adapter_dir)
     where = Path(adapter_dir) / ADAPTER_CONFIG
+    names_of: dict[int, list[str]] = {}  # tied parameters (lm_head = embed_tokens) have several names
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(n)
     with torch.no_grad():
         for name, tensor in adapter.replaced.items():
             try:
@@ -113,6 +116,10 @@ def merge_adapter_into(model: torch.nn.Module, adapter_dir: str | Path) -> None:
             except AttributeError as e:
                 raise GenerateError(f"{where}: the adapter holds {name}, which the model has not; is --model the "
                                     f"base the adapter was trained on?") from e
+            tied = [n for n in names_of[id(param)] if n != name]
+            if tied:  # copying it in would change the tied tensor too (mft export refuses this adapter as well)
+                raise GenerateError(f"{where}: the adapter holds its own {name}, which this model ties to "
+                                    f"{', '.join(tied)}; merging it would replace both")
             if param.shape != tensor.shape:
                 raise GenerateError(f"{where}: the adapter holds {name} {tuple(tensor.shape)}, the model has "
                                     f"{tuple(param.shape)}; is --model the base the adapter was trained on?")

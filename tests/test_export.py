@@ -408,6 +408,21 @@ def test_peft_adapter_merged_gives_peft_logits(tiny_bases, tiny_gpt2, tmp_path, 
     torch.testing.assert_close(logits(gm.model, IDS), logits(reference, IDS), atol=2e-5, rtol=1e-5)
 
 
+def test_a_saved_copy_of_a_tied_output_layer_is_refused(tiny_bases, tmp_path, capsys):
+    """qwen2's lm_head is its embedding: an adapter's own lm_head copy (modules_to_save) cannot be merged into one
+    tensor without replacing the embedding too; export and generate both refuse it, naming the tensor."""
+    pytest.importorskip("peft")
+    from mft_components.generate import GenerateError, load_generation_model
+
+    adapter = peft_adapter(tiny_bases["qwen2"], tmp_path / "adapter", modules_to_save=["lm_head"],
+                           target_modules=["q_proj"])
+    assert run_export_cli("--adapter", adapter, "--base", tiny_bases["qwen2"], "--output", tmp_path / "out") == 2
+    assert "the adapter holds lm_head.weight" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    with pytest.raises(GenerateError, match="holds its own lm_head.weight, which this model ties to "
+                                            "model.embed_tokens.weight"):
+        load_generation_model(tiny_bases["qwen2"], adapter=adapter, default_chat_format={"template": "mft"})
+
+
 def test_dtype_auto_keeps_the_base_dtype(tiny_bases, llama_lora, tmp_path):
     ck, trained = llama_lora
     f32 = export_checkpoint(ck, tmp_path / "f32")  # the tiny base is fp32
