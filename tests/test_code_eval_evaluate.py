@@ -177,6 +177,10 @@ def test_mft_eval_errors(tmp_path, capsys, smollm2_dir):
     assert "no training chat format" in capsys.readouterr().err
     assert ce.run(_parse(["--model", str(smollm2_dir), "--suite", "humaneval"])) == 2  # a base model: how to prompt it
     assert "pass --template hf (its tokenizer's chat_template) or --template mft" in capsys.readouterr().err
+    # humaneval is one task: a second --task was silently dropped
+    assert ce.run(_parse(["--model", str(smollm2_dir), "--suite", "humaneval", "--task", "a", "--task", "b"])) == 2
+    assert "--task: one name for humaneval (it names the task in the results), got ['a', 'b']" in \
+        capsys.readouterr().err
 
 
 def _parse(argv):

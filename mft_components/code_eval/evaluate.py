@@ -467,10 +467,11 @@ def _suite_tasks(suite: str, task_names: list[str] | None) -> dict[str, str]:
     if suite == "dataframebench":
         names = task_names or list(DATAFRAMEBENCH_TASKS)
         return {t: f"dataframebench:{t}" for t in names}
+    if len(task_names or []) > 1:
+        raise ValueError(f"--task: one name for {'humaneval' if suite == 'humaneval' else 'an eval file'} "
+                         f"(it names the task in the results), got {task_names}")
     if suite == "humaneval":
         return {(task_names or ["humaneval"])[0]: "humaneval"}
-    if len(task_names or []) > 1:
-        raise ValueError("--task: one name for an eval file")
     return {(task_names or [Path(suite).stem])[0]: suite}
 
 
