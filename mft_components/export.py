@@ -489,7 +489,8 @@ def _sibling(out: Path, kind: str) -> Path:
 
 def remove_export_leftovers(out: Path) -> list[Path]:
     """Remove the temporary siblings of ``out`` that interrupted exports left: only directories named
-    ``.OUT.mft-export-{tmp,old}-*`` holding a ``.mft-export-partial`` file whose process is gone.
+    ``.OUT.mft-export-{tmp,old}-*`` holding a ``.mft-export-partial`` file whose process is gone. An earlier
+    export set aside by a swap that was killed before the new one took its place goes back to ``out`` first.
 
     Returns:
         The directories removed.
@@ -503,6 +504,8 @@ def remove_export_leftovers(out: Path) -> list[Path]:
             except (OSError, ValueError):
                 continue
             if not _process_alive(pid):
+                if not out.exists() and (p / "previous").is_dir():
+                    os.replace(p / "previous", out)
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
     return removed
@@ -660,6 +663,9 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, base: 
         tokenizer_dir = _find_tokenizer_dir(checkpoint_dir, meta, base_dir)
     except ExportError:  # reported once the weights are known to fit (a wrong --base is the likelier mistake)
         tokenizer_dir = None
+    # First, so that an earlier export an interrupted swap set aside is back in place when --output is checked.
+    for leftover in remove_export_leftovers(output_dir.expanduser().resolve()):
+        print(f"mft export: removed {leftover.name}, left by an interrupted export", file=sys.stderr)
     output_dir = _check_output_dir(output_dir, force, _protected_paths(checkpoint_dir, meta, base_dir, tokenizer_dir),
                                    checkpoint=checkpoint_dir if (checkpoint_dir / CHECKPOINT_META).is_file() else None)
 
@@ -667,8 +673,6 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, base: 
     base_name = str(base) if base is not None else str(meta.get("base_model_dir") or "unknown base model")
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    for leftover in remove_export_leftovers(output_dir):
-        print(f"mft export: removed {leftover.name}, left by an interrupted export", file=sys.stderr)
     tmp = _sibling(output_dir, "tmp")
     try:
         if full:
@@ -709,7 +713,6 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, base: 
             (tmp / "README.md").write_text(model_card(meta, base_name))
             if not full:
                 _write_adapter(tmp / "adapter", checkpoint_dir, base_dir, chat_meta)
-        (tmp / _PARTIAL_MARK).unlink()
         _swap_in(tmp, output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -718,15 +721,17 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, base: 
 
 
 def _swap_in(new: Path, out: Path) -> None:
-    """Put the complete export ``new`` at ``out``: an earlier export is renamed aside first and deleted only
-    once ``new`` is in place (a kill in between leaves both, as marked siblings the next export removes)."""
-    if not (out.is_dir() and any(out.iterdir())):
+    """Put the complete export ``new`` (still marked partial) at ``out``: an earlier export is renamed aside first
+    and deleted only once ``new`` is in place. A kill between the two renames leaves two marked siblings: the next
+    export puts the earlier export back at ``out`` and removes the unfinished swap's copy."""
+    if out.is_dir() and any(out.iterdir()):
+        old = _sibling(out, "old")
+        os.replace(out, old / "previous")
+        os.replace(new, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
         os.replace(new, out)  # nothing there, or an empty directory (rename replaces it)
-        return
-    old = _sibling(out, "old")
-    os.replace(out, old / "previous")
-    os.replace(new, out)
-    shutil.rmtree(old, ignore_errors=True)
+    (out / _PARTIAL_MARK).unlink()
 
 
 def _check_adapter_against_base(adapter: LoRAAdapter, specs: list[_TensorSpec], base_dir: Path) -> None:

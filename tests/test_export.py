@@ -553,6 +553,21 @@ def test_export_never_deletes_what_it_did_not_write(llama_lora, tiny_bases, tmp_
     assert _tree(out) == exported and not list(work.glob(".out.mft-export-*"))
     assert _mft("export", ck, "--output", out, "--force") == 0  # an earlier export is replaced
     assert (out / "config.json").is_file() and not list(work.glob(".out.mft-export-*"))
+    assert (out / "adapter").is_dir() and not (out / ".mft-export-partial").exists()
+
+    # Killed between the swap's two renames: the earlier export sits in a marked `old` sibling, the new one in a
+    # marked `tmp` sibling. The next export puts the earlier one back (and then wants --force to replace it).
+    exported = _tree(out)
+    aside = work / ".out.mft-export-old-k1"
+    aside.mkdir()
+    (aside / ".mft-export-partial").write_text(dead.stdout)
+    os.replace(out, aside / "previous")
+    unswapped = work / ".out.mft-export-tmp-k1"
+    shutil.copytree(aside / "previous", unswapped)
+    (unswapped / ".mft-export-partial").write_text(dead.stdout)
+    assert _mft("export", ck, "--output", out) == 2
+    assert "holds an earlier export" in capsys.readouterr().err
+    assert _tree(out) == exported and not list(work.glob(".out.mft-export-*"))
     assert _tree(tmp_path, skip=(out, foreign, tmp_path / "nan_run")) == before
 
 
