@@ -460,6 +460,31 @@ def _package(name: str) -> Callable[[], str | None]:
     return missing
 
 
+def capability_reason(kernel: str, minimum: tuple[int, int], capability: tuple[int, int], gpu: str) -> str | None:
+    """Why ``kernel`` cannot run on a GPU of compute ``capability`` (None when it can)."""
+    if tuple(capability) >= minimum:
+        return None
+    return (f"{kernel} needs a GPU of compute capability {minimum[0]}.{minimum[1]} or newer "
+            f"(this one: {gpu}, {capability[0]}.{capability[1]})")
+
+
+def _all(*checks: Callable[[], str | None]) -> Callable[[], str | None]:
+    def missing() -> str | None:
+        return next((reason for reason in (check() for check in checks) if reason is not None), None)
+
+    return missing
+
+
+def _gpu_at_least(kernel: str, minimum: tuple[int, int]) -> Callable[[], str | None]:
+    # FlashAttention kernels (varlen_attn, flash-attn 2) need Ampere, flash-attn 3 Hopper; CPU runs never ask.
+    def missing() -> str | None:
+        if not torch.cuda.is_available():
+            return None
+        return capability_reason(kernel, minimum, torch.cuda.get_device_capability(), torch.cuda.get_device_name())
+
+    return missing
+
+
 @dataclass(frozen=True)
 class AttentionBackend:
     """One way of running attention on packed rows.
@@ -495,11 +520,14 @@ BACKENDS: dict[str, AttentionBackend] = {
                          lambda: _torch_has("torch.nn.attention.flex_attention", "flex_attention"),
                          "flex_attention with a block-causal BlockMask per micro-batch"),
         AttentionBackend(VARLEN_ATTN, ("cuda",), True, _cu_seqlens_inputs,
-                         lambda: _torch_has("torch.nn.attention.varlen", "varlen_attn"),
+                         _all(lambda: _torch_has("torch.nn.attention.varlen", "varlen_attn"),
+                              _gpu_at_least(VARLEN_ATTN, (8, 0))),
                          "torch varlen_attn (FlashAttention) with cu_seqlens per micro-batch"),
-        AttentionBackend("flash_attention_2", ("cuda",), False, _cu_seqlens_inputs, _package("flash_attn"),
+        AttentionBackend("flash_attention_2", ("cuda",), False, _cu_seqlens_inputs,
+                         _all(_package("flash_attn"), _gpu_at_least("flash_attention_2", (8, 0))),
                          "flash-attn varlen kernels with cu_seqlens per micro-batch"),
-        AttentionBackend("flash_attention_3", ("cuda",), False, _cu_seqlens_inputs, _package("flash_attn_interface"),
+        AttentionBackend("flash_attention_3", ("cuda",), False, _cu_seqlens_inputs,
+                         _all(_package("flash_attn_interface"), _gpu_at_least("flash_attention_3", (9, 0))),
                          "flash-attn 3 varlen kernels with cu_seqlens per micro-batch"),
         AttentionBackend(SDPA_VARLEN, ("cpu", "cuda"), False, _segment_inputs, _always,
                          "causal SDPA once per sample"),

@@ -292,3 +292,15 @@ def test_padding_only_micro_batch_gives_every_adapter_a_gradient(tmp_path):
         token_losses.sum().backward()
         grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
         assert all(g is not None and not g.any() for g in grads.values()), [n for n, g in grads.items() if g is None]
+
+
+def test_kernels_name_the_gpu_they_need():
+    """FlashAttention kernels (varlen_attn, flash-attn 2) need Ampere, flash-attn 3 Hopper, bf16 Ampere: on an
+    older GPU `auto` passes them over with this reason, and an explicit choice (or dtype: bf16) stops the run."""
+    from mft_components.attention import capability_reason
+
+    assert capability_reason("varlen_attn", (8, 0), (9, 0), "NVIDIA H200") is None
+    assert capability_reason("varlen_attn", (8, 0), (8, 0), "NVIDIA A100") is None
+    assert capability_reason("varlen_attn", (8, 0), (7, 5), "Tesla T4") == (
+        "varlen_attn needs a GPU of compute capability 8.0 or newer (this one: Tesla T4, 7.5)")
+    assert capability_reason("flash_attention_3", (9, 0), (8, 6), "RTX 3090") is not None
