@@ -476,7 +476,8 @@ def _all(*checks: Callable[[], str | None]) -> Callable[[], str | None]:
 
 
 def _gpu_at_least(kernel: str, minimum: tuple[int, int]) -> Callable[[], str | None]:
-    # FlashAttention kernels (varlen_attn, flash-attn 2) need Ampere, flash-attn 3 Hopper; CPU runs never ask.
+    # Triton (flex_attention) needs Volta, FlashAttention (varlen_attn, flash-attn 2) Ampere, flash-attn 3
+    # Hopper; CPU runs never ask.
     def missing() -> str | None:
         if not torch.cuda.is_available():
             return None
@@ -517,7 +518,8 @@ BACKENDS: dict[str, AttentionBackend] = {
     b.name: b
     for b in (
         AttentionBackend(FLEX_ATTENTION, ("cuda",), True, _block_mask_inputs,
-                         lambda: _torch_has("torch.nn.attention.flex_attention", "flex_attention"),
+                         _all(lambda: _torch_has("torch.nn.attention.flex_attention", "flex_attention"),
+                              _gpu_at_least(FLEX_ATTENTION, (7, 0))),  # Triton kernels
                          "flex_attention with a block-causal BlockMask per micro-batch"),
         AttentionBackend(VARLEN_ATTN, ("cuda",), True, _cu_seqlens_inputs,
                          _all(lambda: _torch_has("torch.nn.attention.varlen", "varlen_attn"),
