@@ -6,6 +6,7 @@ file) and is converted once into a Hugging Face directory cached under MFT_CACHE
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -66,3 +67,11 @@ def file_tree(*roots: Path, exclude: tuple[Path, ...] = ()) -> dict[str, tuple[i
                 st = path.lstat()
                 tree[str(path)] = (st.st_size, st.st_mtime_ns, st.st_mode)
     return tree
+
+
+def drop_dac_override() -> None:
+    """``preexec_fn`` for a child that meets file modes as any other user does: root's CAP_DAC_OVERRIDE and
+    CAP_DAC_READ_SEARCH leave the bounding set, so the exec'd process never has them; harmless where not held."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2):
+        libc.prctl(24, capability, 0, 0, 0)  # PR_CAPBSET_DROP

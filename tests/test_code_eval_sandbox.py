@@ -11,12 +11,15 @@ from __future__ import annotations
 import os
 import resource
 import socket
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
 import pytest
 
 from mft_components.code_eval.sandbox import Limits, Sandbox, SandboxError
+from tests.conftest import drop_dac_override
 
 LIMITS = Limits(timeout_s=3, memory_mb=512, max_processes=16, file_size_mb=1)
 
@@ -143,3 +146,26 @@ def test_bad_interpreter():
         Sandbox(python="/nonexistent/python")
     with pytest.raises(SandboxError, match="isolation: expected one of"):
         Sandbox(isolation="docker")
+
+
+def test_a_program_that_locks_its_directories_leaves_nothing(tmp_path):
+    """A program that makes directories of its own read-only or unsearchable: its run directory is still removed
+    (for a user other than root, rmtree alone left one behind per run)."""
+    root = Path(__file__).resolve().parents[1]
+    locker = ("import os\nfor name, mode in (('ro', 0o500), ('none', 0)):\n    os.makedirs(f'{name}/sub')\n"
+              "    open(f'{name}/sub/f', 'w').write('x')\n    os.chmod(f'{name}/sub', mode)\n    os.chmod(name, mode)\n")
+    script = ("import sys\nfrom mft_components.code_eval.sandbox import Limits, Sandbox\n"
+              "sb = Sandbox(workers=1, limits=Limits(timeout_s=10, max_processes=16), isolation='process')\n"
+              f"print(sb.run({locker!r}).status)\nsb.close()\n")
+    probe = tmp_path / "probe"
+    probe.mkdir(mode=0o500)
+    can_write = subprocess.run([sys.executable, "-c", f"open({str(probe / 'f')!r}, 'w')"],
+                               preexec_fn=drop_dac_override, capture_output=True).returncode == 0
+    if can_write:
+        pytest.skip("this process writes into read-only directories (root whose CAP_DAC_OVERRIDE cannot be dropped)")
+    runs = tmp_path / "tmp"
+    runs.mkdir()
+    proc = subprocess.run([sys.executable, "-c", script], preexec_fn=drop_dac_override, capture_output=True,
+                          text=True, cwd=root, timeout=120, env={**os.environ, "TMPDIR": str(runs)})
+    assert proc.stdout.split() == ["passed"], proc.stderr[-3000:]
+    assert list(runs.iterdir()) == []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import re
@@ -19,7 +18,7 @@ import cli
 from mft_components import data as data_mod
 from mft_components.data import DataError, build_mft_data, discover_tasks
 from mft_components.templates import ChatFormat, encode_segments
-from tests.conftest import REPO_ROOT, file_tree
+from tests.conftest import REPO_ROOT, drop_dac_override, file_tree
 
 
 def write_jsonl(path: Path, records, raw_lines=()) -> Path:
@@ -502,14 +501,6 @@ def test_tokenizer_without_eos_is_one_error(smollm2_dir, tmp_path, capsys):
     assert not (tmp_path / "cache").exists()  # nothing was tokenised
 
 
-def _drop_read_override() -> None:
-    """In the child: give up root's power to read any file (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH leave the
-    bounding set, so the exec'd process never has them); harmless where they are not held."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    for capability in (1, 2):
-        libc.prctl(24, capability, 0, 0, 0)  # PR_CAPBSET_DROP
-
-
 def test_unreadable_files_and_directories_are_named(smollm2_dir, tmp_path):
     """A file and a task directory this process may not read (mode 000; as root, with the capabilities that
     bypass modes dropped) are named with the reason, instead of a PermissionError traceback or "contains no
@@ -517,7 +508,7 @@ def test_unreadable_files_and_directories_are_named(smollm2_dir, tmp_path):
     probe = tmp_path / "probe"
     probe.write_text("x")
     probe.chmod(0)
-    can_read = subprocess.run([sys.executable, "-c", f"open({str(probe)!r}).read()"], preexec_fn=_drop_read_override,
+    can_read = subprocess.run([sys.executable, "-c", f"open({str(probe)!r}).read()"], preexec_fn=drop_dac_override,
                               capture_output=True).returncode == 0
     if can_read:
         pytest.skip("this process reads mode-000 files (root whose CAP_DAC_OVERRIDE cannot be dropped here)")
@@ -529,7 +520,7 @@ def test_unreadable_files_and_directories_are_named(smollm2_dir, tmp_path):
               f"print('rc', cli.main(['data', '--config', {str(data_config(tmp_path, smollm2_dir, [locked_file.parent]))!r}]))\n"
               f"print('rc', cli.main(['data', '--config', {str(data_config(tmp_path, smollm2_dir, [locked_dir], 'b'))!r}]))\n")
     try:
-        proc = subprocess.run([sys.executable, "-c", script], preexec_fn=_drop_read_override, capture_output=True,
+        proc = subprocess.run([sys.executable, "-c", script], preexec_fn=drop_dac_override, capture_output=True,
                               text=True, cwd=REPO_ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     finally:
         locked_dir.chmod(0o755)

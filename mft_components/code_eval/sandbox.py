@@ -31,6 +31,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -275,7 +276,7 @@ class Sandbox:
         finally:
             if cgroup is not None:
                 cgroup.remove()
-            shutil.rmtree(home, ignore_errors=True)
+            _remove_tree(home)
         seconds = time.perf_counter() - start
         if timed_out:
             return RunResult("timeout", f"timed out after {self.limits.timeout_s:g} s", None, output, seconds)
@@ -285,6 +286,26 @@ class Sandbox:
         if size >= self.limits.file_size_mb * 2**20:  # Python ignores SIGXFSZ: its write fails instead
             reason = f"output reached the file size limit ({self.limits.file_size_mb} MB)"
         return RunResult("failed", reason, returncode, output, seconds)
+
+
+def _remove_tree(path: str) -> None:
+    """Remove a run's directory, also where the program made some of its directories read-only or unsearchable
+    (for a user other than root they would stay behind, one per run): those are given back to their owner, this
+    user, and removed. Symlinks are never followed."""
+    shutil.rmtree(path, ignore_errors=True)
+    if not os.path.lexists(path):
+        return
+    stack = [path]
+    while stack:  # a loop, not recursion: the program chose the depth
+        d = stack.pop()
+        try:
+            if not stat.S_ISDIR(os.lstat(d).st_mode):
+                continue
+            os.chmod(d, 0o700)
+            stack += [e.path for e in os.scandir(d) if e.is_dir(follow_symlinks=False)]
+        except OSError:
+            continue
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _failure_reason(returncode: int, output: str) -> str:
