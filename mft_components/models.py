@@ -397,6 +397,10 @@ def build_model(
     hf_model, lora_cfg = build_meta_model(model_dir, method, lora, dtype, attn, trust_remote_code)
     scope, compile_why = dist_utils.resolve_compile(compile, device, BACKENDS[attn].static_shapes,
                                                     moe=_num_experts(hf_model.config) is not None)
+    if compile == "auto" and scope != "off":
+        # A default must not end a run: a layer inductor cannot compile on this machine runs eagerly, with
+        # dynamo's warning naming the error. `compile: true` keeps such errors fatal.
+        torch._dynamo.config.suppress_errors = True
     torch_dtype = _DTYPES[dtype]
     set_trainable_params(hf_model, "all" if method == "full" else "lora")
     if liger_kernels:

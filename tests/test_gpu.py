@@ -69,6 +69,8 @@ def build(model_dir, **kwargs):
 
     torch.manual_seed(0)
     model = build_model(model_dir, lora=kwargs.pop("lora", LORA), dtype="bf16", device=CUDA, **kwargs)
+    # compile: auto lets a run fall back to eager on a compile error; a test comparing compiled with eager must not
+    torch._dynamo.config.suppress_errors = False
     torch.manual_seed(1)
     with torch.no_grad():  # non-zero adapters, so their gradients flow through attention
         for name, p in model.named_parameters():
