@@ -18,7 +18,9 @@ the counters that stopped (a stopped, frozen or killed process) when a collectiv
 from __future__ import annotations
 
 import datetime
+import logging
 import os
+import sys
 import threading
 import time
 
@@ -79,6 +81,22 @@ def destroy_distributed() -> None:
             _heartbeat.stop()
             _heartbeat = None
         dist.destroy_process_group()
+
+
+def end_worker() -> None:
+    """Under torchrun, end this worker now that its work is done and its process group destroyed, without the
+    interpreter's finalization: torch's gloo backend can abort there ("terminate called without an active
+    exception", SIGABRT; pytorch/pytorch#179291), which torchrun reports as a failed run after a finished one.
+    Output is flushed first. Outside torchrun (a process that started no group) it does nothing."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ and "WORLD_SIZE" not in os.environ:
+        return
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(0)
 
 
 class _Heartbeat(threading.Thread):

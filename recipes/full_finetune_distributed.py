@@ -26,7 +26,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from mft_components.config import instantiate, parse
-from mft_components.distributed import gather_state_dict
+from mft_components.distributed import end_worker, gather_state_dict
 from mft_components.recipe_schema import FullRecipeConfig
 from mft_recipes.lora_finetune_distributed import LoRAFinetuneRecipe, run
 
@@ -65,3 +65,4 @@ def recipe_main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     recipe_main()
+    end_worker()

@@ -50,6 +50,7 @@ from mft_components.data import DataError
 from mft_components.distributed import (
     collective_timeout_message,
     destroy_distributed,
+    end_worker,
     gather_state_dict,
     init_distributed,
     is_collective_timeout,
@@ -401,3 +402,4 @@ def recipe_main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     recipe_main()
+    end_worker()

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from mft_components.config import fill_defaults, load_config
-from mft_components.distributed import destroy_distributed, get_rank, get_world_size, init_distributed
+from mft_components.distributed import destroy_distributed, end_worker, get_rank, get_world_size, init_distributed
 from mft_components.models import load_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -70,6 +70,5 @@ if __name__ == "__main__":
     done = run_matrix(sys.argv[1], sys.argv[2])
     if get_rank() == 0:
         print(f"MATRIX OK {len(done)} runs on {get_world_size()} rank(s)", flush=True)
-    # As `run` ends: without it, a rank leaving with the process group alive was seen to abort at exit under load
-    # ("terminate called without an active exception").
     destroy_distributed()
+    end_worker()

@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 
 from mft_components.code_eval.evaluate import CodeEvalOptions, evaluate_code, load_tasks, make_sandbox
 from mft_components.code_eval.generation import generate_batched
-from mft_components.distributed import destroy_distributed, init_distributed
+from mft_components.distributed import destroy_distributed, end_worker, init_distributed
 from mft_components.models import build_model
 from mft_components.templates import ChatFormat
 
@@ -95,3 +95,4 @@ def main(model_dir: str, eval_file: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    end_worker()

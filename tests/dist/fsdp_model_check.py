@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from mft_components.distributed import destroy_distributed, gather_state_dict, get_rank, init_distributed
+from mft_components.distributed import destroy_distributed, end_worker, gather_state_dict, get_rank, init_distributed
 from mft_components.lora import get_adapter_state_dict
 from mft_components.models import build_model
 
@@ -74,3 +74,4 @@ def check(model_dir: str, method: str, rank: int, world: int, device) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    end_worker()

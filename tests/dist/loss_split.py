@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import Shard, distribute_tensor
 from torch.distributed.device_mesh import init_device_mesh
 
+from mft_components.distributed import end_worker
 from mft_components.loss import chunked_cross_entropy
 from tests.test_loss import ALL_MODES, make_global_batch, make_loss, make_params, reference_loss, token_losses_of
 
@@ -74,3 +75,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_worker()
