@@ -353,6 +353,7 @@ class LoRAFinetuneRecipe:
     def cleanup(self) -> None:
         self.logger.close()
         self.progress.close()
+        self.code_evaluator.close()
         destroy_distributed()
 
 

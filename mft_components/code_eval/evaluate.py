@@ -365,6 +365,12 @@ class CodeEvaluator:
         """``EarlyStopping`` arguments for what is selected by (none for the validation loss)."""
         return {"metric": self.options.select_by, "higher_is_better": True} if self.selects else {}
 
+    def close(self) -> None:
+        """Remove the sandbox's cgroup now: a torchrun worker ends without finalization (`distributed.end_worker`),
+        where the sandbox's ``__del__`` would have removed it."""
+        if self.enabled:
+            self.sandbox.close()
+
     def attach(self, logger, progress, output_dir: str | Path, early_stopping) -> None:
         """Where results go (rank 0 writes), and the tracker ``select_by`` feeds."""
         self.logger, self.progress, self.output_dir = logger, progress, Path(output_dir)
