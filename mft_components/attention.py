@@ -475,15 +475,18 @@ def _all(*checks: Callable[[], str | None]) -> Callable[[], str | None]:
     return missing
 
 
+def gpu_too_old(what: str, minimum: tuple[int, int], device: torch.device | str | None = None) -> str | None:
+    """Why ``what`` cannot run on the CUDA ``device`` (default: the current one); None when it can, or without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    return capability_reason(what, minimum, torch.cuda.get_device_capability(device),
+                             torch.cuda.get_device_name(device))
+
+
 def _gpu_at_least(kernel: str, minimum: tuple[int, int]) -> Callable[[], str | None]:
     # Triton (flex_attention) needs Volta, FlashAttention (varlen_attn, flash-attn 2) Ampere, flash-attn 3
     # Hopper; CPU runs never ask.
-    def missing() -> str | None:
-        if not torch.cuda.is_available():
-            return None
-        return capability_reason(kernel, minimum, torch.cuda.get_device_capability(), torch.cuda.get_device_name())
-
-    return missing
+    return lambda: gpu_too_old(kernel, minimum)
 
 
 @dataclass(frozen=True)

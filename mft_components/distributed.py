@@ -339,11 +339,10 @@ def resolve_compile(value, device: torch.device | str, static_attention: bool, m
     if value in (False, None) or (value == "auto" and device_type != "cuda"):
         why = "compile: false" if value in (False, None) else f"auto on {device_type}"
         return "off", f"{COMPILE_SCOPES['off']} ({why})"
-    if value == "auto" and torch.cuda.is_available():  # inductor's Triton kernels need Volta or newer
-        from mft_components.attention import capability_reason
+    if value == "auto":  # inductor's Triton kernels need Volta or newer
+        from mft_components.attention import gpu_too_old  # attention imports this module
 
-        reason = capability_reason("torch.compile (Triton)", (7, 0), torch.cuda.get_device_capability(device),
-                                   torch.cuda.get_device_name(device))
+        reason = gpu_too_old("torch.compile (Triton)", (7, 0), device)
         if reason is not None:
             return "off", f"{COMPILE_SCOPES['off']} (auto on cuda: {reason})"
     scope = "layers" if static_attention and not moe else "norms_mlp"

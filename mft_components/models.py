@@ -31,7 +31,7 @@ from mft_components import distributed as dist_utils
 from mft_components.attention import (  # importing it registers mft's attention functions
     BACKENDS,
     attention_kwargs,
-    capability_reason,
+    gpu_too_old,
     resolve_attn_implementation,
 )
 from mft_components.lora import (
@@ -383,8 +383,7 @@ def build_model(
     model_dir = Path(model_dir)
     device = torch.device(device or "cpu")
     if device.type == "cuda" and _DTYPES.get(dtype) is torch.bfloat16:  # pre-Ampere GPUs emulate it, or fail
-        reason = capability_reason("bf16", (8, 0), torch.cuda.get_device_capability(device),
-                                   torch.cuda.get_device_name(device))
+        reason = gpu_too_old("bf16", (8, 0), device)
         if reason is not None:
             raise ValueError(f"dtype: {reason}; set dtype: fp32")
     attn, attn_why = resolve_attn_implementation(attn_implementation, device)
