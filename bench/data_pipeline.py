@@ -79,7 +79,7 @@ def main() -> int:
     from transformers import AutoTokenizer
 
     from mft_components.data import build_mft_data
-    from mft_components.demo_assets import prepare_smollm2
+    from mft_components.assets import prepare_smollm2
 
     tokenizer = AutoTokenizer.from_pretrained(prepare_smollm2())
     tmp = Path(tempfile.mkdtemp(prefix="mft-bench-data-"))

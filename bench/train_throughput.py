@@ -51,7 +51,7 @@ def load_workload(seq_len: int, tokens_per_step: int, num_steps: int, seed: int)
     from transformers import AutoTokenizer
 
     from mft_components.data import build_mft_data
-    from mft_components.demo_assets import prepare_dataframebench, prepare_smollm2
+    from mft_components.assets import prepare_dataframebench, prepare_smollm2
 
     model_dir = prepare_smollm2()
     data_dir = prepare_dataframebench()
@@ -264,7 +264,7 @@ def main() -> None:
         return worker(args)
 
     torch.set_num_threads(args.threads)
-    from mft_components.demo_assets import prepare_dataframebench, prepare_smollm2
+    from mft_components.assets import prepare_dataframebench, prepare_smollm2
 
     model_dir = prepare_smollm2()
     prepare_dataframebench()

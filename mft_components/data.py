@@ -898,7 +898,7 @@ def build_mft_data(
         valid_size=valid_size,
     )
     if cache_dir is None:
-        from mft_components.demo_assets import cache_root
+        from mft_components.assets.cache import cache_root
 
         cache_path: Path | None = cache_root() / "data"
     else:
