@@ -25,7 +25,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from mft_components import registry
+from mft_components.config import registry
 from mft_components.config import ConfigError, check_config, load_config
 
 # Commands whose implementation lives with the component they expose (module: add_arguments, run).

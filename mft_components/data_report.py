@@ -76,7 +76,7 @@ def build_config_data(cfg, source: str):
     Raises:
         ConfigError: a section is missing. DataError: bad records (``on_bad_record: error``) or data options.
     """
-    from mft_components.config import ConfigError, instantiate
+    from mft_components.config.core import ConfigError, instantiate
 
     if cfg.get("data") is None or cfg.get("tokenizer") is None:
         raise ConfigError(f"{source}: needs a `data:` and a `tokenizer:` section")
@@ -90,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     Returns:
         0, or 1 with the problem on stderr (bad config, bad records with ``on_bad_record: error``).
     """
-    from mft_components.config import ConfigError, load_config
+    from mft_components.config.core import ConfigError
+    from mft_components.config.load import load_config
     from mft_components.data import DataError
 
     try:

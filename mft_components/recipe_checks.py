@@ -55,7 +55,7 @@ def check_recipe_config(cfg: dict, flagged: set[str]) -> list[str]:
 
 def _builder_args(node: Any, builder: Callable) -> dict | None:
     """The node's arguments with ``builder``'s defaults filled in, when the node builds with ``builder``."""
-    from mft_components.config import COMPONENT_KEY, ConfigError, import_object
+    from mft_components.config.core import COMPONENT_KEY, ConfigError, import_object
 
     if not isinstance(node, dict) or COMPONENT_KEY not in node:
         return None
@@ -97,7 +97,7 @@ def _check_optimizer(cfg: dict, problems: list[str]) -> None:
     a dummy parameter, so their own argument checks (betas, eps, weight_decay, warmup, min_lr) speak now."""
     import torch
 
-    from mft_components.config import COMPONENT_KEY, ConfigError, instantiate
+    from mft_components.config.core import COMPONENT_KEY, ConfigError, instantiate
 
     node = cfg.get("optimizer")
     if not isinstance(node, dict) or COMPONENT_KEY not in node:
@@ -154,7 +154,7 @@ def _check_model(cfg: dict, problems: list[str]) -> None:
 
 def _load_tokenizer(node: Any, problems: list[str]):
     """The tokenizer the run would load (None when it is not mft's loader or cannot load)."""
-    from mft_components.config import instantiate
+    from mft_components.config.core import instantiate
     from mft_components.models import load_tokenizer
 
     args = _builder_args(node, load_tokenizer)
@@ -187,7 +187,7 @@ def _check_data(node: Any, tokenizer, problems: list[str]) -> list[str] | None:
 
 
 def _check_loss(node: Any, tasks: list[str] | None, problems: list[str]) -> None:
-    from mft_components.config import ConfigError, instantiate
+    from mft_components.config.core import ConfigError, instantiate
     from mft_components.loss import TaskWeightedLoss
 
     if _builder_args(node, TaskWeightedLoss) is None:
