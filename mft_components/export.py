@@ -48,7 +48,7 @@ from safetensors import safe_open
 from mft_components.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CheckpointError, load_safetensors, mkdtemp_umask
 from mft_components.checkpoint import META_FILE as CHECKPOINT_META
 from mft_components.checkpoint import verify_checkpoint
-from mft_components.models import safetensors_files as _model_safetensors_files
+from mft_components.models.weights import safetensors_files as _model_safetensors_files
 
 # "auto": every floating tensor keeps the dtype it has in the weights being exported.
 OUTPUT_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

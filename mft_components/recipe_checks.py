@@ -124,8 +124,9 @@ def _check_optimizer(cfg: dict, problems: list[str]) -> None:
 
 
 def _check_model(cfg: dict, problems: list[str]) -> None:
-    from mft_components.attention import AUTO, BACKENDS, resolve_attn_implementation
-    from mft_components.models import build_meta_model, build_model, liger_kernel_names
+    from mft_components.models.attention import AUTO, BACKENDS, resolve_attn_implementation
+    from mft_components.models.build import build_meta_model, build_model
+    from mft_components.models.liger import liger_kernel_names
 
     args = _builder_args(cfg.get("model"), build_model)
     if args is None:
@@ -155,7 +156,7 @@ def _check_model(cfg: dict, problems: list[str]) -> None:
 def _load_tokenizer(node: Any, problems: list[str]):
     """The tokenizer the run would load (None when it is not mft's loader or cannot load)."""
     from mft_components.config.core import instantiate
-    from mft_components.models import load_tokenizer
+    from mft_components.models.build import load_tokenizer
 
     args = _builder_args(node, load_tokenizer)
     if args is None or not _exists(args.get("path")):
@@ -188,7 +189,7 @@ def _check_data(node: Any, tokenizer, problems: list[str]) -> list[str] | None:
 
 def _check_loss(node: Any, tasks: list[str] | None, problems: list[str]) -> None:
     from mft_components.config.core import ConfigError, instantiate
-    from mft_components.loss import TaskWeightedLoss
+    from mft_components.loss.task_weighted import TaskWeightedLoss
 
     if _builder_args(node, TaskWeightedLoss) is None:
         return
@@ -204,7 +205,7 @@ def _check_loss(node: Any, tasks: list[str] | None, problems: list[str]) -> None
 
 def _check_coba_has_validation(loss_node: Any, data_node: Any, problems: list[str]) -> None:
     from mft_components.data import build_mft_data
-    from mft_components.loss import TaskWeightedLoss
+    from mft_components.loss.task_weighted import TaskWeightedLoss
 
     loss, data = _builder_args(loss_node, TaskWeightedLoss), _builder_args(data_node, build_mft_data)
     if loss is None or data is None or loss.get("mode") != "coba":

@@ -51,13 +51,13 @@ from mft_components.distributed import (
     collective_timeout_message,
     destroy_distributed,
     end_worker,
-    gather_state_dict,
     init_distributed,
     is_collective_timeout,
     run_in_step,
 )
 from mft_components.models import prepare_batch
-from mft_components.lora import adapter_to_peft_state_dict, lora_target_names, peft_adapter_config
+from mft_components.models.lora import adapter_to_peft_state_dict, lora_target_names, peft_adapter_config
+from mft_components.models.parallelize import gather_state_dict
 from mft_components.metrics import (
     EarlyStopping,
     Evaluator,
@@ -67,8 +67,8 @@ from mft_components.metrics import (
     ProgressBar,
     Throughput,
     format_summary,
-    peak_memory_gb,
 )
+from mft_components.device import peak_memory_gb
 from mft_components.recipe_schema import LoRARecipeConfig
 from mft_components.sampling import LoaderStateError
 

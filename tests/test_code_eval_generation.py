@@ -12,7 +12,7 @@ import torch
 from transformers import AutoTokenizer
 
 from mft_components import checkpoint as ck
-from mft_components.attention import kv_cache_attention
+from mft_components.models.attention import kv_cache_attention
 from mft_components.code_eval.generation import generate_batched
 from mft_components.export import export_checkpoint
 from mft_components.generate import load_generation_model

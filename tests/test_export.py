@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from mft_components import checkpoint as ckpt
 from mft_components import export
 from mft_components.export import ExportError, export_checkpoint
-from mft_components.lora import (
+from mft_components.models.lora import (
     LoRALinear,
     adapter_to_peft_state_dict,
     get_adapter_state_dict,

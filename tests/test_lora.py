@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor
 
-from mft_components.lora import (
+from mft_components.models.lora import (
     LoRALinear,
     NF4Linear,
     adapter_to_peft_state_dict,
@@ -29,7 +29,7 @@ def _lora(bias=True, quantize=False, rslora=False):
         if bias:
             m.bias.copy_(torch.randn(32))
     if quantize:
-        from mft_components.lora import quantize_nf4
+        from mft_components.models.lora import quantize_nf4
         m.weight = torch.nn.Parameter(quantize_nf4(m.weight.detach()), requires_grad=False)
     return m
 

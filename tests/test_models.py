@@ -10,7 +10,7 @@ import transformers
 from safetensors.torch import save_file
 from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor
 
-from mft_components.lora import (
+from mft_components.models.lora import (
     LoRALinear,
     adapter_to_peft_state_dict,
     get_adapter_state_dict,
@@ -196,7 +196,7 @@ def test_compile_matches_eager_across_packings(tmp_path):
     import torch._dynamo
 
     from mft_components.data import Sample
-    from mft_components.distributed import compile_layers
+    from mft_components.models.parallelize import compile_layers
     from mft_components.packing import collate, pack_samples
 
     model_dir = make_tiny_model_dir(tmp_path / "m", family="llama", vocab_size=VOCAB)
@@ -342,7 +342,7 @@ def test_sharded_whole_layer_compile_keeps_activation_checkpointing(tiny_dir, tm
 
 
 def test_compile_and_checkpointing_choices():
-    from mft_components.distributed import activation_checkpointing_mode, resolve_compile
+    from mft_components.models.parallelize import activation_checkpointing_mode, resolve_compile
 
     assert resolve_compile("auto", "cpu", static_attention=True, moe=False)[0] == "off"
     assert resolve_compile("auto", "cuda", static_attention=True, moe=False)[0] == "layers"
@@ -423,7 +423,7 @@ def test_whole_layer_compile_one_graph_for_all_packings(tmp_path):
     losses and LoRA gradients as eager over four different packings, and no graph per packing (sdpa: the mask
     transformers builds; flex_attention: mft's BlockMask, forward only on the CPU). The CPU stands in for CUDA,
     where compile: auto does this."""
-    from mft_components.distributed import compile_layers
+    from mft_components.models.parallelize import compile_layers
 
     model_dir = make_tiny_model_dir(tmp_path / "m", family="llama", vocab_size=VOCAB)
     batches = _packings(VOCAB)
