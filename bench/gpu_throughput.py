@@ -186,11 +186,13 @@ def contender_config(name: str, model_dir: Path, tokenizer_dir: Path, data_paths
 def loader_steps(cfg_path: Path, steps: int):
     """The first ``steps`` optimizer steps of mft's loader for a contender config: lists of micro-batches."""
     from mft_components.config import instantiate, load_config
+    from mft_components.data.sampling import build_train_loader
 
     cfg = load_config(cfg_path)
     tokenizer = instantiate(cfg.tokenizer)
     data = instantiate(cfg.data, tokenizer=tokenizer, seed=cfg.seed, rank=0, world_size=1)
-    loader = data.train_loader(cfg.micro_batch_size, cfg.gradient_accumulation_steps, 0, 1)
+    loader = build_train_loader(data, micro_batch_size=cfg.micro_batch_size,
+                                gradient_accumulation_steps=cfg.gradient_accumulation_steps)
     loader.sampler.set_epoch(0)
     batches, out = iter(loader), []
     for _ in range(steps):

@@ -41,7 +41,7 @@ import torch.nn.functional as F  # noqa: E402
 from mft_components import assets  # noqa: E402
 from mft_components.data import build_mft_data  # noqa: E402
 from mft_components.loss import CoBa, TaskWeightedLoss  # noqa: E402
-from mft_components.packing import collate, pack_lengths  # noqa: E402
+from mft_components.data.packing import collate, pack_lengths  # noqa: E402
 
 MODES = ("token", "sample", "task", "task_sample")
 MFTCODER_NAMES = {"token": "case1", "sample": "case2", "task": "case3", "task_sample": "case4"}

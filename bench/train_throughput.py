@@ -96,7 +96,7 @@ def micro_batches_of(samples, max_rows_tokens: int):
 def run_mft(args, packing: str) -> dict:
     from mft_components.loss import TaskWeightedLoss
     from mft_components.models import build_model
-    from mft_components.packing import collate, pack_samples
+    from mft_components.data.packing import collate, pack_samples
 
     model_dir, task_names, steps = load_workload(args.seq_len, args.tokens_per_step, args.steps + WARMUP_STEPS,
                                                  args.seed)

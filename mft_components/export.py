@@ -646,7 +646,7 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, base: 
             the data, a non-empty output that is not an earlier export (or is, without `force`), `adapter_only`
             for a full checkpoint, bad dtype/size, untrusted remote code.
     """
-    from mft_components.templates import ChatFormat
+    from mft_components.data.templates import ChatFormat
 
     checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
     if dtype not in OUTPUT_DTYPES:
@@ -773,7 +773,7 @@ def export_adapter(adapter_dir: str | Path, base: str | Path, output_dir: str | 
     Raises:
         ExportError: as `export_checkpoint`, plus a missing adapter or base directory.
     """
-    from mft_components.templates import ChatFormat
+    from mft_components.data.templates import ChatFormat
 
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():

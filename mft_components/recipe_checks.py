@@ -170,7 +170,8 @@ def _load_tokenizer(node: Any, problems: list[str]):
 
 def _check_data(node: Any, tokenizer, problems: list[str]) -> list[str] | None:
     """The task names (None when they cannot be known)."""
-    from mft_components.data import DataError, build_mft_data, resolve_data_config
+    from mft_components.data.build import build_mft_data, resolve_data_config
+    from mft_components.data.records import DataError
 
     args = _builder_args(node, build_mft_data)
     if args is None:
@@ -204,7 +205,7 @@ def _check_loss(node: Any, tasks: list[str] | None, problems: list[str]) -> None
 
 
 def _check_coba_has_validation(loss_node: Any, data_node: Any, problems: list[str]) -> None:
-    from mft_components.data import build_mft_data
+    from mft_components.data.build import build_mft_data
     from mft_components.loss.task_weighted import TaskWeightedLoss
 
     loss, data = _builder_args(loss_node, TaskWeightedLoss), _builder_args(data_node, build_mft_data)

@@ -30,8 +30,8 @@ from mft_components.models.packed_attention import (
     segment_lengths,
     varlen_options,
 )
-from mft_components.data import Sample
-from mft_components.packing import collate, pack_samples
+from mft_components.data.dataset import Sample
+from mft_components.data.packing import collate, pack_samples
 from tests.tiny_models import TINY_CONFIGS, make_tiny_model_dir
 
 VOCAB = 96
@@ -157,7 +157,7 @@ def test_direct_calls_and_errors(packed_case):
 def test_cu_seqlens_and_block_mask_from_sample_ids():
     from torch.nn.attention.flex_attention import create_mask
 
-    from mft_components.packing import block_causal_mask
+    from tests.reference_masks import block_causal_mask
 
     sample_ids = torch.tensor([[0, 0, 0, 1, 1, -1, -1], [2] * 7, [-1] * 7, [3, 4, 5, 6, -1, -1, -1]])
     # every row starts a sequence; so does every sample and a row's padding

@@ -31,7 +31,7 @@ from mft_components.models.lora import (
     peft_adapter_config,
 )
 from mft_components.models import build_model
-from mft_components.templates import ChatFormat
+from mft_components.data.templates import ChatFormat
 from tests.tiny_models import TINY_CONFIGS, make_tiny_model_dir
 
 TASKS = ["code_completion", "text2sql"]

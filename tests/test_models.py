@@ -195,9 +195,9 @@ def test_compile_matches_eager_across_packings(tmp_path):
     import numpy as np
     import torch._dynamo
 
-    from mft_components.data import Sample
+    from mft_components.data.dataset import Sample
     from mft_components.models.parallelize import compile_layers
-    from mft_components.packing import collate, pack_samples
+    from mft_components.data.packing import collate, pack_samples
 
     model_dir = make_tiny_model_dir(tmp_path / "m", family="llama", vocab_size=VOCAB)
     rng = np.random.default_rng(0)
@@ -263,8 +263,8 @@ def _packings(vocab, seed=0):
     """Micro-batches of two 16-token rows, packed differently each time (one ends in an all-padding row)."""
     import numpy as np
 
-    from mft_components.data import Sample
-    from mft_components.packing import collate, pack_samples
+    from mft_components.data.dataset import Sample
+    from mft_components.data.packing import collate, pack_samples
 
     rng = np.random.default_rng(seed)
     batches = []

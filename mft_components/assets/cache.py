@@ -62,7 +62,6 @@ def build_atomically(final: Path, build: Callable[[Path], dict]) -> Path:
     return final
 
 
-
 def run_pip(*args: str) -> None:
     """``python -m pip ARGS`` with this interpreter.
 

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mft_components.data import parse_prompt_rounds
+from mft_components.data.records import parse_prompt_rounds
 from mft_components.assets.cache import cache_root
 from mft_components.assets.dataframebench import (
     DATAFRAMEBENCH_VERSION,

@@ -53,7 +53,6 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> DictC
     return cfg
 
 
-
 def parse(recipe_main: Callable | None = None, *, schema: type | None = None) -> Callable:
     """Decorator for a recipe's ``recipe_main(cfg)``: reads ``--config FILE [key=value ...]`` from sys.argv.
 

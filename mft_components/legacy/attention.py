@@ -3,6 +3,7 @@
 
 import warnings
 
+import mft_components.moved_names  # noqa: F401  (puts back the names that left modules which kept their name)
 from mft_components.device import capability_reason, gpu_too_old
 from mft_components.models.attention import (
     AUTO,

@@ -2,6 +2,7 @@
 
 import warnings
 
+import mft_components.moved_names  # noqa: F401  (puts back the names that left modules which kept their name)
 from mft_components.assets.cache import cache_root
 from mft_components.assets.dataframebench import (
     DATAFRAMEBENCH_FORMAT,

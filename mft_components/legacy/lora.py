@@ -2,6 +2,7 @@
 
 import warnings
 
+import mft_components.moved_names  # noqa: F401  (puts back the names that left modules which kept their name)
 from mft_components.models.lora import (
     NF4_BLOCK_SIZE,
     NF4_SCALER_BLOCK_SIZE,

@@ -2,6 +2,7 @@
 
 import warnings
 
+import mft_components.moved_names  # noqa: F401  (puts back the names that left modules which kept their name)
 from mft_components.config.registry import (
     RECIPE_CONFIGS,
     BuiltIn,
