@@ -41,7 +41,7 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch
 failed = []
 for name in ("transformers", "peft", "torchao", "torchdata", "omegaconf", "yaml", "safetensors", "tokenizers",
              "pytest", "liger_kernel.transformers", "torch.nn.attention.flex_attention", "torch.nn.attention.varlen",
-             "mft_components.models", "mft_components.data", "mft_components.metrics"):
+             "mft_components.models", "mft_components.data", "mft_components.training.metrics"):
     try:
         module = importlib.import_module(name)
         print(name, getattr(module, "__version__", ""), "from", getattr(module, "__file__", "?"))

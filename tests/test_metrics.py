@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from mft_components.metrics import NonFiniteGuard, NonFiniteLossError
+from mft_components.training.guards import NonFiniteGuard, NonFiniteLossError
 
 
 def _step(guard, optimizer, param, step, loss_value):
