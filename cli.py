@@ -31,8 +31,8 @@ from mft_components.config import ConfigError, check_config, load_config
 # Commands whose implementation lives with the component they expose (module: add_arguments, run).
 COMPONENT_COMMANDS = {
     "data": ("mft_components.data.report", "per-task data statistics and rendered samples with loss marked"),
-    "export": ("mft_components.export", "merge LoRA and write a Hugging Face model directory and a PEFT adapter"),
-    "generate": ("mft_components.generate", "generate with the training prompt format"),
+    "export": ("mft_components.inference.export", "merge LoRA and write a Hugging Face model directory and a PEFT adapter"),
+    "generate": ("mft_components.inference.generate", "generate with the training prompt format"),
     "eval": ("mft_components.code_eval.evaluate", "pass@k of generated code per task (dataframebench, humaneval, "
                                                   "your JSONL)"),
     "import": ("mft_components.mftcoder", "an mft config from an MFTCoder train config"),

@@ -43,7 +43,8 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from mft_components.code_eval.evaluate import CodeEvalOptions, evaluate_code, load_tasks, make_sandbox
+    from mft_components.code_eval.evaluate import evaluate_code, load_tasks, make_sandbox
+    from mft_components.code_eval.options import CodeEvalOptions
     from mft_components.code_eval.suites import DEMO_EVAL_TASKS, prepare_dataframebench_eval
     from mft_components.assets import prepare_smollm2
     from mft_components.models import build_model

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Literal
 
-from mft_components.code_eval.evaluate import CodeEvalOptions
+from mft_components.code_eval.options import CodeEvalOptions
 from mft_components.recipe_checks import check_recipe_config
 
 __all__ = ["RecipeConfig", "LoRARecipeConfig", "FullRecipeConfig", "EvalConfig"]

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from mft_components.code_eval import suites
-from mft_components.code_eval.evaluate import CodeEvalOptions
+from mft_components.code_eval.options import CodeEvalOptions
 from mft_components.code_eval.sandbox import Limits, Sandbox
 from mft_components.assets.dataframebench import dataframebench_package
 

@@ -21,8 +21,9 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mft_components.training import checkpoint as ckpt
-from mft_components import export
-from mft_components.export import ExportError, export_checkpoint
+from mft_components.inference import export, shards
+from mft_components.inference.adapters import ExportError
+from mft_components.inference.export import export_checkpoint
 from mft_components.models.lora import (
     LoRALinear,
     adapter_to_peft_state_dict,
@@ -319,10 +320,10 @@ def test_other_errors(tiny_bases, tmp_path):
 
 
 def test_parse_size():
-    assert export.parse_size("5GB") == 5 * 10**9
-    assert export.parse_size("500MiB") == 500 * 2**20
-    assert export.parse_size("1.5kb") == 1500
-    assert export.parse_size(1234) == 1234
+    assert shards.parse_size("5GB") == 5 * 10**9
+    assert shards.parse_size("500MiB") == 500 * 2**20
+    assert shards.parse_size("1.5kb") == 1500
+    assert shards.parse_size(1234) == 1234
 
 
 def test_cli_run(llama_lora, tmp_path, capsys):
@@ -402,7 +403,7 @@ def test_peft_adapter_merged_gives_peft_logits(tiny_bases, tiny_gpt2, tmp_path, 
     assert "merged onto its base with `mft export --adapter`" in (tmp_path / "out" / "README.md").read_text()
     # `mft generate --model BASE --adapter ADAPTER` merges the same adapter the same way (biases, modules_to_save
     # copies and Conv1D's [in, out] layout included).
-    from mft_components.generate import load_generation_model
+    from mft_components.inference.generate import load_generation_model
 
     gm = load_generation_model(base, adapter=adapter, default_chat_format={"template": "mft"})
     torch.testing.assert_close(logits(gm.model, IDS), logits(reference, IDS), atol=2e-5, rtol=1e-5)
@@ -412,7 +413,7 @@ def test_a_saved_copy_of_a_tied_output_layer_is_refused(tiny_bases, tmp_path, ca
     """qwen2's lm_head is its embedding: an adapter's own lm_head copy (modules_to_save) cannot be merged into one
     tensor without replacing the embedding too; export and generate both refuse it, naming the tensor."""
     pytest.importorskip("peft")
-    from mft_components.generate import GenerateError, load_generation_model
+    from mft_components.inference.generate import GenerateError, load_generation_model
 
     adapter = peft_adapter(tiny_bases["qwen2"], tmp_path / "adapter", modules_to_save=["lm_head"],
                            target_modules=["q_proj"])

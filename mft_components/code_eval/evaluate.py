@@ -1,175 +1,46 @@
 """Execution-based evaluation: generate answers, run them with their tests, score pass@k per task.
 
     eval sets (suites.py) --ChatFormat.prompt_ids--> prompts
-      --generation.py (this rank's share, batched, KV cache)--> answers --suites.extract_code--> code
+      --inference/decoding.py (this rank's share, batched, KV cache)--> answers --suites.extract_code--> code
       --sandbox.py (this rank's share, N workers)--> verdicts --gathered from every rank-->
       pass@1 (greedy) and pass@k (num_samples sampled answers, unbiased estimator) per task; overall = task mean
 
 Two callers: the recipes (:class:`CodeEvaluator`, next to the validation-loss ``Evaluator``: before training, every
 ``eval.code.every_n_steps`` and at the end; results in ``metrics.jsonl`` / TensorBoard / the progress output and
 ``mft_checkpoint.json``; ``select_by: pass@1`` makes early stopping and the best checkpoint follow it) and
-``mft eval`` (:func:`run`, a checkpoint, an exported directory or a base model).
+``mft eval`` (:func:`run`, a checkpoint, an exported directory or a base model). The ``eval.code`` options are
+``options.py``.
 """
+
 
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from mft_components.code_eval.generation import Generated, batches_needed, generate_batched
+from mft_components.code_eval.options import CodeEvalError, CodeEvalOptions
 from mft_components.code_eval.pass_at_k import mean_pass_at_k
 from mft_components.code_eval.sandbox import ISOLATIONS, Limits, Sandbox, SandboxError
-from mft_components.code_eval.suites import (
-    DATAFRAMEBENCH_TASKS,
-    EvalSetError,
-    Problem,
-    check_task_source,
-    extract_code,
-    load_task,
-    read_eval_file,
-)
+from mft_components.code_eval.suites import DATAFRAMEBENCH_TASKS, EvalSetError, Problem, extract_code, load_task
 from mft_components.config.core import to_container
 from mft_components.distributed import get_rank, get_world_size, is_distributed, run_in_step
+from mft_components.inference.decoding import Generated, batches_needed, generate_batched
+from mft_components.inference.generate import GenerateError, load_generation_model
+from mft_components.training.checkpoint import ADAPTER_CONFIG, META_FILE, read_checkpoint_meta
 
-__all__ = ["CodeEvalError", "CodeEvalOptions", "CodeEvalResult", "CodeEvaluator", "evaluate_code", "format_table"]
+__all__ = ["CodeEvalError", "CodeEvalOptions", "CodeEvalResult", "CodeEvaluator", "evaluate_code", "execute_answers",
+           "format_table", "load_tasks", "make_sandbox", "write_records", "add_arguments", "run"]
 
 NO_CODE = "no code block in the answer"
-
-
-class CodeEvalError(ValueError):
-    """Bad ``eval.code`` settings, eval set or eval interpreter: ``eval.code.KEY: problem`` / ``path:line: ...``."""
-
-
-@dataclass
-class CodeEvalOptions:
-    """The config section ``eval.code`` (checked by ``mft validate``; see README *Code evaluation*).
-
-    Attributes:
-        tasks: task name -> eval set: a JSONL file, ``humaneval`` or ``dataframebench:TASK``.
-        num_samples: sampled answers per problem for pass@k (0: greedy pass@1 only).
-        k: the k of pass@k reported from the samples (each 2..num_samples; default [num_samples]).
-        temperature, top_p: sampling settings of those answers.
-        max_new_tokens: answer budget.
-        batch_size: prompts decoded together.
-        cpu_threads: torch's intra-op threads while generating on a CPU (null: torch's setting; 1 by default:
-            small-batch decoding gains little from threads and loses much when the cores are shared).
-        every_n_steps: evaluate every N steps (null: whenever the validation loss is evaluated); always before
-            training and at the end.
-        max_problems: the first N problems of each task (null: all).
-        timeout_s, memory_mb, max_processes: per-program sandbox limits (seconds, MB of address space, tasks).
-        workers: programs run in parallel (per rank).
-        python: the interpreter that runs the programs (null: this one); the suite's libraries must be in it.
-        isolation: ``auto`` (bubblewrap where it works), ``bwrap`` (required) or ``process``.
-        select_by: ``loss``, ``pass@1`` or ``pass@K`` (a K of ``k``): what early stopping and the best checkpoint
-            follow.
-        seed: seeds the sampled answers (each evaluation samples alike; training's RNG is left untouched).
-    """
-
-    tasks: dict[str, str] = field(default_factory=dict)
-    num_samples: int = 0
-    k: list[int] | None = None
-    temperature: float = 0.8
-    top_p: float = 0.95
-    max_new_tokens: int = 512
-    batch_size: int = 8
-    cpu_threads: int | None = 1
-    every_n_steps: int | None = None
-    max_problems: int | None = None
-    timeout_s: float = 10.0
-    memory_mb: int | None = 4096
-    max_processes: int = 64
-    workers: int = 2
-    python: str | None = None
-    isolation: Literal["auto", "bwrap", "process"] = "auto"
-    select_by: str = "loss"
-    seed: int = 0
-
-    @property
-    def ks(self) -> list[int]:
-        """The k of the sampled pass@k."""
-        if self.num_samples < 2:
-            return []
-        return sorted(set(self.k or [self.num_samples]))
-
-    @classmethod
-    def value_problems(cls, section: dict) -> list[tuple[str, str]]:
-        """``(key, problem)`` for every value of an ``eval.code`` section a run would refuse (types are checked by
-        the schema already); eval files are read, so their bad records are listed as ``path:line: field: ...``."""
-        out = []
-        opts = {f: section.get(f, getattr(cls(), f)) for f in cls.__dataclass_fields__}
-
-        def num(key, ok, expected):
-            value = opts[key]
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and not ok(value):
-                out.append((key, f"is {value!r}: expected {expected}"))
-
-        tasks = opts["tasks"]
-        if not isinstance(tasks, dict) or not tasks:
-            out.append(("tasks", "expected a mapping TASK: eval set (a .jsonl file, humaneval or "
-                                 f"dataframebench:TASK), e.g. {{{DATAFRAMEBENCH_TASKS[0]}: dataframebench:"
-                                 f"{DATAFRAMEBENCH_TASKS[0]}}}"))
-        else:
-            for name, source in tasks.items():
-                problem = check_task_source(source)
-                if problem:
-                    out.append((f"tasks.{name}", problem))
-                elif source.endswith(".jsonl"):
-                    try:
-                        read_eval_file(source)
-                    except EvalSetError as e:
-                        out.append((f"tasks.{name}", str(e)))
-        num("num_samples", lambda v: v >= 0, "0 (greedy only) or more")
-        for key in ("max_new_tokens", "batch_size", "max_processes", "workers"):
-            num(key, lambda v: v >= 1, "a positive integer")
-        for key in ("every_n_steps", "max_problems", "cpu_threads"):
-            if opts[key] is not None:
-                num(key, lambda v: v >= 1, "a positive integer or null")
-        num("timeout_s", lambda v: v > 0, "seconds > 0")
-        num("top_p", lambda v: 0 < v <= 1, "0 < top_p <= 1")
-        if opts["memory_mb"] is not None:
-            num("memory_mb", lambda v: v >= 64, "at least 64 (MB) or null")
-        n = opts["num_samples"] if isinstance(opts["num_samples"], int) else 0
-        if n > 0:
-            num("temperature", lambda v: v > 0, "> 0 when num_samples > 0 (sampled answers)")
-        ks = opts["k"] or ([n] if n >= 2 else [])
-        if isinstance(ks, list):
-            for k in ks:
-                if isinstance(k, int) and k >= 2 and n < k:
-                    out.append(("k", f"{k!r}: pass@{k} needs num_samples >= {k} sampled answers per problem (it is "
-                                     f"{n}); raise eval.code.num_samples or lower k"))
-                elif not isinstance(k, int) or not 2 <= k <= max(n, 1):
-                    out.append(("k", f"{k!r}: each k must lie in 2..num_samples ({n}); pass@1 is the greedy one"))
-        choices = ["loss", "pass@1"] + [f"pass@{k}" for k in ks if isinstance(k, int) and k >= 2]
-        if opts["select_by"] not in choices:
-            out.append(("select_by", f"is {opts['select_by']!r}: expected one of {', '.join(choices)}"))
-        if opts["python"] is not None and shutil.which(str(opts["python"])) is None:
-            out.append(("python", f"{opts['python']!r} is not an executable interpreter"))
-        if opts["isolation"] == "bwrap" and shutil.which("bwrap") is None:
-            out.append(("isolation", "bwrap: `bwrap` is not installed (apt-get install bubblewrap), or use auto"))
-        return out
-
-    @classmethod
-    def from_config(cls, section: dict) -> "CodeEvalOptions":
-        """Options from a config section, refusing what :meth:`value_problems` finds.
-
-        Raises:
-            CodeEvalError: ``eval.code.KEY: problem`` lines.
-        """
-        unknown = set(section) - set(cls.__dataclass_fields__)
-        problems = [(k, "unknown key") for k in sorted(unknown)] + cls.value_problems(section)
-        if problems:
-            raise CodeEvalError("\n".join(f"eval.code.{k}: {p}" for k, p in problems))
-        return cls(**section)
 
 
 @dataclass
@@ -482,10 +353,6 @@ def _suite_tasks(suite: str, task_names: list[str] | None) -> dict[str, str]:
 
 
 def _load_model(model: str, template: str | None, dtype: str, device: str | None, trust_remote_code: bool = False):
-    from mft_components.training.checkpoint import META_FILE, read_checkpoint_meta
-    from mft_components.export import ADAPTER_CONFIG
-    from mft_components.generate import GenerateError, load_generation_model
-
     path = Path(model)
     fallback = {"template": template} if template else None
     if (path / ADAPTER_CONFIG).is_file() and (path / META_FILE).is_file():  # a LoRA / QLoRA checkpoint
@@ -504,8 +371,6 @@ def _load_model(model: str, template: str | None, dtype: str, device: str | None
 
 def run(args: argparse.Namespace) -> int:
     """``mft eval``: per-task table on stdout, every answer with its verdict in ``--output``; errors: status 2."""
-    from mft_components.generate import GenerateError
-
     try:
         tasks = _suite_tasks(args.suite, args.task)
         section = {"tasks": tasks, **{k: getattr(args, k) for k in (

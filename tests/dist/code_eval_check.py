@@ -12,8 +12,9 @@ import sys
 import torch
 from transformers import AutoTokenizer
 
-from mft_components.code_eval.evaluate import CodeEvalOptions, evaluate_code, load_tasks, make_sandbox
-from mft_components.code_eval.generation import generate_batched
+from mft_components.code_eval.evaluate import evaluate_code, load_tasks, make_sandbox
+from mft_components.code_eval.options import CodeEvalOptions
+from mft_components.inference.decoding import generate_batched
 from mft_components.distributed import destroy_distributed, end_worker, init_distributed
 from mft_components.models import build_model
 from mft_components.data.templates import ChatFormat
@@ -74,7 +75,7 @@ def main(model_dir: str, eval_file: str) -> None:
     from torch.distributed.distributed_c10d import _set_pg_timeout
 
     from mft_components.code_eval.evaluate import execute_answers
-    from mft_components.code_eval.generation import Generated
+    from mft_components.inference.decoding import Generated
     from mft_components.code_eval.suites import read_eval_file
 
     uneven = Path(eval_file).with_name("uneven.jsonl")

@@ -1,4 +1,4 @@
-"""Generation for code evaluation: the in-training model (LoRA not merged, packed-training attention, train mode)
+"""Tests for mft_components/inference/decoding.py, the generation of code evaluation: the in-training model (LoRA not merged, packed-training attention, train mode)
 gives the same greedy tokens as its `mft export` and as a plain greedy loop; under FSDP2 on 2 ranks, the same
 answers as one process, with every verdict gathered, also when one rank's programs run for longer than the
 process group's timeout."""
@@ -13,9 +13,9 @@ from transformers import AutoTokenizer
 
 from mft_components.training import checkpoint as ck
 from mft_components.models.attention import kv_cache_attention
-from mft_components.code_eval.generation import generate_batched
-from mft_components.export import export_checkpoint
-from mft_components.generate import load_generation_model
+from mft_components.inference.decoding import generate_batched
+from mft_components.inference.export import export_checkpoint
+from mft_components.inference.generate import load_generation_model
 from mft_components.models import build_model
 from mft_components.data.templates import ChatFormat
 from tests.conftest import REPO_ROOT, run_torchrun

@@ -1,4 +1,5 @@
-"""Batched generation with a KV cache from the model being trained (or a loaded one), for code evaluation.
+"""Batched decoding with a KV cache from the model being trained (or a loaded one): code evaluation and
+`mft generate` run it.
 
     prompts (token ids from ChatFormat.prompt_ids, the training format)
       -> sorted by length, left-padded batches of ``batch_size``
@@ -9,7 +10,7 @@ The model may be an ``MFTModel`` in training (LoRA applied, not merged; put in e
 plain transformers model (``mft generate``, ``mft eval`` on an exported directory): both run the same code, so
 greedy tokens agree between the in-training model and its export. A training attention that cannot use a KV cache
 (``sdpa_varlen``, ``varlen_attn``) or would run unfused (``flex_attention``) is swapped for ``sdpa`` while
-generating (``attention.kv_cache_attention``).
+generating (``models/attention.kv_cache_attention``).
 
 Under FSDP2 every rank must run the same forwards (each layer's all-gather is collective): ranks call
 :func:`generate_batched` with the same ``min_batches`` (padding with throw-away batches), and transformers'

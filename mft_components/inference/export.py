@@ -18,9 +18,7 @@ of MFTCoder's ``merge_base_and_lora_to_hf.py``). ``--dtype auto`` (the default) 
       README.md                                    (model card: base, method, tasks, steps, validation losses)
       adapter/                                     (LoRA / QLoRA only: PEFT adapter_config.json + adapter_model.safetensors)
 
-Weights are streamed tensor by tensor: the shard plan is made from the safetensors headers, then each shard file is
-written one tensor at a time, so peak memory is about one tensor in float32, not the model (let alone twice).
-Safety of the output: ``OUT`` must not be, or contain, the current directory, the checkpoint, the base model, the
+Weights are streamed tensor by tensor (``shards.py``); the adapter is read and merged by ``adapters.py``. Safety of the output: ``OUT`` must not be, or contain, the current directory, the checkpoint, the base model, the
 tokenizer or the training data (paths resolved, symlinks followed); ``--force`` replaces only an earlier export
 (a directory holding ``mft_chat_format.json``), never other files. Everything is written into a hidden sibling
 ``.OUT.mft-export-tmp-*`` and swapped in only once complete (the old export is renamed aside, the new one renamed
@@ -33,63 +31,40 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import shutil
-import struct
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from mft_components.training.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CheckpointError, load_safetensors, mkdtemp_umask
+from mft_components.data.templates import ChatFormat
+from mft_components.inference.adapters import ExportError, LoRAAdapter, merge_lora_tensor, read_adapter
+from mft_components.inference.shards import (
+    DTYPE_NAMES,
+    OUTPUT_DTYPES,
+    TensorSpec,
+    main_dtype,
+    parse_size,
+    read_specs,
+    write_sharded_weights,
+)
+from mft_components.models.weights import safetensors_files
+from mft_components.training.checkpoint import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    CheckpointError,
+    mkdtemp_umask,
+    verify_checkpoint,
+)
 from mft_components.training.checkpoint import META_FILE as CHECKPOINT_META
-from mft_components.training.checkpoint import verify_checkpoint
-from mft_components.models.weights import safetensors_files as _model_safetensors_files
 
-# "auto": every floating tensor keeps the dtype it has in the weights being exported.
-OUTPUT_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32",
-                torch.float64: "float64"}
-# safetensors header dtype codes -> (torch dtype, bytes per element)
-_ST_DTYPES = {
-    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2),
-    "I64": (torch.int64, 8), "I32": (torch.int32, 4), "I16": (torch.int16, 2), "I8": (torch.int8, 1),
-    "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1),
-}
-_TORCH_TO_ST = {v[0]: k for k, v in _ST_DTYPES.items()}
-_PEFT_KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?P<which>[AB])\.weight$")
-_PEFT_PREFIX = "base_model.model."
-# adapter_config.json options whose adapters are not `W + scale * B @ A` on the base weights: refused, with why.
-_UNMERGEABLE_OPTIONS = {
-    "use_dora": "DoRA rescales each merged weight by a learned magnitude",
-    "lora_bias": "lora_B carries a bias",
-    "rank_pattern": "per-module ranks",
-    "alpha_pattern": "per-module alphas",
-    "layer_replication": "layers are replicated",
-    "target_parameters": "LoRA on raw parameters (e.g. fused MoE experts)",
-    "trainable_token_indices": "trained token embeddings",
-    "alora_invocation_tokens": "activated LoRA applies only after its invocation tokens",
-    "use_qalora": "QA-LoRA pools its inputs",
-    "use_bdlora": "block-diagonal LoRA",
-}
-# Initialisations that rewrite the base weights (PiSSA, OLoRA, CorDA, LoftQ, ...): the adapter is relative to the
-# rewritten base, not to the one on disk. These keep the base as it is.
-_BASE_PRESERVING_INITS = (True, False, "gaussian", "eva")
+__all__ = ["CHAT_FORMAT_FILE", "ExportError", "read_validated_meta", "remove_export_leftovers", "remote_code_refused",
+           "model_card", "export_checkpoint", "export_adapter", "add_arguments", "run"]
+
 CHAT_FORMAT_FILE = "mft_chat_format.json"
 _PARTIAL_MARK = ".mft-export-partial"  # in a temporary sibling while it is being written: the writer's process id
-
-
-class ExportError(ValueError):
-    """A checkpoint, base model or output directory that cannot be exported; the message says what and where."""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Reading checkpoints and adapters
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def read_validated_meta(checkpoint_dir: str | Path) -> dict:
@@ -118,285 +93,6 @@ def read_validated_meta(checkpoint_dir: str | Path) -> dict:
     if meta.get("method") not in ("lora", "qlora", "full"):
         raise ExportError(f"{path}: method: expected 'lora', 'qlora' or 'full', got {meta.get('method')!r}")
     return meta
-
-
-@dataclass
-class LoRAAdapter:
-    """A PEFT-format LoRA adapter: per target module its `A [r, in]` and `B [out, r]` and the merge scale.
-
-    ``replaced`` holds whole tensors the adapter trained in place of the base's: biases (PEFT ``bias:
-    lora_only | all``, which MFTCoder uses) and ``modules_to_save`` copies, by base tensor name.
-    ``fan_in_fan_out``: the targets store their weight as ``[in, out]`` (GPT-2's Conv1D), so the update is transposed.
-    """
-
-    config: dict
-    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path ("model.layers.0.self_attn.q_proj") -> (A, B)
-    scale: float
-    replaced: dict[str, torch.Tensor] = field(default_factory=dict)
-    fan_in_fan_out: bool = False
-
-
-def lora_scale(adapter_config: dict) -> float:
-    """`alpha / r`, or `alpha / sqrt(r)` for rsLoRA, as PEFT and `LoRALinear` define it."""
-    r, alpha = adapter_config["r"], adapter_config["lora_alpha"]
-    return alpha / math.sqrt(r) if adapter_config.get("use_rslora") else alpha / r
-
-
-def read_adapter(adapter_dir: str | Path) -> LoRAAdapter:
-    """Load `adapter_config.json` + `adapter_model.safetensors` (PEFT key names) from a checkpoint or adapter dir.
-
-    Args:
-        adapter_dir: directory holding the two PEFT files.
-
-    Returns:
-        LoRAAdapter with tensors as stored (not cast).
-
-    Raises:
-        ExportError: a file is missing, unreadable or holds NaN / inf, or the adapter is not a plain LoRA that
-            merges as `W + scale * B @ A` (another PEFT type, DoRA, per-module rank/alpha patterns, an init that
-            rewrote the base, ...; see `_UNMERGEABLE_OPTIONS`), or it holds tensors that are neither LoRA nor
-            trained biases / `modules_to_save`, or A/B do not pair up.
-    """
-    adapter_dir = Path(adapter_dir)
-    cfg_path, w_path = adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
-    for p in (cfg_path, w_path):
-        if not p.is_file():
-            raise ExportError(f"{p}: not found; a LoRA/QLoRA checkpoint holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
-    try:
-        config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ExportError(f"{cfg_path}: not valid JSON ({e}); the adapter config is damaged") from e
-    if not isinstance(config, dict) or not isinstance(config.get("r"), int) or "lora_alpha" not in config:
-        raise ExportError(f"{cfg_path}: expected a PEFT LoRA config with r and lora_alpha")
-    if config.get("peft_type", "LORA") != "LORA":
-        raise ExportError(f"{cfg_path}: peft_type: {config['peft_type']!r} adapters cannot be merged by mft export; "
-                          f"expected 'LORA'")
-    for key, why in _UNMERGEABLE_OPTIONS.items():
-        if config.get(key):
-            raise ExportError(f"{cfg_path}: {key}: {config[key]!r} is not supported by the merge ({why}); merge this "
-                              f"adapter with peft's merge_and_unload instead")
-    init = config.get("init_lora_weights", True)
-    if init not in _BASE_PRESERVING_INITS or config.get("loftq_config"):
-        raise ExportError(f"{cfg_path}: init_lora_weights: {init!r} rewrites the base weights at initialisation, so "
-                          f"the adapter does not apply to the base on disk; convert it to a plain LoRA with peft "
-                          f"(save_pretrained(..., path_initial_model_for_weight_conversion=...)) first")
-    # Whole tensors an adapter may carry besides LoRA pairs: trained biases and modules_to_save copies.
-    bias_mode = config.get("bias") or "none"
-    saved_modules = tuple(config.get("modules_to_save") or ())
-    halves: dict[str, dict[str, torch.Tensor]] = {}
-    replaced: dict[str, torch.Tensor] = {}
-    try:
-        tensors = load_safetensors(w_path)
-    except CheckpointError as e:
-        raise ExportError(str(e)) from e
-    for key, tensor in tensors.items():
-        _check_finite(tensor, f"{w_path}: tensor {key}", "the adapter is corrupted, or training diverged")
-        m = _PEFT_KEY.match(key)
-        if m is not None:
-            halves.setdefault(m["path"], {})[m["which"]] = tensor
-            continue
-        # PEFT names a wrapped layer's own parameters `<module>.base_layer.<param>`; the base calls it `<module>.<param>`.
-        name = key[len(_PEFT_PREFIX):].replace(".base_layer.", ".") if key.startswith(_PEFT_PREFIX) else None
-        module = name.rsplit(".", 1)[0] if name else ""
-        if name and ((bias_mode != "none" and name.endswith(".bias"))
-                     or any(module == s or module.endswith(f".{s}") for s in saved_modules)):
-            replaced[name] = tensor
-            continue
-        raise ExportError(f"{w_path}: tensor {key!r} is not a LoRA weight "
-                          f"(expected base_model.model.<module>.lora_A.weight / .lora_B.weight, or a bias with "
-                          f"bias: lora_only/all, or a module listed in modules_to_save)")
-    pairs = {}
-    for path, h in halves.items():
-        if set(h) != {"A", "B"}:
-            raise ExportError(f"{w_path}: module {path} has only lora_{''.join(h)}; expected both lora_A and lora_B")
-        a, b = h["A"], h["B"]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != config["r"] or b.shape[1] != config["r"]:
-            raise ExportError(f"{w_path}: module {path}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not "
-                              f"match r={config['r']} from {cfg_path} (expected [r, in] and [out, r])")
-        pairs[path] = (a, b)
-    return LoRAAdapter(config=config, pairs=pairs, scale=lora_scale(config), replaced=replaced,
-                       fan_in_fan_out=bool(config.get("fan_in_fan_out")))
-
-
-def _check_finite(tensor: torch.Tensor, what: str, why: str) -> None:
-    """Raise an ExportError when a floating tensor holds NaN or inf; checked in slices of 16M elements, so a large
-    embedding costs no tensor-sized temporary."""
-    if not tensor.is_floating_point():
-        return
-    bad = sum(int((~torch.isfinite(part)).sum()) for part in tensor.detach().reshape(-1).split(1 << 24))
-    if bad:
-        raise ExportError(f"{what} holds {bad:,} NaN/inf value(s) of {tensor.numel():,}; {why}")
-
-
-def merge_lora_tensor(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, name: str = "weight",
-                      fan_in_fan_out: bool = False) -> torch.Tensor:
-    """Return `weight + scale * b @ a` in float32 (`weight + scale * (b @ a).T` for an `[in, out]` weight).
-
-    Raises:
-        ExportError: shapes do not fit (the adapter was trained on another base); names the tensor and both shapes.
-    """
-    expected = (a.shape[1], b.shape[0]) if fan_in_fan_out else (b.shape[0], a.shape[1])
-    if tuple(weight.shape) != expected:
-        raise ExportError(f"shape mismatch for {name}: the base model has {tuple(weight.shape)}, the adapter expects "
-                          f"{expected} (lora_B {tuple(b.shape)} @ lora_A {tuple(a.shape)}); was this checkpoint "
-                          f"trained on another base model? Pass the right one with --base")
-    if fan_in_fan_out:
-        return torch.addmm(weight.float(), a.float().t(), b.float().t(), alpha=scale)
-    return torch.addmm(weight.float(), b.float(), a.float(), alpha=scale)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Streaming safetensors I/O
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def safetensors_files(model_dir: str | Path) -> list[Path]:
-    """:func:`mft_components.models.safetensors_files`, failing with an :class:`ExportError`."""
-    try:
-        return _model_safetensors_files(Path(model_dir))
-    except FileNotFoundError as e:
-        raise ExportError(str(e)) from e
-
-
-@dataclass
-class _TensorSpec:
-    name: str
-    file: Path
-    shape: tuple[int, ...]
-    out_dtype: torch.dtype
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * torch.empty((), dtype=self.out_dtype).element_size()
-
-
-def _read_specs(files: list[Path], dtype: torch.dtype | None) -> list[_TensorSpec]:
-    """Names and shapes from the headers only; floating tensors are cast to `dtype` (None: keep), others keep theirs."""
-    specs = []
-    for f in files:
-        with safe_open(f, framework="pt") as st:
-            for name in st.keys():
-                sl = st.get_slice(name)
-                if sl.get_dtype() not in _ST_DTYPES:
-                    raise ExportError(f"{f}: tensor {name} has dtype {sl.get_dtype()}, which export does not handle "
-                                      f"(expected an unquantised model: {', '.join(_ST_DTYPES)})")
-                src = _ST_DTYPES[sl.get_dtype()][0]
-                out = dtype if src.is_floating_point and dtype is not None else src
-                specs.append(_TensorSpec(name, f, tuple(sl.get_shape()), out))
-    return specs
-
-
-def _main_dtype(specs: list[_TensorSpec]) -> torch.dtype:
-    """The floating dtype holding most parameters: what config.json declares for `--dtype auto`."""
-    counts: dict[torch.dtype, int] = {}
-    for s in specs:
-        if s.out_dtype.is_floating_point:
-            counts[s.out_dtype] = counts.get(s.out_dtype, 0) + math.prod(s.shape)
-    return max(counts, key=counts.get) if counts else torch.float32
-
-
-def parse_size(size: int | str) -> int:
-    """`"5GB"` -> 5 * 10**9, `"500MiB"` -> 500 * 2**20, ints pass through (the transformers convention).
-
-    Raises:
-        ExportError: not a size.
-    """
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*", str(size).upper())
-    if m is None:
-        raise ExportError(f"--max-shard-size: expected a size like 5GB, 500MB or 2GiB, got {size!r}")
-    unit = m[2] or "B"
-    power = " KMGT".index(unit[0]) if unit != "B" else 0
-    base = 1024 if "I" in unit else 1000
-    return int(float(m[1]) * base**power)
-
-
-def _plan_shards(specs: list[_TensorSpec], max_bytes: int) -> list[list[_TensorSpec]]:
-    """Greedy, in checkpoint order: start a new shard when the next tensor would overflow (a big tensor alone)."""
-    shards: list[list[_TensorSpec]] = [[]]
-    size = 0
-    for s in specs:
-        if shards[-1] and size + s.nbytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(s)
-        size += s.nbytes
-    return shards
-
-
-class _StreamingSafetensorsWriter:
-    """Write one safetensors file tensor by tensor: the header (all shapes known up front), then each tensor's bytes.
-
-    The safetensors format is `u64 header length | JSON header | data`; the header is padded with spaces to a multiple
-    of 8 and the tensors are ordered by element size (largest first) so every tensor's data stays aligned.
-    """
-
-    def __init__(self, path: Path, specs: list[_TensorSpec]):
-        self.specs = sorted(specs, key=lambda s: -torch.empty((), dtype=s.out_dtype).element_size())
-        header: dict = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for s in self.specs:
-            header[s.name] = {"dtype": _TORCH_TO_ST[s.out_dtype], "shape": list(s.shape),
-                              "data_offsets": [offset, offset + s.nbytes]}
-            offset += s.nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        self._file = open(path, "wb")
-        self._file.write(struct.pack("<Q", len(raw)) + raw)
-        self._next = 0
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        spec = self.specs[self._next]
-        assert name == spec.name and tuple(tensor.shape) == spec.shape and tensor.dtype == spec.out_dtype, name
-        # A flat uint8 view of the tensor's own storage: no second copy of the data.
-        self._file.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
-        self._next += 1
-
-    def close(self) -> None:
-        assert self._next == len(self.specs), "not every tensor was written"
-        self._file.close()
-
-
-def write_sharded_weights(out_dir: Path, specs: list[_TensorSpec], max_shard_size: int | str, transform) -> list[Path]:
-    """Write `specs` as `model.safetensors` or `model-0000k-of-0000n.safetensors` + index, streaming.
-
-    Args:
-        out_dir: directory to write into.
-        specs: tensors to write, with their source file and output dtype.
-        max_shard_size: bytes per shard (or "5GB").
-        transform: `(spec, tensor) -> tensor` applied to each source tensor before the cast (the LoRA merge).
-
-    Returns:
-        The written weight files.
-    """
-    shards = _plan_shards(specs, parse_size(max_shard_size))
-    n = len(shards)
-    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    handles: dict[Path, object] = {}
-    try:
-        for shard, fname in zip(shards, names):
-            writer = _StreamingSafetensorsWriter(out_dir / fname, shard)
-            for spec in writer.specs:
-                if spec.file not in handles:
-                    handles[spec.file] = safe_open(spec.file, framework="pt").__enter__()
-                tensor = transform(spec, handles[spec.file].get_tensor(spec.name)).to(spec.out_dtype)
-                _check_finite(tensor, f"tensor {spec.name} (from {spec.file}, as {_DTYPE_NAMES.get(spec.out_dtype)})",
-                              "the weights are corrupted, or the values overflow this --dtype; nothing was written")
-                writer.write(spec.name, tensor)
-                del tensor
-            writer.close()
-    finally:
-        for h in handles.values():
-            h.__exit__(None, None, None)
-    if n > 1:
-        index = {
-            "metadata": {"total_size": sum(s.nbytes for s in specs),
-                         "total_parameters": sum(math.prod(s.shape) for s in specs)},
-            "weight_map": {s.name: fname for shard, fname in zip(shards, names) for s in shard},
-        }
-        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return [out_dir / f for f in names]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -564,9 +260,9 @@ def _token_id(tokenizer, token: str) -> int:
 
 def _write_configs(out_dir: Path, config_dir: Path, base_dir: Path | None, dtype: torch.dtype, eos_id: int) -> None:
     config = json.loads((config_dir / "config.json").read_text())
-    config["dtype"] = _DTYPE_NAMES[dtype]
+    config["dtype"] = DTYPE_NAMES[dtype]
     if "torch_dtype" in config:  # older transformers read this key
-        config["torch_dtype"] = _DTYPE_NAMES[dtype]
+        config["torch_dtype"] = DTYPE_NAMES[dtype]
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     gen_path = next((d / "generation_config.json" for d in (config_dir, base_dir)
                      if d is not None and (d / "generation_config.json").is_file()), None)
@@ -646,8 +342,6 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, base: 
             the data, a non-empty output that is not an earlier export (or is, without `force`), `adapter_only`
             for a full checkpoint, bad dtype/size, untrusted remote code.
     """
-    from mft_components.data.templates import ChatFormat
-
     checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
     if dtype not in OUTPUT_DTYPES:
         raise ExportError(f"--dtype: expected one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}")
@@ -691,7 +385,11 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, base: 
                 return merge_lora_tensor(t, a, b, adapter.scale, f"{spec.name} (from {spec.file})",
                                          adapter.fan_in_fan_out)
 
-        specs = _read_specs(safetensors_files(weights_dir), out_dtype)
+        try:
+            files = safetensors_files(Path(weights_dir))
+        except FileNotFoundError as e:
+            raise ExportError(str(e)) from e
+        specs = read_specs(files, out_dtype)
         if not full:
             _check_adapter_against_base(adapter, specs, weights_dir)
 
@@ -708,7 +406,7 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, base: 
             # The training template becomes the model's chat template: apply_chat_template == training prompt.
             tokenizer.chat_template = chat_format.jinja_chat_template(tokenizer)
             tokenizer.save_pretrained(tmp)
-            _write_configs(tmp, checkpoint_dir if full else base_dir, base_dir, out_dtype or _main_dtype(specs), eos_id)
+            _write_configs(tmp, checkpoint_dir if full else base_dir, base_dir, out_dtype or main_dtype(specs), eos_id)
             (tmp / CHAT_FORMAT_FILE).write_text(json.dumps(chat_meta, indent=2) + "\n")
             (tmp / "README.md").write_text(model_card(meta, base_name))
             if not full:
@@ -734,7 +432,7 @@ def _swap_in(new: Path, out: Path) -> None:
     (out / _PARTIAL_MARK).unlink()
 
 
-def _check_adapter_against_base(adapter: LoRAAdapter, specs: list[_TensorSpec], base_dir: Path) -> None:
+def _check_adapter_against_base(adapter: LoRAAdapter, specs: list[TensorSpec], base_dir: Path) -> None:
     """Every adapted module exists in the base with the shape the adapter expects (headers only, before writing)."""
     shapes = {s.name: s.shape for s in specs}
     for name, tensor in adapter.replaced.items():
@@ -773,8 +471,6 @@ def export_adapter(adapter_dir: str | Path, base: str | Path, output_dir: str | 
     Raises:
         ExportError: as `export_checkpoint`, plus a missing adapter or base directory.
     """
-    from mft_components.data.templates import ChatFormat
-
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
         raise ExportError(f"--adapter {adapter_dir}: no such directory (expected a PEFT adapter directory with "

@@ -28,18 +28,16 @@ from pathlib import Path
 
 import torch
 
-from mft_components.training.checkpoint import read_checkpoint_meta
-from mft_components.code_eval.generation import generate_batched
-from mft_components.export import (
-    ADAPTER_CONFIG,
-    CHAT_FORMAT_FILE,
-    CHECKPOINT_META,
-    OUTPUT_DTYPES,
-    ExportError,
-    merge_lora_tensor,
-    read_adapter,
-    remote_code_refused,
-)
+from mft_components.data.templates import ChatFormat
+from mft_components.inference.adapters import ExportError, merge_lora_tensor, read_adapter
+from mft_components.inference.decoding import generate_batched
+from mft_components.inference.export import CHAT_FORMAT_FILE, remote_code_refused
+from mft_components.inference.shards import OUTPUT_DTYPES
+from mft_components.training.checkpoint import ADAPTER_CONFIG, read_checkpoint_meta
+from mft_components.training.checkpoint import META_FILE as CHECKPOINT_META
+
+__all__ = ["GenerateError", "GenerationModel", "Generation", "load_generation_model", "merge_adapter_into",
+           "generate", "read_prompt_file", "add_arguments", "run"]
 
 _ROLES = ("system", "user", "assistant")
 
@@ -54,7 +52,7 @@ class GenerationModel:
 
     model: torch.nn.Module
     tokenizer: object
-    chat_format: object  # mft_components.data.templates.ChatFormat
+    chat_format: ChatFormat
     eos_token_id: int
 
 
@@ -156,8 +154,6 @@ def load_generation_model(model_dir: str | Path, adapter: str | Path | None = No
             a model or tokenizer with its own code and no `trust_remote_code`.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from mft_components.data.templates import ChatFormat
 
     model_dir = Path(model_dir)
     adapter_dir = Path(adapter) if adapter is not None else None
