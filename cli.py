@@ -35,7 +35,7 @@ COMPONENT_COMMANDS = {
     "generate": ("mft_components.inference.generate", "generate with the training prompt format"),
     "eval": ("mft_components.code_eval.evaluate", "pass@k of generated code per task (dataframebench, humaneval, "
                                                   "your JSONL)"),
-    "import": ("mft_components.mftcoder", "an mft config from an MFTCoder train config"),
+    "import": ("mft_components.interop.mftcoder", "an mft config from an MFTCoder train config"),
 }
 
 

@@ -66,7 +66,7 @@ from mft_components.training.guards import EarlyStopping, NonFiniteGuard, NonFin
 from mft_components.training.metrics import MetricLogger, ProgressBar, Throughput
 from mft_components.training.summary import format_summary
 from mft_components.device import peak_memory_gb
-from mft_components.recipe_schema import LoRARecipeConfig
+from mft_components.recipe_config.schema import LoRARecipeConfig
 
 CONFIG_SCHEMA = LoRARecipeConfig
 

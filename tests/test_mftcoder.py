@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import cli
-from mft_components import mftcoder
+from mft_components.interop import mftcoder
 from mft_components.config import check_config, load_config
-from mft_components.recipe_schema import RecipeConfig
+from mft_components.recipe_config.schema import RecipeConfig
 from tests.tiny_models import make_tiny_model_dir
 
 # MftTrainArgs of MFTCoder v0.5, as issue 15 lists them: every one must be translated or reported.

@@ -1,4 +1,4 @@
-"""mft_components/recipe_checks.py and the schema's bounds: `mft validate` names every bad setting, and `mft run`
+"""mft_components/recipe_config/checks.py and the schema's bounds: `mft validate` names every bad setting, and `mft run`
 stops at its first line with the same message, no traceback, writing nothing.
 
 One tiny Llama directory (tests/tiny_models.py) with SmolLM2's tokenizer and two tasks; each case changes one

@@ -5,7 +5,7 @@ Top-level training keys are typed fields (a misspelt or mistyped key is reported
 ``optimizer`` and ``lr_scheduler`` are ``_component_`` nodes: their arguments are checked against the builder's
 signature, and ``runtime_args`` lists the arguments the recipe itself passes at run time (so they may, and
 should, be absent from the config). What a schema cannot say (value ranges inside the sections, the model
-directory, the task names) is checked by ``semantic_checks`` (``recipe_checks.py``).
+directory, the task names) is checked by ``semantic_checks`` (``checks.py``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Literal
 
 from mft_components.code_eval.options import CodeEvalOptions
-from mft_components.recipe_checks import check_recipe_config
+from mft_components.recipe_config.checks import check_code_eval, check_recipe_config
 
 __all__ = ["RecipeConfig", "LoRARecipeConfig", "FullRecipeConfig", "EvalConfig"]
 
@@ -34,19 +34,6 @@ def _at_least(minimum: int | float, default: Any) -> Any:
 def _positive(default: Any) -> Any:
     """A number field whose value must be > 0."""
     return field(default=default, metadata={"minimum": 0, "exclusive": True})
-
-
-def check_code_eval(cfg: dict, flagged: set[str]) -> list[str]:
-    """``eval.code`` values a run would refuse (ranges, eval sets and their records, k / select_by, interpreter).
-
-    Run even when the schema flagged ``eval`` (a mistyped key there): it looks only at values of the right type.
-    """
-    section = cfg["eval"].get("code") if isinstance(cfg.get("eval"), dict) else None
-    if not isinstance(section, dict):
-        return []
-    # "'eval.code.top_p' is 2: expected ...", or "'eval.code.tasks.x': path does not exist: ..."
-    return [f"'eval.code.{key}'{' ' if problem.startswith('is ') else ': '}{problem}"
-            for key, problem in CodeEvalOptions.value_problems(section)]
 
 
 @dataclass

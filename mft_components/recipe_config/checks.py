@@ -1,20 +1,22 @@
 """What a recipe config's schema cannot say: values inside the sections, checked against the model and the data.
 
-``config.check_config`` runs these after the schema's key, type and bound checks, for ``mft validate`` and for
+It knows every component (models, data, loss, code evaluation), so it sits above them all. ``config.check_config``
+runs these after the schema's key, type and bound checks, for ``mft validate`` and for
 the recipes' ``@parse`` alike, so a run fails at its first line with the message ``mft validate`` gave::
 
     output_dir      not a file (nor under one)
     optimizer       ``lr`` a number >= 0; the optimizer and the scheduler accept their settings (both are
                     built over one dummy parameter: their own argument checks run, nothing is trained)
-    model           ``attn_implementation`` a name mft trains with (``auto`` or ``attention.BACKENDS``: known,
+    model           ``attn_implementation`` a name mft trains with (``auto`` or ``models/attention.BACKENDS``: known,
                     keeping packed samples apart), ``liger`` kernel names; the architecture
                     of ``model_dir``'s config.json built on the meta device with LoRA applied
-                    (``models.build_meta_model``: model_type known, safetensors present, LoRA rank / alpha /
+                    (``models/build.build_meta_model``: model_type known, safetensors present, LoRA rank / alpha /
                     dropout in range, ``target_modules`` matching linears of this architecture)
     tokenizer       loads, and can render the data's chat format (EOS, BOS, chat_template)
-    data            option values and task files (``data.resolve_data_config``, what the data build runs first)
+    data            option values and task files (``data/build.resolve_data_config``, what the data build runs first)
     loss            mode and options, ``task_weights`` against the task names of ``data``; CoBa has
                     validation data to follow (else it would train with fixed weights, saying nothing)
+    eval.code       the values a run would refuse (``CodeEvalOptions.value_problems``), eval files read
 
 Each section is checked only when it uses mft's own builder (a user's component gets the generic signature
 checks) and was not already reported by the schema check; a path that does not exist is left to the path check.
@@ -28,7 +30,18 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["check_recipe_config"]
+import torch
+
+from mft_components.code_eval.options import CodeEvalOptions
+from mft_components.config.core import COMPONENT_KEY, ConfigError, import_object, instantiate
+from mft_components.data.build import build_mft_data, resolve_data_config
+from mft_components.data.records import DataError
+from mft_components.loss.task_weighted import TaskWeightedLoss
+from mft_components.models.attention import AUTO, BACKENDS, resolve_attn_implementation
+from mft_components.models.build import build_meta_model, build_model, load_tokenizer
+from mft_components.models.liger import liger_kernel_names
+
+__all__ = ["check_recipe_config", "check_code_eval"]
 
 
 def check_recipe_config(cfg: dict, flagged: set[str]) -> list[str]:
@@ -55,8 +68,6 @@ def check_recipe_config(cfg: dict, flagged: set[str]) -> list[str]:
 
 def _builder_args(node: Any, builder: Callable) -> dict | None:
     """The node's arguments with ``builder``'s defaults filled in, when the node builds with ``builder``."""
-    from mft_components.config.core import COMPONENT_KEY, ConfigError, import_object
-
     if not isinstance(node, dict) or COMPONENT_KEY not in node:
         return None
     try:
@@ -95,10 +106,6 @@ def _check_output_dir(output_dir: Any, problems: list[str]) -> None:
 def _check_optimizer(cfg: dict, problems: list[str]) -> None:
     """``lr`` by hand (torch's optimizers take anything for it), then the optimizer and the scheduler built over
     a dummy parameter, so their own argument checks (betas, eps, weight_decay, warmup, min_lr) speak now."""
-    import torch
-
-    from mft_components.config.core import COMPONENT_KEY, ConfigError, instantiate
-
     node = cfg.get("optimizer")
     if not isinstance(node, dict) or COMPONENT_KEY not in node:
         return
@@ -124,10 +131,6 @@ def _check_optimizer(cfg: dict, problems: list[str]) -> None:
 
 
 def _check_model(cfg: dict, problems: list[str]) -> None:
-    from mft_components.models.attention import AUTO, BACKENDS, resolve_attn_implementation
-    from mft_components.models.build import build_meta_model, build_model
-    from mft_components.models.liger import liger_kernel_names
-
     args = _builder_args(cfg.get("model"), build_model)
     if args is None:
         return
@@ -155,9 +158,6 @@ def _check_model(cfg: dict, problems: list[str]) -> None:
 
 def _load_tokenizer(node: Any, problems: list[str]):
     """The tokenizer the run would load (None when it is not mft's loader or cannot load)."""
-    from mft_components.config.core import instantiate
-    from mft_components.models.build import load_tokenizer
-
     args = _builder_args(node, load_tokenizer)
     if args is None or not _exists(args.get("path")):
         return None
@@ -170,9 +170,6 @@ def _load_tokenizer(node: Any, problems: list[str]):
 
 def _check_data(node: Any, tokenizer, problems: list[str]) -> list[str] | None:
     """The task names (None when they cannot be known)."""
-    from mft_components.data.build import build_mft_data, resolve_data_config
-    from mft_components.data.records import DataError
-
     args = _builder_args(node, build_mft_data)
     if args is None:
         return None
@@ -189,9 +186,6 @@ def _check_data(node: Any, tokenizer, problems: list[str]) -> list[str] | None:
 
 
 def _check_loss(node: Any, tasks: list[str] | None, problems: list[str]) -> None:
-    from mft_components.config.core import ConfigError, instantiate
-    from mft_components.loss.task_weighted import TaskWeightedLoss
-
     if _builder_args(node, TaskWeightedLoss) is None:
         return
     try:
@@ -205,9 +199,6 @@ def _check_loss(node: Any, tasks: list[str] | None, problems: list[str]) -> None
 
 
 def _check_coba_has_validation(loss_node: Any, data_node: Any, problems: list[str]) -> None:
-    from mft_components.data.build import build_mft_data
-    from mft_components.loss.task_weighted import TaskWeightedLoss
-
     loss, data = _builder_args(loss_node, TaskWeightedLoss), _builder_args(data_node, build_mft_data)
     if loss is None or data is None or loss.get("mode") != "coba":
         return
@@ -217,3 +208,16 @@ def _check_coba_has_validation(loss_node: Any, data_node: Any, problems: list[st
         problems.append("loss.mode: coba weighs the tasks by their validation-loss curves, but data holds out no "
                         "validation data (data.valid_size / data.valid_ratio 0, no data.valid_data_paths): hold "
                         "some out, or choose another loss.mode")
+
+
+def check_code_eval(cfg: dict, flagged: set[str]) -> list[str]:
+    """``eval.code`` values a run would refuse (ranges, eval sets and their records, k / select_by, interpreter).
+
+    Run even when the schema flagged ``eval`` (a mistyped key there): it looks only at values of the right type.
+    """
+    section = cfg["eval"].get("code") if isinstance(cfg.get("eval"), dict) else None
+    if not isinstance(section, dict):
+        return []
+    # "'eval.code.top_p' is 2: expected ...", or "'eval.code.tasks.x': path does not exist: ..."
+    return [f"'eval.code.{key}'{' ' if problem.startswith('is ') else ': '}{problem}"
+            for key, problem in CodeEvalOptions.value_problems(section)]
