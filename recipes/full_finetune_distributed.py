@@ -12,11 +12,12 @@ per-task evaluation, CoBa, early stopping, atomic checkpoints, exact resume, met
       tokenizer files; ``transformers`` loads them as they are) plus the recipe state. Resuming builds the model
       straight from the checkpoint directory: one weight load, not two.
 
-The training loop is ``LoRAFinetuneRecipe.train`` (read it in lora_finetune_distributed.py); this file overrides
-only what is trained and how it is saved. To change the loop, copy both into one directory (``mft cp
-lora_finetune_distributed .`` and ``mft cp full_finetune_distributed .``), edit the loop in the LoRA copy, and
-import from it here: ``from lora_finetune_distributed import LoRAFinetuneRecipe, run`` (``mft run`` puts a
-recipe's directory first on ``sys.path``, as ``python`` and torchrun do).
+The training loop is ``LoRAFinetuneRecipe.train`` and its optimizer step ``train_step`` (read them in
+lora_finetune_distributed.py); this file overrides only what is trained and how it is saved. To change the loop,
+copy both into one directory (``mft cp lora_finetune_distributed .`` and ``mft cp full_finetune_distributed .``),
+edit the loop in the LoRA copy, and import from it here: ``from lora_finetune_distributed import
+LoRAFinetuneRecipe, run`` (``mft run`` puts a recipe's directory first on ``sys.path``, as ``python`` and torchrun
+do).
 """
 
 from __future__ import annotations

@@ -2,6 +2,19 @@
 
     mft run lora_finetune_distributed --config qwen_qlora [--nproc-per-node 8] [key=value ...]
 
+How it reads, top to bottom:
+    - ``setup()`` builds one component per ``_setup_*`` method, in the order they depend on each other (process
+      group, which checkpoint to resume, tokenizer and data, loaders, code evaluator, loss, model, optimizer, LR
+      schedule, the resumed state, output and evaluators); data, eval sets and loss settings are checked before
+      the model loads.
+    - ``train_step()`` is one optimizer step: forward, loss and backward of this rank's micro-batches, gradient
+      clipping, the non-finite guard, the optimizer and the schedule. Change the step here.
+    - ``train()`` is the loop around it; logging, evaluation, checkpoints and the end of the run are named methods,
+      and where the loop is (epochs, resuming mid-epoch with the RNG as saved) is ``TrainingPosition``
+      (mft_components/training/position.py).
+    - What is trained and how it is saved are ``build_model``, ``checkpoint_weights`` and ``load_checkpoint``
+      (``full_finetune_distributed`` overrides just those).
+
 Features:
     - LoRA adapters on a frozen base (``model.method: lora``) or on a 4-bit NF4 base (``qlora``); the base model is
       built on the meta device, sharded with FSDP2 per decoder layer and its weights streamed into the shards.
@@ -43,13 +56,13 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mft_components.training import checkpoint as ck
-from mft_components.training import state as training_state
-from mft_components.code_eval.evaluate import CodeEvalError, CodeEvaluator
+from mft_components.code_eval.evaluate import CodeEvaluator
+from mft_components.code_eval.options import CodeEvalError
 from mft_components.config import instantiate, parse, to_container
 from mft_components.data.records import DataError
 from mft_components.data.sampling import LoaderStateError, build_train_loader, build_valid_loader
 from mft_components.data.stats import format_stats, task_stats
+from mft_components.device import peak_memory_gb
 from mft_components.distributed import (
     collective_timeout_message,
     destroy_distributed,
@@ -61,18 +74,21 @@ from mft_components.distributed import (
 from mft_components.models import prepare_batch
 from mft_components.models.lora import adapter_to_peft_state_dict, lora_target_names, peft_adapter_config
 from mft_components.models.parallelize import gather_state_dict
+from mft_components.recipe_config.schema import LoRARecipeConfig
+from mft_components.training import checkpoint as ck
 from mft_components.training.evaluate import Evaluator
 from mft_components.training.guards import EarlyStopping, NonFiniteGuard, NonFiniteLossError
 from mft_components.training.metrics import MetricLogger, ProgressBar, Throughput
+from mft_components.training.position import TrainingPosition
+from mft_components.training.state import gather_training_state, restore_training_state
 from mft_components.training.summary import format_summary
-from mft_components.device import peak_memory_gb
-from mft_components.recipe_config.schema import LoRARecipeConfig
 
 CONFIG_SCHEMA = LoRARecipeConfig
 
 
 class LoRAFinetuneRecipe:
-    """Multi-task LoRA / QLoRA fine-tuning. ``setup()`` builds everything, ``train()`` runs the loop.
+    """Multi-task LoRA / QLoRA fine-tuning. ``setup()`` builds everything, ``train()`` runs the loop of
+    ``train_step()``s.
 
     What is trained and how it is saved live in three methods (``build_model``, ``checkpoint_weights``,
     ``load_checkpoint``); ``full_finetune_distributed`` overrides just those and keeps this loop.
@@ -89,92 +105,122 @@ class LoRAFinetuneRecipe:
     # ------------------------------------------------------------------------------------------------- setup
 
     def setup(self) -> None:
-        cfg = self.cfg
-        # 1. Process group first: everything after it may need the rank (nccl on GPU, gloo on CPU).
-        self.rank, self.world_size, self.device = init_distributed(cfg.distributed_timeout_s)
+        """Build every component in dependency order. Whatever can be wrong with the data, the eval sets or the loss
+        settings is found before the model loads (a mistake costs seconds, not a model load); the draws from the
+        global RNG (the validation loader's iterator, LoRA's initialisation) come in the same order in every run."""
+        self._setup_distributed()
+        resume_from = self._setup_resume_choice()
+        self._setup_data()
+        self._setup_loaders()
+        self._setup_code_evaluator()
+        self._setup_loss()
+        self._setup_model(resume_from)
+        self._setup_optimizer()
+        self._setup_lr_scheduler()
+        self._setup_resume(resume_from)
+        self._setup_output()
+
+    def _setup_distributed(self) -> None:
+        """The process group first: everything after it may need the rank (nccl on GPU, gloo on CPU). Then the same
+        seed on every rank: LoRA's initialisation must agree across ranks."""
+        self.rank, self.world_size, self.device = init_distributed(self.cfg.distributed_timeout_s)
         self.is_rank0 = self.rank == 0
         if self.is_rank0:
-            print(f"config:\n{OmegaConf.to_yaml(cfg, resolve=True)}", flush=True)
+            print(f"config:\n{OmegaConf.to_yaml(self.cfg, resolve=True)}", flush=True)
             ck.remove_partial_checkpoints(self.output_dir)  # leftovers of a save that was killed
-        # 2. The same seed on every rank: LoRA initialisation must agree across ranks.
-        torch.manual_seed(cfg.seed)
-        # Which checkpoint to continue from is settled before anything is loaded (a wrong path costs nothing); its
-        # files are checked against its consistency record, and resume: auto steps back past damaged ones.
-        resume_from = ck.resolve_resume(cfg.resume, self.output_dir)
+        torch.manual_seed(self.cfg.seed)
 
-        # 3-4. Tokenizer and data, validated before any model exists: a bad record costs seconds, not a model load.
-        self.tokenizer = instantiate(cfg.tokenizer)
-        self.data = instantiate(cfg.data, tokenizer=self.tokenizer, seed=cfg.seed, rank=self.rank,
+    def _setup_resume_choice(self) -> Path | None:
+        """Which checkpoint to continue from, settled before anything is loaded (a wrong path costs nothing); its
+        files are checked against its consistency record, and resume: auto steps back past damaged ones."""
+        return ck.resolve_resume(self.cfg.resume, self.output_dir)
+
+    def _setup_data(self) -> None:
+        """Tokenizer and data, validated before any model exists: a bad record costs seconds, not a model load."""
+        self.tokenizer = instantiate(self.cfg.tokenizer)
+        self.data = instantiate(self.cfg.data, tokenizer=self.tokenizer, seed=self.cfg.seed, rank=self.rank,
                                 world_size=self.world_size)
         self.task_names = self.data.task_names
         if self.is_rank0:
             print(format_stats(task_stats(self.data)), flush=True)
-        # Pinned host memory on CUDA: host-to-device copies of the batches run asynchronously.
-        pin = self.device.type == "cuda"
+
+    def _setup_loaders(self) -> None:
+        """This rank's training loader and the run's length (max_steps, or the epochs' steps from the sampler's
+        plan), then its validation batches, read once (every evaluation is the same). Pinned host memory on CUDA:
+        host-to-device copies of the batches run asynchronously."""
+        cfg, pin = self.cfg, self.device.type == "cuda"
         self.train_loader = build_train_loader(self.data, micro_batch_size=cfg.micro_batch_size,
                                                gradient_accumulation_steps=self.gas, rank=self.rank,
                                                world_size=self.world_size, pin_memory=pin)
-        valid_batches = (
+        self.position = TrainingPosition(self.train_loader, self.gas, epochs=cfg.epochs, max_steps=cfg.max_steps)
+        self.valid_batches = (
             list(build_valid_loader(self.data, micro_batch_size=cfg.eval_micro_batch_size or cfg.micro_batch_size,
                                     rank=self.rank, world_size=self.world_size, pin_memory=pin))
             if self.data.valid_samples else []
         )
 
-        # Eval sets and the sandbox too (a bad record or interpreter costs no model load).
-        self.code_evaluator = CodeEvaluator.from_config(OmegaConf.select(cfg, "eval.code"), self.tokenizer,
+    def _setup_code_evaluator(self) -> None:
+        """Eval sets and the sandbox, also before the model (a bad record or interpreter costs no model load), and
+        what early stopping and the best checkpoint follow: the validation loss, or eval.code.select_by."""
+        self.code_evaluator = CodeEvaluator.from_config(OmegaConf.select(self.cfg, "eval.code"), self.tokenizer,
                                                         self.data.chat_format)
+        self.early_stopping = EarlyStopping(patience=self.cfg.early_stopping_patience,
+                                            **self.code_evaluator.early_stopping_kwargs())
 
-        # 5. Loss, still before the model: unknown tasks in task_weights or bad CoBa settings cost no model load.
-        self.loss_fn = instantiate(cfg.loss)
+    def _setup_loss(self) -> None:
+        """The loss, still before the model: unknown tasks in task_weights or bad CoBa settings cost no model load."""
+        self.loss_fn = instantiate(self.cfg.loss)
         self.loss_fn.setup(self.task_names)
         if self.loss_fn.cross_entropy == "liger" and self.device.type != "cuda":  # else: at the first forward
             sys.exit(f"config error: loss.cross_entropy: liger runs on CUDA only (Triton kernels), this run is on "
                      f"{self.device.type}; use chunked")
 
-        # 6. Model: meta-device build, LoRA / NF4 modules, FSDP2 shards, weights streamed into them.
-        method = cfg.model.get("method", self.METHODS[0])
+    def _setup_model(self, resume_from: Path | None) -> None:
+        """The model: meta-device build, LoRA / NF4 modules, FSDP2 shards, weights streamed into them."""
+        method = self.cfg.model.get("method", self.METHODS[0])
         if method not in self.METHODS:
             sys.exit(f"config error: model.method is {method!r}; this recipe does {' or '.join(self.METHODS)} "
                      f"(use {self.OTHER_RECIPE} for {method})")
-        self.base_model_dir = cfg.model.model_dir
+        self.base_model_dir = self.cfg.model.model_dir
         try:
             self.model = self.build_model(resume_from)
         except ValueError as e:  # settings this machine cannot run (an attention or kernels of another device)
             sys.exit(f"config error: {e}")
         self.model.train()
 
-        # 7. Optimizer over the adapters only; fused AdamW on CUDA (one kernel for all parameters).
+    def _setup_optimizer(self) -> None:
+        """The optimizer over the trainable parameters only (the adapters); fused AdamW on CUDA (one kernel for all
+        of them). The non-finite guard watches its steps."""
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        fused = {"fused": True} if self.device.type == "cuda" and "AdamW" in cfg.optimizer._component_ else {}
-        self.optimizer = instantiate(cfg.optimizer, self.trainable, **fused)
+        fused = {"fused": True} if self.device.type == "cuda" and "AdamW" in self.cfg.optimizer._component_ else {}
+        self.optimizer = instantiate(self.cfg.optimizer, self.trainable, **fused)
         self.finite_guard = NonFiniteGuard(self.optimizer, self.task_names)
 
-        # 8. Schedule: total steps from epochs (each epoch's length from the sampler's plan) or max_steps.
-        plan = self.train_loader.sampler.plan
-        self.total_steps = cfg.max_steps or sum(plan.steps_per_epoch(e) for e in range(cfg.epochs))
-        self.lr_scheduler = instantiate(cfg.lr_scheduler, self.optimizer, num_training_steps=self.total_steps)
+    def _setup_lr_scheduler(self) -> None:
+        """The learning-rate schedule over the run's optimizer steps."""
+        self.lr_scheduler = instantiate(self.cfg.lr_scheduler, self.optimizer,
+                                        num_training_steps=self.position.total_steps)
 
-        # Early stopping and the best checkpoint follow the validation loss, or eval.code.select_by (pass@1).
-        self.early_stopping = EarlyStopping(patience=cfg.early_stopping_patience,
-                                            **self.code_evaluator.early_stopping_kwargs())
-        self.step, self.epoch, self.step_in_epoch = 0, 0, 0
+    def _setup_resume(self, resume_from: Path | None) -> None:
+        """The checkpoint's weights, optimizer, schedule, loss, early stopping, data position and RNG."""
         self.last_saved_step = None
+        self.evaluator_state = self.code_evaluator_state = None
+        if resume_from is None:
+            return
+        try:
+            self.load_checkpoint(resume_from)
+        except ck.CheckpointError as e:
+            raise ck.ResumeError(str(e)) from e
+        except ValueError as e:  # the checkpoint does not fit this run (model, LoRA, loss mode, tasks)
+            raise ck.ResumeError(f"{resume_from}: {e}") from e
 
-        # 9. Resume: weights, optimizer, schedule, loss, data position and RNG of the checkpoint.
-        self.rank_state = self.evaluator_state = self.code_evaluator_state = None
-        if resume_from is not None:
-            try:
-                self.load_checkpoint(resume_from)
-            except ck.CheckpointError as e:
-                raise ck.ResumeError(str(e)) from e
-            except ValueError as e:  # the checkpoint does not fit this run (model, LoRA, loss mode, tasks)
-                raise ck.ResumeError(f"{resume_from}: {e}") from e
-
-        # 10. Output for people, on rank 0.
+    def _setup_output(self) -> None:
+        """Output for people, on rank 0, and the evaluators that write to it (with a resumed run's history)."""
+        cfg = self.cfg
         self.logger = MetricLogger(self.output_dir, enabled=self.is_rank0, tensorboard=cfg.tensorboard)
-        self.progress = ProgressBar(self.total_steps, initial=self.step, enabled=self.is_rank0)
+        self.progress = ProgressBar(self.position.total_steps, initial=self.position.step, enabled=self.is_rank0)
         loss_tracker = EarlyStopping() if self.code_evaluator.selects else self.early_stopping
-        self.evaluator = Evaluator(valid_batches, self.task_names, self.device, cfg.eval_every_n_steps,
+        self.evaluator = Evaluator(self.valid_batches, self.task_names, self.device, cfg.eval_every_n_steps,
                                    loss_tracker, self.logger, self.progress, self.loss_fn.ce_kwargs)
         self.evaluator.load_state_dict(self.evaluator_state)
         self.code_evaluator.attach(self.logger, self.progress, self.output_dir, self.early_stopping)
@@ -183,107 +229,124 @@ class LoRAFinetuneRecipe:
     # -------------------------------------------------------------------------------------------------- train
 
     def train(self) -> None:
-        cfg = self.cfg
-        plan = self.train_loader.sampler.plan
+        """Evaluate before training, then one ``train_step`` per optimizer step until the run's last step or early
+        stopping; log, evaluate and save as configured; at the end evaluate and save once more, and summarise."""
         start = time.perf_counter()
-        stop_reason = f"reached {self.total_steps} steps"
-        if self.step == 0 and self.evaluator.valid_batches:
-            # Per-task validation losses before any update: what every later evaluation is compared with, and
-            # what CoBa normalises each task's validation curve by.
+        self.evaluate_before_training()
+        throughput = Throughput(self.device)
+        for host_batches in self.position.steps(stop=lambda: self.early_stopping.should_stop):
+            grad_norm, lr = self.train_step(host_batches)
+            self.position.advance()
+            throughput.add_step(host_batches)
+            if self.log_due():
+                self.log_step(grad_norm, lr, throughput)
+            with throughput.paused():  # evaluation and checkpoints are not training time
+                improved = self.evaluate_step()
+                if self.early_stopping.should_stop:
+                    break
+                if improved or self.save_due():
+                    self.save_checkpoint()
+        self.finish(start)
+
+    def train_step(self, host_batches: list[dict]) -> tuple[torch.Tensor, float]:
+        """One optimizer step over this rank's micro-batches (gradient accumulation).
+
+        Args:
+            host_batches: the step's ``gradient_accumulation_steps`` micro-batches, still on the host.
+
+        Returns:
+            (the gradient norm before clipping, left on the device; the learning rate the step used).
+        """
+        # Global per-task counts first (counted on the host, one all-reduce), then the micro-batches go to the
+        # device with what their forward needs from the host, and each adds its exact share of the step's loss.
+        counts = self.loss_fn.step_counts(host_batches, device=self.device)
+        micro_batches = [prepare_batch(b, self.device, self.model.config) for b in host_batches]
+        for batch in micro_batches:
+            token_losses, aux_loss = self.model(batch, **self.loss_fn.ce_kwargs)
+            share = self.loss_fn(token_losses, batch, counts, aux_loss=aux_loss)
+            (share * self.world_size).backward()  # FSDP averages gradients over ranks: undo it
+
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.clip_grad_norm or float("inf"))
+        # Before the optimizer step, so the weights (and every checkpoint) stay finite: a finite loss can still come
+        # with an inf gradient, which clipping would turn into NaN weights.
+        self.finite_guard.update(self.position.step + 1, self.loss_fn.step_loss(), grad_norm,
+                                 [b["task_ids"] for b in host_batches])
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_scheduler.step()
+        return grad_norm, lr
+
+    def evaluate_before_training(self) -> None:
+        """Per-task validation losses (and pass@k) before any update: what every later evaluation is compared with,
+        and what CoBa normalises each task's validation curve by. A resumed run has them from its checkpoint."""
+        if self.position.step == 0 and self.evaluator.valid_batches:
             self.evaluator.run(self.model, 0, track=False)
             self.loss_fn.set_coba_reference(self.evaluator.reference.task_loss)
-        if self.step == 0 and self.code_evaluator.enabled:
+        if self.position.step == 0 and self.code_evaluator.enabled:
             self.code_evaluator.run(self.model, 0, track=False)
-        throughput = Throughput(self.device)
-        while self.step < self.total_steps and not self.early_stopping.should_stop:
-            if self.step_in_epoch >= plan.steps_per_epoch(self.epoch):  # the saved epoch was complete
-                self.epoch, self.step_in_epoch = self.epoch + 1, 0
-                if self.rank_state is not None:  # resumed at the boundary: the RNG as saved, BEFORE the new
-                    training_state.restore_rng_state(self.rank_state["rng"])  # epoch's iter() draws from it, as it did in
-                    self.rank_state = None                        # the run that saved
-            self.train_loader.sampler.set_epoch(self.epoch)
-            if self.rank_state is not None:  # mid-epoch resume: continue where the checkpoint stopped
-                self.train_loader.load_state_dict(self.rank_state["dataloader"])
-            batches = iter(self.train_loader)
-            if self.rank_state is not None:  # after iter(): creating an iterator draws from the RNG
-                training_state.restore_rng_state(self.rank_state["rng"])
-                self.rank_state = None
 
-            while self.step_in_epoch < plan.steps_per_epoch(self.epoch) and self.step < self.total_steps:
-                host_batches = [next(batches) for _ in range(self.gas)]
-                # Global per-task counts first (counted on the host, one all-reduce), then the micro-batches go
-                # to the device with what their forward needs from the host, and each adds its exact share.
-                counts = self.loss_fn.step_counts(host_batches, device=self.device)
-                micro_batches = [prepare_batch(b, self.device, self.model.config) for b in host_batches]
-                for batch in micro_batches:
-                    token_losses, aux_loss = self.model(batch, **self.loss_fn.ce_kwargs)
-                    share = self.loss_fn(token_losses, batch, counts, aux_loss=aux_loss)
-                    (share * self.world_size).backward()  # FSDP averages gradients over ranks: undo it
+    def log_due(self) -> bool:
+        step = self.position.step
+        return step % self.cfg.log_every_n_steps == 0 or step == self.position.total_steps
 
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, cfg.clip_grad_norm or float("inf"))
-                # Before the optimizer step, so the weights (and every checkpoint) stay finite: a finite loss can
-                # still come with an inf gradient, which clipping would turn into NaN weights.
-                self.finite_guard.update(self.step + 1, self.loss_fn.step_loss(), grad_norm,
-                                         [b["task_ids"] for b in host_batches])
-                lr = self.optimizer.param_groups[0]["lr"]
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.lr_scheduler.step()
-                self.step += 1
-                self.step_in_epoch += 1
-                throughput.add_step(host_batches)
-
-                # Only log steps read values back from the device (loss, per-task losses, norm, token counts).
-                if self.step % cfg.log_every_n_steps == 0 or self.step == self.total_steps:
-                    self.finite_guard.check()
-                    metrics = self.loss_fn.step_metrics()  # all-reduced: every rank sees the same loss
-                    tokens_per_s = throughput.rate()
-                    self.logger.log("train", self.step, {
-                        **metrics, "lr": lr, "grad_norm": _item(grad_norm), "epoch": self.epoch,
-                        "tokens_per_s": tokens_per_s, "peak_memory_gb": peak_memory_gb(self.device),
-                    })
-                    self.progress.update(self.step, metrics["loss"], lr, tokens_per_s)
-
-                with throughput.paused():  # evaluation and checkpoints are not training time
-                    self.evaluator.update_coba(self.model, self.loss_fn, self.step)
-                    epoch_end = self.step_in_epoch == plan.steps_per_epoch(self.epoch)
-                    loss_due = self.evaluator.due(self.step, epoch_end)
-                    improved = loss_due and self.evaluator.run(self.model, self.step)
-                    code_due = self.code_evaluator.due(self.step, loss_due)
-                    code_improved = code_due and self.code_evaluator.run(self.model, self.step)
-                    improved = code_improved if self.code_evaluator.selects else improved
-                    if self.early_stopping.should_stop:
-                        break
-                    if improved or (cfg.save_every_n_steps and self.step % cfg.save_every_n_steps == 0):
-                        self.save_checkpoint()
-            else:
-                continue  # the epoch (or the run) ended normally: next epoch
-            break  # early stopping
-        if self.early_stopping.should_stop:
-            stop_reason = (f"early stopping: {self.early_stopping.bad_evals} evaluations without a better "
-                           f"{self.early_stopping.metric} than step {self.early_stopping.best_step}'s")
-
-        # The end: evaluate if the last step was not evaluated, then the final checkpoint (again, when a periodic
-        # save of this step came before these evaluations: the checkpoint carries them and the best step).
+    def log_step(self, grad_norm: torch.Tensor, lr: float, throughput: Throughput) -> None:
+        """The step's metrics (collective: every rank reduces them, rank 0 writes). Only log steps read values back
+        from the device (loss, per-task losses, norm, token counts), and stop a run that went non-finite."""
         self.finite_guard.check()
-        evaluated_now = False
-        if not self.evaluator.evaluated(self.step):
-            self.evaluator.run(self.model, self.step)
+        metrics = self.loss_fn.step_metrics()  # all-reduced: every rank sees the same loss
+        tokens_per_s = throughput.rate()
+        self.logger.log("train", self.position.step, {
+            **metrics, "lr": lr, "grad_norm": _item(grad_norm), "epoch": self.position.epoch,
+            "tokens_per_s": tokens_per_s, "peak_memory_gb": peak_memory_gb(self.device),
+        })
+        self.progress.update(self.position.step, metrics["loss"], lr, tokens_per_s)
+
+    def evaluate_step(self) -> bool:
+        """The evaluations due after this step (collective): CoBa's sampled validation losses, the validation loss,
+        the code evaluation. Returns True when what selects the best checkpoint improved."""
+        step = self.position.step
+        self.evaluator.update_coba(self.model, self.loss_fn, step)
+        loss_due = self.evaluator.due(step, self.position.epoch_end)
+        improved = loss_due and self.evaluator.run(self.model, step)
+        code_due = self.code_evaluator.due(step, loss_due)
+        code_improved = code_due and self.code_evaluator.run(self.model, step)
+        return code_improved if self.code_evaluator.selects else improved
+
+    def save_due(self) -> bool:
+        return bool(self.cfg.save_every_n_steps) and self.position.step % self.cfg.save_every_n_steps == 0
+
+    def finish(self, start: float) -> None:
+        """The end: evaluate if the last step was not evaluated, then the final checkpoint (again, when a periodic
+        save of this step came before these evaluations: the checkpoint carries them and the best step), and the
+        summary of the run."""
+        stop_reason = self.stop_reason()
+        self.finite_guard.check()
+        step, evaluated_now = self.position.step, False
+        if not self.evaluator.evaluated(step):
+            self.evaluator.run(self.model, step)
             evaluated_now = True
-        if not self.code_evaluator.evaluated(self.step):
-            self.code_evaluator.run(self.model, self.step)
+        if not self.code_evaluator.evaluated(step):
+            self.code_evaluator.run(self.model, step)
             evaluated_now = True
-        if evaluated_now or self.last_saved_step != self.step:
+        if evaluated_now or self.last_saved_step != step:
             self.save_checkpoint()
         self.progress.close()
         if self.is_rank0:
-            print(format_summary(steps=self.step, seconds=time.perf_counter() - start, stop_reason=stop_reason,
+            print(format_summary(steps=step, seconds=time.perf_counter() - start, stop_reason=stop_reason,
                                  early_stopping=self.early_stopping,
                                  # the best step's per-task values: its losses, or what select_by follows
                                  best_eval=None if self.code_evaluator.selects else self.evaluator.best,
                                  best_task_values=self.code_evaluator.best_task_values(),
                                  checkpoints=[p for _, p in ck.list_checkpoints(self.output_dir)],
                                  output_dir=self.output_dir), flush=True)
+
+    def stop_reason(self) -> str:
+        stopping = self.early_stopping
+        if stopping.should_stop:
+            return (f"early stopping: {stopping.bad_evals} evaluations without a better {stopping.metric} than step "
+                    f"{stopping.best_step}'s")
+        return f"reached {self.position.total_steps} steps"
 
     # ------------------------------------------------------------------------------------------- checkpoints
 
@@ -306,10 +369,11 @@ class LoRAFinetuneRecipe:
         step (``NonFiniteGuard.check`` raises first)."""
         self.finite_guard.check()
         weights = self.checkpoint_weights()
-        state = training_state.gather_training_state(
+        position = self.position
+        state = gather_training_state(
             self.model, self.optimizer, lr_scheduler=self.lr_scheduler, loss_fn=self.loss_fn,
             early_stopping=self.early_stopping, train_loader=self.train_loader,
-            step=self.step, epoch=self.epoch, step_in_epoch=self.step_in_epoch,
+            step=position.step, epoch=position.epoch, step_in_epoch=position.step_in_epoch,
         )
 
         def write() -> None:  # rank 0 only
@@ -317,7 +381,7 @@ class LoRAFinetuneRecipe:
             state["code_evaluator"] = self.code_evaluator.state_dict()
             meta = ck.checkpoint_meta(self.model, self.data, self.tokenizer, self.evaluator.last,
                                       to_container(self.cfg), base_model_dir=self.base_model_dir)
-            path = ck.save_checkpoint(self.output_dir, self.step, **weights, recipe_state=state,
+            path = ck.save_checkpoint(self.output_dir, position.step, **weights, recipe_state=state,
                                       meta={**meta, **self.code_evaluator.checkpoint_meta()})
             best = self.early_stopping.best_step
             ck.prune_checkpoints(self.output_dir, self.cfg.saving_limit, keep=(best,) if best else ())
@@ -326,7 +390,7 @@ class LoRAFinetuneRecipe:
         # The other ranks wait in step (a short all-reduce each second), not in one barrier: writing and hashing a
         # large checkpoint may take longer than distributed_timeout_s, which is meant for a rank that stopped.
         run_in_step(write if self.is_rank0 else lambda: None)
-        self.last_saved_step = self.step
+        self.last_saved_step = position.step
 
     def load_checkpoint(self, path: Path) -> None:
         """Restore the adapter, then the recipe state."""
@@ -336,16 +400,16 @@ class LoRAFinetuneRecipe:
     def load_recipe_state(self, path: Path) -> None:
         """Optimizer, schedule, loss, early stopping, data position (``torch.load(weights_only=True)``)."""
         state = ck.load_recipe_state(path)
-        self.rank_state = training_state.restore_training_state(
+        rank_state = restore_training_state(
             state, self.model, self.optimizer, lr_scheduler=self.lr_scheduler, loss_fn=self.loss_fn,
             early_stopping=self.early_stopping, rank=self.rank, world_size=self.world_size,
         )
-        self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
-        self.evaluator_state = state.get("evaluator")  # restored once the evaluators exist (setup step 10)
+        self.position.restore(state["step"], state["epoch"], state["step_in_epoch"], rank_state)
+        self.evaluator_state = state.get("evaluator")  # restored once the evaluators exist (_setup_output)
         self.code_evaluator_state = state.get("code_evaluator")
-        self.last_saved_step = self.step
+        self.last_saved_step = state["step"]
         if self.is_rank0:
-            print(f"resumed from {path} at step {self.step}", flush=True)
+            print(f"resumed from {path} at step {state['step']}", flush=True)
 
     def cleanup(self) -> None:
         self.logger.close()
