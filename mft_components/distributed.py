@@ -201,3 +201,19 @@ def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
     else:
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     return t
+
+
+# Sharding a model moved to mft_components.models.parallelize (this module is below the models). A recipe copied
+# before that imports these names from here: the legacy shims put them back (mft_components/legacy/moved_names.py)
+# when the recipe imports an old module name first, as the copied LoRA recipe does; otherwise say where they went.
+_MOVED_TO_PARALLELIZE = frozenset({
+    "ACTIVATION_CHECKPOINTING", "COMPILE_SCOPES", "activation_checkpointing_mode", "apply_activation_checkpointing",
+    "compile_layers", "gather_state_dict", "make_param_like", "reshard", "resolve_compile", "shard_model",
+})
+
+
+def __getattr__(name: str):
+    if name in _MOVED_TO_PARALLELIZE:
+        raise ImportError(f"mft_components.distributed.{name} moved to mft_components.models.parallelize.{name}: "
+                          f"import it from there")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,7 +15,18 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+    register_fsdp_forward_method,
+)
 from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from mft_components.device import gpu_too_old
 from mft_components.distributed import get_rank, get_world_size
@@ -27,8 +38,6 @@ __all__ = ["ACTIVATION_CHECKPOINTING", "COMPILE_SCOPES", "activation_checkpointi
 
 
 def _device_mesh():
-    from torch.distributed.device_mesh import init_device_mesh
-
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     return init_device_mesh(device_type, (get_world_size(),))
 
@@ -60,8 +69,6 @@ def activation_checkpointing_mode(value) -> str | bool:
 
 
 def _selective_policy(ctx, op, *args, **kwargs):
-    from torch.utils.checkpoint import CheckpointPolicy
-
     return CheckpointPolicy.MUST_SAVE if op in _saved_ops() else CheckpointPolicy.PREFER_RECOMPUTE
 
 
@@ -89,8 +96,6 @@ _SAVED_OPS = None
 
 
 def _selective_context():
-    from torch.utils.checkpoint import create_selective_checkpoint_contexts
-
     return create_selective_checkpoint_contexts(_selective_policy)
 
 
@@ -206,14 +211,6 @@ def shard_model(
         compile: a ``COMPILE_SCOPES`` key (``resolve_compile``): whole layers, norms and MLP, or off.
         reshard_after_forward: free unsharded layer parameters after forward (ZeRO-3); False = ZeRO-2.
     """
-    from torch.distributed.fsdp import (
-        CPUOffloadPolicy,
-        MixedPrecisionPolicy,
-        OffloadPolicy,
-        fully_shard,
-        register_fsdp_forward_method,
-    )
-
     apply_activation_checkpointing(model, activation_checkpointing)
     mesh = _device_mesh()
     kwargs = dict(
@@ -241,8 +238,6 @@ def reshard(model: nn.Module) -> None:
     no backward, the module would keep registering the unsharded tensors, which are not the parameters the
     optimizer holds, and the next checkpoint or optimizer step would miss them.
     """
-    from torch.distributed.fsdp import FSDPModule
-
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
@@ -268,8 +263,6 @@ def make_param_like(old: torch.Tensor, full: torch.Tensor) -> nn.Parameter:
             nf4 = to_nf4(full.contiguous(), local_old.block_size, local_old.scaler_block_size)
             mesh = old.device_mesh
             chunk = list(torch.chunk(nf4, mesh.size(0), dim=0))[mesh.get_local_rank(0)]
-            from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
-
             # DTensor.from_local would view() the NF4 chunk, which NF4Tensor does not support; build it directly.
             sharded = DTensor(
                 chunk,
