@@ -1,4 +1,5 @@
-"""Tests for mft_components/checkpoint.py: formats readable by transformers, exact state round trips, atomicity."""
+"""Tests for mft_components/training/checkpoint.py and state.py: formats readable by transformers, exact state
+round trips, atomicity."""
 
 import json
 import os

@@ -1,4 +1,4 @@
-"""Tests for mft_components/loss.py against references written from the formulas."""
+"""Tests for mft_components/loss/ against references written from the formulas."""
 
 from __future__ import annotations
 

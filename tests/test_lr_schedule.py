@@ -1,4 +1,4 @@
-"""Tests for mft_components/lr_schedule.py against the formula written out here."""
+"""Tests for mft_components/training/lr_schedule.py against the formula written out here."""
 
 import io
 import math

@@ -1,4 +1,4 @@
-"""Tests for mft_components/templates.py with the real SmolLM2-135M-Instruct tokenizer."""
+"""Tests for mft_components/data/templates.py with the real SmolLM2-135M-Instruct tokenizer."""
 
 from __future__ import annotations
 

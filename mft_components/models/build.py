@@ -288,7 +288,7 @@ def build_meta_model(
 ) -> tuple[nn.Module, dict | None]:
     """The architecture of ``model_dir`` on the meta device with its LoRA / NF4 modules in place: every decision
     ``build_model`` takes before it reads a weight, at no memory cost. ``mft validate`` calls it to check a
-    config against the model directory (``recipe_checks.py``).
+    config against the model directory (``recipe_config/checks.py``).
 
     Returns:
         (the transformers causal LM with parameters on meta, the resolved LoRA settings or None for ``full``).

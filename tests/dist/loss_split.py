@@ -1,4 +1,4 @@
-"""2-rank check (torchrun, gloo) for mft_components/loss.py, launched by tests/test_loss.py.
+"""2-rank check (torchrun, gloo) for mft_components/loss/, launched by tests/test_loss.py.
 
 - The 2 ranks x 2 micro-batches split of a global batch gives the same step loss, gradients and metrics as the
   single-process reference, for every loss mode (counts really all-reduced over the process group).

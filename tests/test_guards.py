@@ -1,4 +1,4 @@
-"""Tests for mft_components/metrics.py's NonFiniteGuard: with a fused AdamW (the recipe's optimizer on CUDA; it
+"""Tests for mft_components/training/guards.py's NonFiniteGuard: with a fused AdamW (the recipe's optimizer on CUDA; it
 runs on the CPU too) a non-finite step leaves the weights and the optimizer state exactly as they were, without
 the host reading anything, and the next check names that step, its values and tasks; other optimizers stop at
 once, before their step."""
