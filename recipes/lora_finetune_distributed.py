@@ -108,17 +108,17 @@ class LoRAFinetuneRecipe:
         """Build every component in dependency order. Whatever can be wrong with the data, the eval sets or the loss
         settings is found before the model loads (a mistake costs seconds, not a model load); the draws from the
         global RNG (the validation loader's iterator, LoRA's initialisation) come in the same order in every run."""
-        self._setup_distributed()
-        resume_from = self._setup_resume_choice()
-        self._setup_data()
-        self._setup_loaders()
-        self._setup_code_evaluator()
-        self._setup_loss()
+        self._setup_distributed()                   # everything after may need the rank; the seed, alike on all ranks
+        resume_from = self._setup_resume_choice()   # a wrong checkpoint path costs nothing yet
+        self._setup_data()                          # a bad record costs seconds, not a model load
+        self._setup_loaders()                       # the run's length (for the schedule); the validation batches
+        self._setup_code_evaluator()                # a bad eval set or interpreter costs no model load either
+        self._setup_loss()                          # task_weights checked against the task names, still no model
         self._setup_model(resume_from)
-        self._setup_optimizer()
-        self._setup_lr_scheduler()
-        self._setup_resume(resume_from)
-        self._setup_output()
+        self._setup_optimizer()                     # over the model's trainable parameters
+        self._setup_lr_scheduler()                  # over the optimizer, for the run's length
+        self._setup_resume(resume_from)             # into the model, optimizer, schedule and loss built above
+        self._setup_output()                        # the evaluators take over a resumed run's history
 
     def _setup_distributed(self) -> None:
         """The process group first: everything after it may need the rank (nccl on GPU, gloo on CPU). Then the same

@@ -19,7 +19,13 @@ from mft_components.loss.cross_entropy import (
     loss_token_index,
 )
 from mft_components.loss.coba import CoBa
-from mft_components.loss.task_weighted import LOSS_MODE_ALIASES, LOSS_MODES, StepCounts, TaskWeightedLoss, task_loss_sums
+from mft_components.loss.task_weighted import (
+    LOSS_MODE_ALIASES,
+    LOSS_MODES,
+    StepCounts,
+    TaskWeightedLoss,
+    task_loss_sums,
+)
 
 __all__ = ["CROSS_ENTROPY_KERNELS", "IGNORE_INDEX", "LOSS_INDEX", "PROJECTION_DTYPES", "check_label_range",
            "chunked_cross_entropy", "loss_token_index", "CoBa", "LOSS_MODE_ALIASES", "LOSS_MODES", "StepCounts",
