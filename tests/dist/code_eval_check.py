@@ -78,7 +78,7 @@ def main(model_dir: str, eval_file: str) -> None:
     from mft_components.inference.decoding import Generated
     from mft_components.code_eval.suites import read_eval_file
 
-    uneven = Path(eval_file).with_name("uneven.jsonl")
+    uneven = Path(eval_file).with_name(f"uneven.{rank}.jsonl")  # one file per rank: no rank reads it half-written
     uneven.write_text("".join(json.dumps({"task_id": t, "prompt": "p", "test": test}) + "\n" for t, test in (
         ("quick", "assert x == 1"), ("slow", "import time\ntime.sleep(4)\nassert x == 1"))))
     problem = read_eval_file(str(uneven))[rank]
