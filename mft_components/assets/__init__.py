@@ -14,8 +14,9 @@ from mft_components.assets.dataframebench import (
     DEMO_PROMPT,
     dataframebench_conversations,
     dataframebench_package,
+    dataframebench_records,
     prepare_dataframebench,
 )
 
 __all__ = ["cache_root", "prepare_smollm2", "DATAFRAMEBENCH_TASKS", "DEMO_PROMPT", "dataframebench_conversations",
-           "dataframebench_package", "prepare_dataframebench"]
+           "dataframebench_package", "dataframebench_records", "prepare_dataframebench"]

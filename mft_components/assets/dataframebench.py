@@ -1,6 +1,7 @@
 """dataframebench (CC-BY-4.0, derived from BigCodeBench) from its PyPI wheel: the demo's four training tasks.
 
-* ``dataframebench_package()``: the wheel, unpacked once into the cache (its data splits and its own evaluator).
+* ``dataframebench_package()``: the wheel, unpacked once into the cache (its data splits and its own evaluator);
+  ``dataframebench_records(split)`` the raw records of a split (code evaluation reads the ``test`` split).
 * ``prepare_dataframebench()``: its ``train`` split turned into MFT task directories of ``{"chat_rounds": [...]}``
   JSONL, one per task of ``DATAFRAMEBENCH_TASKS`` (``dataframebench_conversations`` writes the records; code
   evaluation prompts the ``test`` split the same way).
@@ -22,7 +23,7 @@ from pathlib import Path
 from mft_components.assets.cache import MARKER, build_atomically, cache_root, run_pip
 
 __all__ = ["DATAFRAMEBENCH_VERSION", "DATAFRAMEBENCH_TASKS", "DEMO_PROMPT", "dataframebench_conversations",
-           "dataframebench_package", "prepare_dataframebench"]
+           "dataframebench_package", "dataframebench_records", "prepare_dataframebench"]
 
 DATAFRAMEBENCH_VERSION = "0.1.1"
 DATAFRAMEBENCH_DIRNAME = f"dataframebench-{DATAFRAMEBENCH_VERSION}-tasks"
@@ -222,3 +223,15 @@ def dataframebench_package(cache_dir: str | Path | None = None) -> Path:
         print(f"mft: downloading dataframebench=={DATAFRAMEBENCH_VERSION} from PyPI into {final} (once)",
               file=sys.stderr)
     return build_atomically(final, build)
+
+
+def dataframebench_records(split: str = "test", cache_dir: str | Path | None = None) -> list[dict]:
+    """The raw records of a dataframebench split (``train``, ``val``, ``test``), from the cached wheel.
+
+    Raises:
+        ValueError: no such split.
+    """
+    path = dataframebench_package(cache_dir) / "dataframebench" / "data" / f"{split}.jsonl"
+    if not path.is_file():
+        raise ValueError(f"dataframebench has no split {split!r} (train, val, test)")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

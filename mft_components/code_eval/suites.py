@@ -47,7 +47,7 @@ from mft_components.assets.cache import cache_root
 from mft_components.assets.dataframebench import (
     DATAFRAMEBENCH_VERSION,
     dataframebench_conversations,
-    dataframebench_package,
+    dataframebench_records,
 )
 
 __all__ = [
@@ -345,14 +345,6 @@ def humaneval_problems() -> list[Problem]:
     return [Problem(task_id=r["task_id"], messages=[{"role": "user", "content": HUMANEVAL_INSTRUCTION.format(
                     prompt=r["prompt"])}], test=r["test"], harness="check", entry_point=r["entry_point"],
                     starter_code=r["prompt"], source=f"humaneval:{r['task_id']}") for r in records]
-
-
-def dataframebench_records(split: str = "test", cache_dir: str | Path | None = None) -> list[dict]:
-    """The raw records of a dataframebench split (from the PyPI wheel, cached)."""
-    path = dataframebench_package(cache_dir) / "dataframebench" / "data" / f"{split}.jsonl"
-    if not path.is_file():
-        raise EvalSetError(f"dataframebench has no split {split!r} (train, val, test)")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def dataframebench_problems(task: str, split: str = "test", cache_dir: str | Path | None = None) -> list[Problem]:
