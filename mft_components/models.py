@@ -98,6 +98,7 @@ class MFTModel(nn.Module):
         self.model_dir = str(model_dir)
         self.attn_implementation = getattr(hf_model.config, "_attn_implementation", None)
         self.compile_scope = "off"  # build_model records what it compiled (distributed.COMPILE_SCOPES)
+        self.compile_watch = None  # and whether it ran compiled (distributed.CompileWatch, reported after a step)
 
     @property
     def config(self):
@@ -420,6 +421,8 @@ def build_model(
         dist_utils.apply_activation_checkpointing(model, checkpointing)
         if scope != "off":
             dist_utils.compile_layers(model, whole=scope == "layers")
+    if scope != "off":  # the compile label is checked against dynamo's counters once a step has run
+        model.compile_watch = dist_utils.CompileWatch(model, dist_utils.COMPILE_SCOPES[scope], auto=compile == "auto")
     load_weights(model, param_owners, device, torch_dtype)
     _print_param_counts(model)
     return model

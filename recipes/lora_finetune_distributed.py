@@ -54,6 +54,7 @@ from mft_components.distributed import (
     gather_state_dict,
     init_distributed,
     is_collective_timeout,
+    report_compile,
     run_in_step,
 )
 from mft_components.models import prepare_batch
@@ -198,6 +199,7 @@ class LoRAFinetuneRecipe:
         if self.step == 0 and self.code_evaluator.enabled:
             self.code_evaluator.run(self.model, 0, track=False)
         throughput = Throughput(self.device)
+        first_step = self.step + 1
         while self.step < self.total_steps and not self.early_stopping.should_stop:
             if self.step_in_epoch >= plan.steps_per_epoch(self.epoch):  # the saved epoch was complete
                 self.epoch, self.step_in_epoch = self.epoch + 1, 0
@@ -235,6 +237,8 @@ class LoRAFinetuneRecipe:
                 self.step += 1
                 self.step_in_epoch += 1
                 throughput.add_step(host_batches)
+                if self.step == first_step:  # graphs and graph breaks of the first step: did compile hold?
+                    report_compile(self.model, show=self.is_rank0)
 
                 # Only log steps read values back from the device (loss, per-task losses, norm, token counts).
                 if self.step % cfg.log_every_n_steps == 0 or self.step == self.total_steps:
