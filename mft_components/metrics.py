@@ -42,6 +42,7 @@ __all__ = [
     "Evaluator",
     "Throughput",
     "peak_memory_gb",
+    "read_log_step",
     "format_summary",
 ]
 
@@ -262,15 +263,23 @@ class NonFiniteGuard:
         self._first = torch.where(first_bad, record, self._first)
         self.optimizer.found_inf = (bad > 0).float().reshape(())  # the fused kernel skips the update when 1
 
-    def check(self) -> None:
-        """Raise for the first non-finite step since the last check (deferred mode; reads one small tensor).
+    def pending(self, device: torch.device | str) -> torch.Tensor:
+        """float64 ``[3]`` on ``device``: [step, loss, gradient norm] of the first non-finite step since the last
+        check, NaN when none (or in immediate mode): for a caller that reads it back with other values at once."""
+        if self._first is None:
+            return torch.full((3,), math.nan, dtype=torch.float64, device=device)
+        return self._first.to(device)
+
+    def check(self, values: list[float] | None = None) -> None:
+        """Raise for the first non-finite step since the last check (deferred mode; reads one small tensor, or
+        takes ``values``: ``pending()`` as read back by the caller).
 
         Raises:
             NonFiniteLossError: naming that step, its loss and gradient norm, and the tasks in its micro-batches.
         """
         if self._first is None:
             return
-        step, loss, grad_norm = self._first.tolist()
+        step, loss, grad_norm = values if values is not None else self._first.tolist()
         tasks, self._tasks = self._tasks, {}
         if math.isnan(step):
             return
@@ -302,32 +311,40 @@ def evaluate(model: torch.nn.Module, loader: Iterable[dict], task_names: list[st
     """Per-task validation loss (token-mean per task) over the whole validation split, summed over ranks.
 
     Collective: every rank calls it. A rank that runs out of batches before the others keeps stepping with an
-    all-padding copy of its last batch, because FSDP's forward is itself collective.
+    all-padding copy of its last batch, because FSDP's forward is itself collective. Each batch goes through the
+    training path's ``prepare_batch`` (loss positions and attention boundaries from the host copy), so no batch
+    makes the host wait for the device; the sums are read back once, at the end.
 
     Args:
-        model: the ``MFTModel`` (``forward(batch) -> (token_losses, aux)``).
-        loader: this rank's validation batches.
+        model: the ``MFTModel`` (``forward(batch) -> (token_losses, aux)``, ``config``).
+        loader: this rank's validation batches, on the host (collator output).
         task_names: index -> task name.
         device: where the batches go.
 
     Returns:
         An :class:`EvalResult`; tasks without validation tokens are left out.
     """
+    from mft_components.models import prepare_batch  # models imports this module's neighbours, not this module
+
     was_training = model.training
     model.eval()
     sums = torch.zeros(len(task_names), dtype=torch.float64, device=device)
     counts = torch.zeros(len(task_names), dtype=torch.float64, device=device)
     batches = list(loader)
-    n = torch.tensor([len(batches)], device=device)
+    n = len(batches)
     if is_distributed():
-        dist.all_reduce(n, op=dist.ReduceOp.MAX)
-    for i in range(int(n.item())):
+        n_all = torch.tensor([n], device=device)
+        dist.all_reduce(n_all, op=dist.ReduceOp.MAX)
+        n = int(n_all.item())
+    for i in range(n):
         if not batches:
             raise RuntimeError("evaluate: this rank got no validation batch while others did; the validation "
                                "loader must give every rank at least one (possibly all-padding) batch")
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batches[min(i, len(batches) - 1)].items()}
+        host = batches[min(i, len(batches) - 1)]
         if i >= len(batches):  # padding pass: same shapes, no loss tokens
-            batch["labels"] = torch.full_like(batch["labels"], -100)
+            host = {**host, "labels": torch.full_like(host["labels"], -100)}
+        # as in training: loss positions and attention boundaries from the host copy, so nothing is read back
+        batch = prepare_batch(host, device, model.config)
         token_losses, _ = model(batch, **(forward_kwargs or {}))
         batch_sums, batch_counts = task_loss_sums(token_losses, batch, len(task_names))
         sums += batch_sums
@@ -337,13 +354,16 @@ def evaluate(model: torch.nn.Module, loader: Iterable[dict], task_names: list[st
         all_reduce_sum(counts)
         reshard(model)
     model.train(was_training)
-    task_loss = {name: (sums[i] / counts[i]).item() for i, name in enumerate(task_names) if counts[i] > 0}
-    total = counts.sum().item()
+    values = torch.cat([sums, counts]).tolist()  # the evaluation's one device-to-host copy
+    k = len(task_names)
+    sums_host, counts_host = values[:k], values[k:]
+    task_loss = {name: sums_host[i] / counts_host[i] for i, name in enumerate(task_names) if counts_host[i] > 0}
+    total = sum(counts_host)
     return EvalResult(
         loss=sum(task_loss.values()) / max(1, len(task_loss)) if task_loss else math.nan,
-        token_loss=(sums.sum() / counts.sum()).item() if total > 0 else math.nan,
+        token_loss=sum(sums_host) / total if total > 0 else math.nan,
         task_loss=task_loss,
-        task_tokens={name: int(counts[i].item()) for i, name in enumerate(task_names) if counts[i] > 0},
+        task_tokens={name: int(counts_host[i]) for i, name in enumerate(task_names) if counts_host[i] > 0},
     )
 
 
@@ -382,15 +402,50 @@ class Throughput:
         finally:
             self._t += time.perf_counter() - start
 
-    def rate(self) -> float:
-        """Real tokens per second of all ranks since the last call (collective: every rank calls it)."""
-        tokens = self._tokens
-        if is_distributed():
+    @property
+    def tokens(self) -> int:
+        """This rank's real tokens since the last :meth:`rate`."""
+        return self._tokens
+
+    def rate(self, total_tokens: int | None = None) -> float:
+        """Real tokens per second of all ranks since the last call (collective: every rank calls it, unless it
+        passes ``total_tokens``, :attr:`tokens` already summed over the ranks)."""
+        tokens = self._tokens if total_tokens is None else int(total_tokens)
+        if total_tokens is None and is_distributed():
             tokens = int(all_reduce_sum(torch.tensor([tokens], device=self.device)).item())
         now = time.perf_counter()
         rate = tokens / max(now - self._t, 1e-9)
         self._t, self._tokens = now, 0
         return rate
+
+
+def read_log_step(loss_fn: Any, grad_norm: torch.Tensor, guard: NonFiniteGuard, throughput: Throughput,
+                  group=None) -> dict[str, float]:
+    """Everything a log step reports, with one all-reduce and one device-to-host copy (collective).
+
+    The loss's per-task sums and this rank's token count are summed over ranks together; with the step's task
+    token counts, the global gradient norm and the non-finite guard's record they come back in one ``tolist()``,
+    the only point of the step where the host waits for the device.
+
+    Returns:
+        ``loss_fn.step_metrics()``'s values plus ``grad_norm`` and ``tokens_per_s``.
+
+    Raises:
+        NonFiniteLossError: a step since the last check was not finite (``guard.check``).
+    """
+    sums = loss_fn.step_sums()
+    device = sums.device
+    summed = all_reduce_sum(torch.cat([sums, to_device(torch.tensor([float(throughput.tokens)], dtype=torch.float64),
+                                                       device)]), group)
+    norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    counts = loss_fn.step_token_counts()
+    values = torch.cat([summed, counts, norm.detach().double().reshape(1).to(device), guard.pending(device)]).tolist()
+    n_sums, n_counts = sums.numel(), counts.numel()
+    guard.check(values[-3:])
+    metrics = loss_fn.step_metrics(values=values[:n_sums] + values[n_sums + 1:n_sums + 1 + n_counts])
+    metrics["grad_norm"] = values[n_sums + 1 + n_counts]
+    metrics["tokens_per_s"] = throughput.rate(total_tokens=int(values[n_sums]))
+    return metrics
 
 
 def format_summary(*, steps: int, seconds: float, stop_reason: str, early_stopping: EarlyStopping,

@@ -69,6 +69,7 @@ from mft_components.metrics import (
     Throughput,
     format_summary,
     peak_memory_gb,
+    read_log_step,
 )
 from mft_components.recipe_schema import LoRARecipeConfig
 from mft_components.sampling import LoaderStateError
@@ -240,16 +241,14 @@ class LoRAFinetuneRecipe:
                 if self.step == first_step:  # graphs and graph breaks of the first step: did compile hold?
                     report_compile(self.model, show=self.is_rank0)
 
-                # Only log steps read values back from the device (loss, per-task losses, norm, token counts).
+                # Only log steps read values back from the device (loss, per-task losses, norm, token counts, the
+                # non-finite guard's record): one all-reduce, one copy; every rank sees the same loss.
                 if self.step % cfg.log_every_n_steps == 0 or self.step == self.total_steps:
-                    self.finite_guard.check()
-                    metrics = self.loss_fn.step_metrics()  # all-reduced: every rank sees the same loss
-                    tokens_per_s = throughput.rate()
+                    metrics = read_log_step(self.loss_fn, grad_norm, self.finite_guard, throughput)
                     self.logger.log("train", self.step, {
-                        **metrics, "lr": lr, "grad_norm": _item(grad_norm), "epoch": self.epoch,
-                        "tokens_per_s": tokens_per_s, "peak_memory_gb": peak_memory_gb(self.device),
+                        **metrics, "lr": lr, "epoch": self.epoch, "peak_memory_gb": peak_memory_gb(self.device),
                     })
-                    self.progress.update(self.step, metrics["loss"], lr, tokens_per_s)
+                    self.progress.update(self.step, metrics["loss"], lr, metrics["tokens_per_s"])
 
                 with throughput.paused():  # evaluation and checkpoints are not training time
                     self.evaluator.update_coba(self.model, self.loss_fn, self.step)
@@ -360,9 +359,6 @@ class LoRAFinetuneRecipe:
         self.code_evaluator.close()
         destroy_distributed()
 
-
-def _item(t) -> float:
-    return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
 
 
 def run(recipe: LoRAFinetuneRecipe) -> None:
