@@ -25,12 +25,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from mft_components import registry
+from mft_components.config import registry
 from mft_components.config import ConfigError, check_config, load_config
 
 # Commands whose implementation lives with the component they expose (module: add_arguments, run).
 COMPONENT_COMMANDS = {
-    "data": ("mft_components.data_report", "per-task data statistics and rendered samples with loss marked"),
+    "data": ("mft_components.data.report", "per-task data statistics and rendered samples with loss marked"),
     "export": ("mft_components.export", "merge LoRA and write a Hugging Face model directory and a PEFT adapter"),
     "generate": ("mft_components.generate", "generate with the training prompt format"),
     "eval": ("mft_components.code_eval.evaluate", "pass@k of generated code per task (dataframebench, humaneval, "
@@ -225,18 +225,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def _validate_records(cfg: DictConfig, source: str, recipe: str) -> int:
     """Reads and tokenises every record as the run will (the run then finds them in the tokenisation cache): a bad
     record stops a run with ``on_bad_record: error`` before the model loads, so validate names it too."""
-    from mft_components.data import DataError
-    from mft_components.data_report import build_config_data
+    # Imported here, not at the top: the data package loads torch, which `mft ls`, `cp` and `--no-data` never need.
+    from mft_components.data.records import DataError
+    from mft_components.data.report import build_config_data
 
     try:
         _, data = build_config_data(cfg, source)
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"data error in {source}:\n{e}", file=sys.stderr)
         return 1
-    total = data.total_stats
+    records = sum(counts["records"] for counts in data.counts.values())
     skipped = f"; {len(data.skipped)} bad record(s) the run will skip (data.on_bad_record: skip), first: " \
               f"{data.skipped[0]}" if data.skipped else ""
-    print(f"{source}: OK for recipe {recipe} ({total['records']} records read{skipped})")
+    print(f"{source}: OK for recipe {recipe} ({records} records read{skipped})")
     return 0
 
 

@@ -45,9 +45,9 @@ def main() -> None:
 
     from mft_components.code_eval.evaluate import CodeEvalOptions, evaluate_code, load_tasks, make_sandbox
     from mft_components.code_eval.suites import DEMO_EVAL_TASKS, prepare_dataframebench_eval
-    from mft_components.demo_assets import prepare_smollm2
+    from mft_components.assets import prepare_smollm2
     from mft_components.models import build_model
-    from mft_components.templates import ChatFormat
+    from mft_components.data.templates import ChatFormat
 
     model_dir = args.model_dir or str(prepare_smollm2())
     if args.suite:

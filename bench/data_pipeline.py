@@ -78,8 +78,9 @@ def main() -> int:
 
     from transformers import AutoTokenizer
 
+    from mft_components.assets import prepare_smollm2
     from mft_components.data import build_mft_data
-    from mft_components.demo_assets import prepare_smollm2
+    from mft_components.data.stats import task_stats, total_stats
 
     tokenizer = AutoTokenizer.from_pretrained(prepare_smollm2())
     tmp = Path(tempfile.mkdtemp(prefix="mft-bench-data-"))
@@ -101,11 +102,12 @@ def main() -> int:
         warm_data = build()
         warm = time.perf_counter() - t0
         assert len(warm_data.train_samples) == len(data.train_samples)
-        n = data.total_stats["records"]
+        total = total_stats(task_stats(data))
+        n = total["records"]
         workers = args.workers or min(8, os.cpu_count() or 1)
         print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; workers: {workers}; "
               f"python {platform.python_version()}")
-        print(f"tokens: {data.total_stats['tokens']:,} ({data.total_stats['tokens'] / n:.0f} per conversation)")
+        print(f"tokens: {total['tokens']:,} ({total['tokens'] / n:.0f} per conversation)")
         print(f"{'':6}{'seconds':>10}{'conversations/s':>18}")
         print(f"{'cold':6}{cold:>10.2f}{n / cold:>18,.0f}")
         print(f"{'warm':6}{warm:>10.2f}{n / warm:>18,.0f}")

@@ -8,7 +8,7 @@
 Models: random-initialised bf16 models of real architectures, built from the configs written below
 (Llama-3.2-3B, Qwen2.5-Coder-7B; nothing is downloaded) and saved once under --work. Speed does not depend on the
 weights' values. Data: the demo's four dataframebench tasks (``.device/data`` on the GPU machine, else
-``demo_assets``) with SmolLM2's tokenizer, rendered by mft. Setting (issue 13's): seq_len 4096, packing, 2 rows
+``mft_components.assets``) with SmolLM2's tokenizer, rendered by mft. Setting (issue 13's): seq_len 4096, packing, 2 rows
 of 4096 tokens per optimizer step, the config's LoRA (rank 64, alpha 128, dropout 0.05, every linear of the
 decoder), bf16, AdamW.
 
@@ -151,7 +151,7 @@ def default_inputs() -> tuple[Path, list[str]]:
     carried_tok, carried_data = REPO / ".device" / "tok", REPO / ".device" / "data"
     if carried_tok.is_dir() and carried_data.is_dir():
         return carried_tok, sorted(str(p) for p in carried_data.iterdir() if p.is_dir())
-    from mft_components.demo_assets import prepare_dataframebench, prepare_smollm2
+    from mft_components.assets import prepare_dataframebench, prepare_smollm2
 
     data = Path(prepare_dataframebench())
     return Path(prepare_smollm2()), sorted(str(p) for p in data.iterdir() if p.is_dir())
@@ -187,11 +187,13 @@ def contender_config(name: str, model_dir: Path, tokenizer_dir: Path, data_paths
 def loader_steps(cfg_path: Path, steps: int):
     """The first ``steps`` optimizer steps of mft's loader for a contender config: lists of micro-batches."""
     from mft_components.config import instantiate, load_config
+    from mft_components.data.sampling import build_train_loader
 
     cfg = load_config(cfg_path)
     tokenizer = instantiate(cfg.tokenizer)
     data = instantiate(cfg.data, tokenizer=tokenizer, seed=cfg.seed, rank=0, world_size=1)
-    loader = data.train_loader(cfg.micro_batch_size, cfg.gradient_accumulation_steps, 0, 1)
+    loader = build_train_loader(data, micro_batch_size=cfg.micro_batch_size,
+                                gradient_accumulation_steps=cfg.gradient_accumulation_steps)
     loader.sampler.set_epoch(0)
     batches, out = iter(loader), []
     for _ in range(steps):

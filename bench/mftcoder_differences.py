@@ -38,18 +38,18 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from mft_components import demo_assets  # noqa: E402
+from mft_components import assets  # noqa: E402
 from mft_components.data import build_mft_data  # noqa: E402
 from mft_components.loss import CoBa, TaskWeightedLoss  # noqa: E402
-from mft_components.packing import collate, pack_lengths  # noqa: E402
+from mft_components.data.packing import collate, pack_lengths  # noqa: E402
 
 MODES = ("token", "sample", "task", "task_sample")
 MFTCODER_NAMES = {"token": "case1", "sample": "case2", "task": "case3", "task_sample": "case4"}
 
 
 def load_data(seq_len: int, tokenizer, truncation: str = "drop"):
-    root = demo_assets.prepare_dataframebench()
-    paths = [str(root / t) for t in demo_assets.DATAFRAMEBENCH_TASKS]
+    root = assets.prepare_dataframebench()
+    paths = [str(root / t) for t in assets.DATAFRAMEBENCH_TASKS]
     return build_mft_data(tokenizer, data_paths=paths, seq_len=seq_len, valid_ratio=0.0, packing="padding",
                           truncation=truncation)
 
@@ -95,10 +95,10 @@ def mftcoder_chatml(record: dict, tokenizer) -> tuple[list[int], list[bool]]:
 def section_tokenisation(tokenizer) -> None:
     import json
 
-    root = demo_assets.prepare_dataframebench()
-    data = build_mft_data(tokenizer, data_paths=[str(root / t) for t in demo_assets.DATAFRAMEBENCH_TASKS],
+    root = assets.prepare_dataframebench()
+    data = build_mft_data(tokenizer, data_paths=[str(root / t) for t in assets.DATAFRAMEBENCH_TASKS],
                           seq_len=1 << 20, valid_ratio=0.0, packing="padding", cache_dir="")
-    records = [json.loads(line) for t in demo_assets.DATAFRAMEBENCH_TASKS
+    records = [json.loads(line) for t in assets.DATAFRAMEBENCH_TASKS
                for f in sorted((root / t).rglob("*.jsonl")) for line in f.read_text().splitlines() if line.strip()]
     same = sum(mftcoder_chatml(r, tokenizer) == (s.input_ids.tolist(), s.loss_mask.tolist())
                for r, s in zip(records, data.train_samples))
@@ -318,7 +318,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(args.seed)
-    model_dir = demo_assets.prepare_smollm2()
+    model_dir = assets.prepare_smollm2()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     print(f"model {model_dir.name} (fp32), torch {torch.__version__}, {torch.get_num_threads()} threads")

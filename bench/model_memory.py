@@ -44,7 +44,7 @@ def measure(model_dir: str, method: str) -> dict:
     """Runs in a fresh process: peak RSS is per process."""
     import torch
 
-    from mft_components.lora import LoRALinear, NF4Linear
+    from mft_components.models.lora import LoRALinear, NF4Linear
     from mft_components.models import build_model, param_bytes
 
     # ru_maxrss is a high-water mark that imports may already have set: sample the current RSS instead.

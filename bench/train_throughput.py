@@ -51,7 +51,7 @@ def load_workload(seq_len: int, tokens_per_step: int, num_steps: int, seed: int)
     from transformers import AutoTokenizer
 
     from mft_components.data import build_mft_data
-    from mft_components.demo_assets import prepare_dataframebench, prepare_smollm2
+    from mft_components.assets import prepare_dataframebench, prepare_smollm2
 
     model_dir = prepare_smollm2()
     data_dir = prepare_dataframebench()
@@ -96,7 +96,7 @@ def micro_batches_of(samples, max_rows_tokens: int):
 def run_mft(args, packing: str) -> dict:
     from mft_components.loss import TaskWeightedLoss
     from mft_components.models import build_model
-    from mft_components.packing import collate, pack_samples
+    from mft_components.data.packing import collate, pack_samples
 
     model_dir, task_names, steps = load_workload(args.seq_len, args.tokens_per_step, args.steps + WARMUP_STEPS,
                                                  args.seed)
@@ -264,7 +264,7 @@ def main() -> None:
         return worker(args)
 
     torch.set_num_threads(args.threads)
-    from mft_components.demo_assets import prepare_dataframebench, prepare_smollm2
+    from mft_components.assets import prepare_dataframebench, prepare_smollm2
 
     model_dir = prepare_smollm2()
     prepare_dataframebench()

@@ -749,7 +749,7 @@ def load_adapter(model: torch.nn.Module, ckpt_dir: str | os.PathLike) -> None:
     """
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    from mft_components.lora import hf_key, peft_to_adapter_state_dict
+    from mft_components.models.lora import hf_key, peft_to_adapter_state_dict
 
     saved = peft_to_adapter_state_dict(load_checkpoint_weights(ckpt_dir))
     seen = set()

@@ -48,7 +48,7 @@ from safetensors import safe_open
 from mft_components.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CheckpointError, load_safetensors, mkdtemp_umask
 from mft_components.checkpoint import META_FILE as CHECKPOINT_META
 from mft_components.checkpoint import verify_checkpoint
-from mft_components.models import safetensors_files as _model_safetensors_files
+from mft_components.models.weights import safetensors_files as _model_safetensors_files
 
 # "auto": every floating tensor keeps the dtype it has in the weights being exported.
 OUTPUT_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -646,7 +646,7 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, base: 
             the data, a non-empty output that is not an earlier export (or is, without `force`), `adapter_only`
             for a full checkpoint, bad dtype/size, untrusted remote code.
     """
-    from mft_components.templates import ChatFormat
+    from mft_components.data.templates import ChatFormat
 
     checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
     if dtype not in OUTPUT_DTYPES:
@@ -773,7 +773,7 @@ def export_adapter(adapter_dir: str | Path, base: str | Path, output_dir: str | 
     Raises:
         ExportError: as `export_checkpoint`, plus a missing adapter or base directory.
     """
-    from mft_components.templates import ChatFormat
+    from mft_components.data.templates import ChatFormat
 
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():

@@ -54,7 +54,7 @@ class GenerationModel:
 
     model: torch.nn.Module
     tokenizer: object
-    chat_format: object  # mft_components.templates.ChatFormat
+    chat_format: object  # mft_components.data.templates.ChatFormat
     eos_token_id: int
 
 
@@ -157,7 +157,7 @@ def load_generation_model(model_dir: str | Path, adapter: str | Path | None = No
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mft_components.templates import ChatFormat
+    from mft_components.data.templates import ChatFormat
 
     model_dir = Path(model_dir)
     adapter_dir = Path(adapter) if adapter is not None else None

@@ -17,7 +17,6 @@ import contextlib
 import json
 import math
 import os
-import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,8 +26,10 @@ from typing import Any, Iterable
 import torch
 import torch.distributed as dist
 
-from mft_components.distributed import all_reduce_sum, is_distributed, reshard, to_device
-from mft_components.loss import task_loss_sums
+from mft_components.device import peak_memory_gb, to_device
+from mft_components.distributed import all_reduce_sum, is_distributed
+from mft_components.loss.task_weighted import task_loss_sums
+from mft_components.models.parallelize import reshard
 
 __all__ = [
     "MetricLogger",
@@ -365,13 +366,6 @@ def evaluate(model: torch.nn.Module, loader: Iterable[dict], task_names: list[st
         task_loss=task_loss,
         task_tokens={name: int(counts_host[i]) for i, name in enumerate(task_names) if counts_host[i] > 0},
     )
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    """Peak allocated accelerator memory on CUDA; peak resident host memory (max RSS) on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 class Throughput:

@@ -55,7 +55,7 @@ def check_recipe_config(cfg: dict, flagged: set[str]) -> list[str]:
 
 def _builder_args(node: Any, builder: Callable) -> dict | None:
     """The node's arguments with ``builder``'s defaults filled in, when the node builds with ``builder``."""
-    from mft_components.config import COMPONENT_KEY, ConfigError, import_object
+    from mft_components.config.core import COMPONENT_KEY, ConfigError, import_object
 
     if not isinstance(node, dict) or COMPONENT_KEY not in node:
         return None
@@ -97,7 +97,7 @@ def _check_optimizer(cfg: dict, problems: list[str]) -> None:
     a dummy parameter, so their own argument checks (betas, eps, weight_decay, warmup, min_lr) speak now."""
     import torch
 
-    from mft_components.config import COMPONENT_KEY, ConfigError, instantiate
+    from mft_components.config.core import COMPONENT_KEY, ConfigError, instantiate
 
     node = cfg.get("optimizer")
     if not isinstance(node, dict) or COMPONENT_KEY not in node:
@@ -124,8 +124,9 @@ def _check_optimizer(cfg: dict, problems: list[str]) -> None:
 
 
 def _check_model(cfg: dict, problems: list[str]) -> None:
-    from mft_components.attention import AUTO, BACKENDS, resolve_attn_implementation
-    from mft_components.models import build_meta_model, build_model, liger_kernel_names
+    from mft_components.models.attention import AUTO, BACKENDS, resolve_attn_implementation
+    from mft_components.models.build import build_meta_model, build_model
+    from mft_components.models.liger import liger_kernel_names
 
     args = _builder_args(cfg.get("model"), build_model)
     if args is None:
@@ -154,8 +155,8 @@ def _check_model(cfg: dict, problems: list[str]) -> None:
 
 def _load_tokenizer(node: Any, problems: list[str]):
     """The tokenizer the run would load (None when it is not mft's loader or cannot load)."""
-    from mft_components.config import instantiate
-    from mft_components.models import load_tokenizer
+    from mft_components.config.core import instantiate
+    from mft_components.models.build import load_tokenizer
 
     args = _builder_args(node, load_tokenizer)
     if args is None or not _exists(args.get("path")):
@@ -169,7 +170,8 @@ def _load_tokenizer(node: Any, problems: list[str]):
 
 def _check_data(node: Any, tokenizer, problems: list[str]) -> list[str] | None:
     """The task names (None when they cannot be known)."""
-    from mft_components.data import DataError, build_mft_data, resolve_data_config
+    from mft_components.data.build import build_mft_data, resolve_data_config
+    from mft_components.data.records import DataError
 
     args = _builder_args(node, build_mft_data)
     if args is None:
@@ -187,8 +189,8 @@ def _check_data(node: Any, tokenizer, problems: list[str]) -> list[str] | None:
 
 
 def _check_loss(node: Any, tasks: list[str] | None, problems: list[str]) -> None:
-    from mft_components.config import ConfigError, instantiate
-    from mft_components.loss import TaskWeightedLoss
+    from mft_components.config.core import ConfigError, instantiate
+    from mft_components.loss.task_weighted import TaskWeightedLoss
 
     if _builder_args(node, TaskWeightedLoss) is None:
         return
@@ -203,8 +205,8 @@ def _check_loss(node: Any, tasks: list[str] | None, problems: list[str]) -> None
 
 
 def _check_coba_has_validation(loss_node: Any, data_node: Any, problems: list[str]) -> None:
-    from mft_components.data import build_mft_data
-    from mft_components.loss import TaskWeightedLoss
+    from mft_components.data.build import build_mft_data
+    from mft_components.loss.task_weighted import TaskWeightedLoss
 
     loss, data = _builder_args(loss_node, TaskWeightedLoss), _builder_args(data_node, build_mft_data)
     if loss is None or data is None or loss.get("mode") != "coba":

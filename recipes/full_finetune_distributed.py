@@ -26,7 +26,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from mft_components.config import instantiate, parse
-from mft_components.distributed import end_worker, gather_state_dict
+from mft_components.distributed import end_worker
+from mft_components.models.parallelize import gather_state_dict
 from mft_components.recipe_schema import FullRecipeConfig
 from mft_recipes.lora_finetune_distributed import LoRAFinetuneRecipe, run
 

@@ -46,19 +46,20 @@ from omegaconf import DictConfig, OmegaConf
 from mft_components import checkpoint as ck
 from mft_components.code_eval.evaluate import CodeEvalError, CodeEvaluator
 from mft_components.config import instantiate, parse, to_container
-from mft_components.data import DataError
+from mft_components.data.records import DataError
+from mft_components.data.sampling import LoaderStateError, build_train_loader, build_valid_loader
+from mft_components.data.stats import format_stats, task_stats
 from mft_components.distributed import (
     collective_timeout_message,
     destroy_distributed,
     end_worker,
-    gather_state_dict,
     init_distributed,
     is_collective_timeout,
-    report_compile,
     run_in_step,
 )
 from mft_components.models import prepare_batch
-from mft_components.lora import adapter_to_peft_state_dict, lora_target_names, peft_adapter_config
+from mft_components.models.lora import adapter_to_peft_state_dict, lora_target_names, peft_adapter_config
+from mft_components.models.parallelize import gather_state_dict, report_compile
 from mft_components.metrics import (
     EarlyStopping,
     Evaluator,
@@ -68,11 +69,10 @@ from mft_components.metrics import (
     ProgressBar,
     Throughput,
     format_summary,
-    peak_memory_gb,
     read_log_step,
 )
+from mft_components.device import peak_memory_gb
 from mft_components.recipe_schema import LoRARecipeConfig
-from mft_components.sampling import LoaderStateError
 
 CONFIG_SCHEMA = LoRARecipeConfig
 
@@ -114,14 +114,15 @@ class LoRAFinetuneRecipe:
                                 world_size=self.world_size)
         self.task_names = self.data.task_names
         if self.is_rank0:
-            print(self.data.format_stats(), flush=True)
+            print(format_stats(task_stats(self.data)), flush=True)
         # Pinned host memory on CUDA: host-to-device copies of the batches run asynchronously.
         pin = self.device.type == "cuda"
-        self.train_loader = self.data.train_loader(cfg.micro_batch_size, self.gas, self.rank, self.world_size,
-                                                   pin_memory=pin)
+        self.train_loader = build_train_loader(self.data, micro_batch_size=cfg.micro_batch_size,
+                                               gradient_accumulation_steps=self.gas, rank=self.rank,
+                                               world_size=self.world_size, pin_memory=pin)
         valid_batches = (
-            list(self.data.valid_loader(cfg.eval_micro_batch_size or cfg.micro_batch_size, self.rank, self.world_size,
-                                        pin_memory=pin))
+            list(build_valid_loader(self.data, micro_batch_size=cfg.eval_micro_batch_size or cfg.micro_batch_size,
+                                    rank=self.rank, world_size=self.world_size, pin_memory=pin))
             if self.data.valid_samples else []
         )
 

@@ -23,7 +23,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """A real SmolLM2-135M-Instruct model directory (config, safetensors, tokenizer)."""
-    from mft_components.demo_assets import prepare_smollm2
+    from mft_components.assets import prepare_smollm2
 
     return prepare_smollm2()
 

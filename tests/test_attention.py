@@ -1,4 +1,4 @@
-"""Tests for mft_components/attention.py: every backend gives every real token of a packed micro-batch exactly the
+"""Tests for mft_components/models/attention.py and packed_attention.py: every backend gives every real token of a packed micro-batch exactly the
 attention of a per-sample run (reference: the same tiny transformers model run on each sample alone with sdpa):
 sdpa_varlen in forward and gradients and through MFTModel for packed and padded batches; sdpa, eager,
 flex_attention (forward: no CPU backward) and varlen_attn's plumbing in forward. Also the boundaries (cu_seqlens,
@@ -14,22 +14,24 @@ import numpy as np
 import pytest
 import torch
 
-from mft_components import attention
-from mft_components.attention import (
+from mft_components.models import attention, packed_attention
+from mft_components.models.attention import (
     BACKENDS,
     FLEX_ATTENTION,
-    SDPA_VARLEN,
-    VARLEN_ATTN,
     attention_kwargs,
-    block_causal_block_mask,
-    cu_seqlens,
     known_attn_implementations,
     resolve_attn_implementation,
+)
+from mft_components.models.packed_attention import (
+    SDPA_VARLEN,
+    VARLEN_ATTN,
+    block_causal_block_mask,
+    cu_seqlens,
     segment_lengths,
     varlen_options,
 )
-from mft_components.data import Sample
-from mft_components.packing import collate, pack_samples
+from mft_components.data.dataset import Sample
+from mft_components.data.packing import collate, pack_samples
 from tests.tiny_models import TINY_CONFIGS, make_tiny_model_dir
 
 VOCAB = 96
@@ -155,7 +157,7 @@ def test_direct_calls_and_errors(packed_case):
 def test_cu_seqlens_and_block_mask_from_sample_ids():
     from torch.nn.attention.flex_attention import create_mask
 
-    from mft_components.packing import block_causal_mask
+    from tests.reference_masks import block_causal_mask
 
     sample_ids = torch.tensor([[0, 0, 0, 1, 1, -1, -1], [2] * 7, [-1] * 7, [3, 4, 5, 6, -1, -1, -1]])
     # every row starts a sequence; so does every sample and a row's padding
@@ -191,7 +193,7 @@ def test_other_backends_forward_equal_per_sample(packed_case, attn, monkeypatch)
     (boundaries, flattening, head layout); tests/test_gpu.py runs the real kernel."""
     samples, rows, batch = packed_case
     if attn == VARLEN_ATTN:
-        monkeypatch.setattr(attention, "_varlen_kernel", _sdpa_per_segment)
+        monkeypatch.setattr(packed_attention, "_varlen_kernel", _sdpa_per_segment)
     model = tiny_model("llama", attn)
     reference = tiny_model("llama", "sdpa")
     reference.load_state_dict(model.state_dict())
@@ -211,7 +213,7 @@ def test_flex_attention_reads_grouped_kv_heads_in_the_kernel(packed_case, monkey
     from transformers import AttentionInterface, AutoModelForCausalLM, LlamaConfig
     from transformers.integrations import flex_attention as hf_flex
 
-    assert AttentionInterface()[FLEX_ATTENTION] is attention.flex_attention_forward
+    assert AttentionInterface()[FLEX_ATTENTION] is packed_attention.flex_attention_forward
     samples, rows, batch = packed_case
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=96, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=6, num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
@@ -283,10 +285,10 @@ def test_varlen_options_per_torch_signature():
     assert varlen_options(v29, 4, 4, 16, 0.25, None) == ({"is_causal": True}, 1)  # 1/sqrt(16) is the default
     # and this torch's own varlen_attn takes what varlen_options gives it (the GPU machine's torch 2.11 has
     # window_size and scale, no enable_gqa; torch 2.13 adds enable_gqa)
-    if attention._torch_varlen_attn is not None:
-        bind = inspect.signature(attention._torch_varlen_attn).bind
+    if packed_attention._torch_varlen_attn is not None:
+        bind = inspect.signature(packed_attention._torch_varlen_attn).bind
         for heads, kv_heads, scale in ((4, 2, None), (4, 4, 0.3)):
-            options, repeat = varlen_options(attention._VARLEN_PARAMETERS, heads, kv_heads, 16, scale, None)
+            options, repeat = varlen_options(packed_attention._VARLEN_PARAMETERS, heads, kv_heads, 16, scale, None)
             bind(*[None] * 5, 16, 16, **options)
             assert repeat == (1 if kv_heads == heads or "enable_gqa" in options else heads // kv_heads)
 
@@ -347,7 +349,7 @@ def test_padding_only_micro_batch_gives_every_adapter_a_gradient(tmp_path):
 def test_kernels_name_the_gpu_they_need():
     """FlashAttention kernels (varlen_attn, flash-attn 2) need Ampere, flash-attn 3 Hopper, bf16 Ampere: on an
     older GPU `auto` passes them over with this reason, and an explicit choice (or dtype: bf16) stops the run."""
-    from mft_components.attention import capability_reason
+    from mft_components.device import capability_reason
 
     assert capability_reason("varlen_attn", (8, 0), (9, 0), "NVIDIA H200") is None
     assert capability_reason("varlen_attn", (8, 0), (8, 0), "NVIDIA A100") is None

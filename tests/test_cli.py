@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import cli
-from mft_components import registry
+from mft_components.config import registry
 from tests.conftest import REPO_ROOT
 
 ECHO_RECIPE = REPO_ROOT / "tests" / "fixtures" / "echo_recipe.py"

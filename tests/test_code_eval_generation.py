@@ -12,12 +12,12 @@ import torch
 from transformers import AutoTokenizer
 
 from mft_components import checkpoint as ck
-from mft_components.attention import kv_cache_attention
+from mft_components.models.attention import kv_cache_attention
 from mft_components.code_eval.generation import generate_batched
 from mft_components.export import export_checkpoint
 from mft_components.generate import load_generation_model
 from mft_components.models import build_model
-from mft_components.templates import ChatFormat
+from mft_components.data.templates import ChatFormat
 from tests.conftest import REPO_ROOT, run_torchrun
 from tests.test_export import train_and_save
 from tests.test_generate import greedy_reference

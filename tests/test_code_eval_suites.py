@@ -16,7 +16,7 @@ import pytest
 from mft_components.code_eval import suites
 from mft_components.code_eval.evaluate import CodeEvalOptions
 from mft_components.code_eval.sandbox import Limits, Sandbox
-from mft_components.demo_assets import dataframebench_package
+from mft_components.assets.dataframebench import dataframebench_package
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,7 @@ def test_dataframebench_verdicts_agree_with_its_evaluator(sandbox, dataframebenc
 
 
 def test_dataframebench_prompts_are_the_training_prompts():
-    from mft_components.demo_assets import dataframebench_conversations
+    from mft_components.assets.dataframebench import dataframebench_conversations
 
     record = suites.dataframebench_records("test")[0]
     for task in suites.DATAFRAMEBENCH_TASKS:

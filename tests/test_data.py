@@ -1,4 +1,5 @@
-"""Tests for mft_components/data.py: record shapes, bad-record reports, split, truncation, cache, workers."""
+"""Tests for mft_components/data/ (records, tasks, tokenize, build, stats, report): record shapes, bad-record reports,
+split, truncation, cache, workers."""
 
 from __future__ import annotations
 
@@ -15,9 +16,13 @@ import pytest
 import yaml
 
 import cli
-from mft_components import data as data_mod
-from mft_components.data import DataError, build_mft_data, discover_tasks
-from mft_components.templates import ChatFormat, encode_segments
+from mft_components.data import tokenize as tokenize_mod
+from mft_components.data.build import build_mft_data
+from mft_components.data.records import DataError
+from mft_components.data.sampling import build_train_loader, build_valid_loader
+from mft_components.data.stats import format_stats, task_stats, total_stats
+from mft_components.data.tasks import discover_tasks
+from mft_components.data.templates import ChatFormat, encode_segments
 from tests.conftest import REPO_ROOT, drop_dac_override, file_tree
 
 
@@ -81,7 +86,7 @@ def test_record_shapes_render_like_templates(smollm2_tokenizer, tmp_path):
         assert sample.input_ids.dtype == np.int32 and sample.loss_mask.dtype == np.bool_
     text = d.train_samples[-1]
     assert tok.decode(text.input_ids) == "def raw():\n    pass<|im_end|>" and text.loss_mask.all()
-    st = d.stats["shapes"]
+    st = task_stats(d)["shapes"]
     assert (st["records"], st["kept"], st["bad"], st["turns"]) == (8, 8, 0, 8)
     assert st["loss_tokens"] == sum(int(s.loss_mask.sum()) for s in d.train_samples)
 
@@ -155,7 +160,7 @@ def test_every_bad_record_is_reported_with_path_line_field(smollm2_tokenizer, tm
     assert f"{len(BAD_CASES) + 1} bad record(s)" in msg and f"{path}:1:" not in msg
     # skip: the good record is kept, the bad ones are counted for the task.
     d = build(tok, [path.parent], tmp_path, on_bad_record="skip")
-    st = d.stats["task"]
+    st = task_stats(d)["task"]
     assert (st["records"], st["bad"], st["kept"]) == (len(BAD_CASES) + 2, len(BAD_CASES) + 1, 1)
     assert len(d.skipped) == len(BAD_CASES) + 1
 
@@ -177,7 +182,7 @@ def test_bom_crlf_blank_lines(smollm2_tokenizer, tmp_path):
     a = build(smollm2_tokenizer, [clean.parent], tmp_path)
     b = build(smollm2_tokenizer, [messy.parent], tmp_path)
     assert as_lists(a.train_samples) == as_lists(b.train_samples)
-    assert b.stats["messy"]["records"] == 3 and b.stats["messy"]["bad"] == 0
+    assert task_stats(b)["messy"]["records"] == 3 and task_stats(b)["messy"]["bad"] == 0
 
 
 def test_task_discovery(tmp_path):
@@ -205,10 +210,10 @@ def test_truncation_drop_and_truncate(smollm2_tokenizer, tmp_path):
     long_prompt = {"chat_rounds": [{"role": "human", "content": "word " * 200}, {"role": "bot", "content": "a"}]}
     path = write_jsonl(tmp_path / "t" / "x.jsonl", [conv(0), long_answer, long_prompt, conv(1)])
     d = build(tok, [path.parent], tmp_path, seq_len=64)
-    st = d.stats["t"]
+    st = task_stats(d)["t"]
     assert (st["kept"], st["dropped"], st["truncated"]) == (2, 2, 0)
     d = build(tok, [path.parent], tmp_path, seq_len=64, truncation="truncate")
-    st = d.stats["t"]
+    st = task_stats(d)["t"]
     # The long prompt leaves no loss token within 64 tokens: dropped even when truncating.
     assert (st["kept"], st["dropped"], st["truncated"]) == (3, 1, 1)
     cut = d.train_samples[1]
@@ -229,14 +234,14 @@ def test_split_per_task_deterministic(smollm2_tokenizer, tmp_path):
         assert as_lists(d.train_samples) == as_lists(runs[0].train_samples)
         assert as_lists(d.valid_samples) == as_lists(runs[0].valid_samples)
     d = runs[0]
-    assert [(d.stats[t]["train"], d.stats[t]["valid"]) for t in "abc"] == [(36, 4), (2, 1), (1, 0)]
+    assert [(task_stats(d)[t]["train"], task_stats(d)[t]["valid"]) for t in "abc"] == [(36, 4), (2, 1), (1, 0)]
     # Train + valid is a partition of the kept samples.
     every = sorted(map(str, as_lists(d.train_samples) + as_lists(d.valid_samples)))
     assert every == sorted(map(str, as_lists(build(tok, [a, b, c], tmp_path).train_samples)))
     other = build(tok, [a, b, c], tmp_path, valid_ratio=0.1, seed=8)
     assert as_lists(other.valid_samples) != as_lists(d.valid_samples)
     sized = build(tok, [a, b, c], tmp_path, valid_size=5)
-    assert [sized.stats[t]["valid"] for t in "abc"] == [5, 2, 0]
+    assert [task_stats(sized)[t]["valid"] for t in "abc"] == [5, 2, 0]
 
 
 def test_valid_data_paths(smollm2_tokenizer, tmp_path):
@@ -244,7 +249,7 @@ def test_valid_data_paths(smollm2_tokenizer, tmp_path):
     a = write_jsonl(tmp_path / "train" / "a.jsonl", [conv(i) for i in range(5)])
     va = write_jsonl(tmp_path / "valid" / "a.jsonl", [conv(50), conv(51)])
     d = build(tok, [a], tmp_path, valid_data_paths=[str(va)], valid_ratio=0.5)
-    assert (d.stats["a"]["train"], d.stats["a"]["valid"]) == (5, 2)
+    assert (task_stats(d)["a"]["train"], task_stats(d)["a"]["valid"]) == (5, 2)
     zz = write_jsonl(tmp_path / "valid" / "zz.jsonl", [conv(52)])
     with pytest.raises(DataError, match="valid_data_paths.*'zz'"):
         build(tok, [a], tmp_path, valid_data_paths=[str(zz)])
@@ -271,13 +276,13 @@ def test_cache_warm_start_is_identical_and_memory_mapped(smollm2_tokenizer, tmp_
     assert is_memory_mapped(warm.train_samples[0].input_ids) and is_memory_mapped(warm.train_samples[-1].loss_mask)
     assert not is_memory_mapped(uncached.train_samples[0].input_ids)
     assert as_lists(uncached.train_samples) == as_lists(cold.train_samples) == as_lists(warm.train_samples)
-    assert warm.stats == cold.stats
+    assert task_stats(warm) == task_stats(cold)
     # Bad records are remembered by the cache: error mode still fails on a warm start.
     with pytest.raises(DataError, match=":21: json:"):
         build(tok, [path.parent], tmp_path)
     # Changing the file, the seq_len or the template makes a new entry.
     write_jsonl(path, [conv(i) for i in range(5)])
-    assert build(tok, [path.parent], tmp_path).stats["t"]["kept"] == 5
+    assert task_stats(build(tok, [path.parent], tmp_path))["t"]["kept"] == 5
     build(tok, [path.parent], tmp_path, seq_len=512)
     build(tok, [path.parent], tmp_path, template="hf")
     assert len(list((tmp_path / "cache").glob("*/*/info.json"))) == 4
@@ -289,8 +294,8 @@ def test_worker_processes_match_in_process(smollm2_tokenizer, tmp_path, monkeypa
     b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"p{i}", "answer": f"a{i}"} for i in range(60)])
     ref = build(tok, [a, b], tmp_path, cache_dir="", num_workers=1, on_bad_record="skip")
     # Tiny chunks and no in-process shortcut: the work is spread over 2 forked workers in many byte ranges.
-    monkeypatch.setattr(data_mod, "_CHUNK_BYTES", 700)
-    monkeypatch.setattr(data_mod, "_IN_PROCESS_BYTES", 0)
+    monkeypatch.setattr(tokenize_mod, "_CHUNK_BYTES", 700)
+    monkeypatch.setattr(tokenize_mod, "_IN_PROCESS_BYTES", 0)
     par = build(tok, [a, b], tmp_path, cache_dir="", num_workers=2, on_bad_record="skip")
     assert as_lists(par.train_samples) == as_lists(ref.train_samples)
     assert par.skipped == ref.skipped == [f"{a}:151: json: invalid JSON: Expecting property name enclosed in double quotes at column 2"]
@@ -299,7 +304,7 @@ def test_worker_processes_match_in_process(smollm2_tokenizer, tmp_path, monkeypa
 def test_line_ranges_cover_file():
     data = b"a\nbb\n\nccc\nd"
     for chunk in (1, 2, 3, 100):
-        ranges = data_mod._line_ranges(data, chunk)
+        ranges = tokenize_mod._line_ranges(data, chunk)
         assert b"".join(data[s:e] for s, e, _ in ranges) == data
         for s, _, line in ranges:
             assert line == data[:s].count(b"\n") + 1
@@ -327,14 +332,14 @@ def test_stats_and_loaders(smollm2_tokenizer, tmp_path):
     a = write_jsonl(tmp_path / "alpha.jsonl", [conv(i) for i in range(30)])
     b = write_jsonl(tmp_path / "beta.jsonl", [conv(100 + i, turns=2) for i in range(10)])
     d = build(tok, [a, b], tmp_path, seq_len=128, valid_ratio=0.1)
-    table = d.format_stats()
+    table = format_stats(task_stats(d))
     assert "alpha" in table and "beta" in table and "total" in table and "pack_eff" in table
-    total = d.total_stats
-    assert list(d.stats) == ["alpha", "beta"]
+    total = total_stats(task_stats(d))
+    assert list(task_stats(d)) == ["alpha", "beta"]
     assert total["kept"] == 40 and total["train"] + total["valid"] == 40 and total["rows"] >= 1
     assert 0 < total["packing_efficiency"] <= 1
     assert d.pad_id == tok.pad_token_id and d.task_sample_counts == {"alpha": 27, "beta": 9}
-    loader = d.train_loader(micro_batch_size=2, gradient_accumulation_steps=1, rank=0, world_size=1)
+    loader = build_train_loader(d, micro_batch_size=2, gradient_accumulation_steps=1, rank=0, world_size=1)
     loader.sampler.set_epoch(0)
     seen = 0
     for batch in loader:
@@ -342,7 +347,7 @@ def test_stats_and_loaders(smollm2_tokenizer, tmp_path):
         seen += int((batch["labels"] != -100).sum())
     # Every loss token except a sample's first token (never a label after the shift) is trained once per epoch.
     assert seen == sum(int(s.loss_mask[1:].sum()) for s in d.train_samples)
-    vseen = sum(int((bt["labels"] != -100).sum()) for bt in d.valid_loader(micro_batch_size=2))
+    vseen = sum(int((bt["labels"] != -100).sum()) for bt in build_valid_loader(d, micro_batch_size=2))
     assert vseen == sum(int(s.loss_mask[1:].sum()) for s in d.valid_samples)
 
 
@@ -350,7 +355,7 @@ DISTRIBUTED_SCRIPT = '''
 import sys, json
 import torch.distributed as dist
 from transformers import AutoTokenizer
-from mft_components import data as data_mod
+from mft_components.data import tokenize as tokenize_mod
 from mft_components.data import DataError, build_mft_data
 
 tok_dir, good, bad, cache, out = sys.argv[1:6]
@@ -359,7 +364,7 @@ rank = dist.get_rank()
 if rank != 0:
     def refuse(*a, **k):
         raise AssertionError("only local rank 0 tokenises; the others memory-map its cache")
-    data_mod._process_range = refuse
+    tokenize_mod._process_range = refuse
 tok = AutoTokenizer.from_pretrained(tok_dir)
 d = build_mft_data(tok, data_paths=[good], cache_dir=cache, valid_ratio=0.2, seed=3, rank=rank, world_size=2)
 try:
@@ -391,10 +396,10 @@ def test_distributed_rank0_builds_others_load(smollm2_dir, tmp_path):
 
 
 def test_mft_data_command_prints_stats_and_marked_samples(smollm2_dir, tmp_path, capsys):
-    """`mft data` (mft_components/data_report.py) on a config: the table, and samples with [[loss]] marked."""
+    """`mft data` (mft_components/data/report.py) on a config: the table, and samples with [[loss]] marked."""
     import argparse
 
-    from mft_components import data_report
+    from mft_components.data import report as data_report
 
     a = write_jsonl(tmp_path / "alpha" / "x.jsonl", [conv(i) for i in range(4)] + ["{bad"])
     config = tmp_path / "cfg.yaml"

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mft_components.distributed import all_reduce_sum, gather_state_dict, get_rank, init_distributed, is_distributed
+from mft_components.distributed import all_reduce_sum, get_rank, init_distributed, is_distributed
+from mft_components.models.parallelize import gather_state_dict
 from tests.conftest import run_torchrun
 from tests.tiny_models import make_tiny_model_dir
 

@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from mft_components import checkpoint as ckpt
 from mft_components import export
 from mft_components.export import ExportError, export_checkpoint
-from mft_components.lora import (
+from mft_components.models.lora import (
     LoRALinear,
     adapter_to_peft_state_dict,
     get_adapter_state_dict,
@@ -31,7 +31,7 @@ from mft_components.lora import (
     peft_adapter_config,
 )
 from mft_components.models import build_model
-from mft_components.templates import ChatFormat
+from mft_components.data.templates import ChatFormat
 from tests.tiny_models import TINY_CONFIGS, make_tiny_model_dir
 
 TASKS = ["code_completion", "text2sql"]

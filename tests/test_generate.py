@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 from mft_components import generate as gen
 from mft_components.export import export_checkpoint
 from mft_components.generate import GenerateError, generate, load_generation_model
-from mft_components.templates import ChatFormat
+from mft_components.data.templates import ChatFormat
 from tests.test_export import train_and_save
 from tests.tiny_models import make_tiny_model_dir
 

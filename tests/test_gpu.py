@@ -50,8 +50,8 @@ def model_dir(tmp_path_factory):
 
 def packings(n=4, rows=2, seed=0):
     """Micro-batches of `rows` rows of ROW tokens, each packed differently (one ends in an all-padding row)."""
-    from mft_components.data import Sample
-    from mft_components.packing import collate, pack_samples
+    from mft_components.data.dataset import Sample
+    from mft_components.data.packing import collate, pack_samples
 
     rng = np.random.default_rng(seed)
     out = []

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor
 
-from mft_components.lora import (
+from mft_components.models.lora import (
     LoRALinear,
     NF4Linear,
     adapter_to_peft_state_dict,
@@ -29,7 +29,7 @@ def _lora(bias=True, quantize=False, rslora=False):
         if bias:
             m.bias.copy_(torch.randn(32))
     if quantize:
-        from mft_components.lora import quantize_nf4
+        from mft_components.models.lora import quantize_nf4
         m.weight = torch.nn.Parameter(quantize_nf4(m.weight.detach()), requires_grad=False)
     return m
 
@@ -111,7 +111,7 @@ def test_qlora_keeps_no_dense_weight_for_backward(tmp_path, compiled):
     """QLoRA's frozen NF4 weights are dequantised again in backward, never kept dense from forward to backward,
     eager or with whole decoder layers compiled (aot_eager: AOTAutograd partitions forward and backward as for
     inductor; torchao's linear_nf4 there saved a bf16 copy of every weight). Losses and gradients as eager."""
-    from mft_components.distributed import compile_layers
+    from mft_components.models.parallelize import compile_layers
     from mft_components.models import build_model, prepare_batch
     from tests.test_models import _batch, _count_graphs, _randomise_lora_b
     from tests.tiny_models import make_tiny_model_dir
@@ -153,7 +153,7 @@ def test_qlora_keeps_no_dense_weight_for_backward(tmp_path, compiled):
 
 def test_nf4_linear_matches_dequantised_matmul():
     """nf4_linear: the matmul with torchao's dequantised weight, forward and input gradient, and no weight grad."""
-    from mft_components.lora import nf4_linear, quantize_nf4
+    from mft_components.models.lora import nf4_linear, quantize_nf4
 
     torch.manual_seed(0)
     weight = quantize_nf4(torch.randn(32, 64, dtype=torch.bfloat16))

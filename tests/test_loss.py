@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mft_components.loss import CoBa, StepCounts, TaskWeightedLoss, chunked_cross_entropy, router_aux_loss
+from mft_components.loss import CoBa, StepCounts, TaskWeightedLoss, chunked_cross_entropy
+from mft_components.models.moe import router_aux_loss
 
 # ---------------------------------------------------------------------------------------------------------------
 # chunked_cross_entropy

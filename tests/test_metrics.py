@@ -55,8 +55,8 @@ def _task_batches(vocab=1024, seed=0):
     """Three packed micro-batches of two tasks (the collator's output, on the host)."""
     import numpy as np
 
-    from mft_components.data import Sample
-    from mft_components.packing import collate, pack_samples
+    from mft_components.data.dataset import Sample
+    from mft_components.data.packing import collate, pack_samples
 
     rng = np.random.default_rng(seed)
     batches = []

@@ -11,7 +11,7 @@ import transformers
 from safetensors.torch import save_file
 from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor
 
-from mft_components.lora import (
+from mft_components.models.lora import (
     LoRALinear,
     adapter_to_peft_state_dict,
     get_adapter_state_dict,
@@ -197,9 +197,9 @@ def test_compile_matches_eager_across_packings(tmp_path):
     import numpy as np
     import torch._dynamo
 
-    from mft_components.data import Sample
-    from mft_components.distributed import compile_layers
-    from mft_components.packing import collate, pack_samples
+    from mft_components.data.dataset import Sample
+    from mft_components.models.parallelize import compile_layers
+    from mft_components.data.packing import collate, pack_samples
 
     model_dir = make_tiny_model_dir(tmp_path / "m", family="llama", vocab_size=VOCAB)
     rng = np.random.default_rng(0)
@@ -262,8 +262,8 @@ def _packings(vocab, seed=0):
     """Micro-batches of two 16-token rows, packed differently each time (one ends in an all-padding row)."""
     import numpy as np
 
-    from mft_components.data import Sample
-    from mft_components.packing import collate, pack_samples
+    from mft_components.data.dataset import Sample
+    from mft_components.data.packing import collate, pack_samples
 
     rng = np.random.default_rng(seed)
     batches = []
@@ -343,7 +343,7 @@ def test_sharded_whole_layer_compile_keeps_activation_checkpointing(tiny_dir, tm
 
 
 def test_compile_and_checkpointing_choices():
-    from mft_components.distributed import activation_checkpointing_mode, resolve_compile
+    from mft_components.models.parallelize import activation_checkpointing_mode, resolve_compile
 
     assert resolve_compile("auto", "cpu", static_attention=True, moe=False)[0] == "off"
     assert resolve_compile("auto", "cuda", static_attention=True, moe=False)[0] == "layers"
@@ -414,7 +414,7 @@ KERNELS = importlib.util.find_spec("kernels") is not None  # transformers >= 5.2
 def _compiled_checkpointed(model_dir, mode, **compile_kwargs):
     """build_model with activation checkpointing ``mode``, then what it does for compile: true, with the
     ``aot_eager`` backend (dynamo and AOTAutograd as on a GPU, no C++ compile); returns the model and its watch."""
-    from mft_components.distributed import COMPILE_SCOPES, CompileWatch, compile_layers
+    from mft_components.models.parallelize import COMPILE_SCOPES, CompileWatch, compile_layers
 
     torch.manual_seed(0)
     model = build_model(model_dir, lora={"rank": 4, "alpha": 8, "target_modules": "all-linear"}, dtype="fp32",
@@ -452,10 +452,10 @@ def test_compile_check_names_the_layers_that_fall_back(tiny_dir, monkeypatch, ca
     """The run's compile check tells a layer that does not compile: with the kernels attention wrapper left on
     (what mft compiled before it removed it), dynamo refuses its global mutation inside the checkpoint, compiles no
     graph, and the report names each layer and the reason instead of announcing whole compiled layers."""
-    from mft_components import distributed
-    from mft_components.distributed import report_compile
+    from mft_components.models import parallelize
+    from mft_components.models.parallelize import report_compile
 
-    monkeypatch.setattr(distributed, "remove_hub_kernel_routing", lambda module: 0)
+    monkeypatch.setattr(parallelize, "remove_hub_kernel_routing", lambda module: 0)
     graphs = _count_graphs()
     model, watch = _compiled_checkpointed(tiny_dir("llama"), True)
     _losses_and_grads(model, _packings(VOCAB)[:1])
@@ -482,7 +482,7 @@ def test_whole_layer_compile_one_graph_for_all_packings(tmp_path):
     losses and LoRA gradients as eager over four different packings, and no graph per packing (sdpa: the mask
     transformers builds; flex_attention: mft's BlockMask, forward only on the CPU). The CPU stands in for CUDA,
     where compile: auto does this."""
-    from mft_components.distributed import compile_layers
+    from mft_components.models.parallelize import compile_layers
 
     model_dir = make_tiny_model_dir(tmp_path / "m", family="llama", vocab_size=VOCAB)
     batches = _packings(VOCAB)

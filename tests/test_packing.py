@@ -1,4 +1,4 @@
-"""Tests for mft_components/packing.py: best-fit-decreasing packing, the collator, and packed attention.
+"""Tests for mft_components/data/packing.py: best-fit-decreasing packing, the collator, and packed attention.
 
 The reference for "attention never crosses samples" is a tiny random transformers model run on each sample
 alone; the packed micro-batch must give the same logits at every real token, for sdpa and eager.
@@ -11,17 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from mft_components.packing import (
-    block_causal_mask,
-    collate,
-    flash_attention_kwargs,
-    pack_lengths,
-    pack_samples,
-    packing_efficiency,
-)
+from mft_components.data.dataset import Sample
+from mft_components.data.packing import collate, pack_lengths, pack_samples, packing_efficiency
+from tests.reference_masks import block_causal_mask, flash_attention_kwargs
 from tests.tiny_models import TINY_CONFIGS
-
-from mft_components.data import Sample
 
 
 def make_sample(ids, mask, task_id=0):

@@ -1,4 +1,4 @@
-"""Tests for mft_components/sampling.py: task balancing, the ranks x micro-batches split, and exact resume.
+"""Tests for mft_components/data/sampling.py: task balancing, the ranks x micro-batches split, and exact resume.
 
 Ranks are simulated in-process by building the loader once per rank. Every sample carries its own index as its
 first token, so a batch tells which samples it holds.
@@ -11,15 +11,15 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from mft_components.sampling import (
+from mft_components.data.dataset import MFTData, Sample
+from mft_components.data.sampling import (
     build_train_loader,
     build_valid_loader,
     epoch_order,
     micro_batch_rows,
     task_probabilities,
 )
-
-from mft_components.data import Sample
+from mft_components.data.templates import ChatFormat
 
 TASKS = ["code", "sql", "chat"]
 ID_BASE = 1000  # first token of sample i is ID_BASE + i
@@ -36,6 +36,20 @@ def make_samples(sizes=(40, 15, 5), max_len=24, seed=0):
     return samples
 
 
+DATA_OPTIONS = ("seq_len", "packing", "task_sampling", "temperature", "seed", "pad_id")
+
+
+def dataset(samples, **options) -> MFTData:
+    """An MFTData holding ``samples`` as both its training and its validation samples."""
+    return MFTData(task_names=TASKS, chat_format=ChatFormat(), train_samples=samples, valid_samples=samples, **options)
+
+
+def train_loader(samples, **kw):
+    """``build_train_loader`` over ``dataset(samples)``; the data options among ``kw`` go to the dataset."""
+    options = {k: kw.pop(k) for k in DATA_OPTIONS if k in kw}
+    return build_train_loader(dataset(samples, **options), **kw)
+
+
 def sample_ids_in(batch):
     """Sample indices in a batch, row by row (a list per row; [] for an all-padding row)."""
     starts = (batch["position_ids"] == 0) & (batch["sample_ids"] >= 0)
@@ -47,8 +61,8 @@ def run_epoch(samples, world_size, gas, epoch=0, mbs=2, **kw):
     kw = {"seq_len": 32, "seed": 5, **kw}
     out = []
     for rank in range(world_size):
-        loader = build_train_loader(
-            samples, TASKS, micro_batch_size=mbs, gradient_accumulation_steps=gas, rank=rank, world_size=world_size,
+        loader = train_loader(
+            samples, micro_batch_size=mbs, gradient_accumulation_steps=gas, rank=rank, world_size=world_size,
             **kw,
         )
         loader.sampler.set_epoch(epoch)
@@ -144,7 +158,7 @@ def test_loader_same_step_rows_for_1x4_2x2_4x1(packing, mode):
     for world_size, gas in [(1, 4), (2, 2), (4, 1)]:
         per_rank = run_epoch(samples, world_size, gas, packing=packing, task_sampling=mode)
         assert len({len(r) for r in per_rank}) == 1 and len(per_rank[0]) % gas == 0
-        loader = build_train_loader(samples, TASKS, seq_len=32, seed=5, packing=packing, task_sampling=mode,
+        loader = train_loader(samples, seq_len=32, seed=5, packing=packing, task_sampling=mode,
                                     micro_batch_size=2, gradient_accumulation_steps=gas, world_size=world_size)
         assert loader.sampler.steps_per_epoch(0) * gas == len(per_rank[0])
         results[world_size] = rows_per_step(per_rank, gas)
@@ -167,10 +181,10 @@ def test_loader_deterministic_and_epochs_differ():
 
 def test_packed_rows_fit_and_batches_have_fixed_length():
     samples = make_samples()
-    loader = build_train_loader(samples, TASKS, seq_len=32, micro_batch_size=3)
+    loader = train_loader(samples, seq_len=32, micro_batch_size=3)
     for batch in loader:
         assert batch["input_ids"].shape == (3, 32)
-    loader = build_train_loader(samples, TASKS, seq_len=32, packing="padding", micro_batch_size=3)
+    loader = train_loader(samples, seq_len=32, packing="padding", micro_batch_size=3)
     assert {b["input_ids"].shape[1] % 8 for b in loader} == {0}
 
 
@@ -192,17 +206,17 @@ def test_resume_mid_epoch_yields_exactly_the_rest(num_workers):
     samples = make_samples()
     kw = dict(seq_len=32, micro_batch_size=2, gradient_accumulation_steps=2, rank=1, world_size=2, seed=3,
               task_sampling="temperature", temperature=2.0, num_workers=num_workers)
-    full = build_train_loader(samples, TASKS, **kw)
+    full = train_loader(samples, **kw)
     full.sampler.set_epoch(1)
     expected = batches_as_lists(full)
     assert len(expected) >= 4
 
-    first = build_train_loader(samples, TASKS, **kw)
+    first = train_loader(samples, **kw)
     first.sampler.set_epoch(1)
     head = batches_as_lists(first, limit=3)
     state = first.state_dict()
 
-    resumed = build_train_loader(samples, TASKS, **kw)
+    resumed = train_loader(samples, **kw)
     resumed.load_state_dict(state)
     resumed.sampler.set_epoch(1)
     assert head + batches_as_lists(resumed) == expected
@@ -211,16 +225,16 @@ def test_resume_mid_epoch_yields_exactly_the_rest(num_workers):
 def test_resume_at_epoch_end_moves_on_to_the_next_epoch():
     samples = make_samples()
     kw = dict(seq_len=32, micro_batch_size=2, seed=3)
-    ref = build_train_loader(samples, TASKS, **kw)
+    ref = train_loader(samples, **kw)
     ref.sampler.set_epoch(1)
     epoch1 = batches_as_lists(ref)
 
     # saved after the last batch, before the loop saw StopIteration: the recipe is still in epoch 0
-    loader = build_train_loader(samples, TASKS, **kw)
+    loader = train_loader(samples, **kw)
     n = len(loader.sampler)
     batches_as_lists(loader, limit=n)
     state = loader.state_dict()
-    resumed = build_train_loader(samples, TASKS, **kw)
+    resumed = train_loader(samples, **kw)
     resumed.load_state_dict(state)
     resumed.sampler.set_epoch(0)
     assert batches_as_lists(resumed) == []
@@ -228,10 +242,10 @@ def test_resume_at_epoch_end_moves_on_to_the_next_epoch():
     assert batches_as_lists(resumed) == epoch1
 
     # saved after the epoch loop ended: the recipe resumes with set_epoch(1)
-    loader = build_train_loader(samples, TASKS, **kw)
+    loader = train_loader(samples, **kw)
     batches_as_lists(loader)
     state = loader.state_dict()
-    resumed = build_train_loader(samples, TASKS, **kw)
+    resumed = train_loader(samples, **kw)
     resumed.load_state_dict(state)
     resumed.sampler.set_epoch(1)
     assert batches_as_lists(resumed) == epoch1
@@ -241,22 +255,22 @@ def test_resume_with_another_split_of_the_same_global_batch():
     samples = make_samples(sizes=(60, 30, 10))
     kw = dict(seq_len=32, micro_batch_size=1, seed=3)
     # uninterrupted 1 rank x 4 micro-batches
-    full = build_train_loader(samples, TASKS, gradient_accumulation_steps=4, **kw)
+    full = train_loader(samples, gradient_accumulation_steps=4, **kw)
     steps = rows_per_step([[sample_ids_in(b) for b in full]], 4)
     # 2 steps on 1x4, then resume on 2 ranks x 2 micro-batches
-    first = build_train_loader(samples, TASKS, gradient_accumulation_steps=4, **kw)
+    first = train_loader(samples, gradient_accumulation_steps=4, **kw)
     head = [sample_ids_in(b) for b in batches_as_tensors(first, 8)]
     state = first.state_dict()
     rest = []
     for rank in range(2):
-        loader = build_train_loader(samples, TASKS, gradient_accumulation_steps=2, rank=rank, world_size=2, **kw)
+        loader = train_loader(samples, gradient_accumulation_steps=2, rank=rank, world_size=2, **kw)
         loader.load_state_dict(state)
         rest.append([sample_ids_in(b) for b in loader])
     assert rows_per_step([head], 4) + rows_per_step(rest, 2) == steps
 
-    mid_step = build_train_loader(samples, TASKS, gradient_accumulation_steps=4, **kw)
+    mid_step = train_loader(samples, gradient_accumulation_steps=4, **kw)
     batches_as_tensors(mid_step, 3)
-    bad = build_train_loader(samples, TASKS, gradient_accumulation_steps=2, world_size=2, **kw)
+    bad = train_loader(samples, gradient_accumulation_steps=2, world_size=2, **kw)
     bad.load_state_dict(mid_step.state_dict())
     with pytest.raises(ValueError, match="optimizer-step boundary"):
         next(iter(bad))
@@ -280,7 +294,7 @@ def test_valid_loader_each_row_on_exactly_one_rank(world_size):
     samples = make_samples(sizes=(7, 4, 2))
     per_rank = []
     for rank in range(world_size):
-        loader = build_valid_loader(samples, seq_len=32, micro_batch_size=2, rank=rank, world_size=world_size)
+        loader = build_valid_loader(dataset(samples, seq_len=32), micro_batch_size=2, rank=rank, world_size=world_size)
         per_rank.append([sample_ids_in(b) for b in loader])
         assert per_rank[-1] == [sample_ids_in(b) for b in loader]  # same every time
     assert len({len(r) for r in per_rank}) == 1

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from mft_components.templates import ChatFormat
+from mft_components.data.templates import ChatFormat
 
 EOS = "<|im_end|>"
 
@@ -144,7 +144,7 @@ def test_add_bos(smollm2_tokenizer):
 
 
 def test_text_segments_all_loss(smollm2_tokenizer):
-    from mft_components.templates import encode_segments
+    from mft_components.data.templates import encode_segments
 
     tok = smollm2_tokenizer
     (ids, mask), = encode_segments([ChatFormat().text_segments("print('hi')", tok)], tok)
@@ -169,7 +169,7 @@ def test_unknown_role_rejected(smollm2_tokenizer):
 
 
 def test_encode_texts_equals_tokenizer_call(smollm2_tokenizer):
-    from mft_components.templates import encode_texts
+    from mft_components.data.templates import encode_texts
 
     tok = smollm2_tokenizer
     texts = ["def f(x):\n    return x", "  leading\n\n\ttabs", "<|im_end|> special inside", "", "héllo 用户 🙂"]

@@ -38,7 +38,7 @@ from mft_components.code_eval.suites import (
     load_task,
     read_eval_file,
 )
-from mft_components.config import to_container
+from mft_components.config.core import to_container
 from mft_components.distributed import get_rank, get_world_size, is_distributed, run_in_step
 
 __all__ = ["CodeEvalError", "CodeEvalOptions", "CodeEvalResult", "CodeEvaluator", "evaluate_code", "format_table"]

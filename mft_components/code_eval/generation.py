@@ -26,8 +26,9 @@ from typing import Sequence
 
 import torch
 
-from mft_components.attention import kv_cache_attention
-from mft_components.distributed import is_distributed, reshard
+from mft_components.distributed import is_distributed
+from mft_components.models.attention import kv_cache_attention
+from mft_components.models.parallelize import reshard
 
 __all__ = ["Generated", "generate_batched", "batches_needed"]
 

@@ -42,10 +42,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mft_components.data import parse_prompt_rounds
-from mft_components.demo_assets import (
+from mft_components.data.records import parse_prompt_rounds
+from mft_components.assets.cache import cache_root
+from mft_components.assets.dataframebench import (
     DATAFRAMEBENCH_VERSION,
-    cache_root,
     dataframebench_conversations,
     dataframebench_package,
 )
@@ -358,7 +358,7 @@ def dataframebench_records(split: str = "test", cache_dir: str | Path | None = N
 def dataframebench_problems(task: str, split: str = "test", cache_dir: str | Path | None = None) -> list[Problem]:
     """dataframebench's problems for one of the demo's tasks, prompted as the demo's training conversations are.
 
-    The prompt is the user turn that ``demo_assets.dataframebench_conversations`` writes for the task (pandas or
+    The prompt is the user turn that ``assets.dataframebench.dataframebench_conversations`` writes for the task (pandas or
     polars pinned; for ``pandas_to_polars`` the pandas ground truth to rewrite); the tests are the problem's
     ``test_code`` under dataframebench's own unittest harness.
 

@@ -16,7 +16,7 @@ from mft_components.code_eval.evaluate import CodeEvalOptions, evaluate_code, lo
 from mft_components.code_eval.generation import generate_batched
 from mft_components.distributed import destroy_distributed, end_worker, init_distributed
 from mft_components.models import build_model
-from mft_components.templates import ChatFormat
+from mft_components.data.templates import ChatFormat
 
 
 def build(model_dir: str, distributed: bool, device):

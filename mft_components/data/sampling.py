@@ -1,12 +1,12 @@
 """Task-balanced, distributed, resumable sampling of packed rows.
 
-Public entry points (``MFTData.train_loader`` / ``valid_loader`` in data.py delegate to these)::
+Public entry points, over the dataset the data build made (``dataset.MFTData``: its samples, ``seq_len``,
+``packing``, ``task_sampling``, ``temperature``, ``seed``, ``pad_id``)::
 
-    build_train_loader(samples, task_names, *, seq_len, packing="pack", task_sampling="proportional",
-                       temperature=None, micro_batch_size, gradient_accumulation_steps=1, rank=0, world_size=1,
-                       seed=42, pad_id=0, num_workers=0, pin_memory=False) -> StatefulDataLoader
-    build_valid_loader(samples, *, seq_len, packing="pack", micro_batch_size, rank=0, world_size=1,
-                       pad_id=0, num_workers=0, pin_memory=False) -> StatefulDataLoader
+    build_train_loader(data, *, micro_batch_size, gradient_accumulation_steps=1, rank=0, world_size=1,
+                       num_workers=0, pin_memory=False) -> StatefulDataLoader
+    build_valid_loader(data, *, micro_batch_size, rank=0, world_size=1, num_workers=0,
+                       pin_memory=False) -> StatefulDataLoader
 
 Both loaders yield the batch dicts of ``packing.collate`` (CONTRACT.md, "Batch format"). Each epoch of the train
 loader is built in four deterministic steps that depend on ``seed`` and the epoch only, never on the world size::
@@ -46,20 +46,20 @@ global batch size.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from mft_components.packing import PACKING_MODES, collate, pack_lengths
-
-if TYPE_CHECKING:
-    from mft_components.data import Sample
+from mft_components.data.dataset import MFTData, Sample
+from mft_components.data.packing import collate, pack_lengths
+from mft_components.data.records import DataError
 
 __all__ = [
     "TASK_SAMPLING_MODES",
+    "check_task_sampling",
     "task_probabilities",
     "epoch_order",
     "micro_batch_rows",
@@ -72,6 +72,18 @@ __all__ = [
 ]
 
 TASK_SAMPLING_MODES = ("proportional", "uniform", "temperature")
+
+
+def check_task_sampling(task_sampling: str, temperature: float | None) -> None:
+    """Raise DataError unless ``task_sampling`` is one of ``TASK_SAMPLING_MODES`` and, for ``temperature``, the
+    temperature a number > 0 (config keys ``data.task_sampling``, ``data.temperature``)."""
+    if task_sampling not in TASK_SAMPLING_MODES:
+        raise DataError(f"data.task_sampling: expected one of {TASK_SAMPLING_MODES}, got {task_sampling!r}")
+    if task_sampling == "temperature" and (temperature is None or not float(temperature) > 0):
+        raise DataError(
+            f"data.temperature: task_sampling 'temperature' needs a number > 0 (1 = proportional, larger "
+            f"flattens towards uniform), got {temperature!r}"
+        )
 
 
 def task_probabilities(
@@ -89,21 +101,15 @@ def task_probabilities(
         np.ndarray: float64 probabilities summing to 1 (all zeros when every task is empty).
 
     Raises:
-        ValueError: unknown mode, or ``temperature`` mode without a positive temperature.
+        ValueError: unknown mode, or ``temperature`` mode without a positive temperature (``check_task_sampling``).
     """
+    check_task_sampling(task_sampling, temperature)
     sizes = np.asarray(task_sizes, dtype=np.float64)
-    if task_sampling not in TASK_SAMPLING_MODES:
-        raise ValueError(f"data.task_sampling: expected one of {TASK_SAMPLING_MODES}, got {task_sampling!r}")
     if task_sampling == "proportional":
         weights = sizes
     elif task_sampling == "uniform":
         weights = (sizes > 0).astype(np.float64)
     else:
-        if temperature is None or not float(temperature) > 0:
-            raise ValueError(
-                f"data.temperature: task_sampling 'temperature' needs a number > 0 (1 = proportional, larger "
-                f"flattens towards uniform), got {temperature!r}"
-            )
         weights = np.where(sizes > 0, sizes ** (1.0 / float(temperature)), 0.0)
     total = weights.sum()
     return weights / total if total > 0 else weights
@@ -239,8 +245,6 @@ class RowPlan:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        if packing not in PACKING_MODES:
-            raise ValueError(f"data.packing: expected one of {PACKING_MODES}, got {packing!r}")
         self.lengths = np.asarray(lengths, dtype=np.int64)
         self.task_ids = np.asarray(task_ids, dtype=np.int64)
         self.num_tasks = int(num_tasks)
@@ -255,18 +259,9 @@ class RowPlan:
         self.rank = int(rank)
         self.world_size = int(world_size)
         self._cache: tuple[int, list[np.ndarray], np.ndarray] | None = None
-        # Validate everything now, before any model is built, not on the first batch.
-        task_probabilities(np.bincount(self.task_ids, minlength=self.num_tasks), task_sampling, temperature)
-        micro_batch_rows(
-            0, micro_batch_size=self.micro_batch_size, gradient_accumulation_steps=self.gradient_accumulation_steps,
-            rank=self.rank, world_size=self.world_size,
-        )
-        bad = np.flatnonzero((self.lengths > self.seq_len) | (self.lengths < 1))
-        if len(bad):
-            raise ValueError(
-                f"sample {int(bad[0])} (and {len(bad) - 1} more) has {int(self.lengths[bad[0]])} tokens; rows hold "
-                f"1..data.seq_len={self.seq_len} (data.truncation should have dropped or truncated it)"
-            )
+        # The first epoch's plan now: its steps check the options and the layout (task sampling, packing and the
+        # samples' lengths, micro-batch layout) before any model is built, not on the first batch.
+        self._plan(0)
 
     def layout(self) -> dict[str, int]:
         """The ranks x micro-batches split, stored in the sampler state to check a resume."""
@@ -403,12 +398,12 @@ class MicroBatchDataset(Dataset):
     """Map-style dataset: key ``(epoch, micro_batch_index)`` -> the collated batch dict of that micro-batch.
 
     Args:
-        samples: all samples (``mft_components.data.Sample``).
+        samples: all samples (``dataset.Sample``).
         plan: the ``RowPlan`` over ``samples``.
         pad_id: token id written on padding.
     """
 
-    def __init__(self, samples: Sequence["Sample"], plan: RowPlan, pad_id: int = 0) -> None:
+    def __init__(self, samples: Sequence[Sample], plan: RowPlan, pad_id: int = 0) -> None:
         self.samples = samples
         self.plan = plan
         self.pad_id = int(pad_id)
@@ -441,37 +436,24 @@ def _loader(samples, plan: RowPlan, pad_id: int, num_workers: int, pin_memory: b
 
 
 def build_train_loader(
-    samples: Sequence["Sample"],
-    task_names: Sequence[str],
+    data: MFTData,
     *,
-    seq_len: int,
-    packing: str = "pack",
-    task_sampling: str = "proportional",
-    temperature: float | None = None,
     micro_batch_size: int,
     gradient_accumulation_steps: int = 1,
     rank: int = 0,
     world_size: int = 1,
-    seed: int = 42,
-    pad_id: int = 0,
     num_workers: int = 0,
     pin_memory: bool = False,
 ) -> StatefulDataLoader:
-    """The training loader of one rank (module docstring: order, pack, steps, ranks).
+    """The training loader of one rank over ``data.train_samples`` (module docstring: order, pack, steps, ranks),
+    with the data's ``seq_len``, ``packing``, ``task_sampling``, ``temperature``, ``seed`` and ``pad_id``.
 
     Args:
-        samples: training samples (``MFTData.train_samples``).
-        task_names: ``MFTData.task_names``; ``sample.task_id`` indexes it.
-        seq_len: row capacity (``data.seq_len``).
-        packing: ``pack`` or ``padding`` (``data.packing``).
-        task_sampling: ``proportional``, ``uniform`` or ``temperature`` (``data.task_sampling``).
-        temperature: T for ``temperature`` mode (``data.temperature``).
+        data: the dataset (``build.build_mft_data``).
         micro_batch_size: rows per micro-batch.
         gradient_accumulation_steps: micro-batches per rank per optimizer step.
         rank: this rank.
         world_size: number of ranks.
-        seed: data seed.
-        pad_id: token id on padding.
         num_workers: DataLoader worker processes (0: build batches in the main process; collation is cheap).
         pin_memory: pin batches for faster host-to-GPU copies.
 
@@ -482,40 +464,36 @@ def build_train_loader(
     Raises:
         ValueError: invalid mode, temperature, layout, or a sample longer than ``seq_len``.
     """
+    samples = data.train_samples
     plan = RowPlan(
-        _lengths(samples), _task_ids(samples), len(task_names), seq_len=seq_len, packing=packing,
-        task_sampling=task_sampling, temperature=temperature, seed=seed, shuffle=True,
+        _lengths(samples), _task_ids(samples), len(data.task_names), seq_len=data.seq_len, packing=data.packing,
+        task_sampling=data.task_sampling, temperature=data.temperature, seed=data.seed, shuffle=True,
         micro_batch_size=micro_batch_size, gradient_accumulation_steps=gradient_accumulation_steps,
         rank=rank, world_size=world_size,
     )
-    return _loader(samples, plan, pad_id, num_workers, pin_memory)
+    return _loader(samples, plan, data.pad_id, num_workers, pin_memory)
 
 
 def build_valid_loader(
-    samples: Sequence["Sample"],
+    data: MFTData,
     *,
-    seq_len: int,
-    packing: str = "pack",
     micro_batch_size: int,
     rank: int = 0,
     world_size: int = 1,
-    pad_id: int = 0,
     num_workers: int = 0,
     pin_memory: bool = False,
 ) -> StatefulDataLoader:
-    """The validation loader of one rank: every valid row on exactly one rank, the same every epoch.
+    """The validation loader of one rank over ``data.valid_samples``: every valid row on exactly one rank, the
+    same every epoch.
 
     Samples are packed in their given order (no shuffle); every rank runs the same number of micro-batches
     (all-padding rows at the end), because a sharded model's forward is a collective.
 
     Args:
-        samples: validation samples (``MFTData.valid_samples``).
-        seq_len: row capacity (``data.seq_len``).
-        packing: ``pack`` or ``padding``.
+        data: the dataset (its ``seq_len``, ``packing`` and ``pad_id`` are used).
         micro_batch_size: rows per micro-batch.
         rank: this rank.
         world_size: number of ranks.
-        pad_id: token id on padding.
         num_workers: DataLoader worker processes.
         pin_memory: pin batches.
 
@@ -525,17 +503,17 @@ def build_valid_loader(
     Raises:
         ValueError: invalid packing or layout, or a sample longer than ``seq_len``.
     """
-    task_ids = _task_ids(samples)
+    samples = data.valid_samples
     plan = RowPlan(
-        _lengths(samples), task_ids, int(task_ids.max()) + 1 if len(task_ids) else 1, seq_len=seq_len,
-        packing=packing, shuffle=False, micro_batch_size=micro_batch_size, rank=rank, world_size=world_size,
+        _lengths(samples), _task_ids(samples), len(data.task_names), seq_len=data.seq_len, packing=data.packing,
+        shuffle=False, micro_batch_size=micro_batch_size, rank=rank, world_size=world_size,
     )
-    return _loader(samples, plan, pad_id, num_workers, pin_memory)
+    return _loader(samples, plan, data.pad_id, num_workers, pin_memory)
 
 
-def _lengths(samples: Sequence["Sample"]) -> np.ndarray:
+def _lengths(samples: Sequence[Sample]) -> np.ndarray:
     return np.fromiter((len(s.input_ids) for s in samples), dtype=np.int64, count=len(samples))
 
 
-def _task_ids(samples: Sequence["Sample"]) -> np.ndarray:
+def _task_ids(samples: Sequence[Sample]) -> np.ndarray:
     return np.fromiter((int(s.task_id) for s in samples), dtype=np.int64, count=len(samples))

@@ -20,6 +20,11 @@ import os
 import sys
 from typing import Sequence
 
+from mft_components.config.core import ConfigError, instantiate
+from mft_components.config.load import load_config
+from mft_components.data.records import DataError
+from mft_components.data.stats import format_stats, task_stats
+
 GREEN, RESET = "\033[32m", "\033[0m"
 
 
@@ -76,8 +81,6 @@ def build_config_data(cfg, source: str):
     Raises:
         ConfigError: a section is missing. DataError: bad records (``on_bad_record: error``) or data options.
     """
-    from mft_components.config import ConfigError, instantiate
-
     if cfg.get("data") is None or cfg.get("tokenizer") is None:
         raise ConfigError(f"{source}: needs a `data:` and a `tokenizer:` section")
     tokenizer = instantiate(cfg.tokenizer)
@@ -90,9 +93,6 @@ def run(args: argparse.Namespace) -> int:
     Returns:
         0, or 1 with the problem on stderr (bad config, bad records with ``on_bad_record: error``).
     """
-    from mft_components.config import ConfigError, load_config
-    from mft_components.data import DataError
-
     try:
         cfg = load_config(args.config, args.overrides)
         tokenizer, data = build_config_data(cfg, args.config)
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     fmt = data.chat_format
     print(f"template: {fmt.template}  seq_len: {data.seq_len}  packing: {data.packing}  "
           f"task_sampling: {data.task_sampling}  eos: {data.eos_token}")
-    print(data.format_stats())
+    print(format_stats(task_stats(data)))
     if data.skipped:
         print(f"\n{len(data.skipped)} bad record(s) skipped (data.on_bad_record: skip), e.g.:")
         for line in data.skipped[:5]:

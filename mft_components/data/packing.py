@@ -44,8 +44,8 @@ and layout each implementation wants: a boolean mask for ``sdpa`` and an additiv
 for ``eager``. Each padding token becomes a sequence of its own, so no softmax row is empty. ``flash_attention_2``
 is the exception: transformers infers varlen boundaries from ``position_ids`` only for ONE row
 (``_is_packed_sequence`` requires batch size 1) and otherwise runs plain causal flash attention across samples,
-so for it pass ``flash_attention_kwargs(position_ids)`` (``cu_seq_lens_q/k``, ``max_length_q/k``) as keyword
-arguments to the model. Why not a ready-made 4D mask from the collator:
+so for it mft passes the varlen boundaries (``cu_seq_lens_q/k``, ``max_length_q/k``) from ``sample_ids`` as keyword
+arguments to the model (``models/attention.py``). Why not a ready-made 4D mask from the collator:
 
 * a boolean ``[B, 1, T, T]`` mask is correct for ``sdpa`` but SILENTLY WRONG for ``eager``, which adds the mask
   to the scores (True -> +1, False -> +0: no masking at all);
@@ -55,31 +55,23 @@ arguments to the model. Why not a ready-made 4D mask from the collator:
 
 The one condition: the model must be called with ``use_cache=False`` (and no 2D ``attention_mask``). With the
 default ``use_cache=True`` of most configs, transformers creates a ``DynamicCache`` even in training and then
-skips the packed-sequence detection: attention would cross samples. ``block_causal_mask`` builds the explicit
-mask for code that cannot rely on this (e.g. a ``trust_remote_code`` model with its own mask logic).
+skips the packed-sequence detection: attention would cross samples. (``tests/reference_masks.py`` builds the
+explicit mask of the picture, the reference the tests compare every attention with.)
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left, insort
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:  # data.py defines Sample; only its fields input_ids, loss_mask, task_id are used here.
-    from mft_components.data import Sample
+from mft_components.data.dataset import Sample
+from mft_components.data.records import DataError
 
-__all__ = [
-    "PACKING_MODES",
-    "PAD_MULTIPLE",
-    "pack_samples",
-    "pack_lengths",
-    "packing_efficiency",
-    "collate",
-    "block_causal_mask",
-    "flash_attention_kwargs",
-]
+__all__ = ["PACKING_MODES", "PAD_MULTIPLE", "check_packing", "pack_samples", "pack_lengths", "packing_efficiency",
+           "collate"]
 
 PACKING_MODES = ("pack", "padding")
 # Padded lengths are rounded up to a multiple of 8: tensor-core friendly and fewer distinct shapes.
@@ -87,7 +79,13 @@ PAD_MULTIPLE = 8
 IGNORE_INDEX = -100
 
 
-def pack_samples(samples: Sequence["Sample"], seq_len: int, packing: str = "pack") -> list[list[int]]:
+def check_packing(packing: str) -> None:
+    """Raise DataError unless ``packing`` is one of ``PACKING_MODES`` (config key ``data.packing``)."""
+    if packing not in PACKING_MODES:
+        raise DataError(f"data.packing: expected one of {PACKING_MODES}, got {packing!r}")
+
+
+def pack_samples(samples: Sequence[Sample], seq_len: int, packing: str = "pack") -> list[list[int]]:
     """Group samples into rows of at most ``seq_len`` tokens.
 
     ``pack`` uses best-fit decreasing: samples are taken longest first (ties in their given order) and each goes
@@ -95,7 +93,7 @@ def pack_samples(samples: Sequence["Sample"], seq_len: int, packing: str = "pack
     on the lengths and their order, so it is deterministic. ``padding`` gives one row per sample, in order.
 
     Args:
-        samples: objects with ``input_ids`` (1-D array); usually ``mft_components.data.Sample``.
+        samples: objects with ``input_ids`` (1-D array); usually ``dataset.Sample``.
         seq_len: the row capacity in tokens (config key ``data.seq_len``).
         packing: ``"pack"`` or ``"padding"`` (config key ``data.packing``).
 
@@ -103,8 +101,8 @@ def pack_samples(samples: Sequence["Sample"], seq_len: int, packing: str = "pack
         list[list[int]]: rows, each a list of indices into ``samples``. Every index appears exactly once.
 
     Raises:
-        ValueError: unknown ``packing``, ``seq_len < 1``, or a sample longer than ``seq_len`` or empty
-            (data.py truncates or drops those before packing).
+        ValueError: unknown ``packing`` (a ``DataError``), or a sample longer than ``seq_len`` or empty
+            (``data.truncation`` drops or truncates those before packing).
     """
     lengths = np.fromiter((len(s.input_ids) for s in samples), dtype=np.int64, count=len(samples))
     return pack_lengths(lengths, seq_len, packing)
@@ -124,10 +122,7 @@ def pack_lengths(lengths: np.ndarray | Sequence[int], seq_len: int, packing: str
     Raises:
         ValueError: as ``pack_samples``.
     """
-    if packing not in PACKING_MODES:
-        raise ValueError(f"data.packing: expected one of {PACKING_MODES}, got {packing!r}")
-    if seq_len < 1:
-        raise ValueError(f"data.seq_len: expected a positive integer, got {seq_len}")
+    check_packing(packing)
     lengths = np.asarray(lengths, dtype=np.int64)
     if lengths.size and (lengths.max() > seq_len or lengths.min() < 1):
         bad = int(np.flatnonzero((lengths > seq_len) | (lengths < 1))[0])
@@ -194,7 +189,7 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 def collate(
-    rows: Sequence[Sequence["Sample"] | None],
+    rows: Sequence[Sequence[Sample] | None],
     *,
     pad_to: int | None = None,
     pad_id: int = 0,
@@ -251,56 +246,4 @@ def collate(
         "position_ids": torch.from_numpy(position_ids),
         "sample_ids": torch.from_numpy(sample_ids),
         "task_ids": torch.from_numpy(task_ids),
-    }
-
-
-def block_causal_mask(sample_ids: torch.Tensor, dtype: torch.dtype = torch.bool) -> torch.Tensor:
-    """The explicit block-diagonal causal mask ``[B, 1, T, T]`` of a batch (the picture in the module docstring).
-
-    Not needed with transformers' own models (they derive it from ``position_ids``); for attention code that
-    wants a ready 4D mask. Each padding token (sample id -1) attends to itself only, so no row is empty.
-
-    Args:
-        sample_ids: int64 ``[B, T]`` from ``collate``.
-        dtype: ``torch.bool`` (True = attend; for ``sdpa``) or a float dtype, giving an additive mask of 0 and
-            the dtype's minimum (for ``eager``, which ADDS the mask to the scores: never give it a bool mask).
-
-    Returns:
-        torch.Tensor: ``[B, 1, T, T]``.
-    """
-    t = sample_ids.shape[-1]
-    same = sample_ids[:, :, None] == sample_ids[:, None, :]
-    pad = sample_ids < 0
-    # padding tokens share id -1; keep only their diagonal
-    same &= ~(pad[:, :, None] | pad[:, None, :]) | torch.eye(t, dtype=torch.bool, device=sample_ids.device)
-    mask = (same & torch.ones(t, t, dtype=torch.bool, device=sample_ids.device).tril())[:, None]
-    if dtype == torch.bool:
-        return mask
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
-
-
-def flash_attention_kwargs(position_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Varlen boundaries of a packed micro-batch for ``attn_implementation="flash_attention_2"``.
-
-    transformers' flash-attention path flattens the batch to ``B*T`` tokens and uses these instead of inferring
-    them (which it only does for ``B == 1``). A sequence starts wherever ``position_ids`` is 0: at every sample and
-    at every padding token. Call it on the device tensor, once per micro-batch, and pass the result as keyword
-    arguments: ``hf_model(input_ids=..., position_ids=..., use_cache=False, **flash_attention_kwargs(pos))``.
-
-    Args:
-        position_ids: int64 ``[B, T]`` from ``collate``.
-
-    Returns:
-        dict[str, torch.Tensor]: ``cu_seq_lens_q`` / ``cu_seq_lens_k`` (int32, starts of the sequences in the
-        flattened batch plus ``B*T``) and ``max_length_q`` / ``max_length_k`` (the longest sequence).
-    """
-    flat = position_ids.reshape(-1)
-    starts = (flat == 0).nonzero().view(-1).to(torch.int32)
-    cu_seq_lens = torch.cat([starts, torch.tensor([flat.numel()], dtype=torch.int32, device=flat.device)])
-    max_length = int(cu_seq_lens.diff().max()) if flat.numel() else 0
-    return {
-        "cu_seq_lens_q": cu_seq_lens,
-        "cu_seq_lens_k": cu_seq_lens,
-        "max_length_q": max_length,
-        "max_length_k": max_length,
     }

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from mft_components.config.core import ConfigError
+
 # Which built-in configs belong to which recipe: the one table `mft ls` and `mft validate` read.
 RECIPE_CONFIGS: dict[str, tuple[str, ...]] = {
     "lora_finetune_distributed": (
@@ -85,8 +87,6 @@ def resolve_config(name: str | os.PathLike) -> Path:
     Raises:
         ConfigError: neither exists; the message lists the built-in configs.
     """
-    from mft_components.config import ConfigError
-
     found = _file_or_builtin(name, builtin_config(str(name)))
     if found is None:
         known = sorted(c for configs in RECIPE_CONFIGS.values() for c in configs)

@@ -1,236 +1,29 @@
-"""Declarative YAML configs: loading, command-line overrides, `_component_` instantiation and validation.
+"""Validation of a config against a recipe's schema and each `_component_`'s signature (``check_config``).
 
-A config is YAML read by OmegaConf, so `${a.b}` interpolation and `${oc.env:VAR,default}` work. Command-line
-overrides follow torchtune::
-
-    model.lora.rank=32          set a value (parsed as YAML: 32 is an int, true a bool, null None, [1,2] a list)
-    optimizer.lr=1e-4           a value may itself contain '=' (only the first '=' splits)
-    ~loss.task_weights          delete a key
-
-A node with `_component_: dotted.path` is built by :func:`instantiate`; its other keys are keyword arguments,
-nested components are built first, and the recipe adds the arguments only it knows at run time::
-
-    optimizer = instantiate(cfg.optimizer, model.parameters())
-
-Validation (:func:`check_config`) compares a config against the recipe's schema, a dataclass declaring the keys
-the recipe reads, and each `_component_` node against its target's signature, so a misspelt key is reported with
-the file it came from and the closest valid key.
+The schema is a dataclass declaring the keys the recipe reads; each `_component_` node is compared with its
+target's signature and type annotations, so a misspelt key is reported with the file it came from and the closest
+valid key. What a schema cannot express is left to its ``semantic_checks`` (``recipe_config/checks.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
-import importlib
 import inspect
 import os
-import re
-import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, get_args, get_origin
+from typing import Any, Iterable, Literal, get_args, get_origin
 
-import yaml
-from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig
 
-COMPONENT_KEY = "_component_"
+from mft_components.config.core import COMPONENT_KEY, ConfigError, import_object, source_of, to_container
 
+__all__ = ["PATH_ARGUMENTS", "check_config", "default_component"]
 
-class YamlLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, but `1e-4` is a float: YAML 1.1 needs a dot (`1.0e-4`), and nobody writes that."""
-
-
-YamlLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
-
-
-def read_yaml(text: str):
-    return yaml.load(text, Loader=YamlLoader)
 # Keyword arguments whose values name files or directories that must exist before a run starts.
 PATH_ARGUMENTS = ("model_dir", "tokenizer_dir", "data_paths", "valid_data_paths")
-
-
-class ConfigError(ValueError):
-    """A config problem, worded for the person who wrote the config (key, file, what was expected)."""
-
-
-# --------------------------------------------------------------------------------------------------- loading
-
-
-def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> DictConfig:
-    """Read a YAML config and apply command-line overrides.
-
-    Args:
-        path: a YAML file, or the name of a built-in config (``demo`` or ``demo.yaml``).
-        overrides: ``key=value`` and ``~key`` strings, applied in order.
-
-    Returns:
-        The config; :func:`source_of` tells the file it came from.
-
-    Raises:
-        ConfigError: the file is missing or is not a YAML mapping, or an override is malformed.
-    """
-    from mft_components.registry import resolve_config
-
-    file = resolve_config(path)
-    try:
-        raw = read_yaml(file.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{file}: not valid YAML: {e}") from e
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{file}: a config must be a YAML mapping of keys, got {type(raw).__name__}")
-    cfg = OmegaConf.create(raw)
-    apply_overrides(cfg, overrides)
-    set_source(cfg, file)
-    return cfg
-
-
-def set_source(cfg: DictConfig, file: str | os.PathLike) -> None:
-    """Remember which file a config came from, for error messages."""
-    object.__setattr__(cfg, "_mft_source", str(file))  # DictConfig's own __setattr__ would make it a key
-
-
-def source_of(cfg: DictConfig) -> str:
-    return getattr(cfg, "_mft_source", "<config>")
-
-
-def parse_override(text: str) -> tuple[str, Any, bool]:
-    """Split one override into (key, value, delete).
-
-    Raises:
-        ConfigError: it is neither ``key=value`` nor ``~key``.
-    """
-    if text.startswith("~"):
-        key = text[1:]
-        if not key or "=" in key:
-            raise ConfigError(f"override {text!r}: deletion is written '~key.path' with no value")
-        return key, None, True
-    key, sep, value = text.partition("=")
-    if not sep or not key or key.startswith("-"):
-        raise ConfigError(f"override {text!r}: expected 'key.path=value' or '~key.path'")
-    try:
-        parsed = read_yaml(value) if value.strip() else ""
-    except yaml.YAMLError:
-        parsed = value  # not YAML (e.g. 'a: b: c'): take the text as written
-    return key, parsed, False
-
-
-def apply_overrides(cfg: DictConfig, overrides: Iterable[str]) -> None:
-    """Apply ``key=value`` / ``~key`` overrides in place (see module docstring)."""
-    for text in overrides:
-        key, value, delete = parse_override(text)
-        if delete:
-            parent_key, _, leaf = key.rpartition(".")
-            parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
-            if not isinstance(parent, DictConfig) or leaf not in parent:
-                raise ConfigError(f"override '~{key}': there is no key '{key}' to delete")
-            del parent[leaf]
-            continue
-        try:
-            OmegaConf.update(cfg, key, value, merge=False, force_add=True)
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"override {text!r}: {e}") from e
-
-
-def to_container(node: Any) -> Any:
-    """Resolve interpolations and return plain Python dicts and lists."""
-    if isinstance(node, (DictConfig, ListConfig)):
-        try:
-            return OmegaConf.to_container(node, resolve=True)
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"cannot resolve config: {e}") from e
-    return node
-
-
-# ---------------------------------------------------------------------------------------------- instantiation
-
-
-def import_object(dotted: str) -> Any:
-    """Import ``package.module.attr`` (attributes may be nested: ``torch.optim.AdamW``).
-
-    Raises:
-        ConfigError: nothing importable has that name.
-    """
-    if not isinstance(dotted, str) or not dotted:
-        raise ConfigError(f"{COMPONENT_KEY} must be a dotted path string, got {dotted!r}")
-    parts = dotted.split(".")
-    for i in range(len(parts), 0, -1):
-        module_name = ".".join(parts[:i])
-        try:
-            obj = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if e.name and not module_name.startswith(e.name):
-                raise  # the module exists but one of its own imports is missing: show the real cause
-            continue
-        try:
-            for attr in parts[i:]:
-                obj = getattr(obj, attr)
-        except AttributeError:
-            break
-        return obj
-    raise ConfigError(f"cannot import {dotted!r}: no such module or attribute")
-
-
-def instantiate(node: Any, *args: Any, **kwargs: Any) -> Any:
-    """Build the object a ``_component_`` node describes.
-
-    Nested components among its arguments are built first (depth first); ``args`` and ``kwargs`` are the
-    run-time arguments the recipe supplies and take precedence over the config's.
-
-    Args:
-        node: a config node with ``_component_``, or None (returns None).
-
-    Raises:
-        ConfigError: no ``_component_``, an import failure, or arguments that do not fit the target.
-    """
-    if node is None:
-        return None
-    spec = to_container(node)
-    if not isinstance(spec, dict) or COMPONENT_KEY not in spec:
-        raise ConfigError(f"cannot instantiate {spec!r}: it has no '{COMPONENT_KEY}' key")
-    return _build(spec, args, kwargs)
-
-
-def _build(spec: dict, args: tuple = (), runtime: dict | None = None) -> Any:
-    target = import_object(spec[COMPONENT_KEY])
-    config_kwargs = {k: _build_nested(v) for k, v in spec.items() if k != COMPONENT_KEY}
-    config_kwargs.update(runtime or {})
-    try:
-        inspect.signature(target).bind(*args, **config_kwargs)
-    except TypeError as e:
-        raise ConfigError(f"{spec[COMPONENT_KEY]}: {e}") from e
-    except ValueError:
-        pass  # builtins without a signature: let the call itself complain
-    return target(*args, **config_kwargs)
-
-
-def _build_nested(value: Any) -> Any:
-    if isinstance(value, dict):
-        if COMPONENT_KEY in value:
-            return _build(value)
-        return {k: _build_nested(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_build_nested(v) for v in value]
-    return value
-
-
-# ------------------------------------------------------------------------------------------------ validation
 
 
 def check_config(cfg: DictConfig, schema: type | None = None, check_paths: bool = True) -> list[str]:
@@ -262,7 +55,7 @@ def _runtime_args(schema_field: dataclasses.Field | None) -> tuple[str, ...]:
     return tuple(schema_field.metadata.get("runtime_args", ())) if schema_field is not None else ()
 
 
-def _default_component(schema_field: dataclasses.Field) -> str | None:
+def default_component(schema_field: dataclasses.Field) -> str | None:
     """The ``_component_`` of a schema field's default node, if it has one."""
     if schema_field.default_factory is dataclasses.MISSING:
         return None
@@ -284,7 +77,7 @@ def _check_against_schema(data: dict, schema: type, prefix: str, source: str, pr
         field_type = _dataclass_in(hints[key]) or hints[key]
         is_component = "runtime_args" in fields[key].metadata
         if is_component and isinstance(value, dict) and COMPONENT_KEY not in value:
-            default = _default_component(fields[key])
+            default = default_component(fields[key])
             if default is None:
                 problems.append(f"{source}: '{path}' has no '{COMPONENT_KEY}': expected the dotted path of "
                                 f"what builds it")
@@ -460,77 +253,3 @@ def _type_error(value: Any, annotation: Any) -> str | None:
 
 def _describe(annotation: Any) -> str:
     return _type_error(object(), annotation) or getattr(annotation, "__name__", str(annotation))
-
-
-# ----------------------------------------------------------------------------------------- recipe entry point
-
-
-def parse(recipe_main: Callable | None = None, *, schema: type | None = None) -> Callable:
-    """Decorator for a recipe's ``recipe_main(cfg)``: reads ``--config FILE [key=value ...]`` from sys.argv.
-
-    The config is validated against ``schema`` (the recipe's declared keys) before the recipe runs; every problem
-    is printed at once and the process exits with status 1.
-
-    Usage::
-
-        @parse(schema=LoRARecipeConfig)
-        def recipe_main(cfg: DictConfig) -> None: ...
-    """
-
-    def decorate(fn: Callable) -> Callable:
-        @functools.wraps(fn)
-        def wrapper(argv: list[str] | None = None) -> Any:
-            argv = sys.argv[1:] if argv is None else argv
-            config_path, overrides = split_config_args(argv, prog=Path(sys.argv[0]).name)
-            try:
-                cfg = load_config(config_path, overrides)
-            except ConfigError as e:
-                sys.exit(f"config error: {e}")
-            problems = check_config(cfg, schema)
-            if problems:
-                sys.exit("config errors:\n  " + "\n  ".join(problems))
-            if schema is not None:
-                fill_defaults(cfg, schema)
-            return fn(cfg)
-
-        return wrapper
-
-    return decorate(recipe_main) if recipe_main is not None else decorate
-
-
-def fill_defaults(cfg: DictConfig, schema: type) -> None:
-    """Add the schema's default for every key the config leaves out, so the recipe can read ``cfg.key``."""
-    hints = typing.get_type_hints(schema)
-    for f in dataclasses.fields(schema):
-        if f.name not in cfg:
-            if f.default is not dataclasses.MISSING:
-                default = f.default
-            elif f.default_factory is not dataclasses.MISSING:
-                default = f.default_factory()
-            else:
-                continue
-            cfg[f.name] = dataclasses.asdict(default) if dataclasses.is_dataclass(default) else default
-        elif dataclasses.is_dataclass(hints[f.name]) and isinstance(cfg[f.name], DictConfig):
-            fill_defaults(cfg[f.name], hints[f.name])
-        elif isinstance(cfg[f.name], DictConfig) and COMPONENT_KEY not in cfg[f.name] and _default_component(f):
-            cfg[f.name][COMPONENT_KEY] = _default_component(f)  # a section given in part keeps the default builder
-
-
-def split_config_args(argv: list[str], prog: str = "recipe") -> tuple[str, list[str]]:
-    """``['--config', 'x.yaml', 'a=1']`` -> ``('x.yaml', ['a=1'])``; exits with usage on anything else."""
-    config_path, overrides, i = None, [], 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--config" and i + 1 < len(argv):
-            config_path, i = argv[i + 1], i + 2
-            continue
-        if arg.startswith("--config="):
-            config_path = arg.split("=", 1)[1]
-        elif arg.startswith("-") and not arg.startswith("~"):
-            sys.exit(f"usage: {prog} --config FILE [key=value | ~key ...]\nunknown option {arg!r}")
-        else:
-            overrides.append(arg)
-        i += 1
-    if config_path is None:
-        sys.exit(f"usage: {prog} --config FILE [key=value | ~key ...]\n--config is required")
-    return config_path, overrides

@@ -1,4 +1,4 @@
-"""Tests for mft_components/demo_assets.py: the cached SmolLM2 directory and the dataframebench task dirs."""
+"""Tests for mft_components/assets/: the cached SmolLM2 directory and the dataframebench task dirs."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import time
 
 import pytest
 
-from mft_components import demo_assets
-from mft_components.demo_assets import _build_atomically, dataframebench_conversations
+from mft_components.assets import dataframebench, smollm2
+from mft_components.assets.cache import build_atomically
+from mft_components.assets.dataframebench import dataframebench_conversations
 
 
 def test_smollm2_dir_is_complete_and_cached(smollm2_dir):
@@ -20,7 +21,7 @@ def test_smollm2_dir_is_complete_and_cached(smollm2_dir):
     assert "quantization_config" not in config
     assert config["model_type"] == "llama"
     t0 = time.perf_counter()
-    assert demo_assets.prepare_smollm2(smollm2_dir.parent) == smollm2_dir
+    assert smollm2.prepare_smollm2(smollm2_dir.parent) == smollm2_dir
     assert time.perf_counter() - t0 < 1.0
 
 
@@ -54,7 +55,7 @@ def test_build_atomically_concurrent(tmp_path):
         (tmp / "payload.txt").write_text(f"from {tmp.name}")
         return {"ok": True}
 
-    threads = [threading.Thread(target=_build_atomically, args=(final, build)) for _ in range(4)]
+    threads = [threading.Thread(target=build_atomically, args=(final, build)) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
@@ -62,7 +63,7 @@ def test_build_atomically_concurrent(tmp_path):
     assert (final / "mft_ready.json").exists() and (final / "payload.txt").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["asset"]
     n = len(calls)
-    _build_atomically(final, build)  # warm: no rebuild
+    build_atomically(final, build)  # warm: no rebuild
     assert len(calls) == n
 
 
@@ -78,7 +79,7 @@ def test_dataframebench_conversations_shapes():
         "test_code": "import unittest\nclass TestCases(unittest.TestCase):\n    pass\n",
     }
     convs = dataframebench_conversations(problem)
-    assert set(convs) == set(demo_assets.DATAFRAMEBENCH_TASKS)
+    assert set(convs) == set(dataframebench.DATAFRAMEBENCH_TASKS)
     user, bot = convs["polars_solution"]["chat_rounds"]
     assert "Use polars as the data processing library" in user["content"]
     assert "import polars as pl" in user["content"] and "{library" not in user["content"]
@@ -90,10 +91,10 @@ def test_dataframebench_conversations_shapes():
 
 @pytest.mark.slow
 def test_prepare_dataframebench(tmp_path_factory):
-    root = demo_assets.prepare_dataframebench()
+    root = dataframebench.prepare_dataframebench()
     meta = json.loads((root / "mft_ready.json").read_text())
     assert meta["problems"] == 709
-    for task in demo_assets.DATAFRAMEBENCH_TASKS:
+    for task in dataframebench.DATAFRAMEBENCH_TASKS:
         lines = (root / task / "train.jsonl").read_text(encoding="utf-8").splitlines()
         assert len(lines) == meta["tasks"][task] > 600
         record = json.loads(lines[0])

@@ -1,0 +1,190 @@
+"""Config core: YAML reading, command-line overrides and `_component_` instantiation.
+
+A config is YAML read by OmegaConf, so `${a.b}` interpolation and `${oc.env:VAR,default}` work. Command-line
+overrides follow torchtune::
+
+    model.lora.rank=32          set a value (parsed as YAML: 32 is an int, true a bool, null None, [1,2] a list)
+    optimizer.lr=1e-4           a value may itself contain '=' (only the first '=' splits)
+    ~loss.task_weights          delete a key
+
+A node with `_component_: dotted.path` is built by :func:`instantiate`; its other keys are keyword arguments,
+nested components are built first, and the recipe adds the arguments only it knows at run time::
+
+    optimizer = instantiate(cfg.optimizer, model.parameters())
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import re
+from typing import Any, Iterable
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+__all__ = ["COMPONENT_KEY", "ConfigError", "YamlLoader", "read_yaml", "set_source", "source_of", "parse_override",
+           "apply_overrides", "to_container", "import_object", "instantiate"]
+
+COMPONENT_KEY = "_component_"
+
+
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but `1e-4` is a float: YAML 1.1 needs a dot (`1.0e-4`), and nobody writes that."""
+
+
+YamlLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(text: str):
+    return yaml.load(text, Loader=YamlLoader)
+
+
+class ConfigError(ValueError):
+    """A config problem, worded for the person who wrote the config (key, file, what was expected)."""
+
+
+# ------------------------------------------------------------------------------------------- reading, overrides
+
+
+def set_source(cfg: DictConfig, file: str | os.PathLike) -> None:
+    """Remember which file a config came from, for error messages."""
+    object.__setattr__(cfg, "_mft_source", str(file))  # DictConfig's own __setattr__ would make it a key
+
+
+def source_of(cfg: DictConfig) -> str:
+    return getattr(cfg, "_mft_source", "<config>")
+
+
+def parse_override(text: str) -> tuple[str, Any, bool]:
+    """Split one override into (key, value, delete).
+
+    Raises:
+        ConfigError: it is neither ``key=value`` nor ``~key``.
+    """
+    if text.startswith("~"):
+        key = text[1:]
+        if not key or "=" in key:
+            raise ConfigError(f"override {text!r}: deletion is written '~key.path' with no value")
+        return key, None, True
+    key, sep, value = text.partition("=")
+    if not sep or not key or key.startswith("-"):
+        raise ConfigError(f"override {text!r}: expected 'key.path=value' or '~key.path'")
+    try:
+        parsed = read_yaml(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value  # not YAML (e.g. 'a: b: c'): take the text as written
+    return key, parsed, False
+
+
+def apply_overrides(cfg: DictConfig, overrides: Iterable[str]) -> None:
+    """Apply ``key=value`` / ``~key`` overrides in place (see module docstring)."""
+    for text in overrides:
+        key, value, delete = parse_override(text)
+        if delete:
+            parent_key, _, leaf = key.rpartition(".")
+            parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+            if not isinstance(parent, DictConfig) or leaf not in parent:
+                raise ConfigError(f"override '~{key}': there is no key '{key}' to delete")
+            del parent[leaf]
+            continue
+        try:
+            OmegaConf.update(cfg, key, value, merge=False, force_add=True)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"override {text!r}: {e}") from e
+
+
+def to_container(node: Any) -> Any:
+    """Resolve interpolations and return plain Python dicts and lists."""
+    if isinstance(node, (DictConfig, ListConfig)):
+        try:
+            return OmegaConf.to_container(node, resolve=True)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"cannot resolve config: {e}") from e
+    return node
+
+
+# ---------------------------------------------------------------------------------------------- instantiation
+
+
+def import_object(dotted: str) -> Any:
+    """Import ``package.module.attr`` (attributes may be nested: ``torch.optim.AdamW``).
+
+    Raises:
+        ConfigError: nothing importable has that name.
+    """
+    if not isinstance(dotted, str) or not dotted:
+        raise ConfigError(f"{COMPONENT_KEY} must be a dotted path string, got {dotted!r}")
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        module_name = ".".join(parts[:i])
+        try:
+            obj = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name and not module_name.startswith(e.name):
+                raise  # the module exists but one of its own imports is missing: show the real cause
+            continue
+        try:
+            for attr in parts[i:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            break
+        return obj
+    raise ConfigError(f"cannot import {dotted!r}: no such module or attribute")
+
+
+def instantiate(node: Any, *args: Any, **kwargs: Any) -> Any:
+    """Build the object a ``_component_`` node describes.
+
+    Nested components among its arguments are built first (depth first); ``args`` and ``kwargs`` are the
+    run-time arguments the recipe supplies and take precedence over the config's.
+
+    Args:
+        node: a config node with ``_component_``, or None (returns None).
+
+    Raises:
+        ConfigError: no ``_component_``, an import failure, or arguments that do not fit the target.
+    """
+    if node is None:
+        return None
+    spec = to_container(node)
+    if not isinstance(spec, dict) or COMPONENT_KEY not in spec:
+        raise ConfigError(f"cannot instantiate {spec!r}: it has no '{COMPONENT_KEY}' key")
+    return _build(spec, args, kwargs)
+
+
+def _build(spec: dict, args: tuple = (), runtime: dict | None = None) -> Any:
+    target = import_object(spec[COMPONENT_KEY])
+    config_kwargs = {k: _build_nested(v) for k, v in spec.items() if k != COMPONENT_KEY}
+    config_kwargs.update(runtime or {})
+    try:
+        inspect.signature(target).bind(*args, **config_kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{spec[COMPONENT_KEY]}: {e}") from e
+    except ValueError:
+        pass  # builtins without a signature: let the call itself complain
+    return target(*args, **config_kwargs)
+
+
+def _build_nested(value: Any) -> Any:
+    if isinstance(value, dict):
+        if COMPONENT_KEY in value:
+            return _build(value)
+        return {k: _build_nested(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_build_nested(v) for v in value]
+    return value

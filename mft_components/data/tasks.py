@@ -1,0 +1,110 @@
+"""Tasks: each entry of ``data.data_paths`` is one task, a directory of ``*.jsonl`` files or one ``.jsonl`` file.
+
+    data_paths:                 one entry per task
+      - data/code_completion    a directory: every *.jsonl below it (recursively, through symbolic links) is one
+                                task, named by the dir
+      - extra/unit_tests.jsonl  a file: a task named by the file's stem
+
+A file or directory that cannot be read is one ``DataError`` naming it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+from mft_components.data.records import DataError
+
+__all__ = ["discover_tasks"]
+
+
+def discover_tasks(paths: Sequence[str | os.PathLike], key: str = "data.data_paths") -> dict[str, list[Path]]:
+    """Map task names to their JSONL files.
+
+    Args:
+        paths: task directories (searched recursively for ``*.jsonl``) or ``.jsonl`` files.
+        key: the config key, for error messages.
+
+    Returns:
+        ``{task_name: [files, sorted]}`` in the order of ``paths``.
+
+    Raises:
+        DataError: a missing path, a directory without ``*.jsonl``, a directory that cannot be read, a ``*.jsonl``
+            symbolic link to nothing, a file that is not ``.jsonl``, or two paths giving the same task name (both
+            are named).
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    tasks: dict[str, list[Path]] = {}
+    origin: dict[str, Path] = {}
+    problems = []
+    for i, raw in enumerate(paths):
+        p = Path(str(raw)).expanduser()
+        if p.is_dir():
+            name, (files, unreadable) = p.resolve().name, _jsonl_files(p)
+            problems += [f"{key}[{i}]: {problem}" for problem in unreadable]
+            if unreadable:
+                continue
+            if not files:
+                problems.append(f"{key}[{i}]: {p}: directory contains no *.jsonl files")
+                continue
+        elif p.is_file():
+            if p.suffix != ".jsonl":
+                problems.append(f"{key}[{i}]: {p}: expected a directory or a .jsonl file")
+                continue
+            name, files = p.stem, [p]
+        else:
+            problems.append(f"{key}[{i}]: {p}: no such file or directory")
+            continue
+        if name in tasks:
+            problems.append(f"{key}[{i}]: task name {name!r} of {p} is also the name of {origin[name]}; "
+                            "rename one directory or file")
+            continue
+        tasks[name], origin[name] = files, p
+    if problems:
+        raise DataError("\n".join(problems))
+    if not tasks:
+        raise DataError(f"{key}: no tasks given; expected a list of task directories or .jsonl files")
+    return tasks
+
+
+def _jsonl_files(root: Path) -> tuple[list[Path], list[str]]:
+    """Every ``*.jsonl`` file below ``root`` (sorted), and what could not be searched.
+
+    Symbolic links are followed, to directories too (a task is often assembled from linked folders). A
+    directory reached twice, by a link back to an ancestor (a cycle) or by two links, is searched once, and a
+    file reached by two paths is listed once (under its first path in sorted order): no record trains twice.
+
+    Returns:
+        (files, problems): problems are directories that cannot be read and ``*.jsonl`` links to nothing.
+    """
+    files: dict[tuple[int, int], Path] = {}
+    problems: list[str] = []
+    seen: set[tuple[int, int]] = set()
+    stack = [root]
+    while stack:  # depth first, in sorted order: which path of a twice-reached file is kept never varies
+        directory = stack.pop()
+        try:
+            st = directory.stat()
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            with os.scandir(directory) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            problems.append(f"{directory}: cannot read the directory: {e.strerror or e}")
+            continue
+        subdirs = []
+        for entry in entries:
+            path = Path(entry.path)
+            if entry.is_dir():  # follows links
+                subdirs.append(path)
+            elif entry.name.endswith(".jsonl"):
+                if entry.is_file():
+                    st = entry.stat()
+                    files.setdefault((st.st_dev, st.st_ino), path)
+                elif entry.is_symlink() and not path.exists():
+                    problems.append(f"{path}: symbolic link to {os.readlink(path)}, which does not exist")
+        stack += reversed(subdirs)
+    return sorted(files.values()), problems

@@ -1,0 +1,53 @@
+"""Mixture-of-experts models: the router's load-balancing loss over real tokens, and the expert count.
+
+The routed experts of MoE families are fused 3-D parameters in transformers 5 (not ``nn.Linear``): LoRA goes on
+attention and the dense / shared-expert MLPs (``build.DEFAULT_LORA_TARGETS``) and the experts stay frozen;
+``MFTModel.forward`` adds ``router_aux_loss`` when the config asks for it (``loss.router_aux_loss_coef``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["num_experts", "router_aux_loss"]
+
+
+def num_experts(config) -> int | None:
+    """The number of routed experts of a transformers config, or None for a dense model."""
+    for name in ("num_experts", "num_local_experts"):
+        if getattr(config, name, None):
+            return int(getattr(config, name))
+    return None
+
+
+def router_aux_loss(router_logits, num_experts: int, top_k: int, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """Switch / Mixtral load-balancing loss over real tokens only.
+
+    ``E * sum_e f_e * P_e`` where, over the real tokens of all layers, f_e is the fraction of (token, top-k slot)
+    assignments routed to expert e (summing to top_k) and P_e the mean router probability of expert e. This is
+    transformers' ``load_balancing_loss_func`` (its attention_mask is exactly a real-token mask, 1 = real), which
+    we call rather than copy.
+
+    Args:
+        router_logits (tuple | list | torch.Tensor): per layer ``[B*T, E]`` or ``[B, T, E]`` router logits.
+        num_experts (int): E.
+        top_k (int): experts per token.
+        token_mask (torch.Tensor | None): bool ``[B, T]``, True for real tokens (e.g. ``sample_ids >= 0``);
+            None = all real.
+
+    Returns:
+        torch.Tensor: scalar float32 loss (0 when ``router_logits`` is empty).
+    """
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    if torch.is_tensor(router_logits):
+        router_logits = (router_logits,)
+    layers = tuple(t.reshape(-1, t.shape[-1]) for t in router_logits if t is not None)
+    if not layers:
+        return torch.zeros((), dtype=torch.float32)
+    mask = None if token_mask is None else token_mask.reshape(1, -1).to(torch.float32)
+    if mask is not None and mask.shape[1] != layers[0].shape[0]:
+        raise ValueError(
+            f"router_aux_loss: token_mask has {mask.shape[1]} tokens, router logits have {layers[0].shape[0]} rows"
+        )
+    return load_balancing_loss_func(layers, num_experts, top_k, mask).float()
