@@ -125,7 +125,7 @@ def test_flex_flash_backend_where_it_runs(model_dir, capsys):
     """Where this torch offers flex_attention's FlashAttention backend (BACKEND=FLASH, flash-attn's CuTe kernels,
     Hopper or Blackwell) and its probe matched the Triton backend, auto uses it: losses and gradients as sdpa's,
     compiled layers included. Elsewhere auto prints why not, and this test skips with that reason."""
-    from mft_components.attention import flex_flash_options
+    from mft_components.models.attention import flex_flash_options
 
     options, how = flex_flash_options(CUDA)
     if options is None:
