@@ -58,7 +58,7 @@ failed = []
 for name in ("transformers", "huggingface_hub", "tokenizers", "safetensors", "kernels", "peft", "torchao",
              "torchdata", "omegaconf", "yaml", "pytest", "liger_kernel.transformers",
              "torch.nn.attention.flex_attention", "torch.nn.attention.varlen", "mft_components.models",
-             "mft_components.data", "mft_components.metrics"):
+             "mft_components.data", "mft_components.training.metrics"):
     try:
         module = importlib.import_module(name)
         print(name, getattr(module, "__version__", ""), "from", getattr(module, "__file__", "?"))

@@ -45,9 +45,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from mft_components.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CheckpointError, load_safetensors, mkdtemp_umask
-from mft_components.checkpoint import META_FILE as CHECKPOINT_META
-from mft_components.checkpoint import verify_checkpoint
+from mft_components.training.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CheckpointError, load_safetensors, mkdtemp_umask
+from mft_components.training.checkpoint import META_FILE as CHECKPOINT_META
+from mft_components.training.checkpoint import verify_checkpoint
 from mft_components.models.weights import safetensors_files as _model_safetensors_files
 
 # "auto": every floating tensor keeps the dtype it has in the weights being exported.

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from mft_components.checkpoint import read_checkpoint_meta
+from mft_components.training.checkpoint import read_checkpoint_meta
 from mft_components.code_eval.generation import generate_batched
 from mft_components.export import (
     ADAPTER_CONFIG,

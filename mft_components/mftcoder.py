@@ -440,7 +440,7 @@ _LAYOUT = {
     "data": {"_component_": "mft_components.data.build_mft_data"},
     "loss": {"_component_": "mft_components.loss.TaskWeightedLoss"},
     "optimizer": {"_component_": "torch.optim.AdamW"},
-    "lr_scheduler": {"_component_": "mft_components.lr_schedule.cosine_with_warmup"},
+    "lr_scheduler": {"_component_": "mft_components.training.lr_schedule.cosine_with_warmup"},
 }
 _TOP_LEVEL_ORDER = ("seed", "dtype", "epochs", "max_steps", "micro_batch_size", "eval_micro_batch_size",
                     "gradient_accumulation_steps", "clip_grad_norm", "eval_every_n_steps", "early_stopping_patience",

@@ -73,7 +73,7 @@ class RecipeConfig:
         loss: ``mft_components.loss.TaskWeightedLoss`` node (``mode``, ``task_weights``, CoBa settings).
         optimizer: an optimizer class node, e.g. ``torch.optim.AdamW`` (``lr``, ``weight_decay``, ``betas``);
             the parameters are passed by the recipe, and ``fused=True`` on CUDA.
-        lr_scheduler: ``mft_components.lr_schedule.cosine_with_warmup`` node (``warmup_steps``, ``min_lr``).
+        lr_scheduler: ``mft_components.training.lr_schedule.cosine_with_warmup`` node (``warmup_steps``, ``min_lr``).
         seed: seeds torch, numpy and python on every rank, and the data split and order (an integer >= 0).
         dtype: parameter and compute dtype: ``bf16`` or ``fp32``.
         epochs: passes over the training data, at least 1 (ignored when ``max_steps`` ends the run first).
@@ -106,7 +106,7 @@ class RecipeConfig:
     optimizer: dict = _component("params")
     loss: dict = _component(default={"_component_": "mft_components.loss.TaskWeightedLoss"})
     lr_scheduler: dict = _component(
-        "optimizer", "num_training_steps", default={"_component_": "mft_components.lr_schedule.cosine_with_warmup"}
+        "optimizer", "num_training_steps", default={"_component_": "mft_components.training.lr_schedule.cosine_with_warmup"}
     )
     seed: int = _at_least(0, 42)
     dtype: Literal["bf16", "fp32"] = "bf16"

@@ -43,7 +43,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mft_components import checkpoint as ck
+from mft_components.training import checkpoint as ck
+from mft_components.training import state as training_state
 from mft_components.code_eval.evaluate import CodeEvalError, CodeEvaluator
 from mft_components.config import instantiate, parse, to_container
 from mft_components.data.records import DataError
@@ -60,17 +61,10 @@ from mft_components.distributed import (
 from mft_components.models import prepare_batch
 from mft_components.models.lora import adapter_to_peft_state_dict, lora_target_names, peft_adapter_config
 from mft_components.models.parallelize import gather_state_dict, report_compile
-from mft_components.metrics import (
-    EarlyStopping,
-    Evaluator,
-    MetricLogger,
-    NonFiniteGuard,
-    NonFiniteLossError,
-    ProgressBar,
-    Throughput,
-    format_summary,
-    read_log_step,
-)
+from mft_components.training.evaluate import Evaluator
+from mft_components.training.guards import EarlyStopping, NonFiniteGuard, NonFiniteLossError
+from mft_components.training.metrics import MetricLogger, ProgressBar, Throughput, read_log_step
+from mft_components.training.summary import format_summary
 from mft_components.device import peak_memory_gb
 from mft_components.recipe_schema import LoRARecipeConfig
 
@@ -206,14 +200,14 @@ class LoRAFinetuneRecipe:
             if self.step_in_epoch >= plan.steps_per_epoch(self.epoch):  # the saved epoch was complete
                 self.epoch, self.step_in_epoch = self.epoch + 1, 0
                 if self.rank_state is not None:  # resumed at the boundary: the RNG as saved, BEFORE the new
-                    ck.restore_rng_state(self.rank_state["rng"])  # epoch's iter() draws from it, as it did in
+                    training_state.restore_rng_state(self.rank_state["rng"])  # epoch's iter() draws from it, as it did in
                     self.rank_state = None                        # the run that saved
             self.train_loader.sampler.set_epoch(self.epoch)
             if self.rank_state is not None:  # mid-epoch resume: continue where the checkpoint stopped
                 self.train_loader.load_state_dict(self.rank_state["dataloader"])
             batches = iter(self.train_loader)
             if self.rank_state is not None:  # after iter(): creating an iterator draws from the RNG
-                ck.restore_rng_state(self.rank_state["rng"])
+                training_state.restore_rng_state(self.rank_state["rng"])
                 self.rank_state = None
 
             while self.step_in_epoch < plan.steps_per_epoch(self.epoch) and self.step < self.total_steps:
@@ -313,7 +307,7 @@ class LoRAFinetuneRecipe:
         step (``NonFiniteGuard.check`` raises first)."""
         self.finite_guard.check()
         weights = self.checkpoint_weights()
-        state = ck.gather_training_state(
+        state = training_state.gather_training_state(
             self.model, self.optimizer, lr_scheduler=self.lr_scheduler, loss_fn=self.loss_fn,
             early_stopping=self.early_stopping, train_loader=self.train_loader,
             step=self.step, epoch=self.epoch, step_in_epoch=self.step_in_epoch,
@@ -343,7 +337,7 @@ class LoRAFinetuneRecipe:
     def load_recipe_state(self, path: Path) -> None:
         """Optimizer, schedule, loss, early stopping, data position (``torch.load(weights_only=True)``)."""
         state = ck.load_recipe_state(path)
-        self.rank_state = ck.restore_training_state(
+        self.rank_state = training_state.restore_training_state(
             state, self.model, self.optimizer, lr_scheduler=self.lr_scheduler, loss_fn=self.loss_fn,
             early_stopping=self.early_stopping, rank=self.rank, world_size=self.world_size,
         )

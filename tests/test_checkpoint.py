@@ -15,8 +15,9 @@ import torch
 import transformers
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from mft_components import checkpoint as ck
-from mft_components.lr_schedule import cosine_with_warmup
+from mft_components.training import checkpoint as ck
+from mft_components.training.lr_schedule import cosine_with_warmup
+from mft_components.training.state import capture_rng_state, restore_rng_state
 from tests.conftest import REPO_ROOT
 from tests.tiny_models import make_tiny_model_dir
 
@@ -61,7 +62,7 @@ def test_recipe_state_round_trip_weights_only(tmp_path):
         lin(torch.randn(2, 4)).sum().backward()
         opt.step(), sched.step()
     state = {"step": 3, "optimizer": opt.state_dict(), "lr_scheduler": sched.state_dict(),
-             "ranks": [{"dataloader": loader.state_dict(), "rng": ck.capture_rng_state()}], "best": {"step": None}}
+             "ranks": [{"dataloader": loader.state_dict(), "rng": capture_rng_state()}], "best": {"step": None}}
     ck.save_checkpoint(tmp_path, 3, weights=_adapter(), meta=META, recipe_state=state, adapter_config={})
     expected = ([next(it) for _ in range(3)], torch.rand(3), np.random.rand(), random.random())
 
@@ -69,7 +70,7 @@ def test_recipe_state_round_trip_weights_only(tmp_path):
     loader2 = StatefulDataLoader(list(range(20)), batch_size=2, shuffle=True)
     loader2.load_state_dict(loaded["ranks"][0]["dataloader"])
     it2 = iter(loader2)  # creating an iterator draws a seed: restore RNG afterwards, as the recipes do
-    ck.restore_rng_state(loaded["ranks"][0]["rng"])
+    restore_rng_state(loaded["ranks"][0]["rng"])
     got = ([next(it2) for _ in range(3)], torch.rand(3), np.random.rand(), random.random())
     for a, b in zip(expected[0], got[0]):
         assert torch.equal(a, b)
@@ -115,7 +116,7 @@ def test_resolve_resume(tmp_path):
 
 _WRITER = textwrap.dedent("""
     import sys, torch
-    from mft_components import checkpoint as ck
+    from mft_components.training import checkpoint as ck
     big = {f"w{i}": torch.full((1024, 1024), float(i)) for i in range(24)}  # ~100 MB per checkpoint
     for step in range(1, 1000):
         ck.save_checkpoint(sys.argv[1], step, weights=big, meta={"step": step}, recipe_state={"step": step},

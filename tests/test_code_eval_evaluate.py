@@ -15,10 +15,10 @@ import pytest
 import torch
 import yaml
 
-from mft_components import checkpoint as ck
+from mft_components.training import checkpoint as ck
 from mft_components.code_eval import evaluate as ce
 from mft_components.code_eval.evaluate import CodeEvalError, CodeEvalOptions
-from mft_components.metrics import EarlyStopping
+from mft_components.training.guards import EarlyStopping
 from tests.test_recipes import LORA_RECIPE, _config, _records, _run, assets  # noqa: F401  (fixture)
 
 EASY = [

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from mft_components import checkpoint as ck
+from mft_components.training import checkpoint as ck
 from mft_components.models.attention import kv_cache_attention
 from mft_components.code_eval.generation import generate_batched
 from mft_components.export import export_checkpoint

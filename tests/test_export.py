@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mft_components import checkpoint as ckpt
+from mft_components.training import checkpoint as ckpt
 from mft_components import export
 from mft_components.export import ExportError, export_checkpoint
 from mft_components.models.lora import (

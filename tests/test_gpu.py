@@ -158,7 +158,7 @@ def test_prepared_step_never_waits_for_the_device(model_dir, attn):
     """forward, loss, backward, clipping, the non-finite guard and fused AdamW of a step whose micro-batches came
     through prepare_batch: no CUDA call in it synchronises (torch's sync debug mode raises on the first)."""
     from mft_components.loss import TaskWeightedLoss
-    from mft_components.metrics import NonFiniteGuard
+    from mft_components.training.guards import NonFiniteGuard
     from mft_components.models import prepare_batch
 
     model = build(model_dir, attn_implementation=attn)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from mft_components.lr_schedule import cosine_with_warmup, resolve_warmup_steps
+from mft_components.training.lr_schedule import cosine_with_warmup, resolve_warmup_steps
 
 
 def _optimizer(lrs=(1e-3,)):

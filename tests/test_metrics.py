@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from mft_components.metrics import NonFiniteGuard, NonFiniteLossError
+from mft_components.training.guards import NonFiniteGuard, NonFiniteLossError
 
 
 def _step(guard, optimizer, param, step, loss_value):
@@ -73,7 +73,7 @@ def test_evaluate_prepares_batches_as_training_does(tmp_path, monkeypatch):
     attention's boundaries from the host copy: on a GPU, no batch waits for the device) and gives the per-task
     token-mean losses of the training forward on those prepared batches."""
     from mft_components import models
-    from mft_components.metrics import evaluate
+    from mft_components.training.evaluate import evaluate
     from mft_components.models import build_model, prepare_batch
     from tests.tiny_models import make_tiny_model_dir
 
@@ -101,7 +101,7 @@ def test_log_step_reads_every_value_in_one_copy(monkeypatch):
     """read_log_step gives what the separate reads gave (the loss's step metrics, the gradient norm, tokens/s) from
     one device-to-host copy, and raises for a non-finite step recorded by the deferred guard."""
     from mft_components.loss import TaskWeightedLoss
-    from mft_components.metrics import Throughput, read_log_step
+    from mft_components.training.metrics import Throughput, read_log_step
 
     batches = _task_batches()
     loss_fn = TaskWeightedLoss(mode="task")

@@ -239,7 +239,7 @@ def test_evaluation_computes_losses_as_training_does(tiny_dir):
     """evaluate() passes the loss's CE options to the model: a bf16 model's validation loss follows
     loss.projection_dtype (transformers' bf16 logits for "model", float32 logits for "float32")."""
     from mft_components.loss import TaskWeightedLoss
-    from mft_components.metrics import evaluate
+    from mft_components.training.evaluate import evaluate
 
     model = build_model(tiny_dir("llama"), method="lora", dtype="bf16", attn_implementation="sdpa")
     with torch.no_grad():  # logits of order 10, so that their rounding to bf16 shows in the loss

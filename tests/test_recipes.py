@@ -22,7 +22,7 @@ import pytest
 import torch
 import yaml
 
-from mft_components import checkpoint as ck
+from mft_components.training import checkpoint as ck
 from tests.conftest import REPO_ROOT, run_torchrun
 from tests.tiny_models import make_tiny_model_dir
 from tests.tolerances import assert_close_rounding
@@ -67,7 +67,7 @@ def _config(assets, tmp_path: Path, name: str = "cfg", method: str = "lora", **o
         "data": {"_component_": "mft_components.data.build_mft_data", "data_paths": assets["data_paths"],
                  "valid_size": 2, "seq_len": 64, "num_workers": 0},
         "optimizer": {"_component_": "torch.optim.AdamW", "lr": 1e-2 if method != "full" else 2e-3},
-        "lr_scheduler": {"_component_": "mft_components.lr_schedule.cosine_with_warmup", "warmup_steps": 1,
+        "lr_scheduler": {"_component_": "mft_components.training.lr_schedule.cosine_with_warmup", "warmup_steps": 1,
                          "min_lr": 1e-4},
         "dtype": "fp32",
         "max_steps": 4,

@@ -482,7 +482,7 @@ def _suite_tasks(suite: str, task_names: list[str] | None) -> dict[str, str]:
 
 
 def _load_model(model: str, template: str | None, dtype: str, device: str | None, trust_remote_code: bool = False):
-    from mft_components.checkpoint import META_FILE, read_checkpoint_meta
+    from mft_components.training.checkpoint import META_FILE, read_checkpoint_meta
     from mft_components.export import ADAPTER_CONFIG
     from mft_components.generate import GenerateError, load_generation_model
 

@@ -14,7 +14,7 @@
 Config (``lr_scheduler:`` node)::
 
     lr_scheduler:
-      _component_: mft_components.lr_schedule.cosine_with_warmup
+      _component_: mft_components.training.lr_schedule.cosine_with_warmup
       warmup_steps: 0.03      # int: optimizer steps; float < 1: fraction of the run
       min_lr: 1.0e-6
 

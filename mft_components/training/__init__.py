@@ -1,0 +1,14 @@
+"""Training: what a recipe's loop keeps, decides and tells, around the models and the loss.
+
+    checkpoint.py   step_N directories written atomically, with a consistency record; finding, pruning,
+                    verifying and resuming them; their metadata; loading an adapter into a model
+    state.py        the recipe state of an exact resume: optimizer, schedule, loss, early stopping, each rank's
+                    data position and RNG streams
+    position.py     where the loop is (step, epoch, step in epoch): each optimizer step's micro-batches, the data
+                    position and RNG of a resumed run put back exactly where the run that saved had them
+    lr_schedule.py  linear warmup, then cosine decay to min_lr (the ``lr_scheduler:`` builder)
+    metrics.py      the progress bar, metrics.jsonl, TensorBoard, tokens per second
+    guards.py       early stopping; the non-finite guard that keeps NaN / inf out of the weights
+    evaluate.py     validation loss per task, and the Evaluator that schedules and logs it
+    summary.py      the lines a run prints when it ends
+"""
