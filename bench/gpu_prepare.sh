@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Here (no GPU): fill .device/ for bench/gpu_check.sh on the GPU machine, from any checkout of mft.
+# For mft's developers (no GPU here): fill .device/ for bench/gpu_check.sh on the project's lent GPU machine (no
+# network there), from any checkout of mft. bench/gpu_check.sh's header has the device commands.
 #
 #   make install && bash bench/gpu_prepare.sh
 #
@@ -19,8 +20,39 @@ done
 [ -n "$shared" ] || { echo "gpu_prepare: no shared device/prepare.sh found (set MFT_DEVICE_DIR)"; exit 1; }
 git check-ignore -q .device/ || { echo "gpu_prepare: .device/ is not git-ignored; add /.device/ to .gitignore"; exit 1; }
 
-# What tests/test_gpu.py and the hf-packed-liger baseline need beyond the shared list (pure-Python wheels).
-export DEVICE_EXTRA_WHEELS=${DEVICE_EXTRA_WHEELS:-"liger-kernel==0.8.5 pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 pygments==2.21.0"}
+# Beyond the shared list (torchao, torchdata, omegaconf, transformers, peft): transformers' own dependencies at the
+# versions of constraints.txt (huggingface-hub, tokenizers, safetensors, kernels and what they import), so the GPU
+# machine runs the transformers stack the CPU suite passed with rather than mixing ours with its image's (its
+# transformers 5.17 / older hub); liger-kernel for the packed + liger baseline; pytest for tests/test_gpu.py.
+# Computed from this venv's package metadata: the closure of those packages' requirements, pinned by constraints.txt.
+closure=$(${PYTHON:-.venv/bin/python} - <<'PY'
+import re
+from importlib import metadata
+from pathlib import Path
+
+from packaging.requirements import Requirement
+
+pins = {}
+for line in Path("constraints.txt").read_text().splitlines():
+    if "==" in line and not line.startswith("#"):
+        name, version = line.split("==")
+        pins[re.sub(r"[-_.]+", "-", name).lower()] = version.strip()
+skip = {"torch", "triton", "numpy"}  # the image's torch and its numpy stay
+todo, seen = ["transformers", "kernels", "huggingface-hub", "tokenizers", "safetensors", "pytest"], set()
+while todo:
+    name = re.sub(r"[-_.]+", "-", todo.pop()).lower()
+    if name in seen or name in skip or name.startswith("nvidia-"):
+        continue
+    seen.add(name)
+    for text in metadata.requires(name) or []:
+        req = Requirement(text)
+        if req.marker is None or req.marker.evaluate({"extra": "", "python_version": "3.12", "python_full_version": "3.12.0"}):
+            todo.append(req.name)
+print(" ".join(f"{n}=={pins[n]}" for n in sorted(seen) if n in pins))
+PY
+)
+export DEVICE_EXTRA_WHEELS=${DEVICE_EXTRA_WHEELS:-"$closure liger-kernel==0.8.5"}
+echo "gpu_prepare: carrying $DEVICE_EXTRA_WHEELS"
 if [ -d .git ] && [ "$shared" = "$(cd .. && pwd)/shared/device" ]; then
   bash "$shared/prepare.sh"
 else
@@ -44,7 +76,7 @@ from pathlib import Path
 
 carried = {re.sub(r"[-_.]+", "_", w.name.split("-")[0]).lower() for w in Path(".device/whl").glob("*.whl")}
 need = ["mft", "transformers", "peft", "torchao", "torchdata", "omegaconf", "liger_kernel", "pytest", "pluggy",
-        "iniconfig", "pygments"]
+        "iniconfig", "pygments", "huggingface_hub", "tokenizers", "safetensors", "kernels"]
 missing = [n for n in need if n not in carried]
 for d in ("tok", "data"):
     if not any(Path(".device", d).iterdir()):
@@ -59,6 +91,8 @@ size = sum(f.stat().st_size for f in Path(".device").rglob("*") if f.is_file())
 print(f"gpu_prepare: .device/ holds {size / 2**20:.1f} MiB (the run tool carries at most 64 MiB)")
 if missing or size > 60 * 2**20:
     sys.exit(f"gpu_prepare: not ready: missing {missing}" if missing else "gpu_prepare: .device/ is too large to carry")
-print('gpu_prepare: ready. GPU session: run tool, carry [".device"], timeout_s 590, command:\n'
-      "  source .device/setup-remote.sh && bash bench/gpu_check.sh")
+print('gpu_prepare: ready. GPU session: run tool, carry [".device"], timeout_s 590, one command per part:\n'
+      "  source .device/setup-remote.sh && bash bench/gpu_check.sh bench\n"
+      "  source .device/setup-remote.sh && bash bench/gpu_check.sh bench-ac\n"
+      "  source .device/setup-remote.sh && bash bench/gpu_check.sh tests")
 PY

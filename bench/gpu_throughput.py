@@ -105,8 +105,9 @@ VARIANTS: dict[str, tuple[str, str, str, tuple[str, ...], bool]] = {
 }
 BASELINES = ("hf-padded", "hf-packed-liger")
 SETS = {
-    # what bench/gpu_check.sh runs first in its one device command, most wanted first (until its budget is spent;
-    # hf-padded, MFTCoder's stack, was measured in issue 13 and goes last)
+    # the table bench/gpu_check.sh measures, most wanted first, in two parts of three that each fit a 10-minute
+    # command (bench: mft, hf-packed-liger, mft-qlora; bench-ac: the rest; hf-padded, MFTCoder's stack, was
+    # measured in issue 13 and goes last)
     "core": ("mft", "hf-packed-liger", "mft-qlora", "mft-ac", "mft-qlora-ac", "hf-padded"),
     "all": (*BASELINES, *VARIANTS),
     "tiny": ("hf-padded", "hf-packed-liger", "mft"),

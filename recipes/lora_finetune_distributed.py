@@ -73,12 +73,12 @@ from mft_components.distributed import (
 )
 from mft_components.models import prepare_batch
 from mft_components.models.lora import adapter_to_peft_state_dict, lora_target_names, peft_adapter_config
-from mft_components.models.parallelize import gather_state_dict
+from mft_components.models.parallelize import gather_state_dict, report_compile
 from mft_components.recipe_config.schema import LoRARecipeConfig
 from mft_components.training import checkpoint as ck
 from mft_components.training.evaluate import Evaluator
 from mft_components.training.guards import EarlyStopping, NonFiniteGuard, NonFiniteLossError
-from mft_components.training.metrics import MetricLogger, ProgressBar, Throughput
+from mft_components.training.metrics import MetricLogger, ProgressBar, Throughput, read_log_step
 from mft_components.training.position import TrainingPosition
 from mft_components.training.state import gather_training_state, restore_training_state
 from mft_components.training.summary import format_summary
@@ -234,9 +234,12 @@ class LoRAFinetuneRecipe:
         start = time.perf_counter()
         self.evaluate_before_training()
         throughput = Throughput(self.device)
+        first_step = self.position.step + 1
         for host_batches in self.position.steps(stop=lambda: self.early_stopping.should_stop):
             grad_norm, lr = self.train_step(host_batches)
             self.position.advance()
+            if self.position.step == first_step:  # did compile hold? the first step's graphs and graph breaks
+                report_compile(self.model, show=self.is_rank0)
             throughput.add_step(host_batches)
             if self.log_due():
                 self.log_step(grad_norm, lr, throughput)
@@ -293,14 +296,11 @@ class LoRAFinetuneRecipe:
     def log_step(self, grad_norm: torch.Tensor, lr: float, throughput: Throughput) -> None:
         """The step's metrics (collective: every rank reduces them, rank 0 writes). Only log steps read values back
         from the device (loss, per-task losses, norm, token counts), and stop a run that went non-finite."""
-        self.finite_guard.check()
-        metrics = self.loss_fn.step_metrics()  # all-reduced: every rank sees the same loss
-        tokens_per_s = throughput.rate()
+        metrics = read_log_step(self.loss_fn, grad_norm, self.finite_guard, throughput)  # one all-reduce, one copy
         self.logger.log("train", self.position.step, {
-            **metrics, "lr": lr, "grad_norm": _item(grad_norm), "epoch": self.position.epoch,
-            "tokens_per_s": tokens_per_s, "peak_memory_gb": peak_memory_gb(self.device),
+            **metrics, "lr": lr, "epoch": self.position.epoch, "peak_memory_gb": peak_memory_gb(self.device),
         })
-        self.progress.update(self.position.step, metrics["loss"], lr, tokens_per_s)
+        self.progress.update(self.position.step, metrics["loss"], lr, metrics["tokens_per_s"])
 
     def evaluate_step(self) -> bool:
         """The evaluations due after this step (collective): CoBa's sampled validation losses, the validation loss,
@@ -416,10 +416,6 @@ class LoRAFinetuneRecipe:
         self.progress.close()
         self.code_evaluator.close()
         destroy_distributed()
-
-
-def _item(t) -> float:
-    return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
 
 
 def run(recipe: LoRAFinetuneRecipe) -> None:

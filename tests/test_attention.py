@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from mft_components.models import packed_attention
+from mft_components.models import attention, packed_attention
 from mft_components.models.attention import (
     BACKENDS,
     FLEX_ATTENTION,
@@ -203,6 +203,56 @@ def test_other_backends_forward_equal_per_sample(packed_case, attn, monkeypatch)
         expected = _per_sample_reference(samples, rows, reference)
     real = batch["sample_ids"] >= 0
     torch.testing.assert_close(packed[real], torch.cat(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_flex_attention_reads_grouped_kv_heads_in_the_kernel(packed_case, monkeypatch):
+    """mft's flex_attention (registered under transformers' name) runs grouped-query attention inside the kernel
+    (enable_gqa) when the query head count is not a power of two, where transformers' own copies the key/value
+    heads out (repeat_kv; Llama-3.2-3B: 24 query heads, 8 key/value heads). Forward on the CPU: per-sample logits
+    of sdpa, with repeat_kv made to fail; calls mft does not make (no BlockMask) still go to transformers'."""
+    from transformers import AttentionInterface, AutoModelForCausalLM, LlamaConfig
+    from transformers.integrations import flex_attention as hf_flex
+
+    assert AttentionInterface()[FLEX_ATTENTION] is packed_attention.flex_attention_forward
+    samples, rows, batch = packed_case
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=96, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=6, num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=FLEX_ATTENTION)
+    reference = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    reference.load_state_dict(model.state_dict())
+
+    def no_copies(*args, **kwargs):
+        raise AssertionError("repeat_kv: key/value heads copied out")
+
+    monkeypatch.setattr(hf_flex, "repeat_kv", no_copies)
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                       **attention_kwargs(batch, model.config)).logits
+        expected = _per_sample_reference(samples, rows, reference)
+    real = batch["sample_ids"] >= 0
+    torch.testing.assert_close(packed[real], torch.cat(expected), rtol=1e-5, atol=1e-5)
+    # a plain causal batch (transformers builds its own BlockMask) gives sdpa's logits too
+    monkeypatch.undo()
+    ids = batch["input_ids"][:1, :8]
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, use_cache=False).logits,
+                                   reference(input_ids=ids, use_cache=False).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_flex_flash_backend_only_where_it_can_run():
+    """auto asks for flex's FlashAttention backend only where this torch has it, its CuTe kernels are installed and
+    the GPU is Hopper or newer (and a probe matched the Triton backend: tests/test_gpu.py); the printed choice
+    says which backend and why. On a machine without CUDA: never."""
+    reason = attention.flex_flash_reason("cuda")
+    if not torch.cuda.is_available():
+        assert reason is not None
+    options, how = attention.flex_flash_options("cuda") if reason is not None else (None, "")
+    if reason is not None:
+        assert options is None and reason in how
+        name, why = resolve_attn_implementation("auto", "cuda")
+        assert name == FLEX_ATTENTION and f"Triton backend (FLASH: {reason})" in why
+        assert "cuda" not in attention.FLEX_KERNEL_OPTIONS
 
 
 def _sdpa_per_segment(q, k, v, cu, max_len, options):

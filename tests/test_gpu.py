@@ -121,6 +121,22 @@ def test_backends_match_sdpa(model_dir, attn):
     assert_close_bf16(runs, reference)
 
 
+def test_flex_flash_backend_where_it_runs(model_dir, capsys):
+    """Where this torch offers flex_attention's FlashAttention backend (BACKEND=FLASH, flash-attn's CuTe kernels,
+    Hopper or Blackwell) and its probe matched the Triton backend, auto uses it: losses and gradients as sdpa's,
+    compiled layers included. Elsewhere auto prints why not, and this test skips with that reason."""
+    from mft_components.models.attention import flex_flash_options
+
+    options, how = flex_flash_options(CUDA)
+    if options is None:
+        pytest.skip(f"flex_attention keeps its {how}")
+    batches = packings()
+    reference = losses_and_grads(build(model_dir, attn_implementation="sdpa", compile=False), batches)
+    model = build(model_dir)  # auto, compile: auto
+    assert "flex_attention with a block-causal BlockMask per micro-batch, FlashAttention backend" in capsys.readouterr().out
+    assert_close_bf16(losses_and_grads(model, batches), reference)
+
+
 @pytest.mark.parametrize("attn", ["auto", "varlen_attn"])
 def test_compiled_layers_match_eager_without_a_graph_per_packing(model_dir, attn, capsys):
     batches = packings(n=5)

@@ -95,3 +95,74 @@ def test_trainable_and_peft_names():
 def test_bad_rank():
     with pytest.raises(ValueError, match="rank"):
         LoRALinear(4, 4, rank=0, alpha=1)
+
+
+def _frozen_weight_copies(saved: list[torch.Tensor], weights: list[NF4Tensor]) -> list[tuple]:
+    """Saved tensors in a floating dtype with the full shape of a frozen NF4 weight (or its transpose): a dense
+    copy kept from forward to backward. The NF4 weights themselves (4-bit blocks behind a wrapper of that shape)
+    are what QLoRA keeps, and allowed."""
+    shapes = {tuple(w.shape) for w in weights} | {tuple(w.shape)[::-1] for w in weights}
+    return [(tuple(t.shape), t.dtype) for t in saved
+            if not isinstance(t, NF4Tensor) and t.is_floating_point() and tuple(t.shape) in shapes]
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_qlora_keeps_no_dense_weight_for_backward(tmp_path, compiled):
+    """QLoRA's frozen NF4 weights are dequantised again in backward, never kept dense from forward to backward,
+    eager or with whole decoder layers compiled (aot_eager: AOTAutograd partitions forward and backward as for
+    inductor; torchao's linear_nf4 there saved a bf16 copy of every weight). Losses and gradients as eager."""
+    from mft_components.models.parallelize import compile_layers
+    from mft_components.models import build_model, prepare_batch
+    from tests.test_models import _batch, _count_graphs, _randomise_lora_b
+    from tests.tiny_models import make_tiny_model_dir
+    from tests.tolerances import assert_close_rounding
+
+    model_dir = make_tiny_model_dir(tmp_path / "m", family="llama", vocab_size=1024)
+    batch = _batch(rows=2)  # 2 x 12 tokens: no activation of 24 rows has a weight's shape (32, 64 or 128 rows)
+    runs = []
+    for compile_now in sorted({False, compiled}):
+        torch.manual_seed(0)
+        model = build_model(model_dir, method="qlora", lora={"rank": 4, "alpha": 8, "target_modules": ["q_proj"]},
+                            dtype="bf16", attn_implementation="sdpa")
+        _randomise_lora_b(model)
+        weights = [p for p in model.parameters() if isinstance(p, NF4Tensor)]
+        assert len(weights) == 14  # every decoder linear: LoRA's q_proj bases and NF4Linear elsewhere
+        if compile_now:
+            graphs = _count_graphs()
+            compile_layers(model, whole=True, backend="aot_eager")
+        saved = []
+
+        def keep(t):
+            saved.append(t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            losses, _ = model(prepare_batch(batch, torch.device("cpu"), model.config))
+        losses.sum().backward()
+        if compile_now:
+            assert graphs() >= 1 and sum(torch._dynamo.utils.counters["graph_break"].values()) == 0
+        assert saved and _frozen_weight_copies(saved, weights) == []
+        runs.append((losses.detach().float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss, grads), (ref_loss, ref_grads) = runs[-1], runs[0]
+    assert grads.keys() == ref_grads.keys() and grads
+    # bf16 activations: a different fusion may round each intermediate differently, once per layer's reduction
+    assert_close_rounding(loss, ref_loss, torch.bfloat16, n=2 * 64)
+    for name in grads:
+        assert_close_rounding(grads[name], ref_grads[name], torch.bfloat16, n=2 * 64, msg=name)
+
+
+def test_nf4_linear_matches_dequantised_matmul():
+    """nf4_linear: the matmul with torchao's dequantised weight, forward and input gradient, and no weight grad."""
+    from mft_components.models.lora import nf4_linear, quantize_nf4
+
+    torch.manual_seed(0)
+    weight = quantize_nf4(torch.randn(32, 64, dtype=torch.bfloat16))
+    x = torch.randn(3, 5, 64, dtype=torch.bfloat16, requires_grad=True)
+    ref_x = x.detach().clone().requires_grad_(True)
+    out = nf4_linear(x, weight)
+    ref = F.linear(ref_x, weight.get_original_weight())
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(x.grad, ref_x.grad, rtol=0, atol=0)

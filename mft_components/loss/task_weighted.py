@@ -365,26 +365,42 @@ class TaskWeightedLoss:
         not reduced over ranks and not read back: for a device-side finiteness check every step."""
         return self._loss_sum + self._aux_sum.to(self._loss_sum.device)
 
-    def step_metrics(self, group=None) -> dict[str, float]:
+    def step_sums(self) -> torch.Tensor:
+        """This rank's sums of the step so far, float64 ``[2 + K]`` on the device, not reduced and not read back:
+        the weighted loss, the auxiliary loss and each task's loss sum (``step_metrics`` reduces them)."""
+        self._require_setup()
+        device = self._task_loss_sum.device  # where the step's losses were summed; _aux_sum may still be on the CPU
+        return torch.cat([t.reshape(-1).to(device) for t in (self._loss_sum, self._aux_sum, self._task_loss_sum)])
+
+    def step_token_counts(self) -> torch.Tensor:
+        """Loss tokens per task of the step, float64 ``[K]``, already global (``step_counts`` reduced them)."""
+        return self._step_tokens.to(self._task_loss_sum.device, torch.float64)
+
+    def step_metrics(self, group=None, values: list[float] | None = None) -> dict[str, float]:
         """Metrics of the step since ``step_counts``, reduced over ranks (every rank must call it).
+
+        Args:
+            group: the process group of the reduction.
+            values: the step's values already reduced and read back (``step_sums`` summed over ranks, then
+                ``step_token_counts``), when the caller read them with others in one copy; by default this
+                reduces ``step_sums`` and reads both back in one device-to-host copy.
 
         Returns:
             dict[str, float]: ``loss`` (the weighted step loss L), ``aux_loss`` (coef-scaled, when used) and per
             task ``loss/<task>`` (token-mean training CE; only tasks present in the step), ``tokens/<task>``
             (loss tokens) and ``weight/<task>`` (current w_t).
         """
-        self._require_setup()
-        device = self._task_loss_sum.device  # where the step's losses were summed; _aux_sum may still be on the CPU
-        packed = torch.cat([t.reshape(-1).to(device) for t in (self._loss_sum, self._aux_sum, self._task_loss_sum)])
-        all_reduce_sum(packed, group)
-        out = {"loss": float(packed[0])}
+        k = self._require_setup()
+        if values is None:
+            packed = all_reduce_sum(self.step_sums(), group)
+            values = torch.cat([packed, self.step_token_counts()]).tolist()
+        out = {"loss": float(values[0])}
         if self.router_aux_loss_coef:
-            out["aux_loss"] = float(packed[1])
-        tokens = self._step_tokens.tolist()
-        for name, loss_sum, n in zip(self.task_names, packed[2:].tolist(), tokens):
+            out["aux_loss"] = float(values[1])
+        for name, loss_sum, n in zip(self.task_names, values[2:2 + k], values[2 + k:2 + 2 * k]):
             if n > 0:
                 out[f"loss/{name}"] = loss_sum / n
-            out[f"tokens/{name}"] = n
+            out[f"tokens/{name}"] = int(n)
         for name, w in self.task_weights().items():
             out[f"weight/{name}"] = w
         return out

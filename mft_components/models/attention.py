@@ -34,14 +34,16 @@ from mft_components.models.packed_attention import (
     VARLEN_ATTN,
     block_causal_block_mask,
     cu_seqlens,
+    flex_attention_forward,
     sdpa_varlen_attention_forward,
     segment_lengths,
     segments_from_position_ids,
     varlen_attention_forward,
 )
 
-__all__ = ["AUTO", "AUTO_ORDER", "BACKENDS", "FLEX_ATTENTION", "AttentionBackend", "attention_kwargs",
-           "known_attn_implementations", "kv_cache_attention", "resolve_attn_implementation"]
+__all__ = ["AUTO", "AUTO_ORDER", "BACKENDS", "FLEX_ATTENTION", "FLEX_KERNEL_OPTIONS", "AttentionBackend",
+           "attention_kwargs", "flex_flash_options", "flex_flash_reason", "known_attn_implementations",
+           "kv_cache_attention", "resolve_attn_implementation"]
 
 AUTO = "auto"
 FLEX_ATTENTION = "flex_attention"
@@ -83,6 +85,71 @@ def kv_cache_attention(config):
 # -------------------------------------------------------------------------------------------- the backends
 
 
+# flex_attention's kernel_options per device type, as `auto` chose them (`flex_flash_options`): FlashAttention's
+# backend where it runs and matches, else torch's default (Triton).
+FLEX_KERNEL_OPTIONS: dict[str, dict[str, Any]] = {}
+FLEX_FLASH = {"BACKEND": "FLASH"}
+
+
+def flex_flash_reason(device: torch.device | str | None = None) -> str | None:
+    """Why flex_attention's FlashAttention backend (``kernel_options={"BACKEND": "FLASH"}``: FlashAttention's
+    CuTe kernels, Hopper and Blackwell) cannot train on ``device`` (None when it can): this torch has no such
+    backend, the ``flash_attn.cute`` kernels are not installed, no CUDA, or a GPU older than Hopper."""
+    try:
+        from torch.nn.attention import flex_attention as flex
+    except ImportError:
+        return f"torch {torch.__version__} has no flex_attention"
+    if "FLASH" not in getattr(getattr(flex, "_Backend", None), "__args__", ()):
+        return f"torch {torch.__version__}'s flex_attention has no FLASH backend"
+    if not torch.cuda.is_available():
+        return "needs CUDA"
+    try:
+        found = importlib.util.find_spec("flash_attn.cute") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        return "flash-attn's CuTe kernels (flash_attn.cute) are not installed"
+    return gpu_too_old("flex_attention's FLASH backend", (9, 0), device)
+
+
+def flex_flash_probe(device: torch.device | str, heads: int = 6, kv_heads: int = 2, length: int = 384) -> str | None:
+    """Run flex_attention with the FLASH backend on a small packed, grouped-query problem (bf16, forward and
+    backward) and compare it with the default backend; None when it ran and matched (bf16 rounding of a reduction
+    over the row: 2 x length x eps), else why not."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    try:
+        g = torch.Generator(device=device).manual_seed(0)
+        q = torch.randn(1, heads, length, 64, device=device, dtype=torch.bfloat16, generator=g)
+        k, v = (torch.randn(1, kv_heads, length, 64, device=device, dtype=torch.bfloat16, generator=g) for _ in range(2))
+        ids = torch.repeat_interleave(torch.arange(3, device=device), length // 3)[None]
+        mask = block_causal_block_mask(ids)
+        results = []
+        for options in (FLEX_FLASH, None):
+            leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+            out = torch.compile(flex_attention)(*leaves, block_mask=mask, enable_gqa=True, kernel_options=options)
+            out.float().square().sum().backward()
+            results.append([out.detach().float()] + [t.grad.float() for t in leaves])
+        tolerance = 2 * length * torch.finfo(torch.bfloat16).eps
+        for name, got, want in zip(("output", "dq", "dk", "dv"), *results):
+            if (got - want).norm() > tolerance * want.norm():
+                return f"its {name} differs from the Triton backend's by {float((got - want).norm() / want.norm()):.2e}"
+    except Exception as e:  # noqa: BLE001 - any failure means: not this backend
+        return f"it failed on a test problem: {type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+    return None
+
+
+def flex_flash_options(device: torch.device | str) -> tuple[dict[str, Any] | None, str]:
+    """flex_attention's kernel_options under ``auto`` on ``device``: FLASH where ``flex_flash_reason`` allows it and
+    ``flex_flash_probe`` matched, else None (torch's default); and what to print."""
+    reason = flex_flash_reason(device)
+    if reason is None:
+        reason = flex_flash_probe(device)
+    if reason is None:
+        return dict(FLEX_FLASH), "FlashAttention backend (kernel_options BACKEND=FLASH)"
+    return None, f"Triton backend (FLASH: {reason})"
+
+
 def _sliding_window(config) -> int | None:
     """The sliding window of a config's sliding-attention layers, or None when no layer slides."""
     window = getattr(config, "sliding_window", None)
@@ -121,7 +188,11 @@ def _block_mask_inputs(batch: dict, config, host: dict | None) -> dict:
             f"data.seq_len <= {window} or attn_implementation: flash_attention_2 / sdpa"
         )
     # A 4-D mask passes through transformers' mask construction unchanged (masking_utils: early exit).
-    return {"attention_mask": block_causal_block_mask(ids)}
+    inputs = {"attention_mask": block_causal_block_mask(ids)}
+    options = FLEX_KERNEL_OPTIONS.get(ids.device.type)
+    if options:
+        inputs["kernel_options"] = options
+    return inputs
 
 
 def _cu_seqlens_inputs(batch: dict, config, host: dict | None) -> dict:
@@ -252,7 +323,14 @@ def resolve_attn_implementation(name: str | None, device: torch.device | str) ->
             reason = BACKENDS[candidate].missing()
             if reason is None:
                 skipped = f" (not available: {'; '.join(tried)})" if tried else ""
-                return candidate, f"auto on {device_type}: {BACKENDS[candidate].how}{skipped}"
+                how = BACKENDS[candidate].how
+                if candidate == FLEX_ATTENTION:  # its FlashAttention backend where it runs and matches
+                    options, kernel = flex_flash_options(device)
+                    FLEX_KERNEL_OPTIONS.pop(device_type, None)
+                    if options:
+                        FLEX_KERNEL_OPTIONS[device_type] = options
+                    how = f"{how}, {kernel}"
+                return candidate, f"auto on {device_type}: {how}{skipped}"
             tried.append(f"{candidate}: {reason}")
         return "sdpa", f"auto on {device_type}: {BACKENDS['sdpa'].how} (not available: {'; '.join(tried)})"
     if name not in known_attn_implementations():
@@ -272,6 +350,8 @@ def resolve_attn_implementation(name: str | None, device: torch.device | str) ->
     reason = backend.missing()
     if reason is not None:
         raise ValueError(f"model.attn_implementation: {name} cannot run here: {reason}; use auto")
+    if name == FLEX_ATTENTION:  # set by hand: torch's default kernels (auto may choose FlashAttention's)
+        FLEX_KERNEL_OPTIONS.pop(device_type, None)
     return name, f"{name} (set in the config): {backend.how}"
 
 
@@ -308,9 +388,12 @@ def _register() -> None:
     # Attention functions only: with no mask function registered under these names, transformers builds no mask
     # and skips its packed-sequence detection, which reads a value back from the device (masking_utils:
     # "custom attention without equivalent mask creation").
+    # flex_attention: mft's function in place of transformers' (same name, so configs, masks and generation's
+    # swap to sdpa are unchanged); it hands every call that is not a packed training row back to transformers'.
     from transformers import AttentionInterface
 
-    for name, function in ((SDPA_VARLEN, sdpa_varlen_attention_forward), (VARLEN_ATTN, varlen_attention_forward)):
+    for name, function in ((SDPA_VARLEN, sdpa_varlen_attention_forward), (VARLEN_ATTN, varlen_attention_forward),
+                           (FLEX_ATTENTION, flex_attention_forward)):
         AttentionInterface.register(name, function)
 
 

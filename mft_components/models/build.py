@@ -36,6 +36,8 @@ from mft_components.models.lora import (
 from mft_components.models.model import MFTModel, decoder_layers
 from mft_components.models.moe import num_experts
 from mft_components.models.parallelize import (
+    COMPILE_SCOPES,
+    CompileWatch,
     activation_checkpointing_mode,
     apply_activation_checkpointing,
     compile_layers,
@@ -273,6 +275,8 @@ def build_model(
         apply_activation_checkpointing(model, checkpointing)
         if scope != "off":
             compile_layers(model, whole=scope == "layers")
+    if scope != "off":  # the compile label is checked against dynamo's counters once a step has run
+        model.compile_watch = CompileWatch(model, COMPILE_SCOPES[scope], auto=compile == "auto")
     load_weights(model, param_owners, device, torch_dtype)
     _print_param_counts(model)
     return model

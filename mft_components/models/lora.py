@@ -11,7 +11,8 @@
 The base weight keeps the name `weight` (and `bias`), so a Hugging Face state dict loads into a model whose
 `nn.Linear`s were swapped for `LoRALinear`s without renaming. With `quantize_base=True` the weight is a
 torchao `NF4Tensor` (QLoRA): 4-bit blocks of 64 values plus double-quantised scales; the matmul runs through
-torchao's `linear_nf4`, which dequantises on the fly and never needs a gradient for the base.
+`nf4_linear`, which dequantises on the fly, never needs a gradient for the base and dequantises again in backward
+(never keeping a dense copy of the weight from forward to backward, eager or compiled).
 
 Adapter checkpoints use PEFT's key names (`base_model.model.<module path>.lora_A.weight`) so that
 `peft.PeftModel.from_pretrained(hf_model, dir)` loads what we train.
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchao.quantization import to_nf4
 from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor as _torchao_nf4
-from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor, linear_nf4
+from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor, SubclassTensorArgs
 
 
 class LoRAOptions(TypedDict, total=False):
@@ -87,6 +88,63 @@ def quantize_nf4(weight: torch.Tensor) -> NF4Tensor:
     if sizes is None:
         raise ValueError(f"cannot quantise a weight of shape {tuple(weight.shape)} to NF4: numel must be a multiple of 64")
     return to_nf4(weight.contiguous(), block_size=sizes[0], scaler_block_size=sizes[1])
+
+
+# --------------------------------------------------------------------------------------- the NF4 matmul
+#
+# torchao's linear_nf4 saves the NF4 weight and dequantises it again in backward (for the input's gradient). Under
+# torch.compile, AOTAutograd traces forward and backward into one graph, merges the two identical
+# dequantisations and, partitioning it, saves the forward's dense bf16 copy for backward instead: every frozen
+# weight of the compiled layers, in bf16, held from forward to backward (5.6 GB for a 3B model). nf4_linear's
+# backward dequantises through a custom op that the compiler cannot see into, so it cannot be merged with the
+# forward's (traced, fusible) dequantisation and the only tensors kept for backward are the 4-bit ones.
+
+
+@torch.library.custom_op("mft::nf4_dequantize", mutates_args=())
+def _nf4_dequantize(quantized_data: torch.Tensor, quantized_scalers: torch.Tensor, quantization_factor: torch.Tensor,
+                    scaler_mean: torch.Tensor, nf4: torch.Tensor, rows: int, cols: int, block_size: int,
+                    n_blocks: int, scaler_block_size: int, weight_dtype: torch.dtype,
+                    out_dtype: torch.dtype) -> torch.Tensor:
+    """torchao's dequantisation (``NF4Tensor.get_original_weight``) of an NF4 weight given as its parts."""
+    meta = SubclassTensorArgs(torch.Size([rows, cols]), (cols, 1), 0, weight_dtype, quantized_data.device, False)
+    weight = NF4Tensor(meta, block_size, n_blocks, scaler_block_size, quantized_scalers, quantization_factor,
+                       scaler_mean, quantized_data, nf4)
+    return weight.get_original_weight().to(out_dtype)
+
+
+@_nf4_dequantize.register_fake
+def _(quantized_data, quantized_scalers, quantization_factor, scaler_mean, nf4, rows, cols, block_size, n_blocks,
+      scaler_block_size, weight_dtype, out_dtype):
+    return quantized_data.new_empty((rows, cols), dtype=out_dtype)
+
+
+def nf4_dequantize_opaque(weight: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``weight`` dequantised to ``dtype`` by ``mft::nf4_dequantize``: one op to the compiler, recomputed where it
+    is called instead of shared with another dequantisation of the same weight."""
+    rows, cols = weight.shape
+    return _nf4_dequantize(weight.quantized_data, weight.quantized_scalers, weight.quantization_factor,
+                           weight.scaler_mean, weight.nf4, rows, cols, weight.block_size, weight.n_blocks,
+                           weight.scaler_block_size, weight.dtype, dtype)
+
+
+class _NF4Linear(torch.autograd.Function):
+    """``x @ W^T`` for a frozen NF4 ``W``: forward dequantises as torchao does (traced and fused by the compiler),
+    backward dequantises again through the opaque op; only the NF4 weight is saved."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: NF4Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return F.linear(x, weight.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        return grad_output @ nf4_dequantize_opaque(weight, grad_output.dtype), None
+
+
+def nf4_linear(x: torch.Tensor, weight: NF4Tensor) -> torch.Tensor:
+    """``x @ W^T`` with a frozen NF4 weight; keeps the 4-bit weight, not a dense copy, for backward."""
+    return _NF4Linear.apply(x, weight)
 
 
 class LoRALinear(nn.Module):
@@ -159,7 +217,7 @@ class LoRALinear(nn.Module):
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen layer alone: x W^T + b."""
         if isinstance(self.weight, NF4Tensor):
-            out = linear_nf4(x, self.weight)
+            out = nf4_linear(x, self.weight)
         else:
             out = F.linear(x, self.weight)
         if self.bias is not None:
@@ -360,7 +418,7 @@ class NF4Linear(nn.Module):
                    dtype=linear.weight.dtype, device=linear.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = linear_nf4(x, self.weight)
+        out = nf4_linear(x, self.weight)
         return out + self.bias if self.bias is not None else out
 
     def extra_repr(self) -> str:

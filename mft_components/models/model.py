@@ -39,6 +39,7 @@ class MFTModel(nn.Module):
         self.model_dir = str(model_dir)
         self.attn_implementation = getattr(hf_model.config, "_attn_implementation", None)
         self.compile_scope = "off"  # build_model records what it compiled (parallelize.COMPILE_SCOPES)
+        self.compile_watch = None  # and whether it ran compiled (parallelize.CompileWatch, reported after a step)
 
     @property
     def config(self):

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["SDPA_VARLEN", "VARLEN_ATTN", "segment_lengths", "segments_from_position_ids", "cu_seqlens",
-           "block_causal_block_mask", "sdpa_varlen_attention_forward", "varlen_attention_forward", "varlen_options"]
+           "block_causal_block_mask", "flex_attention_forward", "sdpa_varlen_attention_forward",
+           "varlen_attention_forward", "varlen_options"]
 
 SDPA_VARLEN = "sdpa_varlen"
 VARLEN_ATTN = "varlen_attn"
@@ -327,3 +328,41 @@ def varlen_attention_forward(
     max_len = int(max_length_q or length)
     out = _varlen_kernel(q, k, v, cu_seq_lens_q, max_len, options)
     return out.reshape(batch, length, heads, -1), None
+
+
+def flex_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function registered as ``flex_attention``: mft's packed rows (a ``BlockMask``, no
+    logit softcapping, attention sinks, position bias or dropout, no KV cache) call ``flex_attention`` with
+    ``enable_gqa``, so each group of query heads reads its key/value head inside the kernel. transformers' own
+    function copies the key/value heads out to one per query head (``repeat_kv``) whenever the query head count
+    is not a power of two (Llama-3.2-3B: 24 query heads, 8 key/value heads): three times the key/value memory
+    and traffic, forward and backward. Every other call goes to transformers' function unchanged.
+
+    ``kernel_options`` (from ``attention_kwargs``: flex's FlashAttention backend where ``auto`` chose it) pass
+    through. Outside a compiled layer flex_attention runs compiled (transformers' ``compile_friendly_flex_attention``).
+
+    Returns:
+        (attention output ``[B, T, H, D]``, None).
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+    from transformers.integrations import flex_attention as hf_flex
+
+    packed = (isinstance(attention_mask, BlockMask) and not dropout and key.shape[2] == query.shape[2]
+              and all(kwargs.get(k) is None for k in ("softcap", "s_aux", "position_bias")))
+    if not packed:
+        return hf_flex.flex_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                              dropout=dropout, **kwargs)
+    out = hf_flex.compile_friendly_flex_attention(
+        query, key, value, block_mask=attention_mask, enable_gqa=key.shape[1] != query.shape[1], scale=scaling,
+        kernel_options=kwargs.get("kernel_options"), training=module.training,
+    )
+    return out.transpose(1, 2).contiguous(), None

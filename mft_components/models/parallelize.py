@@ -13,6 +13,10 @@ NF4 weights shard too: torchao's `NF4Tensor` implements FSDP2's `fsdp_pre_all_ga
 
 from __future__ import annotations
 
+import logging
+import sys
+import types
+
 import torch
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
@@ -33,8 +37,8 @@ from mft_components.distributed import get_rank, get_world_size
 from mft_components.models.lora import NF4Tensor, hf_key, to_nf4
 
 __all__ = ["ACTIVATION_CHECKPOINTING", "COMPILE_SCOPES", "activation_checkpointing_mode",
-           "apply_activation_checkpointing", "resolve_compile", "compile_layers", "shard_model", "reshard",
-           "make_param_like", "gather_state_dict"]
+           "apply_activation_checkpointing", "resolve_compile", "compile_layers", "remove_hub_kernel_routing",
+           "CompileWatch", "report_compile", "shard_model", "reshard", "make_param_like", "gather_state_dict"]
 
 
 def _device_mesh():
@@ -158,14 +162,18 @@ def resolve_compile(value, device: torch.device | str, static_attention: bool, m
     return scope, f"{COMPILE_SCOPES[scope]} ({why})"
 
 
-def compile_layers(model: nn.Module, whole: bool = False) -> list[str]:
+def compile_layers(model: nn.Module, whole: bool = False, backend: str = "inductor") -> list[str]:
     """`torch.compile` each decoder layer in place: whole (``whole=True``) or its norms and dense MLP; returns
-    the compiled child names (``["forward"]`` for whole layers).
+    the compiled child names (``["forward"]`` for whole layers). ``backend``: torch.compile's (the CPU tests use
+    ``aot_eager``: dynamo and AOTAutograd as on a GPU, without generating kernels).
 
     Whole layers: each layer's ``forward`` is compiled, attention included; for backends whose per-micro-batch
     inputs are tensors of a fixed shape (BlockMask, cu_seqlens, sdpa's mask) one graph serves every packing
     (tests/test_models.py counts them). Compiling ``forward`` rather than the module keeps FSDP2's hooks,
-    which run around ``forward``, out of the graph, and activation checkpointing inside it.
+    which run around ``forward``, out of the graph, and activation checkpointing inside it: dynamo traces the
+    checkpoint as a higher-order op, so the recomputation is compiled too. That needs a layer body without
+    Python side effects, which is why the hub-kernel routing wrappers come off first
+    (``remove_hub_kernel_routing``).
 
     Norms and MLP: the attention module stays eager when ``sdpa_varlen`` calls SDPA once per sample (its Python
     control flow depends on the sample lengths of each micro-batch: a compiled layer would recompile for every
@@ -173,11 +181,13 @@ def compile_layers(model: nn.Module, whole: bool = False) -> list[str]:
     compiled children are where the elementwise work is (RMSNorm's float32 round trip, SiLU x up, LoRA's scale
     and sum), and AOTAutograd recomputes such cheap ops in backward instead of saving them.
     ``nn.Module.compile`` and an instance ``forward`` keep parameter names, so checkpoints and FSDP2 groups do
-    not change.
+    not change. Whether dynamo really compiled them is ``CompileWatch``'s to say, once a step has run.
     """
+    for layer in model.decoder_layers():
+        remove_hub_kernel_routing(layer)
     if whole:
         for layer in model.decoder_layers():
-            layer.forward = torch.compile(layer.forward)
+            layer.forward = torch.compile(layer.forward, backend=backend)
         return ["forward"]
     compiled = set()
     for layer in model.decoder_layers():
@@ -185,9 +195,143 @@ def compile_layers(model: nn.Module, whole: bool = False) -> list[str]:
             attention = type(child).__name__.endswith(("Attention", "Attn")) or name in ("self_attn", "attention")
             if attention or hasattr(child, "experts") or next(child.parameters(), None) is None:
                 continue
-            child.compile()
+            child.compile(backend=backend)
             compiled.add(name)
     return sorted(compiled)
+
+
+def remove_hub_kernel_routing(module: nn.Module) -> int:
+    """Give every submodule whose class ``forward`` the ``kernels`` package wrapped (transformers' attention
+    classes: ``@use_kernelized_func(apply_rotary_pos_emb)``) its own, unwrapped forward; returns how many.
+
+    The wrapper routes calls of a hub kernel function to the module's private copy through a global
+    ``CompileableContextVar`` that it sets and resets on every call. mft never loads hub kernels
+    (``kernels.kernelize``), so the routing does nothing here, but under ``torch.compile`` its mutation of that
+    global is a side effect: inside activation checkpointing (a higher-order op) dynamo refuses it ("HOP: Unsafe
+    side effect ... CompileableContextVar") and the layer runs eagerly, and after a flex_attention call dynamo
+    (torch 2.13) leaves the global set, so the next layer's guard fails and recompiles. The attention computed is
+    the same with and without the wrapper.
+    """
+    count = 0
+    for child in module.modules():
+        forward = type(child).forward
+        if "_kernel_funcs" in child.__dict__ and "forward" not in child.__dict__ and hasattr(forward, "__wrapped__"):
+            child.forward = types.MethodType(forward.__wrapped__, child)
+            count += 1
+    return count
+
+
+def _dynamo_counts() -> tuple[int, dict[str, int], int]:
+    """(graphs compiled, graph breaks by reason, frames that failed to compile) so far in this process."""
+    from torch._dynamo.utils import counters
+
+    failed = counters["frames"]["total"] - counters["frames"]["ok"]
+    return counters["stats"]["unique_graphs"], dict(counters["graph_break"]), failed
+
+
+class _SuppressedErrors(logging.Handler):
+    """Collects the compile errors dynamo suppresses (``suppress_errors``: ``compile: auto``) while attached."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.reasons: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        error = record.exc_info[1] if record.exc_info else None
+        text = f"{type(error).__name__}: {error}" if error is not None else record.getMessage()
+        self.reasons.append(text.strip().splitlines()[0][:300] if text.strip() else "compile error")
+
+
+class CompileWatch:
+    """Checks that the compile a run announced ran: graphs and graph breaks per decoder layer, from dynamo's
+    counters, while the layers run until :meth:`report` (the recipe calls it after the first optimizer step).
+
+    A forward pre-hook and a forward hook on each decoder layer read ``torch._dynamo.utils.counters`` around the
+    layer's call (compilation happens inside it, in forward; the calls are sequential), so each graph, graph
+    break and suppressed compile error is put down to the layer that caused it. The hooks come off at the report.
+
+    Args:
+        model: the MFTModel whose layers ``compile_layers`` compiled.
+        label: what the run said it compiles (``COMPILE_SCOPES[scope]``), repeated in the report.
+        auto: ``model.compile: auto`` (errors suppressed: a layer that fails runs eagerly).
+    """
+
+    def __init__(self, model: nn.Module, label: str, auto: bool):
+        self.label, self.auto = label, auto
+        self.start = _dynamo_counts()
+        self.layers = [{"graphs": 0, "breaks": {}, "errors": []} for _ in model.decoder_layers()]
+        self._handles = []
+        self._pending: dict[int, tuple] = {}
+        for i, layer in enumerate(model.decoder_layers()):
+            self._handles.append(layer.register_forward_pre_hook(lambda *_, i=i: self._enter(i)))
+            self._handles.append(layer.register_forward_hook(lambda *_, i=i: self._exit(i)))
+
+    def _enter(self, i: int) -> None:
+        handler = _SuppressedErrors()
+        logging.getLogger("torch._dynamo.convert_frame").addHandler(handler)
+        self._pending[i] = (_dynamo_counts(), handler)
+
+    def _exit(self, i: int) -> None:
+        (graphs, breaks, failed), handler = self._pending.pop(i)
+        logging.getLogger("torch._dynamo.convert_frame").removeHandler(handler)
+        now_graphs, now_breaks, now_failed = _dynamo_counts()
+        stats = self.layers[i]
+        stats["graphs"] += now_graphs - graphs
+        for reason, n in now_breaks.items():
+            if n > breaks.get(reason, 0):
+                stats["breaks"][reason] = stats["breaks"].get(reason, 0) + n - breaks.get(reason, 0)
+        if now_failed > failed:
+            stats["errors"] += handler.reasons or [f"{now_failed - failed} frame(s) failed to compile"]
+
+    def report(self) -> tuple[bool, str]:
+        """Stop watching; (whether every layer ran compiled, the lines to print).
+
+        A layer ran compiled when its calls caused no graph break and no compile error (a layer whose calls
+        compiled no graph reuses an earlier layer's); the run as a whole must have compiled at least one graph.
+        """
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        graphs, breaks, failed = _dynamo_counts()
+        graphs -= self.start[0]
+        n_breaks = sum(breaks.values()) - sum(self.start[1].values())
+        problems, first_bad = [], None
+        for i, stats in enumerate(self.layers):
+            reasons = [f"graph break x{n}: {_break_reason(r)}" for r, n in stats["breaks"].items()] + stats["errors"]
+            if reasons:
+                problems.append(f"layer {i}: {'; '.join(reasons)}")
+                first_bad = i if first_bad is None else first_bad
+            elif first_bad is not None and stats["graphs"] == 0:  # the same code as the layer that broke
+                problems.append(f"layer {i}: runs layer {first_bad}'s compiled code, with its graph breaks")
+        head = (f"compile check after the first step: {graphs} graph{'s' * (graphs != 1)}, {n_breaks} graph "
+                f"break{'s' * (n_breaks != 1)}, {failed - self.start[2]} failed frame(s) ({self.label})")
+        if graphs == 0 and not problems:
+            problems.append("no graph was compiled (dynamo skipped every layer)")
+        if not problems:
+            return True, f"{head}: every decoder layer runs compiled"
+        fallback = "falls back to eager there" if self.auto else "runs eagerly there (compile: true)"
+        return False, f"{head}\nwarning: compile did not hold, the run {fallback}:\n  " + "\n  ".join(problems)
+
+
+def _break_reason(text: str) -> str:
+    """A graph break counter key (dynamo's message) in one line: its first line and its explanation."""
+    lines = [line.strip() for line in text.strip().splitlines()]
+    explanation = next((line for line in lines if line.startswith("Explanation:")), "")
+    return " ".join(filter(None, [lines[0] if lines else "?", explanation]))[:300]
+
+
+def report_compile(model: nn.Module, show: bool = True) -> bool:
+    """Print what ``model.compile_watch`` saw (rank 0: ``show``), once; True when every layer ran compiled or
+    nothing was to be compiled. A layer that fell back to eager is a warning on stderr naming it and why."""
+    watch = getattr(model, "compile_watch", None)
+    if watch is None:
+        return True
+    model.compile_watch = None
+    ok, text = watch.report()
+    if show:
+        print("\n".join(f"[mft] {line}" if not line.startswith("  ") else line for line in text.splitlines()),
+              file=sys.stdout if ok else sys.stderr, flush=True)
+    return ok
 
 
 def shard_model(

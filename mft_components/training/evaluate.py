@@ -47,32 +47,40 @@ def evaluate(model: torch.nn.Module, loader: Iterable[dict], task_names: list[st
     """Per-task validation loss (token-mean per task) over the whole validation split, summed over ranks.
 
     Collective: every rank calls it. A rank that runs out of batches before the others keeps stepping with an
-    all-padding copy of its last batch, because FSDP's forward is itself collective.
+    all-padding copy of its last batch, because FSDP's forward is itself collective. Each batch goes through the
+    training path's ``prepare_batch`` (loss positions and attention boundaries from the host copy), so no batch
+    makes the host wait for the device; the sums are read back once, at the end.
 
     Args:
-        model: the ``MFTModel`` (``forward(batch) -> (token_losses, aux)``).
-        loader: this rank's validation batches.
+        model: the ``MFTModel`` (``forward(batch) -> (token_losses, aux)``, ``config``).
+        loader: this rank's validation batches, on the host (collator output).
         task_names: index -> task name.
         device: where the batches go.
 
     Returns:
         An :class:`EvalResult`; tasks without validation tokens are left out.
     """
+    from mft_components.models import prepare_batch  # models imports this module's neighbours, not this module
+
     was_training = model.training
     model.eval()
     sums = torch.zeros(len(task_names), dtype=torch.float64, device=device)
     counts = torch.zeros(len(task_names), dtype=torch.float64, device=device)
     batches = list(loader)
-    n = torch.tensor([len(batches)], device=device)
+    n = len(batches)
     if is_distributed():
-        dist.all_reduce(n, op=dist.ReduceOp.MAX)
-    for i in range(int(n.item())):
+        n_all = torch.tensor([n], device=device)
+        dist.all_reduce(n_all, op=dist.ReduceOp.MAX)
+        n = int(n_all.item())
+    for i in range(n):
         if not batches:
             raise RuntimeError("evaluate: this rank got no validation batch while others did; the validation "
                                "loader must give every rank at least one (possibly all-padding) batch")
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batches[min(i, len(batches) - 1)].items()}
+        host = batches[min(i, len(batches) - 1)]
         if i >= len(batches):  # padding pass: same shapes, no loss tokens
-            batch["labels"] = torch.full_like(batch["labels"], -100)
+            host = {**host, "labels": torch.full_like(host["labels"], -100)}
+        # as in training: loss positions and attention boundaries from the host copy, so nothing is read back
+        batch = prepare_batch(host, device, model.config)
         token_losses, _ = model(batch, **(forward_kwargs or {}))
         batch_sums, batch_counts = task_loss_sums(token_losses, batch, len(task_names))
         sums += batch_sums
@@ -82,13 +90,16 @@ def evaluate(model: torch.nn.Module, loader: Iterable[dict], task_names: list[st
         all_reduce_sum(counts)
         reshard(model)
     model.train(was_training)
-    task_loss = {name: (sums[i] / counts[i]).item() for i, name in enumerate(task_names) if counts[i] > 0}
-    total = counts.sum().item()
+    values = torch.cat([sums, counts]).tolist()  # the evaluation's one device-to-host copy
+    k = len(task_names)
+    sums_host, counts_host = values[:k], values[k:]
+    task_loss = {name: sums_host[i] / counts_host[i] for i, name in enumerate(task_names) if counts_host[i] > 0}
+    total = sum(counts_host)
     return EvalResult(
         loss=sum(task_loss.values()) / max(1, len(task_loss)) if task_loss else math.nan,
-        token_loss=(sums.sum() / counts.sum()).item() if total > 0 else math.nan,
+        token_loss=sum(sums_host) / total if total > 0 else math.nan,
         task_loss=task_loss,
-        task_tokens={name: int(counts[i].item()) for i, name in enumerate(task_names) if counts[i] > 0},
+        task_tokens={name: int(counts_host[i]) for i, name in enumerate(task_names) if counts_host[i] > 0},
     )
 
 

@@ -152,15 +152,23 @@ class NonFiniteGuard:
         self._first = torch.where(first_bad, record, self._first)
         self.optimizer.found_inf = (bad > 0).float().reshape(())  # the fused kernel skips the update when 1
 
-    def check(self) -> None:
-        """Raise for the first non-finite step since the last check (deferred mode; reads one small tensor).
+    def pending(self, device: torch.device | str) -> torch.Tensor:
+        """float64 ``[3]`` on ``device``: [step, loss, gradient norm] of the first non-finite step since the last
+        check, NaN when none (or in immediate mode): for a caller that reads it back with other values at once."""
+        if self._first is None:
+            return torch.full((3,), math.nan, dtype=torch.float64, device=device)
+        return self._first.to(device)
+
+    def check(self, values: list[float] | None = None) -> None:
+        """Raise for the first non-finite step since the last check (deferred mode; reads one small tensor, or
+        takes ``values``: ``pending()`` as read back by the caller).
 
         Raises:
             NonFiniteLossError: naming that step, its loss and gradient norm, and the tasks in its micro-batches.
         """
         if self._first is None:
             return
-        step, loss, grad_norm = self._first.tolist()
+        step, loss, grad_norm = values if values is not None else self._first.tolist()
         tasks, self._tasks = self._tasks, {}
         if math.isnan(step):
             return

@@ -24,9 +24,10 @@ from typing import Any
 
 import torch
 
+from mft_components.device import to_device
 from mft_components.distributed import all_reduce_sum, is_distributed
 
-__all__ = ["MetricLogger", "ProgressBar", "Throughput"]
+__all__ = ["MetricLogger", "ProgressBar", "Throughput", "read_log_step"]
 
 
 class MetricLogger:
@@ -140,12 +141,47 @@ class Throughput:
         finally:
             self._t += time.perf_counter() - start
 
-    def rate(self) -> float:
-        """Real tokens per second of all ranks since the last call (collective: every rank calls it)."""
-        tokens = self._tokens
-        if is_distributed():
+    @property
+    def tokens(self) -> int:
+        """This rank's real tokens since the last :meth:`rate`."""
+        return self._tokens
+
+    def rate(self, total_tokens: int | None = None) -> float:
+        """Real tokens per second of all ranks since the last call (collective: every rank calls it, unless it
+        passes ``total_tokens``, :attr:`tokens` already summed over the ranks)."""
+        tokens = self._tokens if total_tokens is None else int(total_tokens)
+        if total_tokens is None and is_distributed():
             tokens = int(all_reduce_sum(torch.tensor([tokens], device=self.device)).item())
         now = time.perf_counter()
         rate = tokens / max(now - self._t, 1e-9)
         self._t, self._tokens = now, 0
         return rate
+
+
+def read_log_step(loss_fn: Any, grad_norm: torch.Tensor, guard: "NonFiniteGuard", throughput: Throughput,
+                  group=None) -> dict[str, float]:
+    """Everything a log step reports, with one all-reduce and one device-to-host copy (collective).
+
+    The loss's per-task sums and this rank's token count are summed over ranks together; with the step's task
+    token counts, the global gradient norm and the non-finite guard's record they come back in one ``tolist()``,
+    the only point of the step where the host waits for the device.
+
+    Returns:
+        ``loss_fn.step_metrics()``'s values plus ``grad_norm`` and ``tokens_per_s``.
+
+    Raises:
+        NonFiniteLossError: a step since the last check was not finite (``guard.check``).
+    """
+    sums = loss_fn.step_sums()
+    device = sums.device
+    summed = all_reduce_sum(torch.cat([sums, to_device(torch.tensor([float(throughput.tokens)], dtype=torch.float64),
+                                                       device)]), group)
+    norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    counts = loss_fn.step_token_counts()
+    values = torch.cat([summed, counts, norm.detach().double().reshape(1).to(device), guard.pending(device)]).tolist()
+    n_sums, n_counts = sums.numel(), counts.numel()
+    guard.check(values[-3:])
+    metrics = loss_fn.step_metrics(values=values[:n_sums] + values[n_sums + 1:n_sums + 1 + n_counts])
+    metrics["grad_norm"] = values[n_sums + 1 + n_counts]
+    metrics["tokens_per_s"] = throughput.rate(total_tokens=int(values[n_sums]))
+    return metrics
