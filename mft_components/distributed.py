@@ -77,11 +77,11 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
-def end_worker() -> None:
-    """Under torchrun, end this worker now that its work is done and its process group destroyed, without the
-    interpreter's finalization: torch's gloo backend can abort there ("terminate called without an active
-    exception", SIGABRT; pytorch/pytorch#179291), which torchrun reports as a failed run after a finished one.
-    Output is flushed first. Outside torchrun (a process that started no group) it does nothing."""
+def end_worker(exit_code: int = 0) -> None:
+    """Under torchrun, end this worker with ``exit_code`` now that its work is done and its process group destroyed,
+    without the interpreter's finalization: torch's gloo backend can abort there ("terminate called without an
+    active exception", SIGABRT; pytorch/pytorch#179291), which torchrun reports as a failed run after a finished
+    one. Output is flushed first. Outside torchrun (a process that started no group) it does nothing."""
     if "TORCHELASTIC_RUN_ID" not in os.environ and "WORLD_SIZE" not in os.environ:
         return
     logging.shutdown()
@@ -90,7 +90,7 @@ def end_worker() -> None:
             stream.flush()
         except (OSError, ValueError):
             pass
-    os._exit(0)
+    os._exit(exit_code)
 
 
 class _Heartbeat(threading.Thread):
@@ -187,6 +187,31 @@ def run_in_step(fn, poll_s: float = 1.0):
             done = all_reduce_sum(torch.tensor([1.0 if future.done() else 0.0]))
             if int(done.item()) == world:
                 return future.result()
+
+
+def decided_by_rank0(fn, errors: tuple[type[BaseException], ...] = ()):
+    """``fn()`` on rank 0 (in step: the others meet it in a one-number all-reduce each second, as in
+    :func:`run_in_step`), and its result on every rank; one of ``errors`` raised there is raised again, with its
+    message, on every rank (single process: just ``fn()``).
+
+    For a decision that reads files once for all ranks (which checkpoint to resume, whether another run holds
+    output_dir), however long the reading takes.
+    """
+    if not is_distributed():
+        return fn()
+    answer: list = [None]
+
+    def decide() -> None:
+        try:
+            answer[0] = ("value", fn())
+        except errors as e:
+            answer[0] = ("error", type(e), str(e))
+
+    run_in_step(decide if get_rank() == 0 else lambda: None)
+    dist.broadcast_object_list(answer, src=0)
+    if answer[0][0] == "error":
+        raise answer[0][1](answer[0][2])
+    return answer[0][1]
 
 
 def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:

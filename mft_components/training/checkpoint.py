@@ -39,11 +39,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 from safetensors.torch import load_file, save_file
 
-from mft_components.distributed import get_rank, is_distributed, run_in_step
+from mft_components.distributed import decided_by_rank0
 from mft_components.models.lora import hf_key, peft_to_adapter_state_dict
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "META_FILE", "STATE_FILE", "CheckpointError", "ResumeError",
@@ -268,22 +267,8 @@ def resolve_resume(resume: str | os.PathLike | None, output_dir: str | os.PathLi
         ResumeError: a given path is not a finished, intact checkpoint with a recipe state; ``resume: auto``
             finds only damaged checkpoints; or ``output_dir`` holds checkpoints beyond the one this run starts from.
     """
-    if not is_distributed():
-        return _resolve_resume(resume, output_dir)
-    answer: list[Any] = [None]
-
-    def decide() -> None:  # reads every file of the checkpoint: the others wait in step, not in the broadcast
-        try:
-            answer[0] = ("path", _resolve_resume(resume, output_dir))
-        except ResumeError as e:
-            answer[0] = ("error", str(e))
-
-    run_in_step(decide if get_rank() == 0 else lambda: None)
-    dist.broadcast_object_list(answer, src=0)
-    kind, value = answer[0]
-    if kind == "error":
-        raise ResumeError(value)
-    return value
+    # Rank 0 reads every file of the checkpoint; the others wait in step, not in one broadcast.
+    return decided_by_rank0(lambda: _resolve_resume(resume, output_dir), errors=(ResumeError,))
 
 
 def _resolve_resume(resume: str | os.PathLike | None, output_dir: str | os.PathLike) -> Path | None:
@@ -374,14 +359,46 @@ def prune_checkpoints(output_dir: str | os.PathLike, saving_limit: int | None, k
 
 
 def remove_partial_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Remove ``step_N.tmp-*`` / ``step_N.old-*`` leftovers of a killed save (rank 0, before training)."""
+    """Clear what killed saves left in ``output_dir``: ``step_N.tmp-*`` / ``step_N.old-*`` directories.
+
+    Call it holding output_dir's lock (``training/output_lock.py``, rank 0 before training): then no live run
+    writes there, and every leftover is a dead process's. A re-save of a step (``save_checkpoint``) killed between
+    its two renames left the earlier ``step_N`` set aside in ``step_N.old-*/ckpt``, a complete new one in
+    ``step_N.tmp-*``, and no ``step_N``: the earlier one is put back (the new one if only it verifies), as
+    ``mft export`` puts back an output its swap set aside, and said so on stderr.
+
+    Returns:
+        The leftover directories removed.
+    """
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
-    leftovers = [p for p in output_dir.iterdir() if re.match(r"^step_\d+\.(tmp|old)-", p.name)]
+    leftovers = sorted(p for p in output_dir.iterdir() if _LEFTOVER.match(p.name))
+    for step in sorted({int(_LEFTOVER.match(p.name).group(1)) for p in leftovers}):
+        final = output_dir / f"step_{step}"
+        if final.exists():
+            continue
+        set_aside = [p / "ckpt" for p in leftovers if p.name.startswith(f"step_{step}.old-")]
+        written = [p for p in leftovers if p.name.startswith(f"step_{step}.tmp-") and not p.name.endswith("-delete")]
+        for candidate in (*set_aside, *written):  # a pruned step (.tmp-delete) is never put back
+            if _intact(candidate, step):
+                os.replace(candidate, final)
+                print(f"note: {final}: put back the checkpoint that a save killed halfway left in "
+                      f"{candidate.relative_to(output_dir)}", file=sys.stderr, flush=True)
+                break
     for p in leftovers:
         shutil.rmtree(p, ignore_errors=True)
     return leftovers
+
+
+_LEFTOVER = re.compile(r"^step_(\d+)\.(tmp|old)-")
+
+
+def _intact(candidate: Path, step: int) -> bool:
+    try:
+        return candidate.is_dir() and verify_checkpoint(candidate)["step"] == step
+    except CheckpointError:
+        return False
 
 
 # ----------------------------------------------------------------------------------------------- reading
