@@ -33,15 +33,18 @@ from typing import Any, Callable
 import torch
 
 from mft_components.code_eval.options import CodeEvalOptions
-from mft_components.config.core import COMPONENT_KEY, ConfigError, import_object, instantiate
+from mft_components.config.core import COMPONENT_KEY, ConfigError, import_object, instantiate, source_of, to_container
+from mft_components.config.load import fill_defaults
 from mft_components.data.build import build_mft_data, resolve_data_config
 from mft_components.data.records import DataError
 from mft_components.loss.task_weighted import TaskWeightedLoss
 from mft_components.models.attention import AUTO, BACKENDS, resolve_attn_implementation
 from mft_components.models.build import build_meta_model, build_model, load_tokenizer
 from mft_components.models.liger import liger_kernel_names
+from mft_components.training.checkpoint import latest_checkpoint, read_checkpoint_meta
+from mft_components.training.resume_check import check_resume as compare_with_checkpoint, run_record
 
-__all__ = ["check_recipe_config", "check_code_eval"]
+__all__ = ["check_recipe_config", "check_code_eval", "check_resume"]
 
 
 def check_recipe_config(cfg: dict, flagged: set[str]) -> list[str]:
@@ -221,3 +224,43 @@ def check_code_eval(cfg: dict, flagged: set[str]) -> list[str]:
     # "'eval.code.top_p' is 2: expected ...", or "'eval.code.tasks.x': path does not exist: ..."
     return [f"'eval.code.{key}'{' ' if problem.startswith('is ') else ': '}{problem}"
             for key, problem in CodeEvalOptions.value_problems(section)]
+
+
+def check_resume(cfg: Any, schema: type | None, hash_data: bool = True) -> tuple[list[str], list[str]]:
+    """What a run of ``cfg`` would refuse, and change, when it resumes: the checkpoint ``resume`` names (``auto``:
+    the newest one in output_dir, its mft_checkpoint.json read, not verified) against the config, as the run
+    compares them (``training/resume_check.py``).
+
+    Args:
+        cfg: the loaded config (a DictConfig; the schema's defaults are filled into a copy).
+        schema: the recipe's schema (None: nothing is compared).
+        hash_data: read and hash the data files, to compare their content too.
+
+    Returns:
+        (problems, notes): the refusals, and the changes the run would apply, as lines.
+    """
+    if schema is None:
+        return [], []
+    try:
+        filled = cfg.copy()
+        fill_defaults(filled, schema)
+        config = to_container(filled)
+    except Exception:  # noqa: BLE001 - a config the other checks already found wrong
+        return [], []
+    resume, output_dir = config.get("resume"), config.get("output_dir")
+    if resume == "auto" and isinstance(output_dir, str):
+        ckpt = latest_checkpoint(os.path.expanduser(output_dir))
+    elif isinstance(resume, str) and resume not in ("none", "null", "no", ""):
+        ckpt = Path(os.path.expanduser(resume))
+    else:
+        ckpt = None
+    try:
+        meta = read_checkpoint_meta(ckpt) if ckpt is not None else None
+    except (OSError, ValueError):
+        meta = None  # the run verifies it, and says what is wrong (resume: auto moves it aside)
+    if not isinstance(meta, dict):
+        return [], []
+    check = compare_with_checkpoint(meta, config, run_record(config, hash_data=hash_data))
+    head = f"'resume' is {resume!r}: it would continue {ckpt}"
+    return ([f"{source_of(cfg)}: {head}, trained with another configuration: {refusal}" for refusal in check.refusals],
+            [f"{head} with these changes:", *(f"  {line}" for line in check.change_lines())] if check.changes else [])

@@ -23,7 +23,8 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from mft_components.distributed import get_rank, is_distributed
 
 __all__ = ["capture_rng_state", "restore_rng_state", "gather_rank_states", "gather_optimizer_state",
-           "load_optimizer_state", "gather_training_state", "restore_training_state"]
+           "load_optimizer_state", "keep_configured_hyperparameters", "gather_training_state",
+           "restore_training_state"]
 
 
 # ---------------------------------------------------------------------------------------------- RNG states
@@ -137,6 +138,33 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
         optimizer.state[p] = restored
 
 
+def keep_configured_hyperparameters(optimizer: torch.optim.Optimizer, lr_scheduler: Any,
+                                    configured: list[dict[str, Any]]) -> None:
+    """After loading a checkpoint's optimizer and schedule state: this run's hyperparameters, not the saved ones.
+
+    ``configured`` holds each group's values as this run built them (before loading). Everything but the lr is
+    put back (weight_decay, betas, eps, this device's fused / foreach flags). The lr follows the schedule: its
+    peak becomes this run's lr, and a ``LambdaLR`` schedule (``cosine_with_warmup``) recomputes the lr of the step
+    it resumes at from its own factors, which follow this run's length (``max_steps`` / ``epochs``), warmup and
+    min_lr; with nothing changed that is exactly the saved lr. Another scheduler's lr is scaled by new / saved peak.
+    """
+    for i, (group, mine) in enumerate(zip(optimizer.param_groups, configured)):
+        group.update({k: v for k, v in mine.items() if k not in ("lr", "initial_lr")})
+        peak = mine.get("initial_lr", mine["lr"])
+        saved_peak = group.get("initial_lr", peak)
+        if isinstance(getattr(lr_scheduler, "lr_lambdas", None), list):
+            lr = peak * lr_scheduler.lr_lambdas[i](lr_scheduler.last_epoch)  # as LambdaLR.get_lr computes it
+        elif saved_peak != peak and saved_peak:
+            lr = group["lr"] * (peak / saved_peak)
+        else:
+            lr = group["lr"]
+        group["initial_lr"], group["lr"] = peak, lr
+        if hasattr(lr_scheduler, "base_lrs"):
+            lr_scheduler.base_lrs[i] = peak
+        if isinstance(getattr(lr_scheduler, "_last_lr", None), list):
+            lr_scheduler._last_lr[i] = lr
+
+
 # ------------------------------------------------------------------------------------------ the recipe state
 
 
@@ -192,10 +220,14 @@ def restore_training_state(
     ``{"dataloader", "rng"}`` for the recipe to apply when it starts iterating.
 
     On another number of ranks the data position carries over (the sampler converts it at an optimizer-step
-    boundary); RNG streams cannot, so dropout masks then differ from the uninterrupted run.
+    boundary); RNG streams cannot, so dropout masks then differ from the uninterrupted run. The optimizer's
+    hyperparameters and the schedule's peak lr and length are this run's (``keep_configured_hyperparameters``):
+    a resume that changes them (``training/resume_check.py`` says which) trains with the new values.
     """
+    configured = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     load_optimizer_state(model, optimizer, state["optimizer"])
     lr_scheduler.load_state_dict(state["lr_scheduler"])
+    keep_configured_hyperparameters(optimizer, lr_scheduler, configured)
     loss_fn.load_state_dict(state["loss"])
     early_stopping.load_state_dict(state["early_stopping"])
     ranks = state["ranks"]
