@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import importlib
+import os
 import runpy
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -151,7 +155,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     recipe_argv = ["--config", config_file, *overrides]
     if launcher:
         cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, str(recipe), *recipe_argv]
-        return subprocess.call(cmd)
+        return run_torchrun(cmd, _preemption_grace_s(config_file, overrides))
     # One rank, in this process: the recipe sees the same argv and sys.path as under torchrun.
     saved_argv = sys.argv
     sys.argv = [str(recipe), *recipe_argv]
@@ -165,9 +169,59 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(e.code, file=sys.stderr)
             return 1
         return e.code
+    except KeyboardInterrupt:  # SIGINT before the recipe handles signals itself (while it imports)
+        print("mft run: interrupted (SIGINT) before training started", file=sys.stderr)
+        return 128 + signal.SIGINT
     finally:
         sys.argv = saved_argv
     return 0
+
+
+def run_torchrun(cmd: list[str], grace_s: float | None) -> int:
+    """Run torchrun in a process group of its own and wait for it. A SIGTERM or SIGINT that mft gets goes to that
+    group (torchrun passes it on to its workers, which finish their step, save and stop), and torchrun gets
+    SIGTERM should mft itself be killed: no worker keeps training once mft is gone. torchrun waits
+    ``preemption_grace_s`` + 10 s for its workers before it kills them (TORCH_ELASTIC_SHUTDOWN_TIMEOUT, unless
+    set). Returns the recipe's exit status as rank 0 reported it (75 after saving on a signal; torchrun itself
+    exits with 1 once it got a signal), else torchrun's."""
+    from mft_components.training.preemption import EXIT_STATUS_ENV
+
+    with tempfile.TemporaryDirectory(prefix="mft-run-") as tmp:
+        status = Path(tmp) / "exit_status"
+        env = {**os.environ, EXIT_STATUS_ENV: str(status)}
+        env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(int(grace_s) + 10 if grace_s else 24 * 3600))
+        launcher = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_end_with_parent)
+
+        def forward(signum, frame) -> None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(launcher.pid, signum)
+
+        previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            code = launcher.wait()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        reported = status.read_text().strip() if status.is_file() else ""
+        return int(reported) if reported.isdigit() else (code if code >= 0 else 128 - code)
+
+
+def _end_with_parent() -> None:
+    """In the child before it runs torchrun: SIGTERM when mft ends (Linux ``PR_SET_PDEATHSIG``)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)
+
+
+def _preemption_grace_s(config_file: str, overrides: list[str]) -> float | None:
+    """The config's ``preemption_grace_s`` (its default when absent or unreadable: the recipe reports a bad config)."""
+    from mft_components.training.preemption import DEFAULT_GRACE_S
+
+    try:
+        value = load_config(config_file, overrides).get("preemption_grace_s", DEFAULT_GRACE_S)
+    except Exception:  # noqa: BLE001 - any config problem is the recipe's to report, with its message
+        return DEFAULT_GRACE_S
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else (
+        None if value is None else DEFAULT_GRACE_S)
 
 
 # ------------------------------------------------------------------------------------------------- validate
@@ -207,7 +261,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
     except FileNotFoundError as e:
         print(f"mft validate: {e}", file=sys.stderr)
         return 1
-    problems = check_config(cfg, recipe_schema(recipe))
+    schema = recipe_schema(recipe)
+    problems = check_config(cfg, schema)
+    # What resume would refuse or change in the checkpoint it picks. Imported here, as the recipe was: torch.
+    from mft_components.recipe_config.checks import check_resume
+
+    resume_problems, resume_notes = check_resume(cfg, schema, hash_data=not args.no_data)
+    problems += resume_problems
+    if resume_notes:
+        print("\n".join(resume_notes))
     if problems:
         print(f"{len(problems)} problem(s) in {args.config} (checked against recipe {recipe.stem}):", file=sys.stderr)
         for problem in problems:

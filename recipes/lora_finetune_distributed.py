@@ -43,12 +43,22 @@ Features:
       moves a damaged checkpoint aside and continues from the newest intact one.
     - Under torchrun a collective that a rank never joins (a stopped or frozen process) ends the run after
       ``distributed_timeout_s``, naming that rank.
+    - One run per output_dir: rank 0 locks it (``training/output_lock.py``) before writing anything; a second run
+      is refused naming the holder's PID, host and start time.
+    - A resume compares this run's config with the checkpoint's (``training/resume_check.py``): what would make
+      the saved state meaningless (model, LoRA shape, tasks, data layout, seed, ...) is refused, naming the key;
+      everything else is applied from the next step and printed, and recorded in the next checkpoint's
+      ``changes``.
+    - SIGTERM / SIGINT (preemption, Ctrl-C): every rank finishes its optimizer step, they save that step
+      together, and the run exits with status 75 (``training/preemption.py``; ``save_on_preemption``,
+      ``preemption_grace_s``).
 
 Copy it with ``mft cp lora_finetune_distributed my_recipe.py``, edit, and run ``mft run my_recipe.py --config ...``.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from pathlib import Path
@@ -65,6 +75,7 @@ from mft_components.data.stats import format_stats, task_stats
 from mft_components.device import peak_memory_gb
 from mft_components.distributed import (
     collective_timeout_message,
+    decided_by_rank0,
     destroy_distributed,
     end_worker,
     init_distributed,
@@ -79,7 +90,10 @@ from mft_components.training import checkpoint as ck
 from mft_components.training.evaluate import Evaluator
 from mft_components.training.guards import EarlyStopping, NonFiniteGuard, NonFiniteLossError
 from mft_components.training.metrics import MetricLogger, ProgressBar, Throughput, read_log_step
+from mft_components.training.output_lock import OutputDirBusy, lock_output_dir
 from mft_components.training.position import TrainingPosition
+from mft_components.training.preemption import RunStopped, StopOnSignal, report_exit_status
+from mft_components.training.resume_check import check_resume, run_record
 from mft_components.training.state import gather_training_state, restore_training_state
 from mft_components.training.summary import format_summary
 
@@ -101,6 +115,8 @@ class LoRAFinetuneRecipe:
         self.cfg = cfg
         self.output_dir = Path(cfg.output_dir)
         self.gas = cfg.gradient_accumulation_steps
+        self.output_lock = None
+        self.stop = StopOnSignal(save=cfg.save_on_preemption, grace_s=cfg.preemption_grace_s)
 
     # ------------------------------------------------------------------------------------------------- setup
 
@@ -124,7 +140,10 @@ class LoRAFinetuneRecipe:
         """The process group first: everything after it may need the rank (nccl on GPU, gloo on CPU). Then the same
         seed on every rank: LoRA's initialisation must agree across ranks."""
         self.rank, self.world_size, self.device = init_distributed(self.cfg.distributed_timeout_s)
-        self.is_rank0 = self.rank == 0
+        self.is_rank0, self.stop.rank = self.rank == 0, self.rank
+        self.stop.join_group(self.cfg.distributed_timeout_s)  # the per-step stop flag's own small gloo group
+        # One run per output_dir, before anything is written there; holding it, every leftover is a dead run's.
+        self.output_lock = lock_output_dir(self.output_dir)
         if self.is_rank0:
             print(f"config:\n{OmegaConf.to_yaml(self.cfg, resolve=True)}", flush=True)
             ck.remove_partial_checkpoints(self.output_dir)  # leftovers of a save that was killed
@@ -132,8 +151,26 @@ class LoRAFinetuneRecipe:
 
     def _setup_resume_choice(self) -> Path | None:
         """Which checkpoint to continue from, settled before anything is loaded (a wrong path costs nothing); its
-        files are checked against its consistency record, and resume: auto steps back past damaged ones."""
-        return ck.resolve_resume(self.cfg.resume, self.output_dir)
+        files are checked against its consistency record, and resume: auto steps back past damaged ones. Then what
+        this run trains with (config, model, tokenizer and data fingerprints) against what the checkpoint was
+        trained with: a difference that makes its state meaningless is refused, the others are applied and printed
+        (``training/resume_check.py``). Rank 0 reads the data files once; every rank gets the answer."""
+        resume_from = ck.resolve_resume(self.cfg.resume, self.output_dir)
+        config = to_container(self.cfg)
+
+        def compare() -> tuple[dict, list[dict], list[str]]:
+            record = run_record(config)
+            if resume_from is None:
+                return record, [], []
+            meta = ck.read_checkpoint_meta(resume_from)
+            check = check_resume(meta, config, record)
+            check.raise_refusals(resume_from)
+            return record, [*meta.get("changes", []), *check.changes], check.change_lines()
+
+        self.run_record, self.changes, lines = decided_by_rank0(compare, errors=(ck.ResumeError,))
+        if lines and self.is_rank0:
+            print(f"resuming {resume_from} with {len(lines)} change(s):\n  " + "\n  ".join(lines), flush=True)
+        return resume_from
 
     def _setup_data(self) -> None:
         """Tokenizer and data, validated before any model exists: a bad record costs seconds, not a model load."""
@@ -205,6 +242,7 @@ class LoRAFinetuneRecipe:
         """The checkpoint's weights, optimizer, schedule, loss, early stopping, data position and RNG."""
         self.last_saved_step = None
         self.evaluator_state = self.code_evaluator_state = None
+        self.evaluations_pending = False
         if resume_from is None:
             return
         try:
@@ -217,7 +255,8 @@ class LoRAFinetuneRecipe:
     def _setup_output(self) -> None:
         """Output for people, on rank 0, and the evaluators that write to it (with a resumed run's history)."""
         cfg = self.cfg
-        self.logger = MetricLogger(self.output_dir, enabled=self.is_rank0, tensorboard=cfg.tensorboard)
+        self.logger = MetricLogger(self.output_dir, enabled=self.is_rank0, tensorboard=cfg.tensorboard,
+                                   start_step=self.position.step)  # rows after the checkpoint are written again
         self.progress = ProgressBar(self.position.total_steps, initial=self.position.step, enabled=self.is_rank0)
         loss_tracker = EarlyStopping() if self.code_evaluator.selects else self.early_stopping
         self.evaluator = Evaluator(self.valid_batches, self.task_names, self.device, cfg.eval_every_n_steps,
@@ -232,7 +271,9 @@ class LoRAFinetuneRecipe:
         """Evaluate before training, then one ``train_step`` per optimizer step until the run's last step or early
         stopping; log, evaluate and save as configured; at the end evaluate and save once more, and summarise."""
         start = time.perf_counter()
+        self.stop.start_training()  # from now on SIGTERM / SIGINT stop the run after the step in progress
         self.evaluate_before_training()
+        self.stop_if_signalled()
         throughput = Throughput(self.device)
         first_step = self.position.step + 1
         for host_batches in self.position.steps(stop=lambda: self.early_stopping.should_stop):
@@ -243,12 +284,10 @@ class LoRAFinetuneRecipe:
             throughput.add_step(host_batches)
             if self.log_due():
                 self.log_step(grad_norm, lr, throughput)
+            self.stop_if_signalled()  # every rank at the same step: save it and stop
             with throughput.paused():  # evaluation and checkpoints are not training time
-                improved = self.evaluate_step()
-                if self.early_stopping.should_stop:
+                if self.evaluate_and_save():
                     break
-                if improved or self.save_due():
-                    self.save_checkpoint()
         self.finish(start)
 
     def train_step(self, host_batches: list[dict]) -> tuple[torch.Tensor, float]:
@@ -282,12 +321,44 @@ class LoRAFinetuneRecipe:
 
     def evaluate_before_training(self) -> None:
         """Per-task validation losses (and pass@k) before any update: what every later evaluation is compared with,
-        and what CoBa normalises each task's validation curve by. A resumed run has them from its checkpoint."""
+        and what CoBa normalises each task's validation curve by. A resumed run has them from its checkpoint; when
+        that checkpoint was saved on a signal, before its step's evaluations, they run now, as they would have."""
         if self.position.step == 0 and self.evaluator.valid_batches:
             self.evaluator.run(self.model, 0, track=False)
             self.loss_fn.set_coba_reference(self.evaluator.reference.task_loss)
         if self.position.step == 0 and self.code_evaluator.enabled:
             self.code_evaluator.run(self.model, 0, track=False)
+        if self.evaluations_pending:
+            self.evaluations_pending, self.last_saved_step = False, None  # its checkpoint lacks them: save again
+            self.evaluate_and_save()
+
+    def evaluate_and_save(self) -> bool:
+        """What follows a step: its evaluations, then a checkpoint when the best improved or one is due. Returns
+        True when early stopping ends the run."""
+        improved = self.evaluate_step()
+        if self.early_stopping.should_stop:
+            return True
+        if improved or self.save_due():
+            self.save_checkpoint()
+        return False
+
+    def stop_if_signalled(self) -> None:
+        """When any rank got SIGTERM / SIGINT (collective: every rank learns it at the same step), save this step
+        (its evaluations are left to the resumed run) and stop.
+
+        Raises:
+            RunStopped: after saving, with the message for people and the exit status.
+        """
+        signum = self.stop.agreed()
+        if signum is None:
+            return
+        step, name = self.position.step, signal.Signals(signum).name
+        if step == 0:
+            raise RunStopped(f"stopped by {name} before the first step: nothing to save")
+        if self.last_saved_step != step:
+            self.save_checkpoint(evaluations_pending=True)
+        raise RunStopped(f"stopped by {name} after step {step}: {self.output_dir / f'step_{step}'} holds it; run the "
+                         f"same command with resume: auto to continue (exit status 75)")
 
     def log_due(self) -> bool:
         step = self.position.step
@@ -364,9 +435,10 @@ class LoRAFinetuneRecipe:
                                                   lora_target_names(self.model), lora.get("use_rslora", False)),
         }
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, evaluations_pending: bool = False) -> None:
         """Weights + recipe state into output_dir/step_N; collective, rank 0 writes. Never after a non-finite
-        step (``NonFiniteGuard.check`` raises first)."""
+        step (``NonFiniteGuard.check`` raises first). ``evaluations_pending``: saved on a signal before the step's
+        evaluations, which the resumed run then runs first."""
         self.finite_guard.check()
         weights = self.checkpoint_weights()
         position = self.position
@@ -379,10 +451,14 @@ class LoRAFinetuneRecipe:
         def write() -> None:  # rank 0 only
             state["evaluator"] = self.evaluator.state_dict()
             state["code_evaluator"] = self.code_evaluator.state_dict()
+            state["evaluations_pending"] = evaluations_pending
             meta = ck.checkpoint_meta(self.model, self.data, self.tokenizer, self.evaluator.last,
                                       to_container(self.cfg), base_model_dir=self.base_model_dir)
+            # What it was trained with, where it is, and what a resume changed: what the next resume compares.
+            record = {"trained_with": self.run_record, "changes": self.changes, "position": {
+                "epoch": position.epoch, "step_in_epoch": position.step_in_epoch, "epoch_complete": position.epoch_end}}
             path = ck.save_checkpoint(self.output_dir, position.step, **weights, recipe_state=state,
-                                      meta={**meta, **self.code_evaluator.checkpoint_meta()})
+                                      meta={**meta, **self.code_evaluator.checkpoint_meta(), **record})
             best = self.early_stopping.best_step
             ck.prune_checkpoints(self.output_dir, self.cfg.saving_limit, keep=(best,) if best else ())
             self.progress.write(f"saved {path}")
@@ -407,6 +483,7 @@ class LoRAFinetuneRecipe:
         self.position.restore(state["step"], state["epoch"], state["step_in_epoch"], rank_state)
         self.evaluator_state = state.get("evaluator")  # restored once the evaluators exist (_setup_output)
         self.code_evaluator_state = state.get("code_evaluator")
+        self.evaluations_pending = bool(state.get("evaluations_pending", False))
         self.last_saved_step = state["step"]
         if self.is_rank0:
             print(f"resumed from {path} at step {state['step']}", flush=True)
@@ -419,10 +496,30 @@ class LoRAFinetuneRecipe:
 
 
 def run(recipe: LoRAFinetuneRecipe) -> None:
-    """Set up, train, clean up. Bad data, an unusable checkpoint, a non-finite loss and a rank that stopped
-    answering end the run with a message and exit status 1."""
+    """Set up, train, clean up. Bad data, an unusable checkpoint, a non-finite loss, a rank that stopped answering
+    and another run in output_dir end the run with a message and exit status 1; SIGTERM / SIGINT with a checkpoint
+    of the step it stopped at and exit status 75. output_dir's lock is released however it ends."""
+    recipe.stop.install()  # a signal from here on ends the run in order (and SIGINT without a traceback)
+    try:
+        _setup_and_train(recipe)
+    except RunStopped as e:
+        if recipe.is_rank0:
+            print(e, file=sys.stderr, flush=True)
+            report_exit_status(e.exit_code)
+        recipe.cleanup()
+        end_worker(e.exit_code)  # under torchrun the worker ends here
+        sys.exit(e.exit_code)
+    finally:
+        recipe.stop.uninstall()
+        if recipe.output_lock is not None:
+            recipe.output_lock.release()
+
+
+def _setup_and_train(recipe: LoRAFinetuneRecipe) -> None:
     try:
         recipe.setup()
+    except OutputDirBusy as e:  # every rank says so
+        sys.exit(f"error: {e}")
     except DataError as e:  # reported before any model was built
         sys.exit(f"data error:\n{e}")
     except CodeEvalError as e:  # eval sets and the sandbox: also before the model

@@ -406,7 +406,9 @@ def test_every_batch_split_trains_the_same(assets, tmp_path):
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    # Not the output_dir lock: every run rewrites it with its PID (training/output_lock.py), refused or not.
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != ".mft-run.lock"}
 
 
 @pytest.mark.slow

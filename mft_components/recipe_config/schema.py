@@ -15,6 +15,7 @@ from typing import Any, Callable, ClassVar, Literal
 
 from mft_components.code_eval.options import CodeEvalOptions
 from mft_components.recipe_config.checks import check_code_eval, check_recipe_config
+from mft_components.training.preemption import DEFAULT_GRACE_S
 
 __all__ = ["RecipeConfig", "LoRARecipeConfig", "FullRecipeConfig", "EvalConfig"]
 
@@ -84,6 +85,11 @@ class RecipeConfig:
             (null: torch's default, 30 min). Work one rank does alone (checkpoint writes, the data cache build,
             code-evaluation programs) is waited for in step and is not bounded by it.
         eval: ``code``: pass@k of generated code per task (:class:`EvalConfig`).
+        save_on_preemption: on SIGTERM / SIGINT, every rank finishes its optimizer step, they save a checkpoint
+            together and the run exits with status 75 (``resume: auto`` continues it); false: it ends at once
+            with 128 + the signal's number (``training/preemption.py``).
+        preemption_grace_s: after that signal, end the process anyway after this many seconds (null: no limit);
+            keep it below the scheduler's kill delay. ``mft run --nproc-per-node`` gives torchrun 10 s more.
     """
 
     output_dir: str
@@ -112,6 +118,8 @@ class RecipeConfig:
     tensorboard: bool = True
     distributed_timeout_s: float | None = _positive(600.0)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    save_on_preemption: bool = True
+    preemption_grace_s: float | None = _positive(DEFAULT_GRACE_S)
 
     # Cross-checks against the model directory, the tasks and the components' own rules (config.check_config).
     semantic_checks: ClassVar[tuple[Callable[[dict, set], list[str]], ...]] = (check_recipe_config, check_code_eval)

@@ -11,4 +11,7 @@
     guards.py       early stopping; the non-finite guard that keeps NaN / inf out of the weights
     evaluate.py     validation loss per task, and the Evaluator that schedules and logs it
     summary.py      the lines a run prints when it ends
+    output_lock.py  one run per output_dir: an exclusive lock, refused naming the holder
+    resume_check.py what a resume refuses or applies (one table of config keys), and what a checkpoint records
+    preemption.py   SIGTERM / SIGINT: finish the step, save together, exit with status 75
 """

@@ -37,9 +37,14 @@ class MetricLogger:
         output_dir: the run's output directory.
         enabled: False on ranks other than 0.
         tensorboard: also write TensorBoard events (skipped with a note when tensorboard is not installed).
+        start_step: the step this run starts from (its checkpoint's, 0 for a fresh start): the rows of later steps
+            (and at a fresh start every row), which a run that stopped after its last checkpoint wrote and this
+            one writes again, are dropped from metrics.jsonl, and TensorBoard purges their events. None appends
+            to what is there.
     """
 
-    def __init__(self, output_dir: str | os.PathLike, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, output_dir: str | os.PathLike, enabled: bool = True, tensorboard: bool = True,
+                 start_step: int | None = None):
         self.enabled = enabled
         self._tb = None
         self._file = None
@@ -47,13 +52,19 @@ class MetricLogger:
             return
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        # Append: a resumed run continues the same file (lines carry their step, so readers can dedupe).
+        if start_step is not None:
+            dropped = _drop_rows_after(output_dir / "metrics.jsonl", start_step)
+            if dropped:
+                print(f"note: {output_dir / 'metrics.jsonl'}: dropped {dropped} row(s) of steps after {start_step}, "
+                      "written by a run that stopped after its last checkpoint (this run writes them again)",
+                      file=sys.stderr)
         self._file = open(output_dir / "metrics.jsonl", "a", encoding="utf-8")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(output_dir / "tb"))
+                purge = {} if start_step is None else {"purge_step": start_step + 1 if start_step else 0}
+                self._tb = SummaryWriter(str(output_dir / "tb"), **purge)
             except ImportError:
                 print("note: tensorboard is not installed; metrics go to metrics.jsonl only", file=sys.stderr)
 
@@ -78,6 +89,28 @@ class MetricLogger:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _drop_rows_after(path: Path, step: int) -> int:
+    """Keep the rows of steps up to ``step`` (none when it is 0), atomically; returns how many were dropped (a
+    line cut short by a kill counts as one)."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row_step = json.loads(line).get("step")
+        except (ValueError, AttributeError):
+            row_step = None
+        if step and isinstance(row_step, int) and row_step <= step:
+            kept.append(line + "\n")
+        elif line.strip():
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+    return dropped
 
 
 class ProgressBar:
