@@ -85,6 +85,12 @@ def end_worker(exit_code: int = 0) -> None:
     if "TORCHELASTIC_RUN_ID" not in os.environ and "WORLD_SIZE" not in os.environ:
         return
     logging.shutdown()
+    exit_at_once(exit_code)
+
+
+def exit_at_once(exit_code: int) -> None:
+    """Flush stdout and stderr, then end the process with ``exit_code`` (``os._exit``: no finalization, other
+    threads stop where they are)."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

@@ -41,7 +41,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from mft_components.distributed import is_distributed
+from mft_components.distributed import exit_at_once, is_distributed
 
 __all__ = ["PREEMPTED_EXIT_CODE", "REPEAT_AFTER_S", "DEFAULT_GRACE_S", "EXIT_STATUS_ENV", "RunStopped", "StopOnSignal",
            "report_exit_status"]
@@ -132,12 +132,7 @@ class StopOnSignal:
             report_exit_status(code)
         if not exit_now:
             raise SystemExit(code)
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        os._exit(code)
+        exit_at_once(code)
 
     def _say(self, message: str, every_rank: bool = False) -> None:
         if self.rank == 0 or every_rank:
