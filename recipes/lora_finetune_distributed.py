@@ -92,7 +92,7 @@ from mft_components.training.guards import EarlyStopping, NonFiniteGuard, NonFin
 from mft_components.training.metrics import MetricLogger, ProgressBar, Throughput, read_log_step
 from mft_components.training.output_lock import OutputDirBusy, lock_output_dir
 from mft_components.training.position import TrainingPosition
-from mft_components.training.preemption import RunStopped, StopOnSignal, report_exit_status
+from mft_components.training.preemption import PREEMPTED_EXIT_CODE, RunStopped, StopOnSignal, report_exit_status
 from mft_components.training.resume_check import check_resume, run_record
 from mft_components.training.state import gather_training_state, restore_training_state
 from mft_components.training.summary import format_summary
@@ -358,7 +358,7 @@ class LoRAFinetuneRecipe:
         if self.last_saved_step != step:
             self.save_checkpoint(evaluations_pending=True)
         raise RunStopped(f"stopped by {name} after step {step}: {self.output_dir / f'step_{step}'} holds it; run the "
-                         f"same command with resume: auto to continue (exit status 75)")
+                         f"same command with resume: auto to continue (exit status {PREEMPTED_EXIT_CODE})")
 
     def log_due(self) -> bool:
         step = self.position.step
