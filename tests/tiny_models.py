@@ -169,3 +169,25 @@ def make_tiny_model_dir(
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(path, safe_serialization=True, **kwargs)
     return path
+
+
+def make_sentencepiece_tokenizer(path: str | Path, legacy: bool = True) -> Path:
+    """A tiny SentencePiece Llama tokenizer (``tokenizer.model`` trained here, ``legacy`` as Llama-2 / Mistral /
+    Mixtral ship it), in a directory AutoTokenizer loads; its vocabulary size is ``len(tokenizer)``."""
+    import json
+
+    import sentencepiece
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    corpus = ["human bot system hello world def function return value print the list of numbers",
+              "Write a function that reverses a list.", "human: what is python? bot: a language", "x = [1, 2, 3]"]
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus * 40), model_prefix=str(path / "tokenizer"), vocab_size=320, model_type="bpe",
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True, character_coverage=1.0,
+        normalization_rule_name="identity", minloglevel=2)
+    (path / "tokenizer.vocab").unlink()
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "legacy": legacy, "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False}))
+    return path

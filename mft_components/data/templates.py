@@ -328,7 +328,9 @@ class ChatFormat:
         """A Hugging Face ``chat_template`` that renders exactly this training format.
 
         ``tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)`` with it equals
-        ``render_text(msgs, tokenizer, add_generation_prompt=True)``. For ``template: hf`` it is the tokenizer's.
+        ``render_text(msgs, tokenizer, add_generation_prompt=True)``. Roles may be named as in transformers
+        (``user``/``assistant``) or as in MFTCoder's data and its shipped templates (``human``/``bot``, ``gpt``).
+        For ``template: hf`` it is the tokenizer's.
         """
         if self.template == "hf":
             if not getattr(tokenizer, "chat_template", None):
@@ -346,9 +348,9 @@ class ChatFormat:
             + "{%- for message in messages -%}"
             + "{%- if message['role'] == 'system' -%}"
             + "{{- " + lit(m["system"]) + " + message['content'] + " + sep + " -}}"
-            + "{%- elif message['role'] == 'user' -%}"
+            + "{%- elif message['role'] in ['user', 'human'] -%}"
             + "{{- " + lit(m["user"]) + " + message['content'] + " + sep + " -}}"
-            + "{%- elif message['role'] == 'assistant' -%}"
+            + "{%- elif message['role'] in ['assistant', 'bot', 'gpt'] -%}"
             + "{{- " + lit(m["assistant"]) + " + message['content'] + " + sep + " + eos_token + " + sep + " -}}"
             + "{%- else -%}{{- raise_exception('unknown role: ' + message['role']) -}}"
             + "{%- endif -%}"

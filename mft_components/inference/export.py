@@ -50,6 +50,7 @@ from mft_components.inference.shards import (
     read_specs,
     write_sharded_weights,
 )
+from mft_components.inference.tokenizer_files import save_tokenizer
 from mft_components.models.weights import safetensors_files
 from mft_components.training.checkpoint import (
     ADAPTER_CONFIG,
@@ -403,9 +404,10 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, base: 
             (tmp / "adapter" / "README.md").write_text(model_card(meta, base_name, adapter_only=True))
         else:
             write_sharded_weights(tmp, specs, max_shard_size, transform)
-            # The training template becomes the model's chat template: apply_chat_template == training prompt.
-            tokenizer.chat_template = chat_format.jinja_chat_template(tokenizer)
-            tokenizer.save_pretrained(tmp)
+            # The training template becomes the model's chat template: apply_chat_template == training prompt,
+            # and the saved tokenizer must give the training ids (checked on samples).
+            save_tokenizer(tokenizer, tokenizer_dir or _find_tokenizer_dir(checkpoint_dir, meta, base_dir), tmp,
+                           chat_format, trust_remote_code)
             _write_configs(tmp, checkpoint_dir if full else base_dir, base_dir, out_dtype or main_dtype(specs), eos_id)
             (tmp / CHAT_FORMAT_FILE).write_text(json.dumps(chat_meta, indent=2) + "\n")
             (tmp / "README.md").write_text(model_card(meta, base_name))
