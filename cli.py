@@ -296,6 +296,8 @@ def _validate_records(cfg: DictConfig, source: str, recipe: str) -> int:
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"data error in {source}:\n{e}", file=sys.stderr)
         return 1
+    for note in data.notes:
+        print(note)
     records = sum(counts["records"] for counts in data.counts.values())
     skipped = f"; {len(data.skipped)} bad record(s) the run will skip (data.on_bad_record: skip), first: " \
               f"{data.skipped[0]}" if data.skipped else ""

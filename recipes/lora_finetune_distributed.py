@@ -180,6 +180,8 @@ class LoRAFinetuneRecipe:
         self.task_names = self.data.task_names
         if self.is_rank0:
             print(format_stats(task_stats(self.data)), flush=True)
+            for note in self.data.notes:  # skipped files; samples dropped or truncated (WARNING above 5%)
+                print(f"[mft] {note}", flush=True)
 
     def _setup_loaders(self) -> None:
         """This rank's training loader and the run's length (max_steps, or the epochs' steps from the sampler's

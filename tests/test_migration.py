@@ -5,6 +5,7 @@ are not tasks' data, older `adapter_model.bin` adapters load, and `mft import mf
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from transformers import AutoTokenizer
 import cli
 from mft_components.data.templates import ChatFormat
 from mft_components.inference import tokenizer_files
+from tests.test_data import conv, data_config, write_jsonl
 from tests.test_export import train_and_save
 from tests.tiny_models import make_sentencepiece_tokenizer, make_tiny_model_dir
 
@@ -73,3 +75,19 @@ def test_export_stops_when_the_saved_tokenizer_tokenises_differently(lora_checkp
     err = capsys.readouterr().err
     assert "tokenises differently from the training tokenizer" in err and "'▁bot'" in err, err
     assert not out.exists()
+
+
+def test_hidden_files_are_skipped_and_a_linked_task_keeps_the_links_name(smollm2_dir, tmp_path, capsys):
+    """MFTCoder's glob skips hidden files: a migrated tree with Jupyter's checkpoints trains no duplicates."""
+    real = tmp_path / "downloaded_v2"
+    write_jsonl(real / "train.jsonl", [conv(0), conv(1)])
+    write_jsonl(real / ".ipynb_checkpoints" / "train-checkpoint.jsonl", [conv(0), conv(1)])
+    write_jsonl(real / ".backup.jsonl", [conv(2)])
+    write_jsonl(real / "sub" / ".old" / "x.jsonl", [conv(3)])
+    (tmp_path / "code_repair").symlink_to(real, target_is_directory=True)
+    config = data_config(tmp_path, smollm2_dir, [tmp_path / "code_repair"])
+    assert cli.main(["data", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^code_repair\s+2\s+0\s+2\s", out, re.M), out  # named after the link; 2 records, not 6
+    assert (f"data.data_paths[0]: {tmp_path / 'code_repair'}: skipped 3 hidden file(s) and director(ies) "
+            f"(.backup.jsonl, .ipynb_checkpoints/, .old/), as MFTCoder does") in out

@@ -49,10 +49,11 @@ def _raise_problems(problems: list[str], context: str) -> None:
 
 def resolve_data_config(tokenizer, *, data_paths, valid_data_paths, template, role_markers, add_bos, seq_len, packing,
                         truncation, task_sampling, temperature, on_bad_record, valid_ratio, valid_size,
+                        notes: list[str] | None = None,
                         ) -> tuple[ChatFormat, dict[str, list[Path]], dict[str, list[Path]]]:
     """Everything ``build_mft_data`` settles before it reads a record (its arguments of the same names):
-    option values, the chat format, that the tokenizer can render it (None: not checked), the task files.
-    ``mft validate`` calls it (``recipe_config/checks.py``), so a config is checked exactly as a run builds it.
+    option values, the chat format, that the tokenizer can render it (None: not checked), the task files (what
+    their search skipped goes to ``notes``, when given). ``mft validate`` calls it (``recipe_config/checks.py``), so a config is checked exactly as a run builds it.
 
     Returns:
         (chat format, training tasks, validation tasks) as ``discover_tasks`` maps them.
@@ -67,8 +68,8 @@ def resolve_data_config(tokenizer, *, data_paths, valid_data_paths, template, ro
             chat_format.check_tokenizer(tokenizer)  # one message, not one per record
     except ValueError as e:
         raise DataError(str(e)) from None
-    tasks = discover_tasks(data_paths)
-    valid_tasks = discover_tasks(valid_data_paths, "data.valid_data_paths") if valid_data_paths else {}
+    tasks = discover_tasks(data_paths, notes=notes)
+    valid_tasks = discover_tasks(valid_data_paths, "data.valid_data_paths", notes) if valid_data_paths else {}
     unknown = [t for t in valid_tasks if t not in tasks]
     if unknown:
         raise DataError(f"data.valid_data_paths: task(s) {unknown} have no training data; "
@@ -140,11 +141,12 @@ def build_mft_data(
             without samples.
     """
     del rank, world_size  # the split and the cache are rank-independent; loaders take the rank later
+    notes: list[str] = []
     chat_format, tasks, valid_tasks = resolve_data_config(
         tokenizer, data_paths=data_paths, valid_data_paths=valid_data_paths, template=template,
         role_markers=role_markers, add_bos=add_bos, seq_len=seq_len, packing=packing, truncation=truncation,
         task_sampling=task_sampling, temperature=temperature, on_bad_record=on_bad_record, valid_ratio=valid_ratio,
-        valid_size=valid_size,
+        valid_size=valid_size, notes=notes,
     )
     if cache_dir is None:
         cache_path: Path | None = cache_root() / "data"
@@ -207,5 +209,5 @@ def build_mft_data(
         task_names=task_names, chat_format=chat_format, train_samples=train, valid_samples=valid, seq_len=int(seq_len),
         packing=packing, task_sampling=task_sampling, temperature=temperature, seed=int(seed),
         pad_id=int(pad_id if pad_id is not None else 0), eos_token=tokenizer.eos_token, skipped=problems,
-        task_files={n: [str(f) for f in files] for n, files in tasks.items()}, counts=counts,
+        task_files={n: [str(f) for f in files] for n, files in tasks.items()}, counts=counts, notes=notes,
     )

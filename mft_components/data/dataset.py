@@ -46,6 +46,9 @@ class MFTData:
         skipped: ``path:line: field: problem`` of the records skipped with ``on_bad_record: skip``.
         task_files: the files of each task.
         counts: per task, what the build read and kept (``stats.task_stats`` adds the packed rows).
+        notes: what a user should read before training on it (files the task search skipped, samples dropped or
+            truncated; lines starting with ``WARNING`` are above a threshold); printed by the run and by
+            ``mft validate`` / ``mft data``.
 
     Its loaders are ``sampling.build_train_loader(data, ...)`` and ``sampling.build_valid_loader(data, ...)``.
     """
@@ -64,6 +67,7 @@ class MFTData:
     skipped: list[str] = field(default_factory=list)
     task_files: dict[str, list[str]] = field(default_factory=dict)
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def task_sample_counts(self) -> dict[str, int]:

@@ -103,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"template: {fmt.template}  seq_len: {data.seq_len}  packing: {data.packing}  "
           f"task_sampling: {data.task_sampling}  eos: {data.eos_token}")
     print(format_stats(task_stats(data)))
+    for note in data.notes:
+        print(note)
     if data.skipped:
         print(f"\n{len(data.skipped)} bad record(s) skipped (data.on_bad_record: skip), e.g.:")
         for line in data.skipped[:5]:

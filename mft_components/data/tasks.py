@@ -5,12 +5,17 @@
                                 task, named by the dir
       - extra/unit_tests.jsonl  a file: a task named by the file's stem
 
-A file or directory that cannot be read is one ``DataError`` naming it.
+A task directory given as a symbolic link is named after the link (as MFTCoder names it), not its target. Hidden
+files and directories below a task directory (``.ipynb_checkpoints/``, ``.backup.jsonl``) are skipped, as
+MFTCoder's glob skips them, so a migrated data tree does not train duplicates; so are ``*.jsonl`` entries that are
+not regular files (FIFOs, devices): both are counted and named in the notes. A file or directory that cannot be
+read, or a task path that is a FIFO, device or socket, is one ``DataError`` naming it.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import Sequence
 
@@ -19,18 +24,20 @@ from mft_components.data.records import DataError
 __all__ = ["discover_tasks"]
 
 
-def discover_tasks(paths: Sequence[str | os.PathLike], key: str = "data.data_paths") -> dict[str, list[Path]]:
+def discover_tasks(paths: Sequence[str | os.PathLike], key: str = "data.data_paths",
+                   notes: list[str] | None = None) -> dict[str, list[Path]]:
     """Map task names to their JSONL files.
 
     Args:
         paths: task directories (searched recursively for ``*.jsonl``) or ``.jsonl`` files.
         key: the config key, for error messages.
+        notes: if given, gets a line per task directory where hidden entries or special files were skipped.
 
     Returns:
         ``{task_name: [files, sorted]}`` in the order of ``paths``.
 
     Raises:
-        DataError: a missing path, a directory without ``*.jsonl``, a directory that cannot be read, a ``*.jsonl``
+        DataError: a missing path, a FIFO / device / socket path, a directory without ``*.jsonl``, a directory that cannot be read, a ``*.jsonl``
             symbolic link to nothing, a file that is not ``.jsonl``, or two paths giving the same task name (both
             are named).
     """
@@ -42,8 +49,12 @@ def discover_tasks(paths: Sequence[str | os.PathLike], key: str = "data.data_pat
     for i, raw in enumerate(paths):
         p = Path(str(raw)).expanduser()
         if p.is_dir():
-            name, (files, unreadable) = p.resolve().name, _jsonl_files(p)
+            # Named after the path as written (a link keeps its own name); ".", ".." and "/" by what they are.
+            name = Path(os.path.abspath(p)).name or p.resolve().name
+            files, unreadable, skipped = _jsonl_files(p)
             problems += [f"{key}[{i}]: {problem}" for problem in unreadable]
+            if skipped and notes is not None:
+                notes.append(f"{key}[{i}]: {p}: skipped {_describe_skipped(skipped)}")
             if unreadable:
                 continue
             if not files:
@@ -54,6 +65,10 @@ def discover_tasks(paths: Sequence[str | os.PathLike], key: str = "data.data_pat
                 problems.append(f"{key}[{i}]: {p}: expected a directory or a .jsonl file")
                 continue
             name, files = p.stem, [p]
+        elif p.exists():
+            problems.append(f"{key}[{i}]: {p}: is {_special_kind(p.stat().st_mode)}, not a directory or a .jsonl "
+                            "file")
+            continue
         else:
             problems.append(f"{key}[{i}]: {p}: no such file or directory")
             continue
@@ -69,18 +84,47 @@ def discover_tasks(paths: Sequence[str | os.PathLike], key: str = "data.data_pat
     return tasks
 
 
-def _jsonl_files(root: Path) -> tuple[list[Path], list[str]]:
-    """Every ``*.jsonl`` file below ``root`` (sorted), and what could not be searched.
+def _special_kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def _describe_skipped(skipped: list[tuple[Path, str]]) -> str:
+    """'3 hidden entries (.a.jsonl, .ipynb_checkpoints/, ...) and 1 special file (x.jsonl: a FIFO)'."""
+    hidden = [p.name + "/" * (what == "hidden directory") for p, what in skipped if what.startswith("hidden")]
+    special = [f"{p}: {what}" for p, what in skipped if not what.startswith("hidden")]
+    parts = []
+    if hidden:
+        shown = ", ".join(hidden[:5]) + (", ..." if len(hidden) > 5 else "")
+        parts.append(f"{len(hidden)} hidden file(s) and director(ies) ({shown}), as MFTCoder does")
+    if special:
+        shown = "; ".join(special[:5]) + ("; ..." if len(special) > 5 else "")
+        parts.append(f"{len(special)} *.jsonl that are not regular files ({shown})")
+    return " and ".join(parts)
+
+
+def _jsonl_files(root: Path) -> tuple[list[Path], list[str], list[tuple[Path, str]]]:
+    """Every ``*.jsonl`` file below ``root`` (sorted), what could not be searched, and what was skipped.
 
     Symbolic links are followed, to directories too (a task is often assembled from linked folders). A
     directory reached twice, by a link back to an ancestor (a cycle) or by two links, is searched once, and a
     file reached by two paths is listed once (under its first path in sorted order): no record trains twice.
 
+    Hidden entries (names starting with ``.``) below ``root`` and ``*.jsonl`` entries that are not regular files
+    are skipped.
+
     Returns:
-        (files, problems): problems are directories that cannot be read and ``*.jsonl`` links to nothing.
+        (files, problems, skipped): problems are directories that cannot be read and ``*.jsonl`` links to nothing;
+        skipped are ``(path, what)`` with what ``hidden file``, ``hidden directory`` or the special file's kind.
     """
     files: dict[tuple[int, int], Path] = {}
     problems: list[str] = []
+    skipped: list[tuple[Path, str]] = []
     seen: set[tuple[int, int]] = set()
     stack = [root]
     while stack:  # depth first, in sorted order: which path of a twice-reached file is kept never varies
@@ -98,7 +142,9 @@ def _jsonl_files(root: Path) -> tuple[list[Path], list[str]]:
         subdirs = []
         for entry in entries:
             path = Path(entry.path)
-            if entry.is_dir():  # follows links
+            if entry.name.startswith("."):
+                skipped.append((path, "hidden directory" if entry.is_dir() else "hidden file"))
+            elif entry.is_dir():  # follows links
                 subdirs.append(path)
             elif entry.name.endswith(".jsonl"):
                 if entry.is_file():
@@ -106,5 +152,7 @@ def _jsonl_files(root: Path) -> tuple[list[Path], list[str]]:
                     files.setdefault((st.st_dev, st.st_ino), path)
                 elif entry.is_symlink() and not path.exists():
                     problems.append(f"{path}: symbolic link to {os.readlink(path)}, which does not exist")
+                else:
+                    skipped.append((path, _special_kind(path.stat().st_mode)))
         stack += reversed(subdirs)
-    return sorted(files.values()), problems
+    return sorted(files.values()), problems, skipped
