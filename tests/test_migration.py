@@ -9,7 +9,8 @@ import re
 from pathlib import Path
 
 import pytest
-from transformers import AutoTokenizer
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import cli
 from mft_components.data.templates import ChatFormat
@@ -91,3 +92,48 @@ def test_hidden_files_are_skipped_and_a_linked_task_keeps_the_links_name(smollm2
     assert re.search(r"^code_repair\s+2\s+0\s+2\s", out, re.M), out  # named after the link; 2 records, not 6
     assert (f"data.data_paths[0]: {tmp_path / 'code_repair'}: skipped 3 hidden file(s) and director(ies) "
             f"(.backup.jsonl, .ipynb_checkpoints/, .old/), as MFTCoder does") in out
+
+
+def test_older_bin_adapter_merges_and_generates_with_a_template(tmp_path, smollm2_dir, capsys):
+    """MFTCoder's adapters were saved by older peft as adapter_model.bin: `mft export --adapter` merges one (read
+    with torch.load(weights_only=True)) to peft's logits, and `mft generate --adapter --template` prompts with it."""
+    peft = pytest.importorskip("peft")
+    vocab = len(AutoTokenizer.from_pretrained(smollm2_dir))
+    base = make_tiny_model_dir(tmp_path / "base", "qwen2", vocab_size=vocab, tokenizer_dir=smollm2_dir, seed=3)
+    torch.manual_seed(0)
+    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
+    adapter = tmp_path / "mftcoder_adapter"
+    model.save_pretrained(adapter, safe_serialization=False)
+    assert (adapter / "adapter_model.bin").is_file() and not (adapter / "adapter_model.safetensors").exists()
+
+    assert cli.main(["export", "--adapter", str(adapter), "--base", str(base), "--output",
+                     str(tmp_path / "merged")]) == 0, capsys.readouterr().err
+    ids = torch.randint(0, vocab, (1, 9), generator=torch.Generator().manual_seed(0))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, model.eval()(ids).logits, atol=2e-5, rtol=1e-5)
+    assert (tmp_path / "merged" / "adapter" / "adapter_model.safetensors").is_file()
+
+    generate = ["generate", "--model", str(base), "--adapter", str(adapter), "--prompt", "hi", "--greedy",
+                "--max-new-tokens", "2"]
+    assert cli.main(generate) == 2
+    assert "pass --template mft" in capsys.readouterr().err
+    assert cli.main(generate + ["--template", "mft"]) == 0, capsys.readouterr().err
+
+
+def test_a_bin_adapter_that_needs_code_to_load_is_refused(tmp_path, capsys):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
+    torch.save({"base_model.model.x.lora_A.weight": torch.zeros(4, 8), "payload": Path("/")},
+               adapter / "adapter_model.bin")
+    make_tiny_model_dir(tmp_path / "base", "llama", vocab_size=64)
+    assert cli.main(["export", "--adapter", str(adapter), "--base", str(tmp_path / "base"), "--output",
+                     str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{adapter / 'adapter_model.bin'}: not a readable PyTorch weights file (UnpicklingError" in err, err

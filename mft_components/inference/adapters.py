@@ -19,7 +19,10 @@ import torch
 
 from mft_components.training.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CheckpointError, load_safetensors
 
-__all__ = ["ExportError", "LoRAAdapter", "lora_scale", "read_adapter", "merge_lora_tensor", "check_finite_tensor"]
+LEGACY_ADAPTER_WEIGHTS = "adapter_model.bin"  # peft before 0.6 and MFTCoder's older adapters
+
+__all__ = ["ExportError", "LoRAAdapter", "LEGACY_ADAPTER_WEIGHTS", "lora_scale", "adapter_weights_file",
+           "read_adapter_tensors", "read_adapter", "merge_lora_tensor", "check_finite_tensor"]
 
 _PEFT_KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?P<which>[AB])\.weight$")
 _PEFT_PREFIX = "base_model.model."
@@ -68,8 +71,45 @@ def lora_scale(adapter_config: dict) -> float:
     return alpha / math.sqrt(r) if adapter_config.get("use_rslora") else alpha / r
 
 
+def adapter_weights_file(adapter_dir: Path) -> Path:
+    """`adapter_model.safetensors`, or else the `adapter_model.bin` older peft versions (and MFTCoder) saved.
+
+    Raises:
+        ExportError: neither exists.
+    """
+    for path in (adapter_dir / ADAPTER_WEIGHTS, adapter_dir / LEGACY_ADAPTER_WEIGHTS):
+        if path.is_file():
+            return path
+    raise ExportError(f"{adapter_dir / ADAPTER_WEIGHTS}: not found (nor {LEGACY_ADAPTER_WEIGHTS}); a LoRA/QLoRA "
+                      f"checkpoint holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
+
+
+def read_adapter_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter weights file: safetensors, or a PyTorch pickle read with
+    `torch.load(weights_only=True)` (tensors and plain containers only: no code in the file runs).
+
+    Raises:
+        ExportError: the file is unreadable, truncated, or not a mapping of names to tensors.
+    """
+    if path.suffix == ".safetensors":
+        try:
+            return load_safetensors(path)
+        except CheckpointError as e:
+            raise ExportError(str(e)) from e
+    try:
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError (a pickle that needs code), EOFError, RuntimeError (truncated zip)
+        raise ExportError(f"{path}: not a readable PyTorch weights file ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from e
+    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in tensors.items()):
+        raise ExportError(f"{path}: expected a mapping of tensor names to tensors, as peft saves an adapter")
+    return tensors
+
+
 def read_adapter(adapter_dir: str | Path) -> LoRAAdapter:
-    """Load `adapter_config.json` + `adapter_model.safetensors` (PEFT key names) from a checkpoint or adapter dir.
+    """Load `adapter_config.json` + `adapter_model.safetensors` (PEFT key names) from a checkpoint or adapter dir;
+    an older `adapter_model.bin` is read with `torch.load(weights_only=True)`.
 
     Args:
         adapter_dir: directory holding the two PEFT files.
@@ -84,10 +124,10 @@ def read_adapter(adapter_dir: str | Path) -> LoRAAdapter:
             trained biases / `modules_to_save`, or A/B do not pair up.
     """
     adapter_dir = Path(adapter_dir)
-    cfg_path, w_path = adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
-    for p in (cfg_path, w_path):
-        if not p.is_file():
-            raise ExportError(f"{p}: not found; a LoRA/QLoRA checkpoint holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
+    cfg_path = adapter_dir / ADAPTER_CONFIG
+    if not cfg_path.is_file():
+        raise ExportError(f"{cfg_path}: not found; a LoRA/QLoRA checkpoint holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
+    w_path = adapter_weights_file(adapter_dir)
     try:
         config = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -111,11 +151,7 @@ def read_adapter(adapter_dir: str | Path) -> LoRAAdapter:
     saved_modules = tuple(config.get("modules_to_save") or ())
     halves: dict[str, dict[str, torch.Tensor]] = {}
     replaced: dict[str, torch.Tensor] = {}
-    try:
-        tensors = load_safetensors(w_path)
-    except CheckpointError as e:
-        raise ExportError(str(e)) from e
-    for key, tensor in tensors.items():
+    for key, tensor in read_adapter_tensors(w_path).items():
         check_finite_tensor(tensor, f"{w_path}: tensor {key}", "the adapter is corrupted, or training diverged")
         m = _PEFT_KEY.match(key)
         if m is not None:

@@ -38,9 +38,17 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from mft_components.data.templates import ChatFormat
-from mft_components.inference.adapters import ExportError, LoRAAdapter, merge_lora_tensor, read_adapter
+from mft_components.inference.adapters import (
+    ExportError,
+    LoRAAdapter,
+    adapter_weights_file,
+    merge_lora_tensor,
+    read_adapter,
+    read_adapter_tensors,
+)
 from mft_components.inference.shards import (
     DTYPE_NAMES,
     OUTPUT_DTYPES,
@@ -284,7 +292,12 @@ def _write_adapter(adapter_out: Path, checkpoint_dir: Path, base_dir: Path, chat
     config = json.loads((checkpoint_dir / ADAPTER_CONFIG).read_text())
     config["base_model_name_or_path"] = str(base_dir.resolve())
     (adapter_out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-    shutil.copyfile(checkpoint_dir / ADAPTER_WEIGHTS, adapter_out / ADAPTER_WEIGHTS)
+    weights = adapter_weights_file(checkpoint_dir)
+    if weights.name == ADAPTER_WEIGHTS:
+        shutil.copyfile(weights, adapter_out / ADAPTER_WEIGHTS)
+    else:  # an older adapter_model.bin: the export's adapter is safetensors, as peft writes it today
+        save_file({k: t.contiguous() for k, t in read_adapter_tensors(weights).items()},
+                  str(adapter_out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     (adapter_out / CHAT_FORMAT_FILE).write_text(json.dumps(chat_meta, indent=2) + "\n")
 
 

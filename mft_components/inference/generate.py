@@ -11,6 +11,8 @@ Two ways to get a model:
     mft generate --model OUT                              an exported directory
     mft generate --model BASE --adapter output/step_N     the base + a LoRA / QLoRA checkpoint's adapter, merged in
                                                           float32 by the same code as `mft export`
+    mft generate --model BASE --adapter DIR --template mft   an adapter trained elsewhere (peft, MFTCoder; an older
+                                                          adapter_model.bin too): --template names its format
 
 Generation uses `transformers`' `generate`, stops at the training EOS and prints only the new text. With
 `--file PROMPTS.jsonl` each line is `{"prompt": "..."}` or `{"messages": [...]}` (optionally `"system"`) and the
@@ -283,6 +285,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `mft generate`."""
     parser.add_argument("--model", required=True, help="an exported directory, or the base model with --adapter")
     parser.add_argument("--adapter", default=None, help="a LoRA/QLoRA checkpoint (output_dir/step_N) or OUT/adapter")
+    parser.add_argument("--template", choices=["mft", "mftcoder_atorch", "hf"], default=None,
+                        help="chat format where the model and adapter carry no training one (a base model, an "
+                             "MFTCoder adapter): mft (MFTCoder's markers), mftcoder_atorch, or hf (the tokenizer's "
+                             "chat_template)")
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one user prompt")
     src.add_argument("--file", help="JSONL of {'prompt': ...} or {'messages': [...]}; writes JSONL answers")
@@ -305,8 +311,16 @@ def run(args: argparse.Namespace) -> int:
     """Run `mft generate`; returns the exit status (errors for people go to stderr, status 2)."""
     try:
         records = read_prompt_file(args.file) if args.file else None
-        gm = load_generation_model(args.model, args.adapter, dtype=args.dtype, device=args.device,
-                                   trust_remote_code=args.trust_remote_code)
+        try:
+            gm = load_generation_model(args.model, args.adapter, dtype=args.dtype, device=args.device,
+                                       trust_remote_code=args.trust_remote_code,
+                                       default_chat_format={"template": args.template} if args.template else None)
+        except GenerateError as e:
+            if args.template is None and str(e).startswith("no training chat format"):  # say how to prompt it
+                raise GenerateError(f"{e}; for a model or adapter mft did not train (an MFTCoder adapter), pass "
+                                    "--template mft (MFTCoder's markers), mftcoder_atorch or hf (the tokenizer's "
+                                    "chat_template)") from None
+            raise
         if args.seed is not None:
             torch.manual_seed(args.seed)
         kwargs = dict(system=args.system, max_new_tokens=args.max_new_tokens, greedy=args.greedy,
