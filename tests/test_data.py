@@ -85,7 +85,7 @@ def test_record_shapes_render_like_templates(smollm2_tokenizer, tmp_path):
         assert sample.input_ids.tolist() == ids and sample.loss_mask.tolist() == mask
         assert sample.input_ids.dtype == np.int32 and sample.loss_mask.dtype == np.bool_
     text = d.train_samples[-1]
-    assert tok.decode(text.input_ids) == "def raw():\n    pass<|im_end|>" and text.loss_mask.all()
+    assert tok.decode(text.input_ids) == "def raw():\n    pass\n<|im_end|>" and text.loss_mask.all()
     st = task_stats(d)["shapes"]
     assert (st["records"], st["kept"], st["bad"], st["turns"]) == (8, 8, 0, 8)
     assert st["loss_tokens"] == sum(int(s.loss_mask.sum()) for s in d.train_samples)

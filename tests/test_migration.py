@@ -137,3 +137,10 @@ def test_a_bin_adapter_that_needs_code_to_load_is_refused(tmp_path, capsys):
                      str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert f"{adapter / 'adapter_model.bin'}: not a readable PyTorch weights file (UnpicklingError" in err, err
+
+
+def test_text_records_train_text_newline_eos_as_mftcoder(smollm2_dir, tmp_path, capsys):
+    write_jsonl(tmp_path / "pretrain" / "a.jsonl", [{"text": "def raw():\n    pass"}])
+    config = data_config(tmp_path, smollm2_dir, [tmp_path / "pretrain"])
+    assert cli.main(["data", "--config", str(config), "--show", "1", "--color", "never"]) == 0
+    assert "[[def raw():\n    pass\n<|im_end|>]]" in capsys.readouterr().out

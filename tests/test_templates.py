@@ -148,6 +148,9 @@ def test_text_segments_all_loss(smollm2_tokenizer):
 
     tok = smollm2_tokenizer
     (ids, mask), = encode_segments([ChatFormat().text_segments("print('hi')", tok)], tok)
+    assert tok.decode(ids) == "print('hi')\n" + EOS and all(mask)  # MFTCoder's text + "\n" + EOS
+    atorch = ChatFormat(template="mftcoder_atorch")
+    (ids, mask), = encode_segments([atorch.text_segments("print('hi')", tok)], tok)
     assert tok.decode(ids) == "print('hi')" + EOS and all(mask)
 
 

@@ -319,9 +319,14 @@ class ChatFormat:
         return "".join(out)
 
     def text_segments(self, text: str, tokenizer) -> list[Segment]:
-        """Segments of a plain ``text`` record: every token carries loss, then EOS (also with loss)."""
+        """Segments of a plain ``text`` record: every token carries loss, then EOS (also with loss).
+
+        ``template: mft`` trains ``text\n<EOS>`` as MFTCoder's accelerate pipeline does (its ``content_format``
+        appends the newline to every content, text records included); atorch's format and ``hf`` add nothing.
+        """
         _, eos_id = _eos(tokenizer)
-        return self._bos_segment(tokenizer) + [(text, True), (eos_id, True)]
+        return self._bos_segment(tokenizer) + [(text + ("\n" if self.template == "mft" else ""), True),
+                                               (eos_id, True)]
 
     # ------------------------------------------------------------------------------------------------------------
     def jinja_chat_template(self, tokenizer) -> str:
