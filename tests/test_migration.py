@@ -144,3 +144,36 @@ def test_text_records_train_text_newline_eos_as_mftcoder(smollm2_dir, tmp_path, 
     config = data_config(tmp_path, smollm2_dir, [tmp_path / "pretrain"])
     assert cli.main(["data", "--config", str(config), "--show", "1", "--color", "never"]) == 0
     assert "[[def raw():\n    pass\n<|im_end|>]]" in capsys.readouterr().out
+
+
+# MFTCoder v0.4's selfpaced_train_config.json (its self-paced loss became CoBa in v0.5), paths filled in.
+SELFPACED_V04 = {
+    "data_paths": "[data/a,data/b]", "output_dir": "out", "tb_dir": "tb", "pretrained_model_path": "model",
+    "model_type": "llama", "load_raw_dataset": True, "data_split": "98,2,0", "padding_mode": "padding",
+    "use_dynamic_padding": True, "tokenize_mode": "sft", "tokenizer_type": "AutoTokenizer",
+    "weighted_loss_mode": "selfpaced", "selfpaced_interval": 3, "selfpaced_history_length": 100,
+    "selfpaced_sample_valid_num": 2, "selfpaced_scale_factor": 50, "attn_implementation": "flash_attention_2",
+    "seq_length": 4096, "seed": 1234, "peft_type": "qlora", "quantization": "4bit", "lora_rank": 96,
+    "lora_alpha": 32, "lora_dropout": 0.05, "per_device_train_batch_size": 2, "per_device_eval_batch_size": 2,
+    "learning_rate": 5e-5, "min_lr": 5e-6, "weight_decay": 0.1, "gradient_accumulation_steps": 1,
+    "lr_scheduler_type": "cosine", "num_warmup_steps": 300, "num_train_epochs": 4, "resume_from_checkpoint": None,
+    "log_interval": 10, "checkpointing_steps": 100, "evaluation_steps": 100, "max_train_steps": None,
+    "epoch_checkpointing": True, "shuffle_before_split": True, "early_stopping": True, "early_stopping_stall_num": 5,
+    "saving_limit": None,
+}
+
+
+def test_import_maps_v04_selfpaced_keys_to_their_coba_successors(tmp_path, capsys):
+    import yaml
+
+    src = tmp_path / "selfpaced_train_config.json"
+    src.write_text(json.dumps(SELFPACED_V04, indent=4))
+    out = tmp_path / "run.yaml"
+    assert cli.main(["import", "mftcoder", str(src), "-o", str(out)]) == 0, capsys.readouterr().err
+    report = capsys.readouterr().out
+    loss = yaml.safe_load(out.read_text())["loss"]
+    assert (loss["mode"], loss["coba_update_interval"], loss["coba_history_length"],
+            loss["coba_sample_valid_num"]) == ("coba", 3, 100, 2)
+    assert "selfpaced_interval: MFTCoder v0.4's name of coba_update_interval" in report
+    assert "selfpaced_scale_factor: v0.4's softmax scale of the self-paced weights has no successor" in report
+    assert "did you mean" not in report

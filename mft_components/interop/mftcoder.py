@@ -31,6 +31,9 @@ import yaml
 from mft_components.interop.mftcoder_keys import (
     FIXED,
     MFTCODER_KEYS,
+    V04_DROPPED,
+    V04_NOTES,
+    V04_RENAMED,
     REQUIRED,
     MFTCoderConfigError,
     is_placeholder,
@@ -115,6 +118,7 @@ def read_mftcoder_config(path: str | Path, overrides: dict[str, Any] | None = No
         overrides.update(per_device_train_batch_size=micro, per_device_eval_batch_size=micro)
     raw.update({k: v for k, v in overrides.items() if v is not None})
     problems = []
+    v04_notes = _rename_v04_keys(raw, path, problems)
     for key in raw:
         if key not in MFTCODER_KEYS:
             close = difflib.get_close_matches(key, MFTCODER_KEYS, n=1)
@@ -135,7 +139,35 @@ def read_mftcoder_config(path: str | Path, overrides: dict[str, Any] | None = No
         args[key] = value
     if problems:
         raise MFTCoderConfigError("\n".join(problems))
+    args[V04_NOTES] = v04_notes
     return args
+
+
+def _rename_v04_keys(raw: dict, path: Path, problems: list[str]) -> list[tuple[str, str]]:
+    """MFTCoder v0.4's self-paced keys (``weighted_loss_mode: selfpaced``) under their v0.5 CoBa names, in place.
+
+    Returns:
+        (v0.4 key, what it became) for the import's report.
+    """
+    notes = []
+    for old, new in V04_RENAMED.items():
+        if old not in raw:
+            continue
+        if new in raw:
+            problems.append(f"{path}: {old}: v0.4's name of {new}, which the file sets too; keep one")
+            continue
+        raw[new] = raw.pop(old)
+        notes.append((old, f"MFTCoder v0.4's name of {new}: written as loss.{new}"))
+    for old, why in V04_DROPPED.items():
+        if old in raw:
+            raw.pop(old)
+            notes.append((old, why))
+    if raw.get("weighted_loss_mode") == "selfpaced":
+        raw["weighted_loss_mode"] = "coba"
+        notes.append(("weighted_loss_mode", "selfpaced: MFTCoder v0.4's self-paced loss, which v0.5 replaced by "
+                                            "CoBa: written as loss.mode: coba (CoBa starts weighing after "
+                                            "loss.coba_warmup_steps; v0.4 weighed from the first step)"))
+    return notes
 
 
 # -------------------------------------------------------------------------------------------------- translating
@@ -175,6 +207,7 @@ def translate(args: dict) -> Imported:
                 result.comments.setdefault(target, []).append(comment)
             if placeholder:
                 result.fill_in.append((key, target, value))
+    result.dropped += args.get(V04_NOTES, [])
     for key, (value, comment) in FIXED.items():
         flat.setdefault(key, value)
         if comment:

@@ -13,7 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
-__all__ = ["REQUIRED", "LOSS_MODES", "MFTCoderConfigError", "Key", "MFTCODER_KEYS", "FIXED", "is_placeholder"]
+__all__ = ["REQUIRED", "LOSS_MODES", "MFTCoderConfigError", "Key", "MFTCODER_KEYS", "FIXED", "V04_RENAMED",
+           "V04_DROPPED", "V04_NOTES", "is_placeholder"]
 
 REQUIRED = object()  # no default: MftTrainArgs requires the key, and mft needs its value
 _PLACEHOLDER = re.compile(r"^\$\{?[A-Za-z_][A-Za-z0-9_]*\}?$")
@@ -383,6 +384,14 @@ MFTCODER_KEYS: dict[str, Key] = {
     "world_size": Key(8, _INT, _dropped(f"{LEGACY}: the process count comes from the launcher "
                                         "(mft run ... --nproc-per-node N)")),
 }
+
+# MFTCoder v0.4's self-paced loss (selfpaced_train_config.json) became CoBa in v0.5: its keys and what they are now.
+V04_RENAMED = {"selfpaced_interval": "coba_update_interval", "selfpaced_history_length": "coba_history_length",
+               "selfpaced_sample_valid_num": "coba_sample_valid_num"}
+V04_DROPPED = {"selfpaced_scale_factor": (
+    "v0.4's softmax scale of the self-paced weights has no successor: CoBa weighs by convergence slopes and a "
+    "divergence factor (loss.coba_tau, its temperature, default 5)")}
+V04_NOTES = "__v04_notes__"  # in the args read_mftcoder_config returns: [(v0.4 key, what it became)]
 
 # What MFTCoder's trainer does without a key for it, written into every imported config.
 FIXED: dict[str, tuple[Any, str]] = {
