@@ -50,8 +50,42 @@ YamlLoader.add_implicit_resolver(
 )
 
 
-def read_yaml(text: str):
-    return yaml.load(text, Loader=YamlLoader)
+# Values a config may hold once its aliases (*name) are expanded: a real config has a few hundred; a 10-level
+# "billion laughs" anchor bomb has 10**10 and would hang OmegaConf, which copies every alias.
+MAX_EXPANDED_VALUES = 1_000_000
+
+
+def read_yaml(text: str, source: str = "the YAML text"):
+    """Parse YAML with ``YamlLoader``, refusing a document whose aliases expand past ``MAX_EXPANDED_VALUES``.
+
+    Raises:
+        yaml.YAMLError: not valid YAML. ConfigError: too large once expanded, naming ``source``.
+    """
+    value = yaml.load(text, Loader=YamlLoader)
+    size = _expanded_size(value)
+    if size > MAX_EXPANDED_VALUES:
+        raise ConfigError(f"{source}: its aliases (*name) expand to more than {MAX_EXPANDED_VALUES:,} values "
+                          f"(anchors referring to anchors multiply); refused, a config needs far fewer")
+    return value
+
+
+def _expanded_size(root: Any) -> int:
+    """How many values ``root`` holds with every shared (aliased) list or mapping counted at each place it is
+    used: computed once per distinct object, bottom-up, without recursion (nesting may be deep)."""
+    sizes: dict[int, int] = {}
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if not isinstance(node, (dict, list)) or id(node) in sizes:
+            continue
+        children = [*node.keys(), *node.values()] if isinstance(node, dict) else node
+        if children_done:
+            total = 1 + sum(sizes.get(id(c), 1) if isinstance(c, (dict, list)) else 1 for c in children)
+            sizes[id(node)] = min(total, MAX_EXPANDED_VALUES + 1)  # capped: a bomb's count never grows huge
+        else:
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if isinstance(c, (dict, list)))
+    return sizes.get(id(root), 1)
 
 
 class ConfigError(ValueError):
@@ -85,7 +119,7 @@ def parse_override(text: str) -> tuple[str, Any, bool]:
     if not sep or not key or key.startswith("-"):
         raise ConfigError(f"override {text!r}: expected 'key.path=value' or '~key.path'")
     try:
-        parsed = read_yaml(value) if value.strip() else ""
+        parsed = read_yaml(value, f"override {key}") if value.strip() else ""
     except yaml.YAMLError:
         parsed = value  # not YAML (e.g. 'a: b: c'): take the text as written
     return key, parsed, False

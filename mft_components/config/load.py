@@ -36,11 +36,12 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> DictC
         The config; :func:`source_of` tells the file it came from.
 
     Raises:
-        ConfigError: the file is missing or is not a YAML mapping, or an override is malformed.
+        ConfigError: the file is missing, is not a YAML mapping, or its aliases expand past a bound (an anchor
+            bomb), or an override is malformed.
     """
     file = resolve_config(path)
     try:
-        raw = read_yaml(file.read_text(encoding="utf-8"))
+        raw = read_yaml(file.read_text(encoding="utf-8"), str(file))
     except yaml.YAMLError as e:
         raise ConfigError(f"{file}: not valid YAML: {e}") from e
     if raw is None:
