@@ -4,12 +4,15 @@ tokenisation cache entries, samples dropped or truncated, a full disk."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
 
 import pytest
 
 import cli
+from tests.test_data import conv, data_config, write_jsonl
 
 ANCHOR_BOMB = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
     f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]\n" for i in range(9)
@@ -27,3 +30,18 @@ def test_yaml_anchor_bomb_is_refused_naming_the_file(tmp_path, capsys):
     (tmp_path / "small.yaml").write_text("seed: 1\n")
     assert cli.main(["validate", "--config", str(tmp_path / "small.yaml"), f"data.seq_len={flow}"]) == 1
     assert "config error: override data.seq_len: its aliases (*name) expand" in capsys.readouterr().err
+
+
+def test_a_record_over_max_record_bytes_is_a_bad_record_unread(smollm2_dir, tmp_path, capsys):
+    big = json.dumps({"prompt": "x" * 3000, "answer": "y"})
+    path = write_jsonl(tmp_path / "task" / "a.jsonl", [conv(0), big, conv(1)])
+    config = data_config(tmp_path, smollm2_dir, [tmp_path / "task"], max_record_bytes=2048)
+    assert cli.main(["data", "--config", str(config)]) == 1
+    assert (f"{path}:2: record: {len(big):,} bytes, over data.max_record_bytes=2,048; split it, or raise the bound"
+            in capsys.readouterr().err)
+    config = data_config(tmp_path, smollm2_dir, [tmp_path / "task"], max_record_bytes=2048, on_bad_record="skip")
+    assert cli.main(["data", "--config", str(config)]) == 0
+    assert re.search(r"^task\s+3\s+1\s+2\s", capsys.readouterr().out, re.M)  # 3 records, 1 bad, 2 kept
+    config = data_config(tmp_path, smollm2_dir, [tmp_path / "task"], max_record_bytes=0)
+    assert cli.main(["data", "--config", str(config)]) == 1
+    assert "data.max_record_bytes: expected a positive integer" in capsys.readouterr().err

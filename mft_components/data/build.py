@@ -31,6 +31,7 @@ __all__ = ["BAD_RECORD_MODES", "MAX_LISTED_PROBLEMS", "resolve_data_config", "bu
 
 BAD_RECORD_MODES = ("error", "skip")
 MAX_LISTED_PROBLEMS = 20
+DEFAULT_MAX_RECORD_BYTES = 8 << 20  # 8 MiB: far above any conversation that fits a context window
 
 
 def _problem_lines(path: Path, problems: list[tuple[int, str, str]]) -> list[str]:
@@ -49,7 +50,7 @@ def _raise_problems(problems: list[str], context: str) -> None:
 
 def resolve_data_config(tokenizer, *, data_paths, valid_data_paths, template, role_markers, add_bos, seq_len, packing,
                         truncation, task_sampling, temperature, on_bad_record, valid_ratio, valid_size,
-                        notes: list[str] | None = None,
+                        max_record_bytes=DEFAULT_MAX_RECORD_BYTES, notes: list[str] | None = None,
                         ) -> tuple[ChatFormat, dict[str, list[Path]], dict[str, list[Path]]]:
     """Everything ``build_mft_data`` settles before it reads a record (its arguments of the same names):
     option values, the chat format, that the tokenizer can render it (None: not checked), the task files (what
@@ -62,6 +63,9 @@ def resolve_data_config(tokenizer, *, data_paths, valid_data_paths, template, ro
         DataError: naming the ``data.*`` key.
     """
     _check_options(seq_len, packing, truncation, task_sampling, temperature, on_bad_record, valid_ratio, valid_size)
+    if isinstance(max_record_bytes, bool) or not isinstance(max_record_bytes, int) or max_record_bytes < 1:
+        raise DataError(f"data.max_record_bytes: expected a positive integer (bytes of one JSONL line), got "
+                        f"{max_record_bytes!r}")
     try:
         chat_format = ChatFormat(template=template, role_markers=dict(role_markers or {}), add_bos=add_bos)
         if tokenizer is not None:
@@ -108,6 +112,7 @@ def build_mft_data(
     task_sampling: str = "proportional",
     temperature: float | None = None,
     on_bad_record: str = "error",
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
     num_workers: int | None = None,
     cache_dir: str | None = None,
     seed: int = 42,
@@ -128,6 +133,8 @@ def build_mft_data(
         truncation: ``drop`` (default) or ``truncate`` (keep the first ``seq_len`` tokens if a loss token remains).
         task_sampling, temperature: task balancing (``sampling.py``).
         on_bad_record: ``error`` (stop, listing up to 20 problems) or ``skip`` (drop and count per task).
+        max_record_bytes: a JSONL line longer than this is a bad record, refused before it is parsed (a huge
+            line would cost seconds and gigabytes to parse, only to be dropped as longer than seq_len).
         num_workers: tokenisation processes (default: ``min(8, cpu count)``).
         cache_dir: tokenisation cache (default ``$MFT_CACHE/data`` or ``~/.cache/mft/data``); ``""`` disables it.
         seed: split seed (and the loaders' order).
@@ -146,7 +153,7 @@ def build_mft_data(
         tokenizer, data_paths=data_paths, valid_data_paths=valid_data_paths, template=template,
         role_markers=role_markers, add_bos=add_bos, seq_len=seq_len, packing=packing, truncation=truncation,
         task_sampling=task_sampling, temperature=temperature, on_bad_record=on_bad_record, valid_ratio=valid_ratio,
-        valid_size=valid_size, notes=notes,
+        valid_size=valid_size, max_record_bytes=max_record_bytes, notes=notes,
     )
     if cache_dir is None:
         cache_path: Path | None = cache_root() / "data"
@@ -155,7 +162,8 @@ def build_mft_data(
     if num_workers is None:
         num_workers = min(8, os.cpu_count() or 1)
     all_files = [f for files in itertools.chain(tasks.values(), valid_tasks.values()) for f in files]
-    results = tokenize_files(all_files, tokenizer, chat_format, seq_len, truncation, cache_path, num_workers)
+    results = tokenize_files(all_files, tokenizer, chat_format, seq_len, truncation, cache_path, num_workers,
+                             max_record_bytes)
 
     task_names = list(tasks)
     counts: dict[str, dict[str, int]] = {}

@@ -52,6 +52,7 @@ class _Job:
     chat_format: ChatFormat
     seq_len: int
     truncation: str
+    max_record_bytes: int = 8 << 20
 
 
 _JOB: _Job | None = None
@@ -79,6 +80,10 @@ def _process_range(path: str, start: int, end: int, first_line: int) -> dict:
         if not line.strip():
             continue
         records += 1
+        if len(line) > job.max_record_bytes:  # refused unread: parsing it whole could cost gigabytes
+            problems.append((lineno, "record", f"{len(line):,} bytes, over data.max_record_bytes="
+                                               f"{job.max_record_bytes:,}; split it, or raise the bound"))
+            continue
         try:
             kind, value = parse_record(decode_record(line))
             if kind == "chat":
@@ -186,10 +191,10 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
-def _file_key(content_hash: str, tok_fp: str, chat_format: ChatFormat, seq_len: int, truncation: str) -> str:
+def _file_key(content_hash: str, tok_fp: str, job: _Job) -> str:
     spec = json.dumps(
-        {"v": CACHE_VERSION, "file": content_hash, "tokenizer": tok_fp, "format": chat_format.to_dict(),
-         "seq_len": seq_len, "truncation": truncation},
+        {"v": CACHE_VERSION, "file": content_hash, "tokenizer": tok_fp, "format": job.chat_format.to_dict(),
+         "seq_len": job.seq_len, "truncation": job.truncation, "max_record_bytes": job.max_record_bytes},
         sort_keys=True,
     )
     return hashlib.sha256(spec.encode()).hexdigest()
@@ -251,7 +256,7 @@ def _build_files(files: list[Path], job: _Job, cache_dir: Path | None, num_worke
     for f, data in _read_files(files).items():
         entry = None
         if cache_dir is not None:
-            key = _file_key(hashlib.sha256(data).hexdigest(), tok_fp, job.chat_format, job.seq_len, job.truncation)
+            key = _file_key(hashlib.sha256(data).hexdigest(), tok_fp, job)
             entry = cache_dir / key[:2] / key
             cached = _cache_read(entry)
             if cached is not None:
@@ -297,7 +302,7 @@ def _distributed_rank_info() -> tuple[bool, bool]:
 
 
 def tokenize_files(files: list[Path], tokenizer, chat_format: ChatFormat, seq_len: int, truncation: str,
-                   cache_dir: Path | None, num_workers: int) -> dict[Path, dict]:
+                   cache_dir: Path | None, num_workers: int, max_record_bytes: int = 8 << 20) -> dict[Path, dict]:
     """Every file's records parsed, validated, rendered and tokenised, from the cache when it has them.
 
     Args:
@@ -306,6 +311,7 @@ def tokenize_files(files: list[Path], tokenizer, chat_format: ChatFormat, seq_le
         seq_len, truncation: longer conversations are dropped or cut (``data.truncation``).
         cache_dir: the tokenisation cache (None: none).
         num_workers: tokenisation processes.
+        max_record_bytes: a longer line is a bad record (``record`` field), refused before it is parsed.
 
     Returns:
         Per file: ``ids``, ``mask`` (concatenated), ``lengths``, ``lines``, ``turns`` of the kept conversations,
@@ -314,7 +320,7 @@ def tokenize_files(files: list[Path], tokenizer, chat_format: ChatFormat, seq_le
     Raises:
         DataError: a file cannot be read.
     """
-    job = _Job(tokenizer, chat_format, int(seq_len), truncation)
+    job = _Job(tokenizer, chat_format, int(seq_len), truncation, int(max_record_bytes))
     distributed, builder = _distributed_rank_info()
     distributed = distributed and cache_dir is not None  # without a cache every rank tokenises for itself
     if distributed:
