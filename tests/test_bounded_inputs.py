@@ -45,3 +45,16 @@ def test_a_record_over_max_record_bytes_is_a_bad_record_unread(smollm2_dir, tmp_
     config = data_config(tmp_path, smollm2_dir, [tmp_path / "task"], max_record_bytes=0)
     assert cli.main(["data", "--config", str(config)]) == 1
     assert "data.max_record_bytes: expected a positive integer" in capsys.readouterr().err
+
+
+def test_a_valid_size_that_leaves_no_training_data_is_refused(smollm2_dir, tmp_path, capsys):
+    write_jsonl(tmp_path / "small" / "a.jsonl", [conv(i) for i in range(4)])
+    write_jsonl(tmp_path / "big" / "a.jsonl", [conv(i) for i in range(9)])
+    config = data_config(tmp_path, smollm2_dir, [tmp_path / "small", tmp_path / "big"],
+                         valid_size=100000)
+    assert cli.main(["data", "--config", str(config)]) == 1
+    assert ("data.valid_size: 100000 samples per task held out for validation leave too little to train on (small: 4 "
+            "samples, 3 held out, 1 left to train on; big: 9 samples, 8 held out, 1 left to train on); expected fewer "
+            "than the smallest task's 4 samples") in capsys.readouterr().err
+    config = data_config(tmp_path, smollm2_dir, [tmp_path / "small", tmp_path / "big"], valid_size=3)
+    assert cli.main(["data", "--config", str(config)]) == 0

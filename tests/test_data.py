@@ -240,8 +240,10 @@ def test_split_per_task_deterministic(smollm2_tokenizer, tmp_path):
     assert every == sorted(map(str, as_lists(build(tok, [a, b, c], tmp_path).train_samples)))
     other = build(tok, [a, b, c], tmp_path, valid_ratio=0.1, seed=8)
     assert as_lists(other.valid_samples) != as_lists(d.valid_samples)
-    sized = build(tok, [a, b, c], tmp_path, valid_size=5)
-    assert [task_stats(sized)[t]["valid"] for t in "abc"] == [5, 2, 0]
+    sized = build(tok, [a, b, c], tmp_path, valid_size=2)
+    assert [task_stats(sized)[t]["valid"] for t in "abc"] == [2, 2, 0]  # c: one sample, nothing held out
+    with pytest.raises(DataError, match=r"data.valid_size: 5 samples per task .*\(b: 3 samples, 2 held out, 1 left"):
+        build(tok, [a, b, c], tmp_path, valid_size=5)
 
 
 def test_valid_data_paths(smollm2_tokenizer, tmp_path):

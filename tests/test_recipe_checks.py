@@ -100,6 +100,16 @@ BAD_SETTINGS = [
     ("loss.mode=coba data.valid_ratio=0",  # else CoBa kept its first weights for the whole run, saying nothing
      "loss.mode: coba weighs the tasks by their validation-loss curves, but data holds out no validation data"),
     ("output_dir={root}/a_file", "'output_dir' is '{root}/a_file': it is a file; expected a directory"),
+    # issue 25: values that passed validate, then ran out of memory, trained NaN or crashed with a traceback
+    ("model.lora.rank=100000", "model.lora.rank: 100000 is larger than every layer it adapts (down_proj 128->64, "
+                               "gate_proj 64->128, k_proj 64->32, o_proj 64->64, q_proj 64->64, up_proj 64->128, "
+                               "v_proj 64->32): an update of a layer has at most rank min(in, out); expected at most 64"),
+    ("optimizer.lr=.inf", "'optimizer.lr' is inf: expected a finite number"),
+    ("optimizer.weight_decay=.nan", "'optimizer.weight_decay' is nan: expected a finite number"),
+    ("model.lora.alpha=1e308", "model.lora.alpha: 1e+308 gives a LoRA scale alpha / rank of 2.5e+307; expected a scale "
+                               "up to 10000 (alpha is usually 1-2x the rank: rank 4, alpha 8)"),
+    ("model.lora.alpha=strong", "'model.lora.alpha' is 'strong': expected a number"),
+    ("data.data_paths=null", "data.data_paths: expected a list of task directories or .jsonl files, got None"),
     ("output_dir={root}/a_file/run", "'output_dir' is '{root}/a_file/run': it is under {root}/a_file, a file"),
 ]
 

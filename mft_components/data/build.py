@@ -96,6 +96,21 @@ def _check_options(seq_len, packing, truncation, task_sampling, temperature, on_
     check_task_sampling(task_sampling, temperature)
 
 
+def _check_valid_size(valid_size: int | None, counts: dict[str, dict[str, int]], separate_valid: bool) -> None:
+    """A ``valid_size`` a task cannot spare was cut down to keep one training sample, silently: refuse it instead."""
+    if valid_size is None or separate_valid:
+        return
+    # A one-sample task holds nothing out, whatever the size (documented); any other must keep what it is asked for.
+    short = {name: c for name, c in counts.items() if c["kept"] >= 2 and valid_size >= c["kept"]}
+    if short:
+        detail = "; ".join(f"{n}: {c['kept']} samples, {c['valid']} held out, {c['train']} left to train on"
+                           for n, c in short.items())
+        smallest = min(c["kept"] for c in counts.values() if c["kept"] >= 2)
+        raise DataError(f"data.valid_size: {valid_size} samples per task held out for validation leave too little "
+                        f"to train on ({detail}); expected fewer than the smallest task's {smallest} samples (or "
+                        f"data.valid_ratio, a fraction of each task)")
+
+
 def build_mft_data(
     tokenizer,
     *,
@@ -206,6 +221,7 @@ def build_mft_data(
         counts[name] = c
     if problems and on_bad_record == "error":
         _raise_problems(problems, ", ".join(task_names))
+    _check_valid_size(valid_size, counts, bool(valid_tasks))
     if empty:
         detail = "; ".join(
             f"{n}: {counts[n]['records']} records, {counts[n]['bad']} bad, {counts[n]['dropped']} dropped as longer "

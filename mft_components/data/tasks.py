@@ -43,6 +43,8 @@ def discover_tasks(paths: Sequence[str | os.PathLike], key: str = "data.data_pat
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
+    if paths is None or isinstance(paths, (bool, int, float, dict)):
+        raise DataError(f"{key}: expected a list of task directories or .jsonl files, got {paths!r}")
     tasks: dict[str, list[Path]] = {}
     origin: dict[str, Path] = {}
     problems = []

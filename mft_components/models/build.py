@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -76,6 +77,9 @@ DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
 _METHODS = ("full", "lora", "qlora")
 _LORA_DEFAULTS = {"rank": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": None, "use_rslora": False}
+# The largest LoRA scale (alpha / rank, rsLoRA alpha / sqrt(rank)) accepted: usual ones are 0.25-16; at 1e4 one
+# AdamW step already moves the adapted weights by about lr x 1e4, so a larger one only ever diverges.
+MAX_LORA_SCALE = 1e4
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
@@ -106,6 +110,12 @@ def resolve_lora_config(lora: dict | None, model_type: str) -> dict:
         raise ValueError(f"model.lora.rank: expected a positive integer, got {cfg['rank']!r}")
     if not _is_number(cfg["alpha"]) or not cfg["alpha"] > 0:
         raise ValueError(f"model.lora.alpha: expected a positive number, got {cfg['alpha']!r}")
+    scale = cfg["alpha"] / (math.sqrt(cfg["rank"]) if cfg["use_rslora"] else cfg["rank"])
+    if not math.isfinite(scale) or scale > MAX_LORA_SCALE:
+        raise ValueError(f"model.lora.alpha: {cfg['alpha']!r} gives a LoRA scale alpha / "
+                         f"{'sqrt(rank)' if cfg['use_rslora'] else 'rank'} of {scale:.3g}; expected a scale up to "
+                         f"{MAX_LORA_SCALE:g} (alpha is usually 1-2x the rank: rank {cfg['rank']}, alpha "
+                         f"{2 * cfg['rank']})")
     if not _is_number(cfg["dropout"]) or not 0 <= cfg["dropout"] < 1:
         raise ValueError(f"model.lora.dropout: expected a probability in [0, 1), got {cfg['dropout']!r}")
     targets = cfg["target_modules"]
@@ -159,6 +169,7 @@ def apply_lora(hf_model: nn.Module, lora: dict, quantize_base: bool) -> list[str
     """
     targets = lora["target_modules"]
     layers = decoder_layers(hf_model)
+    _check_rank_fits(layers, targets, lora["rank"])
     swapped = []
     for layer_idx, layer in enumerate(layers):
         for name, module in list(layer.named_modules()):
@@ -183,6 +194,22 @@ def apply_lora(hf_model: nn.Module, lora: dict, quantize_base: bool) -> list[str
             f"{type(hf_model).__name__}; linear names there: {sorted(_linear_names(layers))}"
         )
     return swapped
+
+
+def _check_rank_fits(layers: nn.ModuleList, targets, rank: int) -> None:
+    """A rank above every adapted layer's min(in, out) adds parameters (a rank of 100,000 runs out of memory) but
+    no expressiveness: a layer's update has at most that rank.
+
+    Raises:
+        ValueError: naming the rank and the adapted layers' sizes.
+    """
+    sizes = {(name.rsplit(".", 1)[-1], m.in_features, m.out_features) for name, m in layers[0].named_modules()
+             if type(m) is nn.Linear and (targets == "all-linear" or name.rsplit(".", 1)[-1] in targets)}
+    largest = max((min(i, o) for _, i, o in sizes), default=None)
+    if largest is not None and rank > largest:
+        shapes = ", ".join(f"{n} {i}->{o}" for n, i, o in sorted(sizes))
+        raise ValueError(f"model.lora.rank: {rank} is larger than every layer it adapts ({shapes}): an update of a "
+                         f"layer has at most rank min(in, out); expected at most {largest}")
 
 
 def _linear_names(layers: nn.ModuleList) -> set[str]:

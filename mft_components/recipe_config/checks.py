@@ -26,6 +26,7 @@ Messages name the config key; ``check_config`` puts the file in front.
 from __future__ import annotations
 
 import inspect
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -55,6 +56,10 @@ def check_recipe_config(cfg: dict, flagged: set[str]) -> list[str]:
         flagged: top-level keys the schema check already reported; they are not looked at again.
     """
     problems: list[str] = []
+    for key, value in cfg.items():  # inf / nan anywhere (lr=.inf passed every ">= 0" check and trained NaN)
+        found = [] if key in flagged else _non_finite(value, key)
+        problems += found
+        flagged = flagged | ({key} if found else set())
     sections = {key: value for key, value in cfg.items() if key not in flagged}
     _check_output_dir(sections.get("output_dir"), problems)
     _check_optimizer(sections, problems)
@@ -86,6 +91,17 @@ def _builder_args(node: Any, builder: Callable) -> dict | None:
 def _exists(*paths: Any) -> bool:
     """All paths are strings naming something that exists (a missing one is the path check's message)."""
     return all(isinstance(p, str) and Path(os.path.expanduser(p)).exists() for p in paths)
+
+
+def _non_finite(value: Any, path: str) -> list[str]:
+    """A message per inf or nan number in ``value`` (nested mappings and lists), naming its key."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return [f"'{path}' is {value!r}: expected a finite number"]
+    if isinstance(value, dict):
+        return [m for k, v in value.items() for m in _non_finite(v, f"{path}.{k}")]
+    if isinstance(value, list):
+        return [m for i, v in enumerate(value) for m in _non_finite(v, f"{path}[{i}]")]
+    return []
 
 
 def _is_number(value: Any) -> bool:
