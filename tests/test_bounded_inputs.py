@@ -58,3 +58,17 @@ def test_a_valid_size_that_leaves_no_training_data_is_refused(smollm2_dir, tmp_p
             "than the smallest task's 4 samples") in capsys.readouterr().err
     config = data_config(tmp_path, smollm2_dir, [tmp_path / "small", tmp_path / "big"], valid_size=3)
     assert cli.main(["data", "--config", str(config)]) == 0
+
+
+def test_fifos_as_or_inside_task_paths_are_named(smollm2_dir, tmp_path, capsys):
+    write_jsonl(tmp_path / "task" / "a.jsonl", [conv(0), conv(1)])
+    os.mkfifo(tmp_path / "task" / "pipe.jsonl")  # reading it would block the build forever
+    os.mkfifo(tmp_path / "given.jsonl")
+    config = data_config(tmp_path, smollm2_dir, [tmp_path / "task", tmp_path / "given.jsonl"])
+    assert cli.main(["data", "--config", str(config)]) == 1
+    assert (f"data.data_paths[1]: {tmp_path / 'given.jsonl'}: is a FIFO (named pipe), not a directory or a .jsonl file"
+            in capsys.readouterr().err)
+    config = data_config(tmp_path, smollm2_dir, [tmp_path / "task"])
+    assert cli.main(["data", "--config", str(config)]) == 0
+    assert (f"data.data_paths[0]: {tmp_path / 'task'}: skipped 1 *.jsonl that are not regular files "
+            f"({tmp_path / 'task' / 'pipe.jsonl'}: a FIFO (named pipe))") in capsys.readouterr().out
