@@ -119,15 +119,6 @@ def test_pairs_packed_together_with_sequence_boundaries(tmp_path, smollm2_tokeni
     assert seen == len(data.train_samples) == 11
 
 
-def test_collate_carries_precomputed_reference(smollm2_tokenizer):
-    from mft_components.data.preference import pair_from_ids
-
-    pairs = [pair_from_ids([1, 2], [3, 4], [5], index=i) for i in range(3)]
-    ref = np.arange(6, dtype=np.float64).reshape(3, 2)
-    batch = collate_pairs([[pairs[2], pairs[0]]], pad_to=16, ref_logps=ref)
-    assert batch["ref_logps"].tolist() == [[4.0, 5.0], [0.0, 1.0]]
-
-
 @pytest.mark.parametrize("kwargs, key", [({"max_prompt_length": 64}, "max_prompt_length"),
                                           ({"seq_len": 40}, "data.seq_len"), ({"max_length": 0}, "max_length")])
 def test_bad_options_name_the_key(tmp_path, smollm2_tokenizer, kwargs, key):

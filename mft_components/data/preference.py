@@ -25,7 +25,7 @@ never crosses sequences (the packed layout of ``packing.py``)::
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -39,11 +39,11 @@ from mft_components.data.preference_records import parse_preference_record
 from mft_components.data.records import BadRecord, DataError, decode_record
 from mft_components.data.templates import ChatFormat
 
-__all__ = ["PairSample", "PreferenceData", "tokenize_pair", "truncate_pair", "collate_pairs",
-           "build_preference_data", "PAIR_KEYS"]
+__all__ = ["PairSample", "PreferenceData", "tokenize_pair", "truncate_pair", "collate_pairs", "pair_from_ids",
+           "resolve_preference_config", "build_preference_data", "PAIR_KEYS"]
 
 # Batch keys of the pair-level tensors ``collate_pairs`` adds (shape [P], P = pairs of the micro-batch).
-PAIR_KEYS = ("pair_task_ids", "pair_index", "ref_logps")
+PAIR_KEYS = ("pair_task_ids", "pair_index")
 
 
 @dataclass
@@ -114,11 +114,11 @@ def pair_from_ids(prompt_ids: Sequence[int], chosen_ids: Sequence[int], rejected
                         (list(rejected_ids), [True] * len(rejected_ids)), task_id, index)
 
 
-def collate_pairs(rows: Sequence[Sequence[PairSample] | None], *, pad_to: int | None = None, pad_id: int = 0,
-                  ref_logps: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+def collate_pairs(rows: Sequence[Sequence[PairSample] | None], *, pad_to: int | None = None,
+                  pad_id: int = 0) -> dict[str, torch.Tensor]:
     """The batch dict of ``packing.collate`` (shifted labels, position ids restarting per sequence, sample ids,
-    task ids) for rows of whole pairs, plus per pair: ``pair_task_ids``, ``pair_index`` (its split index) and,
-    when ``ref_logps`` ([pairs of the split, 2] float64) is given, ``ref_logps`` [P, 2]."""
+    task ids) for rows of whole pairs, plus per pair: ``pair_task_ids`` and ``pair_index`` (its index in its
+    split, the key of precomputed reference log-probs), both int64 [P]."""
     lengths = [sum(len(s.input_ids) for s in row) if row else 0 for row in rows]
     longest = max(lengths, default=0)
     if pad_to is None:
@@ -150,7 +150,7 @@ def collate_pairs(rows: Sequence[Sequence[PairSample] | None], *, pad_to: int | 
                 start = end
             pair_tasks.append(int(pair.task_id))
             pair_index.append(int(pair.index))
-    batch = {
+    return {
         "input_ids": torch.from_numpy(input_ids),
         "labels": torch.from_numpy(labels),
         "position_ids": torch.from_numpy(position_ids),
@@ -159,9 +159,6 @@ def collate_pairs(rows: Sequence[Sequence[PairSample] | None], *, pad_to: int | 
         "pair_task_ids": torch.tensor(pair_tasks, dtype=torch.int64),
         "pair_index": torch.tensor(pair_index, dtype=torch.int64),
     }
-    if ref_logps is not None:
-        batch["ref_logps"] = torch.from_numpy(np.asarray(ref_logps, dtype=np.float64)[pair_index].reshape(-1, 2))
-    return batch
 
 
 @dataclass
@@ -170,21 +167,15 @@ class PreferenceData(MFTData):
 
     Attributes (besides ``MFTData``'s):
         max_length, max_prompt_length: the truncation limits.
-        ref_logps: ``{"train": [N, 2], "valid": [M, 2]}`` float64 reference log-probs of each pair
-            (chosen, rejected) once precomputed (``reference: precompute``), else empty.
     """
 
     max_length: int = 1024
     max_prompt_length: int = 512
-    ref_logps: dict = field(default_factory=dict)
 
     def collate_for(self, split: str):
-        """The collate function of the ``split`` loader (the sampling module calls it with rows of samples)."""
-        ref = self.ref_logps.get(split)
-
-        def collate(rows, *, pad_to=None, pad_id=0):
-            return collate_pairs(rows, pad_to=pad_to, pad_id=pad_id, ref_logps=ref)
-        return collate
+        """The collate function of the ``split`` loader (``sampling.py`` calls it with rows of samples)."""
+        del split  # both splits collate alike
+        return collate_pairs
 
     def fingerprint(self) -> str:
         """sha256 of every pair's tokens and task, train then valid: what precomputed log-probs are keyed to."""
@@ -225,6 +216,27 @@ def _read_pairs(path: Path, task_id: int, chat_format: ChatFormat, tokenizer, ma
     return pairs
 
 
+def resolve_preference_config(tokenizer, *, max_length, max_prompt_length, seq_len, **options):
+    """Everything ``build_preference_data`` settles before it reads a record (its arguments of the same names;
+    ``seq_len`` None means ``2 * max_length``): the limits, then ``build.resolve_data_config``'s checks. ``mft
+    validate`` calls it.
+
+    Raises:
+        DataError: naming the ``data.*`` key.
+    """
+    for key, value in (("max_length", max_length), ("max_prompt_length", max_prompt_length)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise DataError(f"data.{key}: expected a positive integer, got {value!r}")
+    if max_prompt_length >= max_length:
+        raise DataError(f"data.max_prompt_length ({max_prompt_length}) must be smaller than data.max_length "
+                        f"({max_length}): the answers need room after the prompt")
+    seq_len = 2 * max_length if seq_len is None else seq_len
+    if isinstance(seq_len, int) and seq_len < 2 * max_length:
+        raise DataError(f"data.seq_len ({seq_len}) must be at least 2 * data.max_length ({2 * max_length}): a "
+                        "row holds a pair's chosen and rejected sequences")
+    return resolve_data_config(tokenizer, seq_len=seq_len, truncation="truncate", **options)
+
+
 def build_preference_data(
     tokenizer,
     *,
@@ -257,22 +269,13 @@ def build_preference_data(
         DataError: bad options (naming the ``data.*`` key), paths or records (``path:line: field: problem``).
     """
     del rank, world_size  # the split is rank-independent; loaders take the rank later
-    for key, value in (("max_length", max_length), ("max_prompt_length", max_prompt_length)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise DataError(f"data.{key}: expected a positive integer, got {value!r}")
-    if max_prompt_length >= max_length:
-        raise DataError(f"data.max_prompt_length ({max_prompt_length}) must be smaller than data.max_length "
-                        f"({max_length}): the answers need room after the prompt")
-    seq_len = 2 * max_length if seq_len is None else seq_len
-    if isinstance(seq_len, int) and seq_len < 2 * max_length:
-        raise DataError(f"data.seq_len ({seq_len}) must be at least 2 * data.max_length ({2 * max_length}): a "
-                        "row holds a pair's chosen and rejected sequences")
-    chat_format, tasks, valid_tasks = resolve_data_config(
+    chat_format, tasks, valid_tasks = resolve_preference_config(
         tokenizer, data_paths=data_paths, valid_data_paths=valid_data_paths, template=template,
-        role_markers=role_markers, add_bos=add_bos, seq_len=seq_len, packing=packing, truncation="truncate",
-        task_sampling=task_sampling, temperature=temperature, on_bad_record=on_bad_record, valid_ratio=valid_ratio,
-        valid_size=valid_size,
+        role_markers=role_markers, add_bos=add_bos, max_length=max_length, max_prompt_length=max_prompt_length,
+        seq_len=seq_len, packing=packing, task_sampling=task_sampling, temperature=temperature,
+        on_bad_record=on_bad_record, valid_ratio=valid_ratio, valid_size=valid_size,
     )
+    seq_len = 2 * max_length if seq_len is None else seq_len
     task_names = list(tasks)
     problems: list[str] = []
     train: list[PairSample] = []
