@@ -252,9 +252,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 1
-    # A copy under another name: the recipe that trains its model.method.
+    # A copy under another name: the recipe that trains its model.method (or preference pairs).
     method = cfg.get("model", {}).get("method") if isinstance(cfg.get("model"), DictConfig) else None
+    data_builder = str(cfg.get("data", {}).get("_component_", "")) if isinstance(cfg.get("data"), DictConfig) else ""
     recipe_name = (args.recipe or registry.recipe_of_config(args.config)
+                   or ("preference_finetune_distributed" if data_builder.endswith("build_preference_data") else None)
                    or ("full_finetune_distributed" if method == "full" else "lora_finetune_distributed"))
     try:
         recipe = registry.resolve_recipe(recipe_name)

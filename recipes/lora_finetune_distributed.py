@@ -301,6 +301,11 @@ class LoRAFinetuneRecipe:
         Returns:
             (the gradient norm before clipping, left on the device; the learning rate the step used).
         """
+        self.accumulate_gradients(host_batches)
+        return self.optimizer_step(host_batches)
+
+    def accumulate_gradients(self, host_batches: list[dict]) -> None:
+        """Forward, loss and backward of this rank's micro-batches: the step's gradients, accumulated."""
         # Global per-task counts first (counted on the host, one all-reduce), then the micro-batches go to the
         # device with what their forward needs from the host, and each adds its exact share of the step's loss.
         counts = self.loss_fn.step_counts(host_batches, device=self.device)
@@ -310,6 +315,8 @@ class LoRAFinetuneRecipe:
             share = self.loss_fn(token_losses, batch, counts, aux_loss=aux_loss)
             (share * self.world_size).backward()  # FSDP averages gradients over ranks: undo it
 
+    def optimizer_step(self, host_batches: list[dict]) -> tuple[torch.Tensor, float]:
+        """Clip, check finiteness, step the optimizer and the schedule; returns (grad norm, the step's lr)."""
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.clip_grad_norm or float("inf"))
         # Before the optimizer step, so the weights (and every checkpoint) stay finite: a finite loss can still come
         # with an inf gradient, which clipping would turn into NaN weights.

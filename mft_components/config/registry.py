@@ -27,6 +27,7 @@ RECIPE_CONFIGS: dict[str, tuple[str, ...]] = {
         "deepseek_coder_lora",
     ),
     "full_finetune_distributed": ("qwen_full",),
+    "preference_finetune_distributed": ("qwen_dpo",),
 }
 
 

@@ -403,10 +403,11 @@ class MicroBatchDataset(Dataset):
         pad_id: token id written on padding.
     """
 
-    def __init__(self, samples: Sequence[Sample], plan: RowPlan, pad_id: int = 0) -> None:
+    def __init__(self, samples: Sequence[Sample], plan: RowPlan, pad_id: int = 0, collate_fn=collate) -> None:
         self.samples = samples
         self.plan = plan
         self.pad_id = int(pad_id)
+        self.collate_fn = collate_fn
         # Packed rows use a fixed length: one shape for torch.compile, and the peak memory is reached at step 1
         # (an OOM shows at once, not hours in); rows are >= 95% full, so little is wasted. Padding mode pads to
         # the longest row of the micro-batch (rounded up to 8), since its rows vary widely in length.
@@ -418,16 +419,23 @@ class MicroBatchDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
         epoch, index = key
         rows = self.plan.micro_batch(epoch, index)
-        return collate(
+        return self.collate_fn(
             [None if r is None else [self.samples[i] for i in r.tolist()] for r in rows],
             pad_to=self.pad_to, pad_id=self.pad_id,
         )
 
 
-def _loader(samples, plan: RowPlan, pad_id: int, num_workers: int, pin_memory: bool) -> StatefulDataLoader:
+def _collate_fn(data: MFTData, split: str):
+    """``packing.collate``, or the data's own for its samples (``preference.PreferenceData``: rows of pairs)."""
+    collate_for = getattr(data, "collate_for", None)
+    return collate if collate_for is None else collate_for(split)
+
+
+def _loader(samples, plan: RowPlan, pad_id: int, num_workers: int, pin_memory: bool,
+            collate_fn=collate) -> StatefulDataLoader:
     # batch_size=None: the dataset returns whole micro-batches; the sampler's keys go to it one by one.
     return StatefulDataLoader(
-        MicroBatchDataset(samples, plan, pad_id),
+        MicroBatchDataset(samples, plan, pad_id, collate_fn),
         batch_size=None,
         sampler=MicroBatchSampler(plan),
         num_workers=num_workers,
@@ -471,7 +479,7 @@ def build_train_loader(
         micro_batch_size=micro_batch_size, gradient_accumulation_steps=gradient_accumulation_steps,
         rank=rank, world_size=world_size,
     )
-    return _loader(samples, plan, data.pad_id, num_workers, pin_memory)
+    return _loader(samples, plan, data.pad_id, num_workers, pin_memory, _collate_fn(data, "train"))
 
 
 def build_valid_loader(
@@ -508,7 +516,7 @@ def build_valid_loader(
         _lengths(samples), _task_ids(samples), len(data.task_names), seq_len=data.seq_len, packing=data.packing,
         shuffle=False, micro_batch_size=micro_batch_size, rank=rank, world_size=world_size,
     )
-    return _loader(samples, plan, data.pad_id, num_workers, pin_memory)
+    return _loader(samples, plan, data.pad_id, num_workers, pin_memory, _collate_fn(data, "valid"))
 
 
 def _lengths(samples: Sequence[Sample]) -> np.ndarray:

@@ -20,6 +20,7 @@ Adapter checkpoints use PEFT's key names (`base_model.model.<module path>.lora_A
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Iterator, TypedDict
@@ -224,8 +225,13 @@ class LoRALinear(nn.Module):
             out = out + self.bias
         return out
 
+    # False inside ``adapters_disabled``: the layer computes its base alone (a preference run's reference model).
+    adapter_enabled = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_forward(x)
+        if not self.adapter_enabled:
+            return out
         return out + self.lora_b(self.lora_a(self.dropout(x))) * self.scaling
 
     def extra_repr(self) -> str:
@@ -239,6 +245,20 @@ class LoRALinear(nn.Module):
         dtype = self.lora_a.weight.dtype
         weight = self.weight.to(dtype) if isinstance(self.weight, NF4Tensor) else self.weight.detach().to(dtype)
         return weight + self.scaling * (self.lora_b.weight @ self.lora_a.weight)
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Every ``LoRALinear`` of ``model`` computes its frozen base alone inside: the base model, without a second
+    copy of its weights (the reference model of preference tuning, as TRL's ``disable_adapter``)."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for layer in layers:
+        layer.adapter_enabled = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.adapter_enabled = True
 
 
 def _is_adapter_name(name: str) -> bool:

@@ -37,7 +37,9 @@ from mft_components.code_eval.options import CodeEvalOptions
 from mft_components.config.core import COMPONENT_KEY, ConfigError, import_object, instantiate, source_of, to_container
 from mft_components.config.load import fill_defaults
 from mft_components.data.build import build_mft_data, resolve_data_config
+from mft_components.data.preference import build_preference_data, resolve_preference_config
 from mft_components.data.records import DataError
+from mft_components.loss.preference import PreferenceLoss
 from mft_components.loss.task_weighted import TaskWeightedLoss
 from mft_components.models.attention import AUTO, BACKENDS, resolve_attn_implementation
 from mft_components.models.build import build_meta_model, build_model, load_tokenizer
@@ -45,7 +47,7 @@ from mft_components.models.liger import liger_kernel_names
 from mft_components.training.checkpoint import latest_checkpoint, read_checkpoint_meta
 from mft_components.training.resume_check import check_resume as compare_with_checkpoint, run_record
 
-__all__ = ["check_recipe_config", "check_code_eval", "check_resume"]
+__all__ = ["check_recipe_config", "check_code_eval", "check_resume", "check_preference"]
 
 
 def check_recipe_config(cfg: dict, flagged: set[str]) -> list[str]:
@@ -280,3 +282,36 @@ def check_resume(cfg: Any, schema: type | None, hash_data: bool = True) -> tuple
     head = f"'resume' is {resume!r}: it would continue {ckpt}"
     return ([f"{source_of(cfg)}: {head}, trained with another configuration: {refusal}" for refusal in check.refusals],
             [f"{head} with these changes:", *(f"  {line}" for line in check.change_lines())] if check.changes else [])
+
+
+def check_preference(cfg: dict, flagged: set[str]) -> list[str]:
+    """The preference recipe's sections: ``data`` (``build_preference_data``'s limits and files), ``loss``
+    (``PreferenceLoss``'s settings and ``task_weights`` against the tasks), and ``reference``."""
+    problems: list[str] = []
+    sections = {key: value for key, value in cfg.items() if key not in flagged}
+    tasks = None
+    args = _builder_args(sections.get("data"), build_preference_data)
+    if args is not None and _exists(*(args.get("data_paths") or []), *(args.get("valid_data_paths") or [])):
+        tokenizer = _load_tokenizer(sections.get("tokenizer"), [])
+        wanted = inspect.signature(resolve_preference_config).parameters.keys() | set(
+            inspect.signature(resolve_data_config).parameters) | {"seq_len"}
+        try:
+            _, found, _ = resolve_preference_config(tokenizer, **{k: v for k, v in args.items()
+                                                                  if k in wanted and k not in ("tokenizer",)})
+            tasks = list(found)
+        except DataError as e:
+            problems.append(str(e))
+    loss = sections.get("loss")
+    if _builder_args(loss, PreferenceLoss) is not None:
+        try:
+            built = instantiate(loss)
+            if tasks:
+                built.setup(tasks)
+            if sections.get("reference") == "precompute" and not built.needs_reference:
+                problems.append(f"'reference' is precompute, but loss.preference {built.preference} uses no "
+                                "reference model; remove it")
+        except ConfigError:
+            pass
+        except (ValueError, TypeError) as e:
+            problems.append(str(e))
+    return problems

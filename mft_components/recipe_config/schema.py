@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Literal
 
 from mft_components.code_eval.options import CodeEvalOptions
-from mft_components.recipe_config.checks import check_code_eval, check_recipe_config
+from mft_components.recipe_config.checks import check_code_eval, check_preference, check_recipe_config
 from mft_components.training.preemption import DEFAULT_GRACE_S
 
-__all__ = ["RecipeConfig", "LoRARecipeConfig", "FullRecipeConfig", "EvalConfig"]
+__all__ = ["RecipeConfig", "LoRARecipeConfig", "FullRecipeConfig", "PreferenceRecipeConfig", "EvalConfig"]
 
 
 def _component(*runtime_args: str, default: dict | None = None) -> Any:
@@ -158,3 +158,21 @@ class FullRecipeConfig(RecipeConfig):
     semantic_checks: ClassVar[tuple[Callable[[dict, set], list[str]], ...]] = (
         *RecipeConfig.semantic_checks, _method_check("full_finetune_distributed", ("full",),
                                                      "lora_finetune_distributed"))
+
+
+@dataclass
+class PreferenceRecipeConfig(RecipeConfig):
+    """``preference_finetune_distributed``'s keys: :class:`RecipeConfig` with ``model.method`` lora, qlora or
+    full, ``data`` a ``build_preference_data`` node, ``loss`` a ``PreferenceLoss`` node, and:
+
+    Attributes:
+        reference: where dpo / ipo / rpo get the reference log-probs: ``auto`` (LoRA / QLoRA: the model with its
+            adapters off; full: a frozen sharded copy of the base model) or ``precompute`` (computed once before
+            training, stored in output_dir, reused on resume).
+    """
+
+    loss: dict = _component(default={"_component_": "mft_components.loss.preference.PreferenceLoss"})
+    reference: Literal["auto", "precompute"] = "auto"
+
+    semantic_checks: ClassVar[tuple[Callable[[dict, set], list[str]], ...]] = (
+        *RecipeConfig.semantic_checks, check_preference)
