@@ -10,6 +10,7 @@
     mft import mftcoder CONFIG.json [-o my.yaml]   an mft config from an MFTCoder train config
     mft generate --model DIR (--prompt TEXT | --file PROMPTS.jsonl) [...]
     mft eval --model DIR --suite dataframebench|humaneval|FILE.jsonl [--task T ...] [...]
+    mft pairs --model DIR --suite SUITE --num-samples N -o DIR     preference pairs from execution results
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ COMPONENT_COMMANDS = {
     "eval": ("mft_components.code_eval.evaluate", "pass@k of generated code per task (dataframebench, humaneval, "
                                                   "your JSONL)"),
     "import": ("mft_components.interop.mftcoder", "an mft config from an MFTCoder train config"),
+    "pairs": ("mft_components.code_eval.pairs", "preference pairs (passing vs failing answers) from sampled answers "
+                                                "run against their tests"),
 }
 
 

@@ -182,8 +182,8 @@ def test_bad_records_name_file_line_and_field(tmp_path):
         f"{path}:4: chat_rounds: must end with a user turn (the model answers it)",
         f"{path}:5: entry_point: missing; harness check calls check(entry_point)",
         f"{path}:6: task_id: 'a' repeats line 1",
-        f"{path}:7: tests: unknown field; expected chat_rounds, entry_point, harness, prompt, starter_code, "
-        "system, task_id, test",
+        f"{path}:7: tests: unknown field; expected chat_rounds, entry_point, harness, prompt, solution, "
+        "starter_code, system, task_id, test",
         f"{path}:8: prompt: give exactly one of prompt (text) or chat_rounds (ending with a user turn)",
         f"{path}:9: test: is not valid Python",
         f"{path}:10: entry_point: 'not a name' is not a Python name",

@@ -172,7 +172,6 @@ BAD = [  # (key, value, words of the error)
     ("lora_rnk", 8, "lora_rnk: not an MftTrainArgs key (MFTCoder v0.5's mft_accelerate.py would refuse it too); did you mean "
                            "'lora_rank'?"),
     ("role_markers", {"bot": "B:"}, "role_markers: {'bot': 'B:'}; expected non-empty strings"),
-    ("xxpo", "dpo", "xxpo: 'dpo': a config of MFTCoder's preference-optimisation trainer"),  # dpo_train_config.json
 ]
 
 

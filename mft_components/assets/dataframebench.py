@@ -23,6 +23,7 @@ from pathlib import Path
 from mft_components.assets.cache import MARKER, build_atomically, cache_root, run_pip
 
 __all__ = ["DATAFRAMEBENCH_VERSION", "DATAFRAMEBENCH_TASKS", "DEMO_PROMPT", "dataframebench_conversations",
+           "dataframebench_solution",
            "dataframebench_package", "dataframebench_records", "prepare_dataframebench"]
 
 DATAFRAMEBENCH_VERSION = "0.1.1"
@@ -60,8 +61,11 @@ def _fence(code: str) -> str:
     return f"```python\n{code.strip()}\n```"
 
 
-def _strip_docstrings(code: str) -> str:
-    """Remove function docstrings: they repeat the task statement and would double the sequence length."""
+def _strip_docstrings(code: str, cut_wrapper: bool = True) -> str:
+    """Remove function docstrings: they repeat the task statement and would double the sequence length.
+
+    ``cut_wrapper``: also cut the pandas ground truths' signature wrapper (below), as the training answers do.
+    """
     try:
         with warnings.catch_warnings():  # some reference solutions hold regexes like "\d" in plain strings
             warnings.simplefilter("ignore")
@@ -77,7 +81,7 @@ def _strip_docstrings(code: str) -> str:
     lines = [line for i, line in enumerate(code.splitlines()) if i not in drop]
     # The pandas ground truths end with `_reference_impl = task_func` and a wrapper `def task_func(...)` that
     # only re-declares the signature for the benchmark's harness; the function above it is the solution.
-    for i, line in enumerate(lines):
+    for i, line in enumerate(lines if cut_wrapper else ()):
         if line.startswith("_reference_impl = "):
             lines = lines[:i]
             break
@@ -93,6 +97,15 @@ def _fill_library(text: str, library: str) -> str:
 
 
 _IMPORT_LINES = {"pandas": "import pandas as pd", "polars": "import polars as pl"}
+
+
+def dataframebench_solution(problem: dict, task: str) -> str | None:
+    """The canonical solution of a problem for a task's answer (pandas for ``pandas_solution``, else polars), as
+    code that passes the problem's tests: docstrings stripped, the pandas ground truths' signature wrapper kept
+    (the tests call the wrapper's signature; the training answers leave it out). None without one."""
+    library = "pandas" if task == "pandas_solution" else "polars"
+    code = (problem.get("ground_truth") or {}).get(library) or ""
+    return _strip_docstrings(code, cut_wrapper=False).strip() or None
 
 
 def dataframebench_conversations(problem: dict) -> dict[str, dict]:

@@ -5,11 +5,11 @@
       --sandbox.py (this rank's share, N workers)--> verdicts --gathered from every rank-->
       pass@1 (greedy) and pass@k (num_samples sampled answers, unbiased estimator) per task; overall = task mean
 
-Two callers: the recipes (:class:`CodeEvaluator`, next to the validation-loss ``Evaluator``: before training, every
+Three callers: the recipes (:class:`CodeEvaluator`, next to the validation-loss ``Evaluator``: before training, every
 ``eval.code.every_n_steps`` and at the end; results in ``metrics.jsonl`` / TensorBoard / the progress output and
 ``mft_checkpoint.json``; ``select_by: pass@1`` makes early stopping and the best checkpoint follow it) and
-``mft eval`` (:func:`run`, a checkpoint, an exported directory or a base model). The ``eval.code`` options are
-``options.py``.
+``mft eval`` (:func:`run`, a checkpoint, an exported directory or a base model), and ``mft pairs`` (``pairs.py``:
+sampled answers and their verdicts become preference pairs). The ``eval.code`` options are ``options.py``.
 """
 
 
@@ -37,8 +37,10 @@ from mft_components.inference.decoding import Generated, batches_needed, generat
 from mft_components.inference.generate import GenerateError, load_generation_model
 from mft_components.training.checkpoint import ADAPTER_CONFIG, META_FILE, read_checkpoint_meta
 
-__all__ = ["CodeEvalError", "CodeEvalOptions", "CodeEvalResult", "CodeEvaluator", "evaluate_code", "execute_answers",
-           "format_table", "load_tasks", "make_sandbox", "write_records", "add_arguments", "run"]
+__all__ = ["CodeEvalError", "CodeEvalOptions", "CodeEvalResult", "CodeEvaluator", "evaluate_code", "generate_answers",
+           "execute_answers", "format_table", "load_tasks", "make_sandbox", "write_records", "add_model_arguments",
+           "add_option_arguments", "options_from_arguments", "suite_tasks", "load_model", "with_training_eos",
+           "add_arguments", "run"]
 
 NO_CODE = "no code block in the answer"
 
@@ -74,27 +76,11 @@ def evaluate_code(model: torch.nn.Module, tokenizer, chat_format, tasks: dict[st
         sandbox: where programs run (this rank's).
     """
     start = time.perf_counter()
-    rank, world = get_rank(), get_world_size()
-    problems = [(task, i, p) for task, ps in tasks.items() for i, p in enumerate(ps)]
-    prompt_ids = {(t, i): chat_format.prompt_ids(p.messages, tokenizer) for t, i, p in problems}
-    greedy = problems[rank::world]
-    sampled = [(t, i, p, s) for t, i, p in problems for s in range(options.num_samples)][rank::world]
-    gen = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-               max_new_tokens=options.max_new_tokens, batch_size=options.batch_size, cpu_threads=options.cpu_threads)
-    # Every rank runs as many generate calls as the busiest rank (FSDP2's all-gathers are collective).
-    answers = generate_batched(model, [prompt_ids[t, i] for t, i, _ in greedy], greedy=True,
-                               min_batches=batches_needed(math.ceil(len(problems) / world), options.batch_size), **gen)
+    items, answers = generate_answers(model, tokenizer, chat_format, tasks, options, greedy=True)
     if options.num_samples:
-        device = next(model.parameters()).device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(options.seed * 1000 + rank)
-            n_sampled = len(problems) * options.num_samples
-            answers += generate_batched(model, [prompt_ids[t, i] for t, i, _, _ in sampled], greedy=False,
-                                        temperature=options.temperature, top_p=options.top_p,
-                                        min_batches=batches_needed(math.ceil(n_sampled / world), options.batch_size),
-                                        **gen)
+        sampled_items, sampled = generate_answers(model, tokenizer, chat_format, tasks, options, greedy=False)
+        items, answers = items + sampled_items, answers + sampled
     generate_s = time.perf_counter() - start
-    items = [(t, i, p, "greedy") for t, i, p in greedy] + sampled
     records, execute_s = execute_answers(items, answers, tokenizer, sandbox)
     if is_distributed():
         times = torch.tensor([generate_s], dtype=torch.float64)
@@ -106,6 +92,43 @@ def evaluate_code(model: torch.nn.Module, tokenizer, chat_format, tasks: dict[st
     metrics.update(seconds=time.perf_counter() - start, generate_s=generate_s, execute_s=execute_s,
                    isolation=sandbox.isolation)
     return CodeEvalResult(metrics=metrics, records=records)
+
+
+def generate_answers(model: torch.nn.Module, tokenizer, chat_format, tasks: dict[str, list[Problem]],
+                     options: CodeEvalOptions, greedy: bool) -> tuple[list[tuple], list[Generated]]:
+    """This rank's share of the answers to every problem (collective under torchrun: every rank calls it).
+
+    Args:
+        greedy: one greedy answer per problem; else ``options.num_samples`` sampled ones (temperature, top_p),
+            from their own RNG stream seeded by ``options.seed`` and the rank (the caller's RNG is left untouched).
+
+    Returns:
+        ``(items, answers)``: ``(task, index, problem, sample)`` of each answer (``sample`` is ``"greedy"`` or its
+        number), and the answers in that order; :func:`execute_answers` takes both.
+    """
+    rank, world = get_rank(), get_world_size()
+    problems = [(task, i, p) for task, ps in tasks.items() for i, p in enumerate(ps)]
+    if greedy:
+        items = [(t, i, p, "greedy") for t, i, p in problems[rank::world]]
+        total = len(problems)
+    else:
+        items = [(t, i, p, s) for t, i, p in problems for s in range(options.num_samples)][rank::world]
+        total = len(problems) * options.num_samples
+    if not total:
+        return [], []
+    prompt_ids = {(t, i): chat_format.prompt_ids(p.messages, tokenizer) for t, i, p, _ in items}
+    prompts = [prompt_ids[t, i] for t, i, _, _ in items]
+    gen = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+               max_new_tokens=options.max_new_tokens, batch_size=options.batch_size, cpu_threads=options.cpu_threads,
+               # Every rank runs as many generate calls as the busiest rank (FSDP2's all-gathers are collective).
+               min_batches=batches_needed(math.ceil(total / world), options.batch_size))
+    if greedy:
+        return items, generate_batched(model, prompts, greedy=True, **gen)
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(options.seed * 1000 + rank)
+        return items, generate_batched(model, prompts, greedy=False, temperature=options.temperature,
+                                       top_p=options.top_p, **gen)
 
 
 def execute_answers(items: list[tuple], answers: list[Generated], tokenizer,
@@ -309,8 +332,14 @@ class CodeEvaluator:
 # ---------------------------------------------------------------------------------------------------- mft eval
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``mft eval``."""
+# Options of eval.code that `mft eval` and `mft pairs` take as flags (--num-samples ...), with their types.
+OPTION_FLAGS = {"num_samples": int, "k": int, "temperature": float, "top_p": float, "max_new_tokens": int,
+                "batch_size": int, "cpu_threads": int, "max_problems": int, "timeout_s": float, "memory_mb": int,
+                "max_processes": int, "workers": int, "python": str, "isolation": str, "seed": int}
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model and suite arguments ``mft eval`` and ``mft pairs`` share."""
     parser.add_argument("--model", required=True,
                         help="an exported directory, a checkpoint (output_dir/step_N) or a base model directory")
     parser.add_argument("--suite", required=True,
@@ -318,21 +347,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", action="append", default=None,
                         help=f"dataframebench: which tasks (default all: {', '.join(DATAFRAMEBENCH_TASKS)}); "
                              "a file: the task's name (default the file's stem)")
-    parser.add_argument("--output", default="mft_eval.jsonl", help="JSONL of every answer with its verdict")
     parser.add_argument("--template", choices=["mft", "hf"], default=None,
                         help="chat format for a model without a training one (a base model): mft markers or the "
                              "tokenizer's chat_template")
-    defaults = CodeEvalOptions()
-    for name, kind in (("num_samples", int), ("k", int), ("temperature", float), ("top_p", float),
-                       ("max_new_tokens", int), ("batch_size", int), ("cpu_threads", int), ("max_problems", int),
-                       ("timeout_s", float),
-                       ("memory_mb", int), ("max_processes", int), ("workers", int), ("python", str), ("seed", int)):
-        flag = "--" + name.replace("_", "-")
-        if name == "k":
-            parser.add_argument(flag, type=int, action="append", default=None, help="pass@k to report (repeatable)")
-        else:
-            parser.add_argument(flag, type=kind, default=getattr(defaults, name), help=f"default {getattr(defaults, name)}")
-    parser.add_argument("--isolation", choices=ISOLATIONS, default="auto")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     parser.add_argument("--trust-remote-code", action="store_true",
@@ -340,7 +357,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "refused, never asked about)")
 
 
-def _suite_tasks(suite: str, task_names: list[str] | None) -> dict[str, str]:
+def add_option_arguments(parser: argparse.ArgumentParser, names=tuple(OPTION_FLAGS), **defaults) -> None:
+    """Flags for the ``eval.code`` options ``names`` (``--num-samples``, ...); ``defaults`` replace the options'."""
+    base = CodeEvalOptions()
+    for name in names:
+        flag, default = "--" + name.replace("_", "-"), defaults.get(name, getattr(base, name))
+        if name == "k":
+            parser.add_argument(flag, type=int, action="append", default=None, help="pass@k to report (repeatable)")
+        elif name == "isolation":
+            parser.add_argument(flag, choices=ISOLATIONS, default=default)
+        else:
+            parser.add_argument(flag, type=OPTION_FLAGS[name], default=default, help=f"default {default}")
+
+
+def options_from_arguments(args: argparse.Namespace, tasks: dict[str, str], names=tuple(OPTION_FLAGS),
+                           **fixed) -> CodeEvalOptions:
+    """``CodeEvalOptions`` from the flags ``names`` (and ``fixed`` values).
+
+    Raises:
+        CodeEvalError: ``eval.code.KEY: problem`` for a value a run would refuse too.
+    """
+    return CodeEvalOptions.from_config({"tasks": tasks, **{k: getattr(args, k) for k in names}, **fixed})
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``mft eval``."""
+    add_model_arguments(parser)
+    parser.add_argument("--output", default="mft_eval.jsonl", help="JSONL of every answer with its verdict")
+    add_option_arguments(parser)
+
+
+def suite_tasks(suite: str, task_names: list[str] | None) -> dict[str, str]:
+    """``--suite`` and ``--task`` -> task name -> eval set (``eval.code.tasks``).
+
+    Raises:
+        ValueError: more than one ``--task`` for a suite that is one task.
+    """
     if suite == "dataframebench":
         names = task_names or list(DATAFRAMEBENCH_TASKS)
         return {t: f"dataframebench:{t}" for t in names}
@@ -352,7 +404,13 @@ def _suite_tasks(suite: str, task_names: list[str] | None) -> dict[str, str]:
     return {(task_names or [Path(suite).stem])[0]: suite}
 
 
-def _load_model(model: str, template: str | None, dtype: str, device: str | None, trust_remote_code: bool = False):
+def load_model(model: str, template: str | None, dtype: str, device: str | None, trust_remote_code: bool = False):
+    """A ``GenerationModel`` from ``--model``: a LoRA / QLoRA checkpoint (its base with the adapter merged), an
+    exported directory, a full checkpoint or a base model (with ``template``, the chat format to prompt it with).
+
+    Raises:
+        GenerateError: what is missing or refused, and for a base model without ``template`` how to prompt it.
+    """
     path = Path(model)
     fallback = {"template": template} if template else None
     if (path / ADAPTER_CONFIG).is_file() and (path / META_FILE).is_file():  # a LoRA / QLoRA checkpoint
@@ -372,19 +430,15 @@ def _load_model(model: str, template: str | None, dtype: str, device: str | None
 def run(args: argparse.Namespace) -> int:
     """``mft eval``: per-task table on stdout, every answer with its verdict in ``--output``; errors: status 2."""
     try:
-        tasks = _suite_tasks(args.suite, args.task)
-        section = {"tasks": tasks, **{k: getattr(args, k) for k in (
-            "num_samples", "k", "temperature", "top_p", "max_new_tokens", "batch_size", "cpu_threads", "max_problems",
-            "timeout_s", "memory_mb", "max_processes", "workers", "python", "isolation", "seed")}}
-        options = CodeEvalOptions.from_config(section)
+        options = options_from_arguments(args, suite_tasks(args.suite, args.task))
         problems = load_tasks(options.tasks, options.max_problems)
         sandbox = make_sandbox(options)
-        gm = _load_model(args.model, args.template, args.dtype, args.device, args.trust_remote_code)
+        gm = load_model(args.model, args.template, args.dtype, args.device, args.trust_remote_code)
     except (ValueError, SandboxError, GenerateError) as e:  # CodeEvalError, EvalSetError are ValueErrors
         print(f"mft eval: error: {e}", file=sys.stderr)
         return 2
     print(f"isolation: {sandbox.isolation}", file=sys.stderr)
-    tokenizer = _with_eos(gm.tokenizer, gm.eos_token_id)
+    tokenizer = with_training_eos(gm.tokenizer, gm.eos_token_id)
     result = evaluate_code(gm.model, tokenizer, gm.chat_format, problems, options, sandbox)
     sandbox.close()
     write_records(result.records, args.output)
@@ -395,7 +449,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _with_eos(tokenizer, eos_token_id: int):
+def with_training_eos(tokenizer, eos_token_id: int):
     """The tokenizer with the training EOS (a checkpoint may declare another than the tokenizer's)."""
     if tokenizer.eos_token_id != eos_token_id:
         tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos_token_id)

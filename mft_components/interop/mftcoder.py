@@ -1,7 +1,10 @@
 """Importing MFTCoder train configs: ``mft import mftcoder CONFIG.json [-o my.yaml]``.
 
 MFTCoder's ``mftcoder_accelerate`` trains from a JSON file whose keys are the fields of ``MftTrainArgs`` (v0.5,
-``pefts/mft_arguments.py``). ``MFTCODER_KEYS`` (``mftcoder_keys.py``) is the one table of what every key becomes:
+``pefts/mft_arguments.py``; multi-task SFT, recipe ``lora_finetune_distributed`` / ``full_finetune_distributed``)
+or, with an ``xxpo`` key, of ``XXPOTrainArgs`` (its preference trainer, ``dpo_train_config.json``; recipe
+``preference_finetune_distributed``, table ``XXPO_KEYS`` in ``mftcoder_dpo_keys.py``). ``MFTCODER_KEYS``
+(``mftcoder_keys.py``) is the one table of what every SFT key becomes:
 an mft config key (copied, or converted by a small function when the meaning shifts, with a YAML comment saying
 how), or nothing, with the reason. Keys absent from the JSON take ``MftTrainArgs``' defaults, as MFTCoder does (so a config
 without ``peft_type`` is QLoRA there and here). Values MFTCoder's shipped examples leave as placeholders
@@ -28,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from mft_components.interop.mftcoder_dpo_keys import XXPO_FIXED, XXPO_KEYS, XXPO_RECIPE
 from mft_components.interop.mftcoder_keys import (
     FIXED,
     MFTCODER_KEYS,
@@ -78,6 +82,33 @@ _TOP_LEVEL_ORDER = ("seed", "dtype", "epochs", "max_steps", "micro_batch_size", 
                     "gradient_accumulation_steps", "clip_grad_norm", "eval_every_n_steps", "early_stopping_patience",
                     "save_every_n_steps", "saving_limit", "resume", "log_every_n_steps", "tensorboard",
                     "distributed_timeout_s")
+# A preference config: the pairs' data builder and the preference loss, and where the reference log-probs come from.
+_XXPO_LAYOUT = {
+    **_LAYOUT,
+    "data": {"_component_": "mft_components.data.preference.build_preference_data"},
+    "loss": {"_component_": "mft_components.loss.preference.PreferenceLoss"},
+    "reference": None,
+}
+
+
+@dataclass(frozen=True)
+class Trainer:
+    """One of MFTCoder's trainers: its arguments class, key table, what it does without a key, and the layout."""
+
+    script: str
+    args_class: str
+    keys: dict
+    fixed: dict
+    layout: dict
+
+
+SFT = Trainer("mft_accelerate.py", "MftTrainArgs", MFTCODER_KEYS, FIXED, _LAYOUT)
+XXPO = Trainer("xxpo_accelerate.py", "XXPOTrainArgs", XXPO_KEYS, XXPO_FIXED, _XXPO_LAYOUT)
+
+
+def trainer_of(args: dict) -> Trainer:
+    """The trainer a config is for: a config with ``xxpo`` is the preference trainer's (``dpo_train_config.json``)."""
+    return XXPO if "xxpo" in args else SFT
 
 
 # ------------------------------------------------------------------------------------------------------ reading
@@ -107,11 +138,7 @@ def read_mftcoder_config(path: str | Path, overrides: dict[str, Any] | None = No
         raise MFTCoderConfigError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
     if not isinstance(raw, dict):
         raise MFTCoderConfigError(f"{path}: expected a JSON object of MftTrainArgs keys, got {type(raw).__name__}")
-    if "xxpo" in raw:  # MFTCoder's dpo_train_config.json: another trainer, other keys
-        raise MFTCoderConfigError(
-            f"{path}: xxpo: {raw['xxpo']!r}: a config of MFTCoder's preference-optimisation trainer (xxpo_accelerate.py: "
-            "DPO, RPO, ORPO on chosen / rejected answers); mft imports configs of its multi-task fine-tuning "
-            "(mft_accelerate.py, e.g. lora_train_config.json) and has no preference training")
+    trainer = trainer_of(raw)
     overrides = dict(overrides or {})
     micro = overrides.pop("micro_batch_size", None)
     if micro is not None:  # as mft_accelerate.py: both batch sizes
@@ -120,15 +147,16 @@ def read_mftcoder_config(path: str | Path, overrides: dict[str, Any] | None = No
     problems = []
     v04_notes = _rename_v04_keys(raw, path, problems)
     for key in raw:
-        if key not in MFTCODER_KEYS:
-            close = difflib.get_close_matches(key, MFTCODER_KEYS, n=1)
+        if key not in trainer.keys:
+            close = difflib.get_close_matches(key, trainer.keys, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            problems.append(f"{path}: {key}: not an MftTrainArgs key (MFTCoder v0.5's mft_accelerate.py would refuse it too){hint}")
+            problems.append(f"{path}: {key}: not an {trainer.args_class} key (MFTCoder v0.5's {trainer.script} would "
+                            f"refuse it too){hint}")
     args = {}
-    for key, spec in MFTCODER_KEYS.items():
+    for key, spec in trainer.keys.items():
         if key not in raw:
             if spec.default is REQUIRED:
-                problems.append(f"{path}: {key}: missing; MftTrainArgs requires it")
+                problems.append(f"{path}: {key}: missing; {trainer.args_class} requires it")
             args[key] = spec.default
             continue
         value = raw[key]
@@ -186,9 +214,10 @@ def translate(args: dict) -> Imported:
     Raises:
         MFTCoderConfigError: a value mft cannot reproduce (e.g. ``padding_mode: concat``), naming the key.
     """
+    trainer = trainer_of(args)
     flat: dict[str, Any] = {}
     result = Imported(config={})
-    for key, spec in MFTCODER_KEYS.items():
+    for key, spec in trainer.keys.items():
         value = args[key]
         placeholder = is_placeholder(value)
         # A placeholder goes where a real value would: convert the default to find the place.
@@ -208,15 +237,17 @@ def translate(args: dict) -> Imported:
             if placeholder:
                 result.fill_in.append((key, target, value))
     result.dropped += args.get(V04_NOTES, [])
-    for key, (value, comment) in FIXED.items():
+    for key, (value, comment) in trainer.fixed.items():
         flat.setdefault(key, value)
         if comment:
             result.comments.setdefault(key, []).append(comment)
-    if flat.get("model.method") == "full":
+    if trainer is XXPO:
+        result.recipe = XXPO_RECIPE
+    elif flat.get("model.method") == "full":
         result.recipe = "full_finetune_distributed"
     # The written order: the layout's sections, then the top-level keys.
     tree: dict = {}
-    for section, skeleton in _LAYOUT.items():
+    for section, skeleton in trainer.layout.items():
         if skeleton is None:
             if section in flat:
                 tree[section] = flat[section]
