@@ -10,6 +10,8 @@
     mft import mftcoder CONFIG.json [-o my.yaml]   an mft config from an MFTCoder train config
     mft generate --model DIR (--prompt TEXT | --file PROMPTS.jsonl) [...]
     mft eval --model DIR --suite dataframebench|humaneval|FILE.jsonl [--task T ...] [...]
+    mft plot RUN_DIR [--output DIR]                per-task loss, pass@k, lr, tokens/s curves as PNGs
+    mft runs compare A B                          per-task table of two runs' best checkpoints
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ COMPONENT_COMMANDS = {
     "eval": ("mft_components.code_eval.evaluate", "pass@k of generated code per task (dataframebench, humaneval, "
                                                   "your JSONL)"),
     "import": ("mft_components.interop.mftcoder", "an mft config from an MFTCoder train config"),
+    "plot": ("mft_components.training.plots", "a run's curves (per-task loss, pass@k, lr, tokens/s) as PNGs"),
+    "runs": ("mft_components.training.runs", "compare runs: per-task table of two runs' best checkpoints"),
 }
 
 

@@ -31,8 +31,9 @@ Features:
     - Checkpoints in ``output_dir/step_N``: the adapter in PEFT's format (``peft`` and ``mft export`` load it) plus
       the recipe state for an exact resume (``resume: auto`` or a path); written atomically; ``saving_limit``
       keeps the newest and the best.
-    - A progress bar, ``metrics.jsonl``, TensorBoard events in ``output_dir/tb``, and a final summary; W&B and
-      MLflow (``metric_loggers``) on a background thread, continuing the same runs on resume.
+    - A progress bar, ``metrics.jsonl``, TensorBoard events in ``output_dir/tb``, a final summary and plots
+      (``output_dir/plots``); W&B and MLflow (``metric_loggers``) on a background thread, continuing the same runs
+      on resume.
     - A non-finite loss or gradient norm stops the run naming the step and the tasks, and never reaches the
       weights, so the last checkpoint stays intact (``NonFiniteGuard``: on CUDA with fused AdamW the update is
       skipped on a device flag and the run stops at the next log step or checkpoint).
@@ -93,6 +94,7 @@ from mft_components.training.guards import EarlyStopping, NonFiniteGuard, NonFin
 from mft_components.training.loggers import build_metric_loggers
 from mft_components.training.metrics import MetricLogger, ProgressBar, Throughput, read_log_step
 from mft_components.training.output_lock import OutputDirBusy, lock_output_dir
+from mft_components.training.plots import write_plots_at_end
 from mft_components.training.position import TrainingPosition
 from mft_components.training.preemption import PREEMPTED_EXIT_CODE, RunStopped, StopOnSignal, report_exit_status
 from mft_components.training.resume_check import check_resume, run_record
@@ -418,6 +420,7 @@ class LoRAFinetuneRecipe:
                   flush=True)
             best = checkpoints.get(self.early_stopping.best_step, checkpoints.get(step))
             self.logger.summary(summary_values(**summary), artifact_dir=best)  # W&B / MLflow (artifact if asked)
+            print(write_plots_at_end(self.output_dir), flush=True)  # output_dir/plots/*.png, as `mft plot` draws
 
     def stop_reason(self) -> str:
         stopping = self.early_stopping
