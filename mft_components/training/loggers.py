@@ -201,9 +201,16 @@ class MLflowLogger:
         self._client = client = MlflowClient(uri)
         params = flatten_config(config)
         if run_id is not None:  # resume: the same run; parameters are immutable, so only the new ones are added
-            client.update_run(run_id, status="RUNNING")
-            params = {k: v for k, v in params.items() if k not in client.get_run(run_id).data.params}
-        else:
+            try:
+                logged = client.get_run(run_id).data.params
+            except Exception:  # noqa: BLE001 - MlflowException: not in this store (tracking_uri changed)
+                print(f"note: metric_loggers: mlflow run {run_id} of the checkpoint is not in {uri}: a new run "
+                      "starts there", file=sys.stderr, flush=True)
+                run_id = None
+            else:
+                client.update_run(run_id, status="RUNNING")
+                params = {k: v for k, v in params.items() if k not in logged}
+        if run_id is None:
             experiment = client.get_experiment_by_name(self.experiment_name)
             if experiment is not None:
                 experiment_id = experiment.experiment_id
