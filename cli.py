@@ -11,6 +11,8 @@
     mft generate --model DIR (--prompt TEXT | --file PROMPTS.jsonl) [...]
     mft eval --model DIR --suite dataframebench|humaneval|FILE.jsonl [--task T ...] [...]
     mft pairs --model DIR --suite SUITE --num-samples N -o DIR     preference pairs from execution results
+    mft plot RUN_DIR [--output DIR]                per-task loss, pass@k, lr, tokens/s curves as PNGs
+    mft runs compare A B                          per-task table of two runs' best checkpoints
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ COMPONENT_COMMANDS = {
     "import": ("mft_components.interop.mftcoder", "an mft config from an MFTCoder train config"),
     "pairs": ("mft_components.code_eval.pairs", "preference pairs (passing vs failing answers) from sampled answers "
                                                 "run against their tests"),
+    "plot": ("mft_components.training.plots", "a run's curves (per-task loss, pass@k, lr, tokens/s) as PNGs"),
+    "runs": ("mft_components.training.runs", "compare runs: per-task table of two runs' best checkpoints"),
 }
 
 

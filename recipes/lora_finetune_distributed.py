@@ -31,7 +31,9 @@ Features:
     - Checkpoints in ``output_dir/step_N``: the adapter in PEFT's format (``peft`` and ``mft export`` load it) plus
       the recipe state for an exact resume (``resume: auto`` or a path); written atomically; ``saving_limit``
       keeps the newest and the best.
-    - A progress bar, ``metrics.jsonl``, TensorBoard events in ``output_dir/tb``, and a final summary.
+    - A progress bar, ``metrics.jsonl``, TensorBoard events in ``output_dir/tb``, a final summary and plots
+      (``output_dir/plots``); W&B and MLflow (``metric_loggers``) on a background thread, continuing the same runs
+      on resume.
     - A non-finite loss or gradient norm stops the run naming the step and the tasks, and never reaches the
       weights, so the last checkpoint stays intact (``NonFiniteGuard``: on CUDA with fused AdamW the update is
       skipped on a device flag and the run stops at the next log step or checkpoint).
@@ -89,13 +91,15 @@ from mft_components.recipe_config.schema import LoRARecipeConfig
 from mft_components.training import checkpoint as ck
 from mft_components.training.evaluate import Evaluator
 from mft_components.training.guards import EarlyStopping, NonFiniteGuard, NonFiniteLossError
+from mft_components.training.loggers import build_metric_loggers
 from mft_components.training.metrics import MetricLogger, ProgressBar, Throughput, read_log_step
 from mft_components.training.output_lock import OutputDirBusy, lock_output_dir
+from mft_components.training.plots import write_plots_at_end
 from mft_components.training.position import TrainingPosition
 from mft_components.training.preemption import PREEMPTED_EXIT_CODE, RunStopped, StopOnSignal, report_exit_status
 from mft_components.training.resume_check import check_resume, run_record
 from mft_components.training.state import gather_training_state, restore_training_state
-from mft_components.training.summary import format_summary
+from mft_components.training.summary import format_summary, summary_values
 
 CONFIG_SCHEMA = LoRARecipeConfig
 
@@ -244,7 +248,7 @@ class LoRAFinetuneRecipe:
         """The checkpoint's weights, optimizer, schedule, loss, early stopping, data position and RNG."""
         self.last_saved_step = None
         self.evaluator_state = self.code_evaluator_state = None
-        self.evaluations_pending = False
+        self.evaluations_pending, self.logger_run_ids = False, {}
         if resume_from is None:
             return
         try:
@@ -256,9 +260,11 @@ class LoRAFinetuneRecipe:
 
     def _setup_output(self) -> None:
         """Output for people, on rank 0, and the evaluators that write to it (with a resumed run's history)."""
-        cfg = self.cfg
-        self.logger = MetricLogger(self.output_dir, enabled=self.is_rank0, tensorboard=cfg.tensorboard,
-                                   start_step=self.position.step)  # rows after the checkpoint are written again
+        cfg, config = self.cfg, to_container(self.cfg)
+        external, tensorboard = build_metric_loggers(config["metric_loggers"]) if self.is_rank0 else ([], False)
+        self.logger = MetricLogger(self.output_dir, enabled=self.is_rank0, tensorboard=cfg.tensorboard or tensorboard,
+                                   start_step=self.position.step,  # rows after the checkpoint are written again
+                                   external=external, config=config, run_ids=self.logger_run_ids)
         self.progress = ProgressBar(self.position.total_steps, initial=self.position.step, enabled=self.is_rank0)
         loss_tracker = EarlyStopping() if self.code_evaluator.selects else self.early_stopping
         self.evaluator = Evaluator(self.valid_batches, self.task_names, self.device, cfg.eval_every_n_steps,
@@ -413,13 +419,17 @@ class LoRAFinetuneRecipe:
             self.save_checkpoint()
         self.progress.close()
         if self.is_rank0:
-            print(format_summary(steps=step, seconds=time.perf_counter() - start, stop_reason=stop_reason,
-                                 early_stopping=self.early_stopping,
-                                 # the best step's per-task values: its losses, or what select_by follows
-                                 best_eval=None if self.code_evaluator.selects else self.evaluator.best,
-                                 best_task_values=self.code_evaluator.best_task_values(),
-                                 checkpoints=[p for _, p in ck.list_checkpoints(self.output_dir)],
-                                 output_dir=self.output_dir), flush=True)
+            checkpoints = dict(ck.list_checkpoints(self.output_dir))
+            summary = dict(steps=step, seconds=time.perf_counter() - start, stop_reason=stop_reason,
+                           early_stopping=self.early_stopping,
+                           # the best step's per-task values: its losses, or what select_by follows
+                           best_eval=None if self.code_evaluator.selects else self.evaluator.best,
+                           best_task_values=self.code_evaluator.best_task_values())
+            print(format_summary(**summary, checkpoints=list(checkpoints.values()), output_dir=self.output_dir),
+                  flush=True)
+            best = checkpoints.get(self.early_stopping.best_step, checkpoints.get(step))
+            self.logger.summary(summary_values(**summary), artifact_dir=best)  # W&B / MLflow (artifact if asked)
+            print(write_plots_at_end(self.output_dir), flush=True)  # output_dir/plots/*.png, as `mft plot` draws
 
     def stop_reason(self) -> str:
         stopping = self.early_stopping
@@ -461,6 +471,7 @@ class LoRAFinetuneRecipe:
             state["evaluator"] = self.evaluator.state_dict()
             state["code_evaluator"] = self.code_evaluator.state_dict()
             state["evaluations_pending"] = evaluations_pending
+            state["metric_loggers"] = self.logger.run_ids()  # a resume continues these W&B / MLflow runs
             meta = ck.checkpoint_meta(self.model, self.data, self.tokenizer, self.evaluator.last,
                                       to_container(self.cfg), base_model_dir=self.base_model_dir)
             # What it was trained with, where it is, and what a resume changed: what the next resume compares.
@@ -493,12 +504,13 @@ class LoRAFinetuneRecipe:
         self.evaluator_state = state.get("evaluator")  # restored once the evaluators exist (_setup_output)
         self.code_evaluator_state = state.get("code_evaluator")
         self.evaluations_pending = bool(state.get("evaluations_pending", False))
+        self.logger_run_ids = state.get("metric_loggers") or {}
         self.last_saved_step = state["step"]
         if self.is_rank0:
             print(f"resumed from {path} at step {state['step']}", flush=True)
 
-    def cleanup(self) -> None:
-        self.logger.close()
+    def cleanup(self, ok: bool = True) -> None:
+        self.logger.close(ok)
         self.progress.close()
         self.code_evaluator.close()
         destroy_distributed()
@@ -515,7 +527,7 @@ def run(recipe: LoRAFinetuneRecipe) -> None:
         if recipe.is_rank0:
             print(e, file=sys.stderr, flush=True)
             report_exit_status(e.exit_code)
-        recipe.cleanup()
+        recipe.cleanup(ok=False)
         end_worker(e.exit_code)  # under torchrun the worker ends here
         sys.exit(e.exit_code)
     finally:
@@ -543,7 +555,7 @@ def _setup_and_train(recipe: LoRAFinetuneRecipe) -> None:
     except NonFiniteLossError as e:
         if recipe.is_rank0:
             print(f"error: {e}", file=sys.stderr, flush=True)
-        recipe.cleanup()
+        recipe.cleanup(ok=False)
         sys.exit(1)
     except LoaderStateError as e:  # a resume with another global batch, found when the loader restarts
         sys.exit(f"resume error: {e}")

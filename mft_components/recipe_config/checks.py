@@ -17,6 +17,8 @@ the recipes' ``@parse`` alike, so a run fails at its first line with the message
     loss            mode and options, ``task_weights`` against the task names of ``data``; CoBa has
                     validation data to follow (else it would train with fixed weights, saying nothing)
     eval.code       the values a run would refuse (``CodeEvalOptions.value_problems``), eval files read
+    metric_loggers  known names or importable ``_component_`` nodes with valid arguments, their libraries
+                    installed, an MLflow tracking server answering (``training/loggers.metric_logger_problems``)
 
 Each section is checked only when it uses mft's own builder (a user's component gets the generic signature
 checks) and was not already reported by the schema check; a path that does not exist is left to the path check.
@@ -45,9 +47,10 @@ from mft_components.models.attention import AUTO, BACKENDS, resolve_attn_impleme
 from mft_components.models.build import build_meta_model, build_model, load_tokenizer
 from mft_components.models.liger import liger_kernel_names
 from mft_components.training.checkpoint import latest_checkpoint, read_checkpoint_meta
+from mft_components.training.loggers import metric_logger_problems
 from mft_components.training.resume_check import check_resume as compare_with_checkpoint, run_record
 
-__all__ = ["check_recipe_config", "check_code_eval", "check_resume", "check_preference"]
+__all__ = ["check_recipe_config", "check_code_eval", "check_metric_loggers", "check_resume", "check_preference"]
 
 
 def check_recipe_config(cfg: dict, flagged: set[str]) -> list[str]:
@@ -242,6 +245,11 @@ def check_code_eval(cfg: dict, flagged: set[str]) -> list[str]:
     # "'eval.code.top_p' is 2: expected ...", or "'eval.code.tasks.x': path does not exist: ..."
     return [f"'eval.code.{key}'{' ' if problem.startswith('is ') else ': '}{problem}"
             for key, problem in CodeEvalOptions.value_problems(section)]
+
+
+def check_metric_loggers(cfg: dict, flagged: set[str]) -> list[str]:
+    """``metric_loggers``: what would make a logger fail at the start of the run (where it would only warn)."""
+    return [] if "metric_loggers" in flagged else metric_logger_problems(cfg.get("metric_loggers"))
 
 
 def check_resume(cfg: Any, schema: type | None, hash_data: bool = True) -> tuple[list[str], list[str]]:

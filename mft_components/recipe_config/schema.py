@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Literal
 
 from mft_components.code_eval.options import CodeEvalOptions
-from mft_components.recipe_config.checks import check_code_eval, check_preference, check_recipe_config
+from mft_components.recipe_config.checks import (check_code_eval, check_metric_loggers, check_preference,
+                                                 check_recipe_config)
 from mft_components.training.preemption import DEFAULT_GRACE_S
 
 __all__ = ["RecipeConfig", "LoRARecipeConfig", "FullRecipeConfig", "PreferenceRecipeConfig", "EvalConfig"]
@@ -80,6 +81,9 @@ class RecipeConfig:
             or null (start fresh).
         log_every_n_steps: write a ``metrics.jsonl`` line every N steps.
         tensorboard: also write TensorBoard events to ``output_dir/tb``.
+        metric_loggers: W&B, MLflow, TensorBoard as well as metrics.jsonl: names (``[tensorboard, wandb,
+            mlflow]``) or ``_component_`` nodes (``training/loggers.py``: ``WandBLogger``, ``MLflowLogger``, or
+            your own class); null: metrics.jsonl and, with ``tensorboard``, TensorBoard.
         distributed_timeout_s: under torchrun, how long a rank waits in one collective (all-reduce, FSDP's
             gathers) for the other ranks before the run ends with a message naming the rank that stopped answering
             (null: torch's default, 30 min). Work one rank does alone (checkpoint writes, the data cache build,
@@ -116,13 +120,15 @@ class RecipeConfig:
     resume: str | None = None
     log_every_n_steps: int = _at_least(1, 1)
     tensorboard: bool = True
+    metric_loggers: list | None = None
     distributed_timeout_s: float | None = _positive(600.0)
     eval: EvalConfig = field(default_factory=EvalConfig)
     save_on_preemption: bool = True
     preemption_grace_s: float | None = _positive(DEFAULT_GRACE_S)
 
     # Cross-checks against the model directory, the tasks and the components' own rules (config.check_config).
-    semantic_checks: ClassVar[tuple[Callable[[dict, set], list[str]], ...]] = (check_recipe_config, check_code_eval)
+    semantic_checks: ClassVar[tuple[Callable[[dict, set], list[str]], ...]] = (
+        check_recipe_config, check_code_eval, check_metric_loggers)
 
 
 def _method_check(recipe: str, methods: tuple[str, ...], other: str) -> Callable[[dict, set], list[str]]:

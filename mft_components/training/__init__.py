@@ -8,6 +8,9 @@
                     position and RNG of a resumed run put back exactly where the run that saved had them
     lr_schedule.py  linear warmup, then cosine decay to min_lr (the ``lr_scheduler:`` builder)
     metrics.py      the progress bar, metrics.jsonl, TensorBoard, tokens per second
+    loggers.py      W&B and MLflow (``metric_loggers``), fed from a background thread; their config checks
+    plots.py        a run's curves from metrics.jsonl as PNGs (``mft plot``, and at the end of a run)
+    runs.py         two runs' best checkpoints side by side, per task (``mft runs compare``)
     guards.py       early stopping; the non-finite guard that keeps NaN / inf out of the weights
     evaluate.py     validation loss per task, and the Evaluator that schedules and logs it
     summary.py      the lines a run prints when it ends

@@ -9,6 +9,7 @@ Everything that prints or writes is active on rank 0 only.
     {"kind": "eval", "step": 10, "loss": 1.88, "task_loss": {...}, "task_perplexity": {...}, "best_step": 10}
 
 TensorBoard (``output_dir/tb``) gets the same numbers as scalars: ``train/loss``, ``train/task_loss/pandas``, ...
+W&B and MLflow (``metric_loggers``) get them from a background thread (``loggers.py``).
 Evaluation is ``evaluate.py``, early stopping and the non-finite guard ``guards.py``, the final lines ``summary.py``.
 """
 
@@ -26,6 +27,7 @@ import torch
 
 from mft_components.device import to_device
 from mft_components.distributed import all_reduce_sum, is_distributed
+from mft_components.training.loggers import ExternalLoggers
 
 __all__ = ["MetricLogger", "ProgressBar", "Throughput", "read_log_step"]
 
@@ -41,13 +43,18 @@ class MetricLogger:
             (and at a fresh start every row), which a run that stopped after its last checkpoint wrote and this
             one writes again, are dropped from metrics.jsonl, and TensorBoard purges their events. None appends
             to what is there.
+        external: W&B / MLflow / user loggers (``loggers.build_metric_loggers``), run on a background thread.
+        config: the resolved config, their runs' parameters.
+        run_ids: their run ids from the checkpoint this run resumes: the same runs continue.
     """
 
     def __init__(self, output_dir: str | os.PathLike, enabled: bool = True, tensorboard: bool = True,
-                 start_step: int | None = None):
+                 start_step: int | None = None, external: list | None = None, config: dict | None = None,
+                 run_ids: dict[str, str] | None = None):
         self.enabled = enabled
         self._tb = None
         self._file = None
+        self._external = None
         if not enabled:
             return
         output_dir = Path(output_dir)
@@ -67,6 +74,8 @@ class MetricLogger:
                 self._tb = SummaryWriter(str(output_dir / "tb"), **purge)
             except ImportError:
                 print("note: tensorboard is not installed; metrics go to metrics.jsonl only", file=sys.stderr)
+        if external:
+            self._external = ExternalLoggers(external, output_dir, config or {}, run_ids)
 
     def log(self, kind: str, step: int, metrics: dict[str, Any]) -> None:
         """Write one record. Nested dicts (per-task values) become ``kind/key/task`` TensorBoard scalars."""
@@ -83,12 +92,28 @@ class MetricLogger:
                             self._tb.add_scalar(f"{kind}/{key}/{sub}", v, step)
                 elif isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._tb.add_scalar(f"{kind}/{key}", value, step)
+        if self._external is not None:
+            self._external.log(kind, step, metrics)
 
-    def close(self) -> None:
+    def run_ids(self) -> dict[str, str]:
+        """The W&B / MLflow run ids, for the recipe state (a resume continues those runs)."""
+        return self._external.run_ids() if self._external is not None else {}
+
+    def summary(self, values: dict[str, Any], artifact_dir: Path | None = None) -> None:
+        """The run's final summary to W&B / MLflow, and ``artifact_dir`` to the loggers that were asked for it."""
+        if self._external is not None:
+            self._external.summary(values, artifact_dir)
+
+    def close(self, ok: bool = True) -> None:
         if self._file is not None:
             self._file.close()
+            self._file = None
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
+        if self._external is not None:
+            self._external.close(ok)
+            self._external = None
 
 
 def _drop_rows_after(path: Path, step: int) -> int:

@@ -9,7 +9,7 @@ from pathlib import Path
 from mft_components.training.evaluate import EvalResult
 from mft_components.training.guards import EarlyStopping
 
-__all__ = ["format_summary"]
+__all__ = ["format_summary", "summary_values"]
 
 
 def format_summary(*, steps: int, seconds: float, stop_reason: str, early_stopping: EarlyStopping,
@@ -31,3 +31,21 @@ def format_summary(*, steps: int, seconds: float, stop_reason: str, early_stoppi
     lines.append(f"checkpoints: {', '.join(p.name for p in checkpoints) or 'none'} in {output_dir}")
     lines.append(f"metrics: {Path(output_dir) / 'metrics.jsonl'}, TensorBoard: {Path(output_dir) / 'tb'}")
     return "\n".join(lines)
+
+
+def summary_values(*, steps: int, seconds: float, stop_reason: str, early_stopping: EarlyStopping,
+                   best_eval: EvalResult | None, best_task_values: dict[str, float] | None = None,
+                   **_: object) -> dict[str, object]:
+    """What :func:`format_summary` prints, as the flat values W&B's run summary and MLflow take (it accepts the
+    same arguments): ``steps``, ``seconds``, ``stop_reason``, ``best_step``, ``best/<metric>`` and per task
+    ``best/<metric>/<task>`` (and ``best/loss/<task>`` from ``best_eval``)."""
+    values: dict[str, object] = {"steps": steps, "seconds": round(seconds, 3), "stop_reason": stop_reason}
+    metric = early_stopping.metric
+    if early_stopping.best_step is not None:
+        values["best_step"] = early_stopping.best_step
+        values[f"best/{metric}"] = early_stopping.best_loss
+    for task, value in (best_task_values or {}).items():
+        values[f"best/{metric}/{task}"] = value
+    if best_eval is not None:
+        values.update({f"best/loss/{task}": loss for task, loss in best_eval.task_loss.items()})
+    return values
