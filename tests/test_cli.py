@@ -120,6 +120,24 @@ def test_validate_reports_every_problem_at_once(tmp_path):
     assert ok.returncode == 0, ok.stderr
 
 
+def test_errors_in_command_line_overrides_name_the_override_not_the_file(tmp_path, capsys):
+    config = tmp_path / "echo.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'out'}\nmessage: hi\n")
+    assert cli.main(["validate", "--config", str(config), "--recipe", str(ECHO_RECIPE), "repeat=many",
+                     "mesage=x", "~output_dir"]) == 1
+    err = capsys.readouterr().err
+    assert "repeat=many (command line): 'repeat' is 'many': expected an integer" in err
+    assert "mesage=x (command line): unknown key 'mesage' (did you mean 'message'?)" in err
+    assert "~output_dir (command line): missing required key 'output_dir'" in err
+    assert f"{config}: " not in err.replace(f"problem(s) in {config}", "")
+    # The run itself says the same; a mistake in the file still names the file.
+    assert cli.main(["run", str(ECHO_RECIPE), "--config", str(config), "repeat=many"]) == 1
+    assert "repeat=many (command line): 'repeat' is 'many'" in capsys.readouterr().err
+    config.write_text(f"output_dir: {tmp_path / 'out'}\nrepeat: many\n")
+    assert cli.main(["run", str(ECHO_RECIPE), "--config", str(config), "message=hi"]) == 1
+    assert f"{config}: 'repeat' is 'many'" in capsys.readouterr().err
+
+
 def test_copied_recipes_import_their_copied_siblings(tmp_path, capsys, monkeypatch):
     """full_finetune_distributed's docstring: copy both recipes, import the loop from the LoRA copy; `mft validate`
     and `mft run` (one rank, in this process) load the copy, as `python` and torchrun would."""
