@@ -55,16 +55,30 @@ from mft_components.training.checkpoint import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     CheckpointError,
+    latest_checkpoint,
     mkdtemp_umask,
     verify_checkpoint,
 )
 from mft_components.training.checkpoint import META_FILE as CHECKPOINT_META
 
-__all__ = ["CHAT_FORMAT_FILE", "ExportError", "read_validated_meta", "remove_export_leftovers", "remote_code_refused",
+__all__ = ["CHAT_FORMAT_FILE", "ExportError", "checkpoint_to_export", "read_validated_meta", "remove_export_leftovers", "remote_code_refused",
            "model_card", "export_checkpoint", "export_adapter", "add_arguments", "run"]
 
 CHAT_FORMAT_FILE = "mft_chat_format.json"
 _PARTIAL_MARK = ".mft-export-partial"  # in a temporary sibling while it is being written: the writer's process id
+
+
+def checkpoint_to_export(path: str | Path) -> Path:
+    """``path`` itself when it is a checkpoint, else the newest ``step_N`` checkpoint of the run directory it names
+    (by step, as resume picks; ``mft export outputs/my_run``). Raises ExportError when a run holds none."""
+    path = Path(path)
+    if (path / CHECKPOINT_META).is_file() or not path.is_dir():
+        return path  # read_validated_meta says what is wrong with it
+    newest = latest_checkpoint(path, resumable=False)
+    if newest is None:
+        raise ExportError(f"{path} is neither a training checkpoint (output_dir/step_N/ with {CHECKPOINT_META}) nor "
+                          f"a run's output_dir holding one")
+    return newest
 
 
 def read_validated_meta(checkpoint_dir: str | Path) -> dict:
@@ -498,7 +512,8 @@ def export_adapter(adapter_dir: str | Path, base: str | Path, output_dir: str | 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `mft export`."""
-    parser.add_argument("checkpoint_dir", nargs="?", help="a training checkpoint: output_dir/step_N/")
+    parser.add_argument("checkpoint_dir", nargs="?", metavar="CHECKPOINT_DIR",
+                        help="a training checkpoint (output_dir/step_N/), or a run's output_dir: its newest checkpoint")
     parser.add_argument("--adapter", metavar="ADAPTER_DIR",
                         help="instead of a checkpoint: a PEFT LoRA adapter directory to merge onto --base")
     parser.add_argument("--template", choices=["mft", "mftcoder_atorch", "hf"], default=None,
@@ -532,7 +547,10 @@ def run(args: argparse.Namespace) -> int:
         else:
             if args.template is not None:
                 raise ExportError("--template is for --adapter; a checkpoint exports the format it was trained with")
-            out = export_checkpoint(args.checkpoint_dir, args.output, base=args.base, **options)
+            checkpoint = checkpoint_to_export(args.checkpoint_dir)
+            if checkpoint != Path(args.checkpoint_dir):
+                print(f"mft export: the newest checkpoint in {args.checkpoint_dir}: {checkpoint.name}")
+            out = export_checkpoint(checkpoint, args.output, base=args.base, **options)
     except ExportError as e:
         print(f"mft export: error: {e}", file=sys.stderr)
         return 2
