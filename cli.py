@@ -137,7 +137,12 @@ def split_run_args(argv: list[str]) -> tuple[str, str | None, list[str], list[st
     return recipe, config, launcher, overrides
 
 
+RUN_USAGE = "mft run RECIPE --config CONFIG [torchrun flags, e.g. --nproc-per-node 2] [key=value | ~key ...]"
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    if {"-h", "--help"} & set(args.rest):
+        return run_help(args.rest)
     recipe_name, config, launcher, overrides = split_run_args(args.rest)
     try:
         recipe = registry.resolve_recipe(recipe_name)
@@ -174,6 +179,31 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 128 + signal.SIGINT
     finally:
         sys.argv = saved_argv
+    return 0
+
+
+def run_help(argv: list[str]) -> int:
+    """``mft run RECIPE --help``: the usage, then every config key the recipe reads (its ``CONFIG_SCHEMA``)."""
+    from mft_components.config.schema_help import format_config_options
+
+    print(f"usage: {RUN_USAGE}")
+    names = [a for a in argv if not a.startswith(("-", "~")) and "=" not in a]
+    if not names:
+        print("\nmft run RECIPE --help lists the config keys of RECIPE (`mft ls` lists the recipes)")
+        return 0
+    try:
+        recipe = registry.resolve_recipe(names[0])
+    except FileNotFoundError as e:
+        print(f"mft run: {e}", file=sys.stderr)
+        return 1
+    schema = recipe_schema(recipe)
+    if schema is None:
+        print(f"\n{recipe} declares no CONFIG_SCHEMA: its config keys are not known to mft")
+        return 0
+    print(f"\nConfig keys of {recipe.stem} ({schema.__name__}), set in the YAML file or as key=value after it\n"
+          f"(a _component_ node's keys are the arguments of its builder):\n")
+    print(format_config_options(schema))
+    print("\ntorchrun flags (any of `torchrun --help`) run the recipe under torchrun, e.g. --nproc-per-node 2.")
     return 0
 
 
@@ -327,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "run",
         help="run a recipe: in this process, or under torchrun when any torchrun flag is given",
-        usage="mft run RECIPE --config CONFIG [torchrun flags, e.g. --nproc-per-node 2] [key=value | ~key ...]",
+        usage=RUN_USAGE, description="`mft run RECIPE --help` lists the recipe's config keys.",
     )
     p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_run)

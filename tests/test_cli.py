@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -136,6 +137,25 @@ def test_errors_in_command_line_overrides_name_the_override_not_the_file(tmp_pat
     config.write_text(f"output_dir: {tmp_path / 'out'}\nrepeat: many\n")
     assert cli.main(["run", str(ECHO_RECIPE), "--config", str(config), "message=hi"]) == 1
     assert f"{config}: 'repeat' is 'many'" in capsys.readouterr().err
+
+
+def test_run_help_lists_the_recipes_config_keys(capsys):
+    import dataclasses
+
+    from mft_components.recipe_config.schema import LoRARecipeConfig
+
+    assert cli.main(["run", str(ECHO_RECIPE), "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: mft run RECIPE --config CONFIG")
+    assert "  output_dir   str  (required)\n  message      str  (default: hello)\n  repeat       int  (default: 1)\n" in out
+    assert cli.main(["run", "lora_finetune_distributed", "--help"]) == 0
+    out = capsys.readouterr().out
+    keys = [line.split()[0] for line in out.splitlines() if line.startswith("  ") and not line.startswith("   ")]
+    assert [f.name for f in dataclasses.fields(LoRARecipeConfig)] == [k for k in keys if "." not in k]
+    # Sections list their builder's arguments, with the builder's documentation.
+    assert "  data.seq_len" in out and "int  (default: 2048)\n      row length" in out
+    assert "lr_scheduler.warmup_steps" in out and "eval.code.num_samples" in out and "model.lora " in out
+    assert re.search(r"\n  max_steps +int \| None \(>= 1\)  \(default: null\)\n      stop after", out)
 
 
 def test_copied_recipes_import_their_copied_siblings(tmp_path, capsys, monkeypatch):
