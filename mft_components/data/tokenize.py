@@ -32,7 +32,9 @@ from mft_components.distributed import get_rank, get_world_size, is_distributed,
 __all__ = ["TRUNCATION_MODES", "CACHE_VERSION", "check_truncation", "tokenizer_fingerprint", "tokenize_files"]
 
 TRUNCATION_MODES = ("drop", "truncate")
-CACHE_VERSION = 2  # 2: empty assistant content and lone surrogates are bad records
+# 2: empty assistant content and lone surrogates are bad records; 3: messages / conversations records are read
+# (a file of them cached as all bad records before)
+CACHE_VERSION = 3
 # Conversations up to this many bytes in total are tokenised in-process: forking workers costs more than it saves.
 _IN_PROCESS_BYTES = 1 << 20
 _CHUNK_BYTES = 1 << 20
