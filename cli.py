@@ -8,6 +8,7 @@
     mft export CHECKPOINT_DIR --output OUT_DIR [...]
     mft export --adapter ADAPTER_DIR --base MODEL_DIR --output OUT_DIR     merge any PEFT LoRA adapter
     mft import mftcoder CONFIG.json [-o my.yaml]   an mft config from an MFTCoder train config
+    mft init --model DIR --data PATH... [-o my_run.yaml]   a config for your model and data, sized for this machine
     mft generate --model DIR (--prompt TEXT | --file PROMPTS.jsonl) [...]
     mft eval --model DIR --suite dataframebench|humaneval|FILE.jsonl [--task T ...] [...]
 """
@@ -40,6 +41,7 @@ COMPONENT_COMMANDS = {
     "eval": ("mft_components.code_eval.evaluate", "pass@k of generated code per task (dataframebench, humaneval, "
                                                   "your JSONL)"),
     "import": ("mft_components.interop.mftcoder", "an mft config from an MFTCoder train config"),
+    "init": ("mft_components.interop.init_config", "a config for your model and data, sized for this machine"),
 }
 
 
@@ -378,7 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _component_command(module_name: str):
     def run(args: argparse.Namespace) -> int:
-        return importlib.import_module(module_name).run(args)
+        status = importlib.import_module(module_name).run(args)
+        if status == 0 and args.command == "init":  # the config just written is checked as `mft validate` would
+            print(f"\nmft validate --config {args.output}:")
+            status = cmd_validate(argparse.Namespace(config=args.output, recipe=None, no_data=False, overrides=[]))
+        return status
 
     return run
 
