@@ -77,11 +77,13 @@ class ConfigSource:
             self.overrides[key] = text
 
     def at(self, key: str) -> str:
-        """The override that set ``key`` or a section above it, else the file."""
+        """The override that set ``key`` or a section above it; for a section, the file and the overrides of keys
+        inside it (``cfg.yaml + optimizer.betas=[0.9,1.5] (command line)``); else the file."""
         for set_key, text in reversed(self.overrides.items()):
             if key == set_key or key.startswith(set_key + "."):
                 return f"{text} (command line)"
-        return self.file
+        inside = [text for set_key, text in self.overrides.items() if key and set_key.startswith(key + ".")]
+        return f"{self.file} + {' '.join(inside)} (command line)" if inside else self.file
 
     def __str__(self) -> str:
         return self.file

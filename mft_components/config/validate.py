@@ -217,6 +217,7 @@ def _check_typed_dict(value: dict, typed_dict: type, path: str, source: ConfigSo
 
 def _check_paths_exist(value: Any, path: str, source: ConfigSource, problems: list[str]) -> None:
     for item in value if isinstance(value, list) else [value]:
+        item = item.get("path") if isinstance(item, dict) else item  # a data_paths entry {path: ..., columns: ...}
         if isinstance(item, str) and not Path(os.path.expanduser(item)).exists():
             problems.append(f"{source.at(path)}: '{path}': path does not exist: {item}")
 

@@ -1,9 +1,12 @@
-"""Tasks: each entry of ``data.data_paths`` is one task, a directory of ``*.jsonl`` files or one ``.jsonl`` file.
+"""Tasks: each entry of ``data.data_paths`` is one task, a directory of ``*.jsonl`` files or one ``.jsonl`` file,
+or a file `datasets` reads (Parquet, an Arrow ``save_to_disk`` directory, JSON; ``tables.py``).
 
     data_paths:                 one entry per task
       - data/code_completion    a directory: every *.jsonl below it (recursively, through symbolic links) is one
                                 task, named by the dir
       - extra/unit_tests.jsonl  a file: a task named by the file's stem
+      - data/sql.parquet        a TableSource (so are a directory of *.parquet, a saved dataset, a .json file,
+                                and a mapping {path: ..., columns: {prompt: question, answer: solution}})
 
 A file or directory that cannot be read is one ``DataError`` naming it.
 """
@@ -15,15 +18,18 @@ from pathlib import Path
 from typing import Sequence
 
 from mft_components.data.records import DataError
+from mft_components.data.tables import TableSource, table_source
 
 __all__ = ["discover_tasks"]
 
 
-def discover_tasks(paths: Sequence[str | os.PathLike], key: str = "data.data_paths") -> dict[str, list[Path]]:
-    """Map task names to their JSONL files.
+def discover_tasks(paths: Sequence[str | os.PathLike | dict], key: str = "data.data_paths"
+                   ) -> dict[str, list[Path | TableSource]]:
+    """Map task names to their JSONL files (or their one ``TableSource``).
 
     Args:
-        paths: task directories (searched recursively for ``*.jsonl``) or ``.jsonl`` files.
+        paths: task directories (searched recursively for ``*.jsonl``), ``.jsonl`` files, or what `datasets`
+            reads (``tables.table_source``).
         key: the config key, for error messages.
 
     Returns:
@@ -34,14 +40,21 @@ def discover_tasks(paths: Sequence[str | os.PathLike], key: str = "data.data_pat
             symbolic link to nothing, a file that is not ``.jsonl``, or two paths giving the same task name (both
             are named).
     """
-    if isinstance(paths, (str, os.PathLike)):
+    if isinstance(paths, (str, os.PathLike, dict)):
         paths = [paths]
-    tasks: dict[str, list[Path]] = {}
+    tasks: dict[str, list[Path | TableSource]] = {}
     origin: dict[str, Path] = {}
     problems = []
     for i, raw in enumerate(paths):
-        p = Path(str(raw)).expanduser()
-        if p.is_dir():
+        try:
+            table = table_source(raw, f"{key}[{i}]")
+        except DataError as e:
+            problems.append(str(e))
+            continue
+        p = table[1].path if table else Path(str(raw)).expanduser()
+        if table:
+            name, files = table[0], [table[1]]
+        elif p.is_dir():
             name, (files, unreadable) = p.resolve().name, _jsonl_files(p)
             problems += [f"{key}[{i}]: {problem}" for problem in unreadable]
             if unreadable:
@@ -51,7 +64,7 @@ def discover_tasks(paths: Sequence[str | os.PathLike], key: str = "data.data_pat
                 continue
         elif p.is_file():
             if p.suffix != ".jsonl":
-                problems.append(f"{key}[{i}]: {p}: expected a directory or a .jsonl file")
+                problems.append(f"{key}[{i}]: {p}: expected a directory, or a .jsonl, .json or .parquet file")
                 continue
             name, files = p.stem, [p]
         else:

@@ -137,7 +137,8 @@ def _protected_paths(checkpoint_dir: Path, meta: dict, base_dir: Path | None, to
     checkpoint's config) -- each with a name for the message."""
     config = meta.get("config") or {}
     data = config.get("data") or {}
-    data_paths = [p for key in ("data_paths", "valid_data_paths") for p in (data.get(key) or []) if isinstance(p, str)]
+    entries = [p for key in ("data_paths", "valid_data_paths") for p in (data.get(key) or [])]
+    data_paths = [p for p in (e.get("path") if isinstance(e, dict) else e for e in entries) if isinstance(p, str)]
     tokenizer_path = (config.get("tokenizer") or {}).get("path")
     try:
         out = [("the current directory", Path.cwd())]
