@@ -43,6 +43,13 @@ COMPONENT_COMMANDS = {
     "import": ("mft_components.interop.mftcoder", "an mft config from an MFTCoder train config"),
     "init": ("mft_components.interop.init_config", "a config for your model and data, sized for this machine"),
 }
+# Where a command's arguments are defined when that is not its module: one that imports no torch, so that
+# `mft export --help` answers in a fraction of a second.
+ARGUMENT_MODULES = {
+    "export": "mft_components.inference.export_args",
+    "generate": "mft_components.inference.generate_args",
+    "eval": "mft_components.code_eval.eval_args",
+}
 
 
 # ------------------------------------------------------------------------------------------------------- ls
@@ -397,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_run(argparse.Namespace(rest=argv[1:]))
     # Component commands declare their own arguments; import a module only when its command is used.
     if argv and argv[0] in COMPONENT_COMMANDS:
-        module = importlib.import_module(COMPONENT_COMMANDS[argv[0]][0])
+        module = importlib.import_module(ARGUMENT_MODULES.get(argv[0], COMPONENT_COMMANDS[argv[0]][0]))
         module.add_arguments(parser._subparsers._group_actions[0].choices[argv[0]])
     args = parser.parse_args(argv)
     return args.func(args)

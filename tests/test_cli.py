@@ -158,6 +158,27 @@ def test_run_help_lists_the_recipes_config_keys(capsys):
     assert re.search(r"\n  max_steps +int \| None \(>= 1\)  \(default: null\)\n      stop after", out)
 
 
+@pytest.mark.parametrize("command", ["export", "eval", "generate", "init", "import"])
+def test_command_help_imports_no_torch(command):
+    """`mft export --help` (and eval, generate) answer at once: their arguments live in modules without torch."""
+    script = ("import sys, cli\n"
+              "try:\n"
+              f"    cli.main([{command!r}, '--help'])\n"
+              "except SystemExit as e:\n"
+              "    assert e.code == 0\n"
+              "print('heavy:', sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert f"usage: " in proc.stdout and "--help" in proc.stdout and "heavy: []" in proc.stdout
+
+
+def test_light_argument_modules_agree_with_the_code_they_describe():
+    from mft_components.inference.export_args import OUTPUT_DTYPE_NAMES
+    from mft_components.inference.shards import OUTPUT_DTYPES
+
+    assert OUTPUT_DTYPE_NAMES == tuple(OUTPUT_DTYPES)
+
+
 def test_copied_recipes_import_their_copied_siblings(tmp_path, capsys, monkeypatch):
     """full_finetune_distributed's docstring: copy both recipes, import the loop from the LoRA copy; `mft validate`
     and `mft run` (one rank, in this process) load the copy, as `python` and torchrun would."""
