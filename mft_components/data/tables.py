@@ -96,6 +96,9 @@ def table_source(entry: Any, where: str) -> tuple[str, TableSource] | None:
             raise DataError(f"{where}.columns: {bad[0]!r} is not a record field; expected one of "
                             f"{', '.join(RECORD_FIELDS)}")
         path, split, name = Path(os.path.expanduser(entry["path"])), entry.get("split"), entry.get("name")
+        for key, value in (("split", split), ("name", name)):
+            if value is not None and not (isinstance(value, str) and value):
+                raise DataError(f"{where}.{key}: expected a non-empty string, got {value!r}")
     else:
         path, columns, split, name = Path(os.path.expanduser(str(entry))), {}, None, None
         if not is_table_path(path):
@@ -160,9 +163,9 @@ def load_table(source: TableSource, cache_dir: Path | None):
             raise DataError(f"{source.path}: split {source.split or 'train'!r} not found; it has {splits} "
                             f"(give one: {{path: {source.path}, split: NAME}})")
         table = table[split]
-    elif source.split is not None and source.split != str(table.split or source.split):
-        raise DataError(f"{source.path}: split {source.split!r} not found; it holds one dataset "
-                        f"(split {table.split!r}): leave split out")
+    elif source.split not in (None, "train"):
+        raise DataError(f"{source.path}: split {source.split!r} not found; it holds one dataset, no splits: leave "
+                        f"split out")
     missing = [(field, column) for field, column in source.columns if column not in table.column_names]
     if missing:
         field, column = missing[0]

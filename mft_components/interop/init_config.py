@@ -101,7 +101,7 @@ def init_config(model_dir: str | Path, data_paths: list[str], output_dir: str, m
         "data.data_paths": [str(Path(p).expanduser().resolve()) for p in data_paths],
     }
     comments = {"model.model_dir": "the model `mft init --model` was given",
-                "data.data_paths": "one task per entry (a directory of *.jsonl, a .jsonl file)"}
+                "data.data_paths": "one task per entry (a directory of *.jsonl, a .jsonl, .parquet or .json file)"}
     shipped = read_yaml(text)
     seq_len = shipped["data"]["seq_len"]
     notes = [f"started from the shipped config {base} ({model_config.get('model_type', 'unknown')} model, {method})"]
@@ -231,7 +231,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="DIR",
                         help="a Hugging Face model directory (config.json, *.safetensors, tokenizer files)")
     parser.add_argument("--data", required=True, nargs="+", metavar="PATH",
-                        help="one task per path: a directory of *.jsonl files or a .jsonl file")
+                        help="one task per path: a directory of *.jsonl files, a .jsonl file, or a Parquet / Arrow / "
+                             "JSON dataset (pip install 'mft[datasets]')")
     parser.add_argument("-o", "--output", default="my_run.yaml", help="the config file to write (default my_run.yaml)")
     parser.add_argument("--method", choices=["lora", "qlora", "full"], default="lora",
                         help="lora (default), qlora (an NF4 base: least memory) or full fine-tuning")
