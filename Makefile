@@ -68,7 +68,6 @@ demo: install
 	$(BIN)/python -c "from mft_components.code_eval.suites import prepare_dataframebench_eval as e; print('eval sets:', e())"
 	rm -rf $(DEMO_OUT)
 	$(BIN)/mft run lora_finetune_distributed --config demo output_dir=$(DEMO_OUT) $(DEMO_ARGS)
-	$(BIN)/mft export $$($(BIN)/python -c "from mft_components.training.checkpoint import latest_checkpoint as l; print(l('$(DEMO_OUT)'))") \
-		--output $(DEMO_OUT)/exported --force
+	$(BIN)/mft export $(DEMO_OUT) --output $(DEMO_OUT)/exported --force
 	$(BIN)/mft generate --model $(DEMO_OUT)/exported --greedy --max-new-tokens 200 \
 		--prompt "$$($(BIN)/python -c 'from mft_components.assets import DEMO_PROMPT; print(DEMO_PROMPT)')"

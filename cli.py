@@ -8,6 +8,7 @@
     mft export CHECKPOINT_DIR --output OUT_DIR [...]
     mft export --adapter ADAPTER_DIR --base MODEL_DIR --output OUT_DIR     merge any PEFT LoRA adapter
     mft import mftcoder CONFIG.json [-o my.yaml]   an mft config from an MFTCoder train config
+    mft init --model DIR --data PATH... [-o my_run.yaml]   a config for your model and data, sized for this machine
     mft generate --model DIR (--prompt TEXT | --file PROMPTS.jsonl) [...]
     mft eval --model DIR --suite dataframebench|humaneval|FILE.jsonl [--task T ...] [...]
     mft pairs --model DIR --suite SUITE --num-samples N -o DIR     preference pairs from execution results
@@ -47,6 +48,14 @@ COMPONENT_COMMANDS = {
                                                 "run against their tests"),
     "plot": ("mft_components.training.plots", "a run's curves (per-task loss, pass@k, lr, tokens/s) as PNGs"),
     "runs": ("mft_components.training.runs", "compare runs: per-task table of two runs' best checkpoints"),
+    "init": ("mft_components.interop.init_config", "a config for your model and data, sized for this machine"),
+}
+# Where a command's arguments are defined when that is not its module: one that imports no torch, so that
+# `mft export --help` answers in a fraction of a second.
+ARGUMENT_MODULES = {
+    "export": "mft_components.inference.export_args",
+    "generate": "mft_components.inference.generate_args",
+    "eval": "mft_components.code_eval.eval_args",
 }
 
 
@@ -144,7 +153,12 @@ def split_run_args(argv: list[str]) -> tuple[str, str | None, list[str], list[st
     return recipe, config, launcher, overrides
 
 
+RUN_USAGE = "mft run RECIPE --config CONFIG [torchrun flags, e.g. --nproc-per-node 2] [key=value | ~key ...]"
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    if {"-h", "--help"} & set(args.rest):
+        return run_help(args.rest)
     recipe_name, config, launcher, overrides = split_run_args(args.rest)
     try:
         recipe = registry.resolve_recipe(recipe_name)
@@ -181,6 +195,31 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 128 + signal.SIGINT
     finally:
         sys.argv = saved_argv
+    return 0
+
+
+def run_help(argv: list[str]) -> int:
+    """``mft run RECIPE --help``: the usage, then every config key the recipe reads (its ``CONFIG_SCHEMA``)."""
+    from mft_components.config.schema_help import format_config_options
+
+    print(f"usage: {RUN_USAGE}")
+    names = [a for a in argv if not a.startswith(("-", "~")) and "=" not in a]
+    if not names:
+        print("\nmft run RECIPE --help lists the config keys of RECIPE (`mft ls` lists the recipes)")
+        return 0
+    try:
+        recipe = registry.resolve_recipe(names[0])
+    except FileNotFoundError as e:
+        print(f"mft run: {e}", file=sys.stderr)
+        return 1
+    schema = recipe_schema(recipe)
+    if schema is None:
+        print(f"\n{recipe} declares no CONFIG_SCHEMA: its config keys are not known to mft")
+        return 0
+    print(f"\nConfig keys of {recipe.stem} ({schema.__name__}), set in the YAML file or as key=value after it\n"
+          f"(a _component_ node's keys are the arguments of its builder):\n")
+    print(format_config_options(schema))
+    print("\ntorchrun flags (any of `torchrun --help`) run the recipe under torchrun, e.g. --nproc-per-node 2.")
     return 0
 
 
@@ -338,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "run",
         help="run a recipe: in this process, or under torchrun when any torchrun flag is given",
-        usage="mft run RECIPE --config CONFIG [torchrun flags, e.g. --nproc-per-node 2] [key=value | ~key ...]",
+        usage=RUN_USAGE, description="`mft run RECIPE --help` lists the recipe's config keys.",
     )
     p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_run)
@@ -359,7 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _component_command(module_name: str):
     def run(args: argparse.Namespace) -> int:
-        return importlib.import_module(module_name).run(args)
+        status = importlib.import_module(module_name).run(args)
+        if status == 0 and args.command == "init":  # the config just written is checked as `mft validate` would
+            print(f"\nmft validate --config {args.output}:")
+            status = cmd_validate(argparse.Namespace(config=args.output, recipe=None, no_data=False, overrides=[]))
+        return status
 
     return run
 
@@ -372,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_run(argparse.Namespace(rest=argv[1:]))
     # Component commands declare their own arguments; import a module only when its command is used.
     if argv and argv[0] in COMPONENT_COMMANDS:
-        module = importlib.import_module(COMPONENT_COMMANDS[argv[0]][0])
+        module = importlib.import_module(ARGUMENT_MODULES.get(argv[0], COMPONENT_COMMANDS[argv[0]][0]))
         module.add_arguments(parser._subparsers._group_actions[0].choices[argv[0]])
     args = parser.parse_args(argv)
     return args.func(args)

@@ -23,14 +23,19 @@ module name of the flat layout before (``mft_components.metrics``, ``.checkpoint
 
 import logging
 import os
+import re
 import sys
 import warnings
 
-# Importing torchao (directly, or through transformers) logs a warning for every CUDA kernel library a CPU build
-# cannot load, and torch one for every enum torchao registers with pytree: noise on each mft command that no user
-# can act on. Errors still show.
-for _name in ("torchao", "torch.utils._pytree"):
-    logging.getLogger(_name).setLevel(logging.ERROR)
+# Importing torchao (directly, or through transformers) logs "Failed to load .../torchao/_C_mxfp8...so" for every
+# kernel library its wheel cannot load here, and torch a warning for every enum torchao registers with pytree:
+# noise on each mft command that no user can act on. Only those lines are dropped; torchao's other warnings show.
+_LIBRARY_NOISE = {
+    "torchao": re.compile(r"^Failed to load \S*torchao\S*_C\w*\S*\.so\b"),
+    "torch.utils._pytree": re.compile(r"is an Enum subclass and is now natively supported by torch\.compile"),
+}
+for _name, _noise in _LIBRARY_NOISE.items():
+    logging.getLogger(_name).addFilter(lambda record, noise=_noise: not noise.search(record.getMessage()))
 
 # The old flat module names resolve to the shims in legacy/ (a plain directory, searched after this package's
 # own modules and subpackages, which so always win).

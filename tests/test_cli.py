@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -118,6 +119,64 @@ def test_validate_reports_every_problem_at_once(tmp_path):
     assert "missing required key 'output_dir'" in proc.stderr
     ok = mft("validate", "--config", str(config), "--recipe", str(ECHO_RECIPE), "~mesage", "repeat=2", "output_dir=o")
     assert ok.returncode == 0, ok.stderr
+
+
+def test_errors_in_command_line_overrides_name_the_override_not_the_file(tmp_path, capsys):
+    config = tmp_path / "echo.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'out'}\nmessage: hi\n")
+    assert cli.main(["validate", "--config", str(config), "--recipe", str(ECHO_RECIPE), "repeat=many",
+                     "mesage=x", "~output_dir"]) == 1
+    err = capsys.readouterr().err
+    assert "repeat=many (command line): 'repeat' is 'many': expected an integer" in err
+    assert "mesage=x (command line): unknown key 'mesage' (did you mean 'message'?)" in err
+    assert "~output_dir (command line): missing required key 'output_dir'" in err
+    assert f"{config}: " not in err.replace(f"problem(s) in {config}", "")
+    # The run itself says the same; a mistake in the file still names the file.
+    assert cli.main(["run", str(ECHO_RECIPE), "--config", str(config), "repeat=many"]) == 1
+    assert "repeat=many (command line): 'repeat' is 'many'" in capsys.readouterr().err
+    config.write_text(f"output_dir: {tmp_path / 'out'}\nrepeat: many\n")
+    assert cli.main(["run", str(ECHO_RECIPE), "--config", str(config), "message=hi"]) == 1
+    assert f"{config}: 'repeat' is 'many'" in capsys.readouterr().err
+
+
+def test_run_help_lists_the_recipes_config_keys(capsys):
+    import dataclasses
+
+    from mft_components.recipe_config.schema import LoRARecipeConfig
+
+    assert cli.main(["run", str(ECHO_RECIPE), "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: mft run RECIPE --config CONFIG")
+    assert "  output_dir   str  (required)\n  message      str  (default: hello)\n  repeat       int  (default: 1)\n" in out
+    assert cli.main(["run", "lora_finetune_distributed", "--help"]) == 0
+    out = capsys.readouterr().out
+    keys = [line.split()[0] for line in out.splitlines() if line.startswith("  ") and not line.startswith("   ")]
+    assert [f.name for f in dataclasses.fields(LoRARecipeConfig)] == [k for k in keys if "." not in k]
+    # Sections list their builder's arguments, with the builder's documentation.
+    assert "  data.seq_len" in out and "int  (default: 2048)\n      row length" in out
+    assert "lr_scheduler.warmup_steps" in out and "eval.code.num_samples" in out and "model.lora " in out
+    assert re.search(r"\n  max_steps +int \| None \(>= 1\)  \(default: null\)\n      stop after", out)
+
+
+@pytest.mark.parametrize("command", ["export", "eval", "generate", "init", "import"])
+def test_command_help_imports_no_torch(command):
+    """`mft export --help` (and eval, generate) answer at once: their arguments live in modules without torch."""
+    script = ("import sys, cli\n"
+              "try:\n"
+              f"    cli.main([{command!r}, '--help'])\n"
+              "except SystemExit as e:\n"
+              "    assert e.code == 0\n"
+              "print('heavy:', sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert f"usage: " in proc.stdout and "--help" in proc.stdout and "heavy: []" in proc.stdout
+
+
+def test_light_argument_modules_agree_with_the_code_they_describe():
+    from mft_components.inference.export_args import OUTPUT_DTYPE_NAMES
+    from mft_components.inference.shards import OUTPUT_DTYPES
+
+    assert OUTPUT_DTYPE_NAMES == tuple(OUTPUT_DTYPES)
 
 
 def test_copied_recipes_import_their_copied_siblings(tmp_path, capsys, monkeypatch):

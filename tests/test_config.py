@@ -195,6 +195,30 @@ pair: {{_component_: {__name__}.make_pair, second: 2}}
     assert check_config(load_config(path), RecipeSchema) == []
 
 
+def _lr_not_above_one(data: dict, flagged: set) -> list[str]:
+    lr = data.get("optimizer", {}).get("lr", 0)
+    return [f"'optimizer.lr' is {lr!r}: expected at most 1"] if lr > 1 else []
+
+
+@dataclasses.dataclass
+class CheckedSchema(RecipeSchema):
+    semantic_checks = (_lr_not_above_one,)
+
+
+def test_problems_from_overrides_name_the_override_nested_components_and_semantic_checks_too(tmp_path):
+    path = write(tmp_path, f"output_dir: out\npair: {{_component_: {__name__}.make_pair, second: 2}}\n")
+    overrides = ["optimizer={_component_: torch.optim.AdamW, lr: 0.1}", "optimizer.lr=5", "pair.scale=big",
+                 "training.epochs=two", "pair.second={_component_: " + __name__ + ".make_counter, setp: 1}"]
+    problems = check_config(load_config(path, overrides), CheckedSchema)
+    assert sorted(problems) == sorted([
+        "optimizer.lr=5 (command line): 'optimizer.lr' is 5: expected at most 1",
+        "pair.scale=big (command line): 'pair.scale' is 'big': expected a number",
+        "training.epochs=two (command line): 'training.epochs' is 'two': expected an integer",
+        f"{overrides[-1]} (command line): 'pair.second.setp' is not an argument of {__name__}.make_counter "
+        "(did you mean 'pair.second.step'?)",
+    ])
+
+
 def test_check_config_without_schema_checks_components_and_paths(tmp_path):
     path = write(
         tmp_path,

@@ -91,6 +91,23 @@ def test_record_shapes_render_like_templates(smollm2_tokenizer, tmp_path):
     assert st["loss_tokens"] == sum(int(s.loss_mask.sum()) for s in d.train_samples)
 
 
+def test_openai_messages_and_sharegpt_conversations_train_as_chat_rounds(smollm2_tokenizer, tmp_path):
+    """The same conversations in the three list shapes give identical samples; a top-level system (LLaMA-Factory's
+    ShareGPT) is the system turn of messages/conversations records."""
+    turns = [("system", "Be brief."), ("user", "Sum 1 2"), ("assistant", "3"), ("user", "Times 2?"), ("assistant", "6")]
+    sharegpt_roles = {"system": "system", "user": "human", "assistant": "gpt"}
+    reference = [{"chat_rounds": [{"role": r, "content": c} for r, c in turns]},
+                 {"chat_rounds": [{"role": r, "content": c} for r, c in turns[1:3]]}]
+    records = [{"messages": [{"role": r, "content": c} for r, c in turns]},
+               {"conversations": [{"from": sharegpt_roles[r], "value": c} for r, c in turns]},
+               {"conversations": [{"from": sharegpt_roles[r], "value": c} for r, c in turns[1:]], "system": "Be brief."},
+               {"messages": [{"role": r, "content": c} for r, c in turns[1:3]], "system": ""}]
+    got = as_lists(build(smollm2_tokenizer, [write_jsonl(tmp_path / "new" / "a.jsonl", records)], tmp_path).train_samples)
+    want = as_lists(build(smollm2_tokenizer, [write_jsonl(tmp_path / "new" / "a.jsonl", reference)], tmp_path,
+                          cache_dir=str(tmp_path / "cache2")).train_samples)
+    assert got == [want[0], want[0], want[0], want[1]]
+
+
 def mftcoder_single_turn(tok, system: str, prompt: str, answer: str) -> tuple[list[int], list[bool]]:
     """MFTCoder's tokenisation of a single-turn record (``UniformEncoder._tokenize_fields``, sft mode, default
     markers): every content gets a trailing newline, the prompt side is encoded in one piece, then the answer
@@ -141,6 +158,12 @@ BAD_CASES = [  # (line text, field, words in the problem)
     ('{"prompt": ["x"], "answer": "a"}', "prompt", "expected a string, got list"),
     ('[1, 2]', "record", "expected a JSON object, got list"),
     ('{"chat_rounds": "hello"}', "chat_rounds", "expected a list"),
+    ('{"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "x"}]}', "messages[1].role",
+     "unknown role 'tool'"),
+    ('{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": ""}]}', "conversations[1].value",
+     "empty assistant content"),
+    ('{"conversations": [{"from": "gpt", "value": "a"}]}', "conversations[0].from", "must alternate"),
+    ('{"conversations": [{"role": "user", "content": "q"}]}', "conversations[0].from", "missing"),
 ]
 
 

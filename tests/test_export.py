@@ -337,6 +337,21 @@ def test_cli_run(llama_lora, tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err
 
 
+def test_export_of_a_run_directory_takes_its_newest_checkpoint(llama_lora, tmp_path, capsys):
+    run = tmp_path / "my_run"
+    newest = shutil.copytree(llama_lora[0], run / "step_7")
+    older = copy_checkpoint(llama_lora[0], run / "step_3", step=3)
+    (older / "adapter_model.safetensors").write_bytes(b"damaged: exporting it would fail")
+    (run / "step_9").mkdir()  # a save that never finished: no mft_checkpoint.json
+    assert run_export_cli(run, "--output", tmp_path / "from_run") == 0
+    assert "the newest checkpoint in" in capsys.readouterr().out
+    assert run_export_cli(newest, "--output", tmp_path / "from_step") == 0
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "from_run" / name).read_bytes() == (tmp_path / "from_step" / name).read_bytes()
+    assert run_export_cli(tmp_path / "from_step", "--output", tmp_path / "x") == 2
+    assert "is neither a training checkpoint" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------- PEFT adapters from elsewhere
 
 

@@ -267,6 +267,19 @@ def test_bad_data_fails_before_the_model_loads(assets, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_a_run_prints_no_library_noise(assets, tmp_path):
+    """`mft run` of a QLoRA config (torchao loads) with a loader worker: stderr holds neither torchdata's `set_vital`
+    deprecation warning nor torchao's `Failed to load ..._C...so` lines."""
+    cfg = _config(assets, tmp_path, method="qlora", max_steps=1, **{"data.num_workers": 1})
+    proc = subprocess.run([sys.executable, "-c", "import sys, cli; sys.exit(cli.main())", "run",
+                           "lora_finetune_distributed", "--config", str(cfg)], capture_output=True, text=True,
+                          cwd=REPO_ROOT, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "out" / "step_1").is_dir()
+    assert "set_vital" not in proc.stderr and "Failed to load" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("fused", [False, True])
 def test_non_finite_loss_stops_cleanly(assets, tmp_path, capsys, fused):
     """An absurd learning rate without clipping blows the weights up: the run stops at the first non-finite loss,

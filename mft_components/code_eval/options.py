@@ -11,7 +11,7 @@ import shutil
 from dataclasses import dataclass, field
 from typing import Literal
 
-from mft_components.code_eval.suites import DATAFRAMEBENCH_TASKS, EvalSetError, check_task_source, read_eval_file
+from mft_components.assets.dataframebench import DATAFRAMEBENCH_TASKS
 
 __all__ = ["CodeEvalError", "CodeEvalOptions"]
 
@@ -89,6 +89,9 @@ class CodeEvalOptions:
                                  f"dataframebench:TASK), e.g. {{{DATAFRAMEBENCH_TASKS[0]}: dataframebench:"
                                  f"{DATAFRAMEBENCH_TASKS[0]}}}"))
         else:
+            # Imported here: suites reads records (the data package, torch), which `mft eval --help` never needs.
+            from mft_components.code_eval.suites import EvalSetError, check_task_source, read_eval_file
+
             for name, source in tasks.items():
                 problem = check_task_source(source)
                 if problem:

@@ -25,7 +25,8 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-__all__ = ["COMPONENT_KEY", "ConfigError", "YamlLoader", "read_yaml", "set_source", "source_of", "parse_override",
+__all__ = ["COMPONENT_KEY", "ConfigError", "ConfigSource", "YamlLoader", "read_yaml", "set_source", "source_of",
+           "origin_of", "parse_override",
            "apply_overrides", "to_container", "import_object", "instantiate"]
 
 COMPONENT_KEY = "_component_"
@@ -95,13 +96,47 @@ class ConfigError(ValueError):
 # ------------------------------------------------------------------------------------------- reading, overrides
 
 
-def set_source(cfg: DictConfig, file: str | os.PathLike) -> None:
-    """Remember which file a config came from, for error messages."""
-    object.__setattr__(cfg, "_mft_source", str(file))  # DictConfig's own __setattr__ would make it a key
+class ConfigSource:
+    """Where a config's values came from: its file, and the command-line overrides applied on top of it.
+
+    Error messages name the override a value came from (``data.seq_len=abc (command line)``), not the file,
+    which never held it."""
+
+    def __init__(self, file: str | os.PathLike, overrides: Iterable[str] = ()):
+        self.file = str(file)
+        self.overrides: dict[str, str] = {}  # key -> the override text that last set or deleted it
+        for text in overrides:
+            key = text[1:] if text.startswith("~") else text.partition("=")[0]
+            self.overrides.pop(key, None)  # the last one wins, and is checked first (dicts keep order)
+            self.overrides[key] = text
+
+    def at(self, key: str) -> str:
+        """The override that set ``key`` or a section above it; for a section, the file and the overrides of keys
+        inside it (``cfg.yaml + optimizer.betas=[0.9,1.5] (command line)``); else the file."""
+        for set_key, text in reversed(self.overrides.items()):
+            if key == set_key or key.startswith(set_key + "."):
+                return f"{text} (command line)"
+        inside = [text for set_key, text in self.overrides.items() if key and set_key.startswith(key + ".")]
+        return f"{self.file} + {' '.join(inside)} (command line)" if inside else self.file
+
+    def __str__(self) -> str:
+        return self.file
+
+
+def set_source(cfg: DictConfig, file: str | os.PathLike, overrides: Iterable[str] = ()) -> None:
+    """Remember which file (and overrides) a config came from, for error messages."""
+    # DictConfig's own __setattr__ would make it a key
+    object.__setattr__(cfg, "_mft_source", ConfigSource(file, overrides))
 
 
 def source_of(cfg: DictConfig) -> str:
-    return getattr(cfg, "_mft_source", "<config>")
+    """The file a config came from."""
+    return str(origin_of(cfg))
+
+
+def origin_of(cfg: DictConfig) -> ConfigSource:
+    """Where a config's values came from: ``origin_of(cfg).at("data.seq_len")`` names the file or the override."""
+    return getattr(cfg, "_mft_source", None) or ConfigSource("<config>")
 
 
 def parse_override(text: str) -> tuple[str, Any, bool]:

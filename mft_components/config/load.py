@@ -49,8 +49,9 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> DictC
     if not isinstance(raw, dict):
         raise ConfigError(f"{file}: a config must be a YAML mapping of keys, got {type(raw).__name__}")
     cfg = OmegaConf.create(raw)
+    overrides = list(overrides)
     apply_overrides(cfg, overrides)
-    set_source(cfg, file)
+    set_source(cfg, file, overrides)
     return cfg
 
 

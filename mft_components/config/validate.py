@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import inspect
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any, Iterable, Literal, get_args, get_origin
 
 from omegaconf import DictConfig
 
-from mft_components.config.core import COMPONENT_KEY, ConfigError, import_object, source_of, to_container
+from mft_components.config.core import COMPONENT_KEY, ConfigError, ConfigSource, import_object, origin_of, to_container
 
 __all__ = ["PATH_ARGUMENTS", "check_config", "default_component"]
 
@@ -36,7 +37,7 @@ def check_config(cfg: DictConfig, schema: type | None = None, check_paths: bool 
     ``(config dict, keys already found wrong) -> messages`` for what a schema cannot express (cross-checks
     against the model directory or the data); they skip the top-level keys already reported.
     """
-    source = source_of(cfg)
+    source = origin_of(cfg)
     try:
         data = to_container(cfg)
     except ConfigError as e:
@@ -45,7 +46,7 @@ def check_config(cfg: DictConfig, schema: type | None = None, check_paths: bool 
     if schema is not None:
         flagged = _check_against_schema(data, schema, "", source, problems)
         for check in getattr(schema, "semantic_checks", ()):
-            problems += [f"{source}: {message}" for message in check(data, flagged)]
+            problems += [f"{source.at(_key_named(message))}: {message}" for message in check(data, flagged)]
     else:
         _walk_components(data, "", source, problems, runtime_args={})
     return problems
@@ -63,7 +64,8 @@ def default_component(schema_field: dataclasses.Field) -> str | None:
     return default.get(COMPONENT_KEY) if isinstance(default, dict) else None
 
 
-def _check_against_schema(data: dict, schema: type, prefix: str, source: str, problems: list[str]) -> set[str]:
+def _check_against_schema(data: dict, schema: type, prefix: str, source: ConfigSource,
+                          problems: list[str]) -> set[str]:
     """Append the problems of ``data`` against ``schema``; return the keys (of this level) that had one."""
     fields = {f.name: f for f in dataclasses.fields(schema)}
     hints = typing.get_type_hints(schema)
@@ -72,14 +74,14 @@ def _check_against_schema(data: dict, schema: type, prefix: str, source: str, pr
         path = f"{prefix}{key}"
         before = len(problems)
         if key not in fields:
-            problems.append(f"{source}: unknown key '{path}'{_closest(key, fields, prefix)}")
+            problems.append(f"{source.at(path)}: unknown key '{path}'{_closest(key, fields, prefix)}")
             continue
         field_type = _dataclass_in(hints[key]) or hints[key]
         is_component = "runtime_args" in fields[key].metadata
         if is_component and isinstance(value, dict) and COMPONENT_KEY not in value:
             default = default_component(fields[key])
             if default is None:
-                problems.append(f"{source}: '{path}' has no '{COMPONENT_KEY}': expected the dotted path of "
+                problems.append(f"{source.at(path)}: '{path}' has no '{COMPONENT_KEY}': expected the dotted path of "
                                 f"what builds it")
             else:  # `loss.mode=sample` on a config without a loss section: the default builder, as fill_defaults
                 data[key] = value = {COMPONENT_KEY: default, **value}
@@ -89,22 +91,22 @@ def _check_against_schema(data: dict, schema: type, prefix: str, source: str, pr
             # a section of keys (eval, eval.code) given a scalar or a list: the run would fail on its first key
             nullable = " or null" if _type_error(None, hints[key]) is None else ""
             keys = [f.name for f in dataclasses.fields(field_type)]
-            problems.append(f"{source}: '{path}' is {value!r}: expected a mapping of its keys "
+            problems.append(f"{source.at(path)}: '{path}' is {value!r}: expected a mapping of its keys "
                             f"({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}){nullable}")
         elif isinstance(value, dict) and COMPONENT_KEY in value:
             _check_component(value, path, source, problems, _runtime_args(fields[key]))
         elif is_component and not isinstance(value, dict):
-            problems.append(f"{source}: '{path}' is {value!r}: expected a mapping with '{COMPONENT_KEY}'")
+            problems.append(f"{source.at(path)}: '{path}' is {value!r}: expected a mapping with '{COMPONENT_KEY}'")
         else:
             error = _type_error(value, field_type) or _bound_error(value, field_type, fields[key].metadata)
             if error:
-                problems.append(f"{source}: '{path}' is {value!r}: expected {error}")
+                problems.append(f"{source.at(path)}: '{path}' is {value!r}: expected {error}")
         if len(problems) > before:
             flagged.add(key)
     for name, f in fields.items():
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         if required and name not in data:
-            problems.append(f"{source}: missing required key '{prefix}{name}'")
+            problems.append(f"{source.at(prefix + name)}: missing required key '{prefix}{name}'")
             flagged.add(name)
     return flagged
 
@@ -128,7 +130,7 @@ def _bound_error(value: Any, annotation: Any, metadata: Any) -> str | None:
     return expected + (" or null" if type(None) in options else "")
 
 
-def _walk_components(value: Any, path: str, source: str, problems: list[str], runtime_args: dict) -> None:
+def _walk_components(value: Any, path: str, source: ConfigSource, problems: list[str], runtime_args: dict) -> None:
     if isinstance(value, dict):
         if COMPONENT_KEY in value:
             _check_component(value, path, source, problems, ())
@@ -137,11 +139,12 @@ def _walk_components(value: Any, path: str, source: str, problems: list[str], ru
             _walk_components(v, f"{path}.{k}" if path else k, source, problems, runtime_args)
 
 
-def _check_component(spec: dict, path: str, source: str, problems: list[str], runtime_args: Iterable[str]) -> None:
+def _check_component(spec: dict, path: str, source: ConfigSource, problems: list[str],
+                     runtime_args: Iterable[str]) -> None:
     try:
         target = import_object(spec[COMPONENT_KEY])
     except (ConfigError, ImportError) as e:
-        problems.append(f"{source}: '{path}.{COMPONENT_KEY}': {e}")
+        problems.append(f"{source.at(path + '.' + COMPONENT_KEY)}: '{path}.{COMPONENT_KEY}': {e}")
         return
     try:
         params = inspect.signature(target).parameters
@@ -156,14 +159,16 @@ def _check_component(spec: dict, path: str, source: str, problems: list[str], ru
             continue
         if key not in names and not accepts_any:
             problems.append(
-                f"{source}: '{path}.{key}' is not an argument of {spec[COMPONENT_KEY]}{_closest(key, names, path + '.')}"
+                f"{source.at(path + '.' + key)}: '{path}.{key}' is not an argument of {spec[COMPONENT_KEY]}"
+                f"{_closest(key, names, path + '.')}"
             )
         if isinstance(value, dict) and COMPONENT_KEY in value:
             _check_component(value, f"{path}.{key}", source, problems, ())
         elif isinstance(value, dict) and _typed_dict_in(hints.get(key)) is not None:
             _check_typed_dict(value, _typed_dict_in(hints[key]), f"{path}.{key}", source, problems)
         elif key in hints and _type_error(value, hints[key]):
-            problems.append(f"{source}: '{path}.{key}' is {value!r}: expected {_type_error(value, hints[key])}")
+            problems.append(f"{source.at(path + '.' + key)}: '{path}.{key}' is {value!r}: "
+                            f"expected {_type_error(value, hints[key])}")
         elif key in PATH_ARGUMENTS:
             _check_paths_exist(value, f"{path}.{key}", source, problems)
     # Positional-only / required parameters the recipe passes at run time (e.g. model.parameters()) are skipped:
@@ -175,7 +180,8 @@ def _check_component(spec: dict, path: str, source: str, problems: list[str], ru
     for i, name in enumerate(required):
         if name in spec or name in runtime or (i == 0 and "params" in name):
             continue
-        problems.append(f"{source}: '{path}' is missing required argument '{name}' of {spec[COMPONENT_KEY]}")
+        problems.append(f"{source.at(path + '.' + name)}: '{path}' is missing required argument '{name}' of "
+                        f"{spec[COMPONENT_KEY]}")
 
 
 def _type_hints(target: Any) -> dict:
@@ -197,21 +203,29 @@ def _typed_dict_in(annotation: Any) -> type | None:
     return next((o for o in options if typing.is_typeddict(o)), None)
 
 
-def _check_typed_dict(value: dict, typed_dict: type, path: str, source: str, problems: list[str]) -> None:
+def _check_typed_dict(value: dict, typed_dict: type, path: str, source: ConfigSource, problems: list[str]) -> None:
     hints = typing.get_type_hints(typed_dict)
     for key, item in value.items():
         if key not in hints:
-            problems.append(f"{source}: unknown key '{path}.{key}'{_closest(key, hints, path + '.')}")
+            problems.append(f"{source.at(path + '.' + key)}: unknown key '{path}.{key}'"
+                            f"{_closest(key, hints, path + '.')}")
             continue
         error = _type_error(item, hints[key])
         if error:
-            problems.append(f"{source}: '{path}.{key}' is {item!r}: expected {error}")
+            problems.append(f"{source.at(path + '.' + key)}: '{path}.{key}' is {item!r}: expected {error}")
 
 
-def _check_paths_exist(value: Any, path: str, source: str, problems: list[str]) -> None:
+def _check_paths_exist(value: Any, path: str, source: ConfigSource, problems: list[str]) -> None:
     for item in value if isinstance(value, list) else [value]:
+        item = item.get("path") if isinstance(item, dict) else item  # a data_paths entry {path: ..., columns: ...}
         if isinstance(item, str) and not Path(os.path.expanduser(item)).exists():
-            problems.append(f"{source}: '{path}': path does not exist: {item}")
+            problems.append(f"{source.at(path)}: '{path}': path does not exist: {item}")
+
+
+def _key_named(message: str) -> str:
+    """The key a semantic check's message starts with (``'optimizer.lr' is ...``, ``loss.mode: ...``), or ''."""
+    match = re.match(r"'?([\w.]+)'?[: ]", message)
+    return match.group(1) if match else ""
 
 
 def _closest(key: str, valid: Iterable[str], prefix: str) -> str:

@@ -23,6 +23,7 @@ from mft_components.data.dataset import MFTData, Sample, split_task
 from mft_components.data.packing import check_packing
 from mft_components.data.records import DataError
 from mft_components.data.sampling import check_task_sampling
+from mft_components.data.tables import TableSource
 from mft_components.data.tasks import discover_tasks
 from mft_components.data.templates import ChatFormat
 from mft_components.data.tokenize import check_truncation, tokenize_files
@@ -34,8 +35,9 @@ MAX_LISTED_PROBLEMS = 20
 DEFAULT_MAX_RECORD_BYTES = 8 << 20  # 8 MiB: far above any conversation that fits a context window
 
 
-def _problem_lines(path: Path, problems: list[tuple[int, str, str]]) -> list[str]:
-    return [f"{path}:{line}: {field}: {problem}" for line, field, problem in problems]
+def _problem_lines(path: Path | TableSource, problems: list[tuple[int, str, str]]) -> list[str]:
+    where = f"{path}: row {{}}" if isinstance(path, TableSource) else f"{path}:{{}}"
+    return [f"{where.format(line)}: {field}: {problem}" for line, field, problem in problems]
 
 
 def _raise_problems(problems: list[str], context: str) -> None:
@@ -114,8 +116,8 @@ def _check_valid_size(valid_size: int | None, counts: dict[str, dict[str, int]],
 def build_mft_data(
     tokenizer,
     *,
-    data_paths: Sequence[str],
-    valid_data_paths: Sequence[str] | None = None,
+    data_paths: Sequence[str | dict],
+    valid_data_paths: Sequence[str | dict] | None = None,
     valid_ratio: float = 0.05,
     valid_size: int | None = None,
     template: str = "mft",
@@ -138,7 +140,9 @@ def build_mft_data(
 
     Args:
         tokenizer: a Hugging Face tokenizer (runtime argument from the recipe).
-        data_paths: task directories (recursive ``*.jsonl``) or ``.jsonl`` files; task name = dir name / stem.
+        data_paths: task directories (recursive ``*.jsonl``) or ``.jsonl`` files; task name = dir name / stem; or
+            what `datasets` reads: a Parquet file or directory, a ``save_to_disk`` directory, a JSON file, or
+            ``{path: ..., columns: {prompt: question, answer: solution}, split: ..., name: ...}`` (``tables.py``).
         valid_data_paths: separate validation tasks (names must match training tasks); disables the split.
         valid_ratio: fraction of each task's samples held out (at least 1 for a task with >= 2 samples).
         valid_size: held-out samples per task instead of ``valid_ratio``.

@@ -3,7 +3,10 @@
 One JSON object per line; blank lines, CRLF line ends and a UTF-8 BOM are fine. Accepted record shapes:
 
 * ``{"chat_rounds": [{"role": ..., "content": ...}, ...]}`` with roles ``system`` (first only), ``human``/``user``
-  and ``bot``/``assistant``/``gpt``, user and assistant alternating, at least one assistant turn;
+  and ``bot``/``assistant``/``gpt``, user and assistant alternating, at least one assistant turn; the same in
+  OpenAI's shape ``{"messages": [{"role": ..., "content": ...}, ...]}`` and ShareGPT's ``{"conversations":
+  [{"from": "human", "value": ...}, {"from": "gpt", ...}]}``; with these two, a top-level ``system``
+  (LLaMA-Factory's ShareGPT) is the system turn when the conversation has none;
 * single turn (MFTCoder's shapes): ``prompt``/``answer``, ``prompt``/``response``, ``instruction``/``output`` (an
   Alpaca ``input`` is appended to the instruction), ``instruction``/``response``, ``question``/``response``,
   ``question``/``answer``, ``query``/``answer``, ``input``/``output``, each with an optional ``system`` (an empty
@@ -22,11 +25,16 @@ import json
 import sys
 from typing import Any
 
-__all__ = ["DataError", "BadRecord", "USER_ROLES", "ASSISTANT_ROLES", "SINGLE_TURN_SHAPES", "decode_record",
-           "parse_record", "parse_prompt_rounds"]
+__all__ = ["DataError", "BadRecord", "USER_ROLES", "ASSISTANT_ROLES", "CONVERSATION_SHAPES", "SINGLE_TURN_SHAPES",
+           "decode_record", "parse_record", "parse_prompt_rounds"]
 
 USER_ROLES = ("human", "user")
 ASSISTANT_ROLES = ("bot", "assistant", "gpt")
+CONVERSATION_SHAPES = (  # (list key, role key, content key): mft/MFTCoder's, OpenAI's, ShareGPT's
+    ("chat_rounds", "role", "content"),
+    ("messages", "role", "content"),
+    ("conversations", "from", "value"),
+)
 SINGLE_TURN_SHAPES = (  # (prompt key, answer key), tried in this order; MFTCoder's shapes, Alpaca's first
     ("prompt", "answer"),
     ("prompt", "response"),
@@ -150,8 +158,14 @@ def parse_record(record: Any) -> tuple[str, Any]:
     """
     if not isinstance(record, dict):
         raise BadRecord("record", f"expected a JSON object, got {_kind(record)}")
-    if "chat_rounds" in record:
-        return "chat", _parse_chat_rounds(record["chat_rounds"])
+    for list_key, role_key, content_key in CONVERSATION_SHAPES:
+        if list_key in record:
+            messages = _parse_chat_rounds(record[list_key], shape=(list_key, role_key, content_key))
+            # chat_rounds records keep ignoring a top-level system, as they always did
+            if (list_key != "chat_rounds" and messages[0]["role"] != "system" and record.get("system") is not None
+                    and _string(record, "system")):
+                messages.insert(0, {"role": "system", "content": record["system"]})
+            return "chat", messages
     for prompt_key, answer_key in SINGLE_TURN_SHAPES:
         if prompt_key in record and answer_key in record:
             prompt = _string(record, prompt_key)
@@ -178,50 +192,55 @@ def parse_record(record: Any) -> tuple[str, Any]:
     if prompts:  # a prompt without an answer: nothing to learn
         answers = "/".join(a for p, a in SINGLE_TURN_SHAPES if p == prompts[0])
         raise BadRecord("record", f"no known shape: {prompts[0]!r} has no {answers} to learn (keys: {sorted(record)[:8]})")
-    raise BadRecord("record", f"no known shape; expected chat_rounds, {shapes} or text (keys: {sorted(record)[:8]})")
+    raise BadRecord("record", f"no known shape; expected chat_rounds, messages, conversations, {shapes} or text "
+                              f"(keys: {sorted(record)[:8]})")
 
 
-def _parse_chat_rounds(rounds: Any, prompt_only: bool = False) -> list[dict]:
+def _parse_chat_rounds(rounds: Any, prompt_only: bool = False,
+                       shape: tuple[str, str, str] = CONVERSATION_SHAPES[0]) -> list[dict]:
+    list_key, role_key, content_key = shape
     if not isinstance(rounds, list):
-        raise BadRecord("chat_rounds", f"expected a list of turns, got {_kind(rounds)}")
+        raise BadRecord(list_key, f"expected a list of turns, got {_kind(rounds)}")
     if not rounds:
-        raise BadRecord("chat_rounds", "is empty")
+        raise BadRecord(list_key, "is empty")
     messages = []
     for i, turn in enumerate(rounds):
-        where = f"chat_rounds[{i}]"
+        where = f"{list_key}[{i}]"
         if not isinstance(turn, dict):
-            raise BadRecord(where, f"expected an object with role and content, got {_kind(turn)}")
-        if "role" not in turn:
-            raise BadRecord(f"{where}.role", "missing")
-        role = turn["role"]
-        role_key = role.lower() if isinstance(role, str) else role
-        if role_key == "system":
+            raise BadRecord(where, f"expected an object with {role_key} and {content_key}, got {_kind(turn)}")
+        if role_key not in turn:
+            raise BadRecord(f"{where}.{role_key}", "missing")
+        role = turn[role_key]
+        role_name = role.lower() if isinstance(role, str) else role
+        if role_name == "system":
             if i != 0:
-                raise BadRecord(f"{where}.role", "'system' is only allowed as the first turn")
+                raise BadRecord(f"{where}.{role_key}", "'system' is only allowed as the first turn")
             norm = "system"
-        elif role_key in USER_ROLES:
+        elif role_name in USER_ROLES:
             norm = "user"
-        elif role_key in ASSISTANT_ROLES:
+        elif role_name in ASSISTANT_ROLES:
             norm = "assistant"
         else:
-            raise BadRecord(f"{where}.role", f"unknown role {role!r}; expected system, human/user or bot/assistant/gpt")
-        if "content" not in turn:
-            raise BadRecord(f"{where}.content", "missing")
-        content = _check_text(turn["content"], f"{where}.content")
+            raise BadRecord(f"{where}.{role_key}",
+                            f"unknown role {role!r}; expected system, human/user or bot/assistant/gpt")
+        if content_key not in turn:
+            raise BadRecord(f"{where}.{content_key}", "missing")
+        content = _check_text(turn[content_key], f"{where}.{content_key}")
         if norm == "assistant":
-            _check_answer(content, f"{where}.content")
+            _check_answer(content, f"{where}.{content_key}")
         if norm != "system":
             prev = messages[-1]["role"] if messages and messages[-1]["role"] != "system" else None
             expected = "assistant" if prev == "user" else "user"
             if norm != expected:
-                raise BadRecord(f"{where}.role", f"{role!r} follows {'the start' if prev is None else repr(prev)}; "
-                                            f"user and assistant turns must alternate, starting with user")
+                raise BadRecord(f"{where}.{role_key}",
+                                f"{role!r} follows {'the start' if prev is None else repr(prev)}; "
+                                f"user and assistant turns must alternate, starting with user")
         messages.append({"role": norm, "content": content})
     if prompt_only:
         if messages[-1]["role"] != "user":
-            raise BadRecord("chat_rounds", "must end with a user turn (the model answers it)")
+            raise BadRecord(list_key, "must end with a user turn (the model answers it)")
     elif not any(m["role"] == "assistant" for m in messages):
-        raise BadRecord("chat_rounds", "has no assistant turn (nothing to learn)")
+        raise BadRecord(list_key, "has no assistant turn (nothing to learn)")
     return messages
 
 

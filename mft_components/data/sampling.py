@@ -46,6 +46,7 @@ global batch size.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -56,6 +57,11 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from mft_components.data.dataset import MFTData, Sample
 from mft_components.data.packing import collate, pack_lengths
 from mft_components.data.records import DataError
+
+# StatefulDataLoader (torchdata 0.11) calls torch.set_vital, which torch has deprecated: a warning on every loader
+# built, about torchdata's own code. Only that one, only from torchdata.
+warnings.filterwarnings("ignore", message=r"'set_vital' is deprecated", category=UserWarning,
+                        module=r"torchdata\.stateful_dataloader")
 
 __all__ = [
     "TASK_SAMPLING_MODES",

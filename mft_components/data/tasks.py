@@ -1,9 +1,12 @@
-"""Tasks: each entry of ``data.data_paths`` is one task, a directory of ``*.jsonl`` files or one ``.jsonl`` file.
+"""Tasks: each entry of ``data.data_paths`` is one task, a directory of ``*.jsonl`` files or one ``.jsonl`` file,
+or a file `datasets` reads (Parquet, an Arrow ``save_to_disk`` directory, JSON; ``tables.py``).
 
     data_paths:                 one entry per task
       - data/code_completion    a directory: every *.jsonl below it (recursively, through symbolic links) is one
                                 task, named by the dir
       - extra/unit_tests.jsonl  a file: a task named by the file's stem
+      - data/sql.parquet        a TableSource (so are a directory of *.parquet, a saved dataset, a .json file,
+                                and a mapping {path: ..., columns: {prompt: question, answer: solution}})
 
 A task directory given as a symbolic link is named after the link (as MFTCoder names it), not its target. Hidden
 files and directories below a task directory (``.ipynb_checkpoints/``, ``.backup.jsonl``) are skipped, as
@@ -20,16 +23,18 @@ from pathlib import Path
 from typing import Sequence
 
 from mft_components.data.records import DataError
+from mft_components.data.tables import TableSource, table_source
 
 __all__ = ["discover_tasks"]
 
 
-def discover_tasks(paths: Sequence[str | os.PathLike], key: str = "data.data_paths",
-                   notes: list[str] | None = None) -> dict[str, list[Path]]:
-    """Map task names to their JSONL files.
+def discover_tasks(paths: Sequence[str | os.PathLike | dict], key: str = "data.data_paths",
+                   notes: list[str] | None = None) -> dict[str, list[Path | TableSource]]:
+    """Map task names to their JSONL files (or their one ``TableSource``).
 
     Args:
-        paths: task directories (searched recursively for ``*.jsonl``) or ``.jsonl`` files.
+        paths: task directories (searched recursively for ``*.jsonl``), ``.jsonl`` files, or what `datasets`
+            reads (``tables.table_source``).
         key: the config key, for error messages.
         notes: if given, gets a line per task directory where hidden entries or special files were skipped.
 
@@ -41,16 +46,23 @@ def discover_tasks(paths: Sequence[str | os.PathLike], key: str = "data.data_pat
             symbolic link to nothing, a file that is not ``.jsonl``, or two paths giving the same task name (both
             are named).
     """
-    if isinstance(paths, (str, os.PathLike)):
+    if isinstance(paths, (str, os.PathLike, dict)):
         paths = [paths]
-    if paths is None or isinstance(paths, (bool, int, float, dict)):
+    if paths is None or isinstance(paths, (bool, int, float)):
         raise DataError(f"{key}: expected a list of task directories or .jsonl files, got {paths!r}")
-    tasks: dict[str, list[Path]] = {}
+    tasks: dict[str, list[Path | TableSource]] = {}
     origin: dict[str, Path] = {}
     problems = []
     for i, raw in enumerate(paths):
-        p = Path(str(raw)).expanduser()
-        if p.is_dir():
+        try:
+            table = table_source(raw, f"{key}[{i}]")
+        except DataError as e:
+            problems.append(str(e))
+            continue
+        p = table[1].path if table else Path(str(raw)).expanduser()
+        if table:
+            name, files = table[0], [table[1]]
+        elif p.is_dir():
             # Named after the path as written (a link keeps its own name); ".", ".." and "/" by what they are.
             name = Path(os.path.abspath(p)).name or p.resolve().name
             files, unreadable, skipped = _jsonl_files(p)
@@ -64,7 +76,7 @@ def discover_tasks(paths: Sequence[str | os.PathLike], key: str = "data.data_pat
                 continue
         elif p.is_file():
             if p.suffix != ".jsonl":
-                problems.append(f"{key}[{i}]: {p}: expected a directory or a .jsonl file")
+                problems.append(f"{key}[{i}]: {p}: expected a directory, or a .jsonl, .json or .parquet file")
                 continue
             name, files = p.stem, [p]
         elif p.exists():

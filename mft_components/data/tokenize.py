@@ -26,16 +26,21 @@ from typing import Any
 import numpy as np
 
 from mft_components.data.records import BadRecord, DataError, decode_record, parse_record
+from mft_components.data.tables import TableSource, load_table, table_fingerprint, table_records
 from mft_components.data.templates import ChatFormat, encode_texts
 from mft_components.distributed import get_rank, get_world_size, is_distributed, run_in_step
 
 __all__ = ["TRUNCATION_MODES", "CACHE_VERSION", "check_truncation", "tokenizer_fingerprint", "tokenize_files"]
 
 TRUNCATION_MODES = ("drop", "truncate")
-CACHE_VERSION = 3  # 2: empty assistant content and lone surrogates are bad records; 3: text records end "\n<EOS>"
+# 2: empty assistant content and lone surrogates are bad records; 3: text records end "\n<EOS>"; 4: messages /
+# conversations records are read (a file of them was cached as all bad records before), data.max_record_bytes
+CACHE_VERSION = 4
 # Conversations up to this many bytes in total are tokenised in-process: forking workers costs more than it saves.
 _IN_PROCESS_BYTES = 1 << 20
 _CHUNK_BYTES = 1 << 20
+_CHUNK_ROWS = 4096  # rows of a `datasets` table per unit of work
+_ROW_BYTES = 256  # what a row counts as against _IN_PROCESS_BYTES
 
 
 def check_truncation(truncation: str) -> None:
@@ -56,6 +61,7 @@ class _Job:
 
 
 _JOB: _Job | None = None
+_TABLES: dict[int, tuple[Any, tuple]] = {}  # the tables being tokenised (memory-mapped), inherited by forked workers
 
 
 def _init_worker(job: _Job) -> None:
@@ -67,25 +73,48 @@ def _init_worker(job: _Job) -> None:
 
 def _process_range(path: str, start: int, end: int, first_line: int) -> dict:
     """Parse, validate and tokenise the lines in bytes ``[start, end)`` of ``path`` (runs in a worker)."""
-    job = _JOB
     with open(path, "rb") as f:
         f.seek(start)
         raw = f.read(end - start)
+
+    def numbered_lines():
+        for lineno, line in enumerate(raw.split(b"\n"), start=first_line):
+            if start == 0 and lineno == 1 and line.startswith(b"\xef\xbb\xbf"):
+                line = line[3:]
+            if line.strip():
+                yield lineno, lambda line=line: _decode_bounded(line, _JOB.max_record_bytes)
+
+    return _process_records(numbered_lines(), _JOB)
+
+
+def _decode_bounded(line: bytes, limit: int) -> Any:
+    if len(line) > limit:  # refused unread: parsing it whole could cost gigabytes
+        raise BadRecord("record", f"{len(line):,} bytes, over data.max_record_bytes={limit:,}; split it, or raise "
+                                  "the bound")
+    return decode_record(line)
+
+
+def _process_rows(table_index: int, start: int, end: int) -> dict:
+    """Parse, validate and tokenise rows ``[start, end)`` of a `datasets` table (runs in a worker, which
+    inherited the memory-mapped table by fork)."""
+    table, columns = _TABLES[table_index]
+    records = table_records(table, start, end, columns)
+    return _process_records(((row, lambda r=r: r) for row, r in enumerate(records, start=start)), _JOB)
+
+
+def _process_work(item: tuple) -> dict:
+    return _process_rows(*item[1:]) if item[0] == "rows" else _process_range(*item[1:])
+
+
+def _process_records(numbered, job: _Job) -> dict:
+    """``numbered``: ``(line or row, () -> record)``; a record that does not decode is a bad record too."""
     problems: list[tuple[int, str, str]] = []
     seg_lists, lines, turns = [], [], []
     records = 0
-    for lineno, line in enumerate(raw.split(b"\n"), start=first_line):
-        if start == 0 and lineno == 1 and line.startswith(b"\xef\xbb\xbf"):
-            line = line[3:]
-        if not line.strip():
-            continue
+    for lineno, read in numbered:
         records += 1
-        if len(line) > job.max_record_bytes:  # refused unread: parsing it whole could cost gigabytes
-            problems.append((lineno, "record", f"{len(line):,} bytes, over data.max_record_bytes="
-                                               f"{job.max_record_bytes:,}; split it, or raise the bound"))
-            continue
         try:
-            kind, value = parse_record(decode_record(line))
+            kind, value = parse_record(read())
             if kind == "chat":
                 segs = job.chat_format.segments(value, job.tokenizer)
                 n_turns = sum(m["role"] == "assistant" for m in value)
@@ -248,49 +277,78 @@ def _read_files(files: list[Path]) -> dict[Path, bytes]:
     return data
 
 
-def _build_files(files: list[Path], job: _Job, cache_dir: Path | None, num_workers: int) -> dict[Path, dict]:
+def _build_files(files: list[Path | TableSource], job: _Job, cache_dir: Path | None, num_workers: int
+                 ) -> dict[Path | TableSource, dict]:
     """Tokenised result of every file, from the cache when possible, else computed (in parallel) and cached."""
     tok_fp = tokenizer_fingerprint(job.tokenizer) if cache_dir is not None else ""
-    results: dict[Path, dict] = {}
-    todo: list[tuple[Path, bytes, Path | None]] = []
-    for f, data in _read_files(files).items():
-        entry = None
-        if cache_dir is not None:
-            key = _file_key(hashlib.sha256(data).hexdigest(), tok_fp, job)
-            entry = cache_dir / key[:2] / key
-            cached = _cache_read(entry)
-            if cached is not None:
-                results[f] = cached
-                continue
-        todo.append((f, data, entry))
-    if not todo:
+    results: dict[Path | TableSource, dict] = {}
+    todo: list[tuple[Path | TableSource, list[tuple], Path | None]] = []  # (source, units of work, cache entry)
+
+    def entry_of(content_hash: str) -> Path | None:
+        if cache_dir is None:
+            return None
+        key = _file_key(content_hash, tok_fp, job)
+        return cache_dir / key[:2] / key
+
+    tables = [f for f in files if isinstance(f, TableSource)]
+    weight = 0
+    for f, data in _read_files([f for f in files if not isinstance(f, TableSource)]).items():
+        entry = entry_of(hashlib.sha256(data).hexdigest())
+        cached = _cache_read(entry) if entry is not None else None
+        if cached is not None:
+            results[f] = cached
+            continue
+        todo.append((f, [("lines", str(f), a, b, line) for a, b, line in _line_ranges(data, _CHUNK_BYTES)], entry))
+        weight += len(data)
+    _TABLES.clear()
+    for source in tables:
+        entry = entry_of("table:" + table_fingerprint(source))
+        cached = _cache_read(entry) if entry is not None else None
+        if cached is not None:
+            results[source] = cached
+            continue
+        table = load_table(source, cache_dir)
+        index = len(_TABLES)
+        _TABLES[index] = (table, source.columns)
+        rows = len(table)
+        todo.append((source, [("rows", index, a, min(a + _CHUNK_ROWS, rows)) for a in range(0, rows, _CHUNK_ROWS)],
+                     entry))
+        weight += rows * _ROW_BYTES
+    work = [item for _, items, _ in todo for item in items]
+    if not work:
+        for source, _, entry in todo:  # empty files and tables
+            results[source] = _finish(_merge([]), entry)
         return results
-    tasks = [(str(f), a, b, line) for f, data, _ in todo for a, b, line in _line_ranges(data, _CHUNK_BYTES)]
-    total = sum(len(data) for _, data, _ in todo)
-    if num_workers <= 1 or total <= _IN_PROCESS_BYTES or len(tasks) == 1:
-        global _JOB
-        saved, _JOB = _JOB, job
-        try:
-            parts = [_process_range(*t) for t in tasks]
-        finally:
-            _JOB = saved
-    else:
-        # fork: workers inherit the tokenizer instead of unpickling it (and re-importing transformers).
-        methods = multiprocessing.get_all_start_methods()
-        ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-        with ProcessPoolExecutor(min(num_workers, len(tasks)), mp_context=ctx, initializer=_init_worker,
-                                 initargs=(job,)) as pool:
-            parts = list(pool.map(_process_range, *zip(*tasks)))
+    methods = multiprocessing.get_all_start_methods()
+    try:
+        if num_workers <= 1 or weight <= _IN_PROCESS_BYTES or len(work) == 1 or (tables and "fork" not in methods):
+            global _JOB
+            saved, _JOB = _JOB, job
+            try:
+                parts = [_process_work(item) for item in work]
+            finally:
+                _JOB = saved
+        else:
+            # fork: workers inherit the tokenizer (and the mapped tables) instead of unpickling them.
+            ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+            with ProcessPoolExecutor(min(num_workers, len(work)), mp_context=ctx, initializer=_init_worker,
+                                     initargs=(job,)) as pool:
+                parts = list(pool.map(_process_work, work))
+    finally:
+        _TABLES.clear()
     it = iter(parts)
-    for f, data, entry in todo:
-        n = len(_line_ranges(data, _CHUNK_BYTES))
-        result = _merge([next(it) for _ in range(n)])
-        if entry is not None:
-            _cache_write(entry, result)
-            cached = _cache_read(entry)
-            result = cached if cached is not None else result
-        results[f] = result
+    for source, items, entry in todo:
+        results[source] = _finish(_merge([next(it) for _ in items]), entry)
     return results
+
+
+def _finish(result: dict, entry: Path | None) -> dict:
+    """Write a result to the cache and read it back memory-mapped (what a warm start gets)."""
+    if entry is None:
+        return result
+    _cache_write(entry, result)
+    cached = _cache_read(entry)
+    return cached if cached is not None else result
 
 
 def _distributed_rank_info() -> tuple[bool, bool]:
@@ -301,12 +359,12 @@ def _distributed_rank_info() -> tuple[bool, bool]:
     return True, local_rank == 0
 
 
-def tokenize_files(files: list[Path], tokenizer, chat_format: ChatFormat, seq_len: int, truncation: str,
+def tokenize_files(files: list[Path | TableSource], tokenizer, chat_format: ChatFormat, seq_len: int, truncation: str,
                    cache_dir: Path | None, num_workers: int, max_record_bytes: int = 8 << 20) -> dict[Path, dict]:
     """Every file's records parsed, validated, rendered and tokenised, from the cache when it has them.
 
     Args:
-        files: the task files (``tasks.discover_tasks``).
+        files: the task files and `datasets` tables (``tasks.discover_tasks``).
         tokenizer, chat_format: how conversations become token ids and loss masks.
         seq_len, truncation: longer conversations are dropped or cut (``data.truncation``).
         cache_dir: the tokenisation cache (None: none).
@@ -315,7 +373,8 @@ def tokenize_files(files: list[Path], tokenizer, chat_format: ChatFormat, seq_le
 
     Returns:
         Per file: ``ids``, ``mask`` (concatenated), ``lengths``, ``lines``, ``turns`` of the kept conversations,
-        and ``records``, ``dropped``, ``truncated``, ``problems`` (``(line, field, problem)`` of bad records).
+        and ``records``, ``dropped``, ``truncated``, ``problems`` (``(line, field, problem)`` of bad records; a
+        table's row numbers in place of lines).
 
     Raises:
         DataError: a file cannot be read.

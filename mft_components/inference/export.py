@@ -49,6 +49,7 @@ from mft_components.inference.adapters import (
     read_adapter,
     read_adapter_tensors,
 )
+from mft_components.inference.export_args import add_arguments
 from mft_components.inference.shards import (
     DTYPE_NAMES,
     OUTPUT_DTYPES,
@@ -64,16 +65,30 @@ from mft_components.training.checkpoint import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     CheckpointError,
+    latest_checkpoint,
     mkdtemp_umask,
     verify_checkpoint,
 )
 from mft_components.training.checkpoint import META_FILE as CHECKPOINT_META
 
-__all__ = ["CHAT_FORMAT_FILE", "ExportError", "read_validated_meta", "remove_export_leftovers", "remote_code_refused",
+__all__ = ["CHAT_FORMAT_FILE", "ExportError", "checkpoint_to_export", "read_validated_meta", "remove_export_leftovers", "remote_code_refused",
            "model_card", "export_checkpoint", "export_adapter", "add_arguments", "run"]
 
 CHAT_FORMAT_FILE = "mft_chat_format.json"
 _PARTIAL_MARK = ".mft-export-partial"  # in a temporary sibling while it is being written: the writer's process id
+
+
+def checkpoint_to_export(path: str | Path) -> Path:
+    """``path`` itself when it is a checkpoint, else the newest ``step_N`` checkpoint of the run directory it names
+    (by step, as resume picks; ``mft export outputs/my_run``). Raises ExportError when a run holds none."""
+    path = Path(path)
+    if (path / CHECKPOINT_META).is_file() or not path.is_dir():
+        return path  # read_validated_meta says what is wrong with it
+    newest = latest_checkpoint(path, resumable=False)
+    if newest is None:
+        raise ExportError(f"{path} is neither a training checkpoint (output_dir/step_N/ with {CHECKPOINT_META}) nor "
+                          f"a run's output_dir holding one")
+    return newest
 
 
 def read_validated_meta(checkpoint_dir: str | Path) -> dict:
@@ -132,7 +147,8 @@ def _protected_paths(checkpoint_dir: Path, meta: dict, base_dir: Path | None, to
     checkpoint's config) -- each with a name for the message."""
     config = meta.get("config") or {}
     data = config.get("data") or {}
-    data_paths = [p for key in ("data_paths", "valid_data_paths") for p in (data.get(key) or []) if isinstance(p, str)]
+    entries = [p for key in ("data_paths", "valid_data_paths") for p in (data.get(key) or [])]
+    data_paths = [p for p in (e.get("path") if isinstance(e, dict) else e for e in entries) if isinstance(p, str)]
     tokenizer_path = (config.get("tokenizer") or {}).get("path")
     try:
         out = [("the current directory", Path.cwd())]
@@ -511,28 +527,6 @@ def export_adapter(adapter_dir: str | Path, base: str | Path, output_dir: str | 
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `mft export`."""
-    parser.add_argument("checkpoint_dir", nargs="?", help="a training checkpoint: output_dir/step_N/")
-    parser.add_argument("--adapter", metavar="ADAPTER_DIR",
-                        help="instead of a checkpoint: a PEFT LoRA adapter directory to merge onto --base")
-    parser.add_argument("--template", choices=["mft", "mftcoder_atorch", "hf"], default=None,
-                        help="with --adapter: its training format, written as the chat_template (default: the "
-                             "adapter's mft_chat_format.json, else mft, MFTCoder's)")
-    parser.add_argument("--output", "-o", required=True, help="directory to write: new, empty, or an earlier export (with --force)")
-    parser.add_argument("--base", default=None,
-                        help="base model directory (default: base_model_dir from the checkpoint's mft_checkpoint.json; "
-                             "required with --adapter)")
-    parser.add_argument("--dtype", default="auto", choices=list(OUTPUT_DTYPES),
-                        help="dtype of the written weights (default auto: each tensor keeps the base model's dtype)")
-    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
-    parser.add_argument("--adapter-only", action="store_true", help="write only OUTPUT/adapter/ (PEFT format)")
-    parser.add_argument("--force", action="store_true", help="replace an earlier export in the output directory")
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="let transformers run Python code shipped with the tokenizer (off: such a tokenizer "
-                             "is refused, never asked about)")
-
-
 def run(args: argparse.Namespace) -> int:
     """Run `mft export`; returns the exit status (errors for people go to stderr, status 2)."""
     options = dict(dtype=args.dtype, max_shard_size=args.max_shard_size, adapter_only=args.adapter_only,
@@ -547,7 +541,10 @@ def run(args: argparse.Namespace) -> int:
         else:
             if args.template is not None:
                 raise ExportError("--template is for --adapter; a checkpoint exports the format it was trained with")
-            out = export_checkpoint(args.checkpoint_dir, args.output, base=args.base, **options)
+            checkpoint = checkpoint_to_export(args.checkpoint_dir)
+            if checkpoint != Path(args.checkpoint_dir):
+                print(f"mft export: the newest checkpoint in {args.checkpoint_dir}: {checkpoint.name}")
+            out = export_checkpoint(checkpoint, args.output, base=args.base, **options)
     except ExportError as e:
         print(f"mft export: error: {e}", file=sys.stderr)
         return 2

@@ -198,7 +198,7 @@ def _check_data(node: Any, tokenizer, problems: list[str]) -> list[str] | None:
     if args is None:
         return None
     paths = [*(args.get("data_paths") or []), *(args.get("valid_data_paths") or [])]
-    if not _exists(*paths):
+    if not _exists(*(p.get("path") if isinstance(p, dict) else p for p in paths)):  # {path:, columns:} too
         return None
     wanted = inspect.signature(resolve_data_config).parameters
     try:

@@ -39,6 +39,7 @@ from typing import Any
 from mft_components.config.core import COMPONENT_KEY, ConfigError, import_object
 from mft_components.data.records import DataError
 from mft_components.data.tasks import discover_tasks
+from mft_components.data.tables import TableSource
 from mft_components.models.build import resolve_lora_config
 from mft_components.training.checkpoint import ResumeError
 
@@ -199,11 +200,17 @@ def run_record(config: dict, hash_data: bool = True) -> dict[str, Any]:
         if tasks is not None:
             record["task_names"] = list(tasks)
         if tasks is not None and hash_data:
-            roots = [Path(os.path.expanduser(str(p))) for p in paths]  # one task per entry, in order
+            # one task per entry, in order; a `datasets` task is its data files
+            roots = [Path(os.path.expanduser(str(p["path"] if isinstance(p, dict) else p))) for p in paths]
             record["tasks"] = {name: [{"path": str(f), "name": _name_in(f, root), "size": f.stat().st_size,
-                                       "sha256": _sha256(f)} for f in files]
+                                       "sha256": _sha256(f)}
+                                      for f in _data_files(files)]
                                for root, (name, files) in zip(roots, tasks.items())}
     return record
+
+
+def _data_files(files: list) -> list[Path]:
+    return [f for entry in files for f in (entry.files if isinstance(entry, TableSource) else [entry])]
 
 
 def _name_in(file: Path, root: Path) -> str:
