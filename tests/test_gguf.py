@@ -70,13 +70,21 @@ def _base(tmp_path: Path, family: str, tokenizer_dir: Path) -> Path:
                                tokenizer_dir=tokenizer_dir, seed=3)
 
 
-def _rounded_reference(export_dir: Path, dtype: torch.dtype):
-    """The HF export with every matrix rounded to ``dtype`` (what llama.cpp's f16 / bf16 files hold)."""
+def _q8_0(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` through the gguf package's own Q8_0 quantise and dequantise (blocks of 32 along each row)."""
+    from gguf import GGMLQuantizationType, quants
+
+    data = quants.quantize(weight.numpy(), GGMLQuantizationType.Q8_0)
+    return torch.from_numpy(quants.dequantize(data, GGMLQuantizationType.Q8_0).copy()).reshape(weight.shape)
+
+
+def _rounded_reference(export_dir: Path, dtype: torch.dtype | str):
+    """The HF export with every matrix rounded to ``dtype`` or ``"q8_0"`` (what llama.cpp's files hold)."""
     model = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
-                p.copy_(p.to(dtype).float())
+                p.copy_(_q8_0(p) if dtype == "q8_0" else p.to(dtype).float())
     return model
 
 
@@ -94,14 +102,15 @@ def _metadata(gguf_path: Path) -> dict:
                         "general.file_type")}
 
 
-def _check_gguf(export_dir: Path, gguf_name: str, dtype: torch.dtype, architecture: str) -> None:
+def _check_gguf(export_dir: Path, gguf_name: str, dtype: torch.dtype | str, architecture: str) -> None:
     gguf_model = AutoModelForCausalLM.from_pretrained(export_dir, gguf_file=gguf_name, dtype=torch.float32)
     exported = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32)
     got, rounded, full = _logits(gguf_model), _logits(_rounded_reference(export_dir, dtype)), _logits(exported)
     # Same weights, same float32 computation: equal up to summation order.
     assert_close_rounding(got, rounded, torch.float32, n=64)
-    # Against the unrounded export: within the rounding of the weights to the GGUF type.
-    assert_close_rounding(got, full, dtype, n=4)
+    # Against the unrounded export: within the rounding of the weights to the GGUF type (Q8_0: 8 bits, 1/254 of
+    # a block's largest weight, about bf16's precision).
+    assert_close_rounding(got, full, torch.bfloat16 if dtype == "q8_0" else dtype, n=4)
     assert not torch.equal(full, _logits(AutoModelForCausalLM.from_pretrained(export_dir.parent / "other")))
 
     meta = _metadata(export_dir / gguf_name)
@@ -112,16 +121,29 @@ def _check_gguf(export_dir: Path, gguf_name: str, dtype: torch.dtype, architectu
     assert meta["tokenizer.ggml.eos_token_id"] == tokenizer.convert_tokens_to_ids(eos)
 
 
-def test_checkpoint_to_gguf_f16_and_modelfile_llama(tmp_path, sp_tokenizer_dir, converter, capsys):
+@pytest.fixture(scope="module")
+def llama_export(tmp_path_factory, sp_tokenizer_dir, converter) -> Path:
     """`mft export CKPT -o OUT --gguf --ollama` on a trained LoRA llama: merged HF export + f16 GGUF + Modelfile."""
+    tmp_path = tmp_path_factory.mktemp("llama")
     base = _base(tmp_path, "llama", sp_tokenizer_dir)
     ck, _ = train_and_save(base, tmp_path / "run", "lora")
     shutil.copytree(base, tmp_path / "other")  # the untrained base: its logits must differ from the export's
     out = tmp_path / "out"
-    assert _mft("export", ck, "--output", out, "--gguf", "--ollama") == 0, capsys.readouterr().err
-    _check_gguf(out, "model-f16.gguf", torch.float16, "llama")
-    modelfile = (out / MODELFILE).read_text()
+    assert _mft("export", ck, "--output", out, "--gguf", "--ollama") == 0
+    return out
+
+
+def test_checkpoint_to_gguf_f16_and_modelfile_llama(llama_export):
+    _check_gguf(llama_export, "model-f16.gguf", torch.float16, "llama")
+    modelfile = (llama_export / MODELFILE).read_text()
     assert "FROM ./model-f16.gguf\n" in modelfile and 'PARAMETER stop "</s>"\n' in modelfile
+
+
+@pytest.mark.slow  # a third conversion: ~10-20 s on 2 shared cores
+def test_q8_0_holds_the_gguf_package_quantisation(llama_export, capsys):
+    assert _mft("export", llama_export, "--gguf", "--gguf-type", "q8_0") == 0, capsys.readouterr().err
+    _check_gguf(llama_export, "model-q8_0.gguf", "q8_0", "llama")
+    assert (llama_export / "model-q8_0.gguf").stat().st_size < 0.6 * (llama_export / "model-f16.gguf").stat().st_size
 
 
 def test_export_dir_to_gguf_bf16_qwen2(tmp_path, sp_tokenizer_dir, converter, capsys):

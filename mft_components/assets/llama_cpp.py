@@ -11,6 +11,7 @@ converter runs on into the cache (``cache.py``)::
       conversion/                  its per-architecture classes (llama.cpp's table of tensor names)
       gguf-py/gguf/                the gguf package of the same commit (the converter puts it first on sys.path)
       LICENSE                      llama.cpp's MIT licence
+      architectures.json           the ``architectures`` names the converter has a class for
 
 Nothing is built (building llama-cpp-python compiles llama.cpp: ~25 minutes); the converter runs with this
 environment's torch, numpy, sentencepiece and transformers. ``make gguf`` fills the cache ahead of time.
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import shutil
+import json
 import sys
 import tarfile
 import tempfile
@@ -37,6 +38,7 @@ _SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2
 _CONVERTER_SHA256 = "e9a1da876330bbce9687541ab31736542a01b4ac43c6686126514a50f122fb7f"
 _VENDOR = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/"
 _KEEP = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/gguf/", "LICENSE")
+_ARCHITECTURES = "architectures.json"  # what the converter registers, listed when the cache is filled
 
 
 def _sha256(path: Path) -> str:
@@ -86,20 +88,28 @@ def prepare_llama_cpp_converter(cache_dir: str | Path | None = None) -> Path:
                     m.name = m.name[len(_VENDOR):]
                 tar.extractall(tmp, members=members, filter="data")
         if _sha256(tmp / "convert_hf_to_gguf.py") != _CONVERTER_SHA256:
-            shutil.rmtree(tmp / "conversion", ignore_errors=True)
             raise RuntimeError(f"{sdist}: convert_hf_to_gguf.py is not the pinned file (sha256 {_CONVERTER_SHA256})")
+        (tmp / _ARCHITECTURES).write_text(json.dumps(_registered_architectures(tmp)) + "\n")
         return {"llama_cpp_python": LLAMA_CPP_PYTHON_VERSION, "llama_cpp_commit": LLAMA_CPP_COMMIT,
                 "sdist_sha256": _SDIST_SHA256}
 
     return build_atomically(final, build)
 
 
-def converter_architectures(converter_dir: Path) -> set[str]:
-    """The Hugging Face ``architectures`` names the converter registers (``@ModelBase.register("X", ...)``),
-    read from its source without importing it (importing it imports torch and transformers: seconds)."""
+def _registered_architectures(converter_dir: Path) -> list[str]:
     names: set[str] = set()
     for path in sorted((converter_dir / "conversion").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "register":
                 names.update(a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str))
-    return names
+    return sorted(names)
+
+
+def converter_architectures(converter_dir: Path) -> set[str]:
+    """The Hugging Face ``architectures`` names the converter registers (``@ModelBase.register("X", ...)``),
+    read from its source without importing it (that imports torch and transformers: seconds); parsed once, when
+    the cache is filled (``architectures.json``)."""
+    listed = converter_dir / _ARCHITECTURES
+    if listed.is_file():
+        return set(json.loads(listed.read_text(encoding="utf-8")))
+    return set(_registered_architectures(converter_dir))
