@@ -562,8 +562,12 @@ def run(args: argparse.Namespace) -> int:
             out = export_checkpoint(args.checkpoint_dir, args.output, base=args.base, **options)
         what = "PEFT adapter" if args.adapter_only else "Hugging Face model"
         print(f"mft export: wrote {what} to {out}")
-        for path in export_gguf(out, args.gguf_type, args.ollama, force=True) if gguf else []:
-            print(f"mft export: wrote {path}")
+        try:
+            for path in export_gguf(out, args.gguf_type, args.ollama, force=True) if gguf else []:
+                print(f"mft export: wrote {path}")
+        except ExportError as e:
+            raise ExportError(f"{e}\n(the Hugging Face export in {out} is complete; `mft export {out} --gguf` "
+                              f"converts it again)") from None
     except ExportError as e:
         print(f"mft export: error: {e}", file=sys.stderr)
         return 2
