@@ -21,6 +21,7 @@ import argparse
 import hashlib
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -73,13 +74,18 @@ def make_checkpoint(root: Path) -> Path:
     return ckpt.save_checkpoint(root / "run", 1, weights=weights, meta=meta, adapter_config=config)
 
 
-def timed(cmd: list[str]) -> float:
+def timed(cmd: list[str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the process and its children): on a shared machine the wall time also holds
+    the wait for a core, the CPU time does not."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
         filter(None, [os.environ.get("PYTHONPATH"), str(REPO)]))})
     if proc.returncode:
         sys.exit(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def main() -> None:
@@ -101,21 +107,25 @@ def main() -> None:
     cli = [sys.executable, str(REPO / "cli.py"), "export"]
     try:
         shutil.rmtree(out, ignore_errors=True)
-        print(f"Hugging Face export (`mft export CKPT -o OUT`, merge + fp32 safetensors): "
-              f"{timed([*cli, str(checkpoint), '-o', str(out)]):.1f} s\n")
-        print(f"GGUF of that export, best of {args.repeats} runs each, interleaved (the machine's load hits both):\n")
-        print("| type | `mft export OUT --gguf` | converter by hand | ratio | GGUF size | same bytes | same tensors |")
+        wall, cpu = timed([*cli, str(checkpoint), "-o", str(out)])
+        print(f"Hugging Face export (`mft export CKPT -o OUT`, merge + fp32 safetensors): {wall:.1f} s wall, "
+              f"{cpu:.1f} s CPU\n")
+        print(f"GGUF of that export, best of {args.repeats} runs each, interleaved (the machine's load hits both); "
+              f"CPU = user + system time of the process tree:\n")
+        print("| type | `mft export OUT --gguf` wall / CPU | converter by hand wall / CPU | ratio wall / CPU | GGUF size | "
+              "same bytes | same tensors |")
         print("|---|---|---|---|---|---|---|")
         for gguf_type in args.types:
             ours, by_hand = out / f"model-{gguf_type}.gguf", work / f"by-hand-{gguf_type}.gguf"
-            ours_s, hand_s = [], []
+            ours_t, hand_t = [], []
             for _ in range(args.repeats):
-                ours_s.append(timed([*cli, str(out), "--gguf", "--gguf-type", gguf_type, "--force"]))
-                hand_s.append(timed([sys.executable, str(converter / "convert_hf_to_gguf.py"), str(out),
+                ours_t.append(timed([*cli, str(out), "--gguf", "--gguf-type", gguf_type, "--force"]))
+                hand_t.append(timed([sys.executable, str(converter / "convert_hf_to_gguf.py"), str(out),
                                      "--outtype", gguf_type, "--outfile", str(by_hand)]))
+            (ow, oc), (hw, hc) = [tuple(min(x[i] for x in t) for i in (0, 1)) for t in (ours_t, hand_t)]
             same_bytes = sha256(ours) == sha256(by_hand)
             same_tensors = tensors(ours) == tensors(by_hand)
-            print(f"| {gguf_type} | {min(ours_s):.1f} s | {min(hand_s):.1f} s | {min(ours_s) / min(hand_s):.2f}x | "
+            print(f"| {gguf_type} | {ow:.1f} / {oc:.1f} s | {hw:.1f} / {hc:.1f} s | {ow / hw:.2f}x / {oc / hc:.2f}x | "
                   f"{ours.stat().st_size / 2**20:.1f} MiB | {'yes' if same_bytes else 'no'} | "
                   f"{'yes' if same_tensors else 'no'} |")
     finally:

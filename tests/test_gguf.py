@@ -159,6 +159,17 @@ def test_export_dir_to_gguf_bf16_qwen2(tmp_path, sp_tokenizer_dir, converter, ca
     assert "already holds model-bf16.gguf; pass --force" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # transformers' GGUF loader parses SmolLM2's 49k-entry vocabulary in Python: ~25 s per load
+def test_byte_level_bpe_tokenizer_smollm2(tmp_path, smollm2_dir, converter, capsys):
+    """A real byte-level BPE tokenizer (SmolLM2's, which llama.cpp recognises by its pre-tokenizer hash)."""
+    vocab = len(AutoTokenizer.from_pretrained(smollm2_dir))
+    base = make_tiny_model_dir(tmp_path / "base", family="llama", vocab_size=vocab, tokenizer_dir=smollm2_dir, seed=3)
+    ck, _ = train_and_save(base, tmp_path / "run", "lora")
+    shutil.copytree(base, tmp_path / "other")
+    assert _mft("export", ck, "--output", tmp_path / "out", "--gguf") == 0, capsys.readouterr().err
+    _check_gguf(tmp_path / "out", "model-f16.gguf", torch.float16, "llama")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Refusals: messages, not tracebacks
 # ----------------------------------------------------------------------------------------------------------------
