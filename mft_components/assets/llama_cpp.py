@@ -86,7 +86,9 @@ def prepare_llama_cpp_converter(cache_dir: str | Path | None = None) -> Path:
                            and m.name[len(_VENDOR):].startswith(_KEEP)]
                 for m in members:
                     m.name = m.name[len(_VENDOR):]
-                tar.extractall(tmp, members=members, filter="data")
+                # The "data" filter (no links out, no devices) where this Python has it (3.10.12+, 3.11.4+).
+                safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+                tar.extractall(tmp, members=members, **safe)
         if _sha256(tmp / "convert_hf_to_gguf.py") != _CONVERTER_SHA256:
             raise RuntimeError(f"{sdist}: convert_hf_to_gguf.py is not the pinned file (sha256 {_CONVERTER_SHA256})")
         (tmp / _ARCHITECTURES).write_text(json.dumps(_registered_architectures(tmp)) + "\n")
