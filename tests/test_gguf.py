@@ -28,7 +28,7 @@ from mft_components.inference.export import export_checkpoint
 from mft_components.inference.gguf import MODELFILE, modelfile_text, ollama_template
 from mft_components.inference.adapters import ExportError
 from tests.go_template import render
-from tests.test_export import train_and_save
+from tests.test_export import peft_adapter, train_and_save
 from tests.tiny_models import make_tiny_model_dir
 from tests.tolerances import assert_close_rounding
 
@@ -194,6 +194,21 @@ def test_family_llama_cpp_cannot_convert_is_refused(tmp_path, sp_tokenizer_dir, 
     assert f"{export / 'config.json'}: architectures ['TinyMadeUpForCausalLM']: llama.cpp's converter" in err
     assert "cannot convert this model family to GGUF" in err and "LlamaForCausalLM" in err
     assert "Traceback" not in err and sorted(p.name for p in export.iterdir()) == ["config.json", "mft_chat_format.json"]
+
+
+def test_conversion_refused_after_the_hf_export_says_that_export_is_complete(tmp_path, sp_tokenizer_dir, converter,
+                                                                             capsys):
+    """`--adapter ... --gguf` on a base whose architecture llama.cpp does not know: the merged export stays."""
+    base = _base(tmp_path, "llama", sp_tokenizer_dir)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "architectures": ["TinyMadeUpForCausalLM"]}))
+    adapter = peft_adapter(base, tmp_path / "adapter")
+    out = tmp_path / "out"
+    assert _mft("export", "--adapter", adapter, "--base", base, "-o", out, "--gguf") == 2
+    err = capsys.readouterr().err
+    assert "cannot convert this model family to GGUF" in err
+    assert f"(the Hugging Face export in {out} is complete; `mft export {out} --gguf` converts it again)" in err
+    assert (out / "model.safetensors").is_file() and not list(out.glob("*.gguf")) and not list(out.glob(".*tmp*"))
 
 
 def test_gguf_refusals_before_any_work(tmp_path, capsys):
