@@ -288,8 +288,14 @@ def test_llama_cpp_logits_and_greedy_tokens_agree(tmp_path, sp_tokenizer_dir, co
     reference = _rounded_reference(out, torch.float16)
     with torch.no_grad():
         expected = reference(input_ids=torch.tensor([prompt])).logits[0].float()
-    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2 * float(expected.abs().max()))
-    greedy = reference.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt):].tolist()
+    tolerance = 2e-2 * float(expected.abs().max())  # llama.cpp's CPU matmul also rounds activations to f16
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=tolerance)
+    # Greedy tokens: each one llama.cpp picks is the reference's argmax, or ties with it within the tolerance
+    # (a random tiny model has near-ties that f16 arithmetic may break either way).
     llm.reset()
-    ours = [t for t, _ in zip(llm.generate(prompt, temp=0.0), range(len(greedy)))]
-    assert ours == greedy
+    ours = [t for t, _ in zip(llm.generate(prompt, temp=0.0), range(8))]
+    with torch.no_grad():
+        ref = reference(input_ids=torch.tensor([prompt + ours])).logits[0].float()
+    for i, token in enumerate(ours):
+        step = ref[len(prompt) - 1 + i]
+        assert step[token] >= step.max() - 2 * tolerance, (i, token, int(step.argmax()))
