@@ -42,7 +42,7 @@ import torch
 
 from mft_components.data.templates import ChatFormat
 from mft_components.inference.adapters import ExportError, LoRAAdapter, merge_lora_tensor, read_adapter
-from mft_components.inference.gguf import GGUF_TYPES, export_gguf
+from mft_components.inference.gguf import add_gguf_arguments, convert_after_export, convert_export_dir
 from mft_components.inference.shards import (
     DTYPE_NAMES,
     OUTPUT_DTYPES,
@@ -524,12 +524,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
     parser.add_argument("--adapter-only", action="store_true", help="write only OUTPUT/adapter/ (PEFT format)")
     parser.add_argument("--force", action="store_true", help="replace an earlier export in the output directory")
-    parser.add_argument("--gguf", action="store_true",
-                        help="also write OUTPUT/model-TYPE.gguf with llama.cpp's converter (pinned; fetched from PyPI "
-                             "once); the argument may be an earlier export directory instead of a checkpoint")
-    parser.add_argument("--gguf-type", choices=GGUF_TYPES, default="f16", help="GGUF weight type (default f16)")
-    parser.add_argument("--ollama", action="store_true",
-                        help="also write OUTPUT/Modelfile for `ollama create` (training format as TEMPLATE; implies --gguf)")
+    add_gguf_arguments(parser)
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="let transformers run Python code shipped with the tokenizer (off: such a tokenizer "
                              "is refused, never asked about)")
@@ -539,13 +534,8 @@ def run(args: argparse.Namespace) -> int:
     """Run `mft export`; returns the exit status (errors for people go to stderr, status 2)."""
     options = dict(dtype=args.dtype, max_shard_size=args.max_shard_size, adapter_only=args.adapter_only,
                    force=args.force, trust_remote_code=args.trust_remote_code)
-    gguf = args.gguf or args.ollama
     try:
-        if gguf and args.adapter_only:
-            raise ExportError("--gguf / --ollama convert the merged model; they cannot go with --adapter-only")
-        if gguf and args.checkpoint_dir and _is_export(Path(args.checkpoint_dir)) and args.output is None:
-            for path in export_gguf(args.checkpoint_dir, args.gguf_type, args.ollama, args.force):
-                print(f"mft export: wrote {path}")
+        if convert_export_dir(args):
             return 0
         if args.output is None:
             raise ExportError("--output OUT_DIR is required (only --gguf / --ollama on an export directory go "
@@ -562,12 +552,7 @@ def run(args: argparse.Namespace) -> int:
             out = export_checkpoint(args.checkpoint_dir, args.output, base=args.base, **options)
         what = "PEFT adapter" if args.adapter_only else "Hugging Face model"
         print(f"mft export: wrote {what} to {out}")
-        try:
-            for path in export_gguf(out, args.gguf_type, args.ollama, force=True) if gguf else []:
-                print(f"mft export: wrote {path}")
-        except ExportError as e:
-            raise ExportError(f"{e}\n(the Hugging Face export in {out} is complete; `mft export {out} --gguf` "
-                              f"converts it again)") from None
+        convert_after_export(args, out)
     except ExportError as e:
         print(f"mft export: error: {e}", file=sys.stderr)
         return 2

