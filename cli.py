@@ -5,7 +5,7 @@
     mft run RECIPE --config CONFIG [torchrun flags] [key=value | ~key ...]
     mft validate --config CONFIG [--recipe RECIPE] [--no-data] [key=value ...]
     mft data --config CONFIG [key=value ...] [--show N]
-    mft export CHECKPOINT_DIR --output OUT_DIR [...]
+    mft export CHECKPOINT_DIR --output OUT_DIR [--gguf [--gguf-type f16|bf16|q8_0]] [--ollama] [...]
     mft export --adapter ADAPTER_DIR --base MODEL_DIR --output OUT_DIR     merge any PEFT LoRA adapter
     mft import mftcoder CONFIG.json [-o my.yaml]   an mft config from an MFTCoder train config
     mft init --model DIR --data PATH... [-o my_run.yaml]   a config for your model and data, sized for this machine

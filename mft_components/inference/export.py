@@ -18,6 +18,7 @@ of MFTCoder's ``merge_base_and_lora_to_hf.py``). ``--dtype auto`` (the default) 
       README.md                                    (model card: base, method, tasks, steps, validation losses)
       adapter/                                     (LoRA / QLoRA only: PEFT adapter_config.json + adapter_model.safetensors)
 
+``--gguf`` / ``--ollama`` add a GGUF file and an Ollama Modelfile made by llama.cpp's own converter (``gguf.py``).
 Weights are streamed tensor by tensor (``shards.py``); the adapter is read and merged by ``adapters.py``. Safety of the output: ``OUT`` must not be, or contain, the current directory, the checkpoint, the base model, the
 tokenizer or the training data (paths resolved, symlinks followed); ``--force`` replaces only an earlier export
 (a directory holding ``mft_chat_format.json``), never other files. Everything is written into a hidden sibling
@@ -50,6 +51,7 @@ from mft_components.inference.adapters import (
     read_adapter_tensors,
 )
 from mft_components.inference.export_args import add_arguments
+from mft_components.inference.gguf import convert_after_export, convert_export_dir
 from mft_components.inference.shards import (
     DTYPE_NAMES,
     OUTPUT_DTYPES,
@@ -437,6 +439,7 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, base: 
             # and the saved tokenizer must give the training ids (checked on samples).
             save_tokenizer(tokenizer, tokenizer_dir or _find_tokenizer_dir(checkpoint_dir, meta, base_dir), tmp,
                            chat_format, trust_remote_code)
+            _copy_sentencepiece_model(tokenizer_dir or _find_tokenizer_dir(checkpoint_dir, meta, base_dir), tmp)
             _write_configs(tmp, checkpoint_dir if full else base_dir, base_dir, out_dtype or main_dtype(specs), eos_id)
             (tmp / CHAT_FORMAT_FILE).write_text(json.dumps(chat_meta, indent=2) + "\n")
             (tmp / "README.md").write_text(model_card(meta, base_name))
@@ -447,6 +450,13 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, base: 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return output_dir
+
+
+def _copy_sentencepiece_model(tokenizer_dir: Path, out: Path) -> None:
+    # transformers saves a sentencepiece tokenizer as tokenizer.json only; llama.cpp's converter reads the
+    # original tokenizer.model (Gemma's needs it), so it travels with the export unchanged.
+    if (tokenizer_dir / "tokenizer.model").is_file() and not (out / "tokenizer.model").exists():
+        shutil.copyfile(tokenizer_dir / "tokenizer.model", out / "tokenizer.model")
 
 
 def _swap_in(new: Path, out: Path) -> None:
@@ -532,6 +542,11 @@ def run(args: argparse.Namespace) -> int:
     options = dict(dtype=args.dtype, max_shard_size=args.max_shard_size, adapter_only=args.adapter_only,
                    force=args.force, trust_remote_code=args.trust_remote_code)
     try:
+        if convert_export_dir(args):
+            return 0
+        if args.output is None:
+            raise ExportError("--output OUT_DIR is required (only --gguf / --ollama on an export directory go "
+                              "without it: they add to that directory)")
         if (args.adapter is None) == (args.checkpoint_dir is None):
             raise ExportError("give either a CHECKPOINT_DIR or --adapter ADAPTER_DIR (with --base MODEL_DIR)")
         if args.adapter is not None:
@@ -545,9 +560,10 @@ def run(args: argparse.Namespace) -> int:
             if checkpoint != Path(args.checkpoint_dir):
                 print(f"mft export: the newest checkpoint in {args.checkpoint_dir}: {checkpoint.name}")
             out = export_checkpoint(checkpoint, args.output, base=args.base, **options)
+        what = "PEFT adapter" if args.adapter_only else "Hugging Face model"
+        print(f"mft export: wrote {what} to {out}")
+        convert_after_export(args, out)
     except ExportError as e:
         print(f"mft export: error: {e}", file=sys.stderr)
         return 2
-    what = "PEFT adapter" if args.adapter_only else "Hugging Face model"
-    print(f"mft export: wrote {what} to {out}")
     return 0

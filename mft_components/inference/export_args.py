@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from mft_components.inference.gguf import add_gguf_arguments
+
 __all__ = ["OUTPUT_DTYPE_NAMES", "add_arguments"]
 
 # The --dtype choices: the keys of shards.OUTPUT_DTYPES (tests/test_cli.py checks they agree).
@@ -20,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--template", choices=["mft", "mftcoder_atorch", "hf"], default=None,
                         help="with --adapter: its training format, written as the chat_template (default: the "
                              "adapter's mft_chat_format.json, else mft, MFTCoder's)")
-    parser.add_argument("--output", "-o", required=True, help="directory to write: new, empty, or an earlier export (with --force)")
+    parser.add_argument("--output", "-o", help="directory to write: new, empty, or an earlier export (with --force); "
+                                                "not with an export directory as the argument (--gguf adds to it)")
     parser.add_argument("--base", default=None,
                         help="base model directory (default: base_model_dir from the checkpoint's mft_checkpoint.json; "
                              "required with --adapter)")
@@ -29,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
     parser.add_argument("--adapter-only", action="store_true", help="write only OUTPUT/adapter/ (PEFT format)")
     parser.add_argument("--force", action="store_true", help="replace an earlier export in the output directory")
+    add_gguf_arguments(parser)
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="let transformers run Python code shipped with the tokenizer (off: such a tokenizer "
                              "is refused, never asked about)")
