@@ -83,6 +83,7 @@ from mft_components.distributed import (
     run_in_step,
 )
 from mft_components.models import prepare_batch
+from mft_components.models.expert_lora import lora_target_parameters
 from mft_components.models.lora import adapter_to_peft_state_dict, lora_target_names, peft_adapter_config
 from mft_components.models.parallelize import gather_state_dict, report_compile
 from mft_components.recipe_config.schema import LoRARecipeConfig
@@ -432,7 +433,8 @@ class LoRAFinetuneRecipe:
         return {
             "weights": adapter_to_peft_state_dict(adapter),
             "adapter_config": peft_adapter_config(self.base_model_dir, lora["rank"], lora["alpha"], lora["dropout"],
-                                                  lora_target_names(self.model), lora.get("use_rslora", False)),
+                                                  lora_target_names(self.model), lora.get("use_rslora", False),
+                                                  lora_target_parameters(self.model)),
         }
 
     def save_checkpoint(self, evaluations_pending: bool = False) -> None:
