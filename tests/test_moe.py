@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import transformers
 from safetensors.torch import save_file
 
+from mft_components.inference.generate import merge_adapter_into
 from mft_components.models import build_model
 from mft_components.models.expert_lora import ParamLoRA, lora_target_parameters
 from mft_components.models.lora import (
@@ -140,3 +141,107 @@ def test_expert_gradients_match_a_per_expert_loop(tiny_dir, family):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=n)
         # experts 2 and 3 got no token: their factors get exactly no gradient
         assert a[2:].abs().max() == 0 and a[:2].abs().max() > 0, n
+
+
+# ----------------------------------------------------------------------------------------------- export
+
+@pytest.fixture(scope="module")
+def tokenized_dir(tmp_path_factory, smollm2_dir):
+    """MoE bases with the SmolLM2 tokenizer (what `mft export` writes next to the weights)."""
+    cache = {}
+    vocab = len(transformers.AutoTokenizer.from_pretrained(smollm2_dir))
+
+    def get(family):
+        if family not in cache:
+            cache[family] = make_tiny_model_dir(tmp_path_factory.mktemp(family), family, vocab_size=vocab,
+                                                tokenizer_dir=smollm2_dir)
+        return cache[family]
+
+    return get
+
+
+def _save_adapter(model, model_dir, out):
+    out.mkdir(parents=True)
+    save_file(adapter_to_peft_state_dict(get_adapter_state_dict(model)), str(out / "adapter_model.safetensors"))
+    cfg = peft_adapter_config(model_dir, 4, 8, 0.0, lora_target_names(model),
+                              target_parameters=lora_target_parameters(model))
+    (out / "adapter_config.json").write_text(json.dumps(cfg))
+    return out
+
+
+@pytest.mark.parametrize("family,files", [("mixtral", "per_expert"), ("mixtral", "fused"), ("gpt_oss", "fused")])
+def test_merged_export_equals_trained(tokenized_dir, tmp_path, family, files):
+    """Our adapter merged onto the base's files: one tensor per expert (Mixtral as transformers saves it) or fused
+    (GPT-OSS, stored [E, in, out])."""
+    from mft_components.inference.export import export_adapter
+
+    model_dir = tokenized_dir(family)
+    if files == "fused" and family == "mixtral":
+        model_dir = _fused_copy(model_dir, tmp_path / "fused_base")
+    model = _build(model_dir)
+    _randomise_lora_b(model)
+    ids = _batch()["input_ids"]
+    trained = _logits(model.hf_model, ids)
+    adapter = _save_adapter(model, model_dir, tmp_path / "adapter")
+    out = export_adapter(adapter, model_dir, tmp_path / "out", dtype="fp32")
+    exported = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    torch.testing.assert_close(_logits(exported, ids), trained, rtol=1e-4, atol=1e-4)
+    # mft generate --model BASE --adapter DIR merges it into the loaded model the same way
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    merge_adapter_into(loaded, adapter)
+    torch.testing.assert_close(_logits(loaded, ids), trained, rtol=1e-4, atol=1e-4)
+
+
+def _fused_copy(model_dir, dest):
+    """The same model with its experts fused in the files too (mlp.experts.gate_up_proj, as loaded in memory)."""
+    import shutil
+
+    shutil.copytree(model_dir, dest)
+    (dest / "model.safetensors").unlink()
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(dest / "model.safetensors"))
+    return dest
+
+
+@pytest.mark.parametrize("files", ["per_expert", "fused"])
+def test_mftcoder_mixtral_adapter_merges_onto_fused_experts(tokenized_dir, tmp_path, files):
+    """An MFTCoder (transformers 4) Mixtral adapter on the router and every expert's w1 / w2 / w3 lands in its
+    slice of the fused tensors (w1 = gate rows, w3 = up rows of gate_up_proj, w2 = down_proj), whether the base's
+    files hold one tensor per expert (as transformers saves Mixtral) or the fused tensors."""
+    from mft_components.inference.export import export_adapter
+
+    model_dir = tokenized_dir("mixtral")
+    if files == "fused":
+        model_dir = _fused_copy(model_dir, tmp_path / "fused_base")
+    base = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    cfg = base.config
+    hidden, inter, r = cfg.hidden_size, cfg.intermediate_size, 4
+    g = torch.Generator().manual_seed(5)
+    tensors, reference = {}, transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        for layer in range(cfg.num_hidden_layers):
+            prefix = f"base_model.model.model.layers.{layer}.block_sparse_moe"
+            mlp = reference.model.layers[layer].mlp
+            shapes = {"w1": (inter, hidden), "w3": (inter, hidden), "w2": (hidden, inter)}
+            for e in range(cfg.num_local_experts):
+                for w, (out_dim, in_dim) in shapes.items():
+                    a, b = torch.randn(r, in_dim, generator=g) * 0.1, torch.randn(out_dim, r, generator=g) * 0.1
+                    tensors[f"{prefix}.experts.{e}.{w}.lora_A.weight"] = a
+                    tensors[f"{prefix}.experts.{e}.{w}.lora_B.weight"] = b
+                    target = {"w1": mlp.experts.gate_up_proj[e, :inter], "w3": mlp.experts.gate_up_proj[e, inter:],
+                              "w2": mlp.experts.down_proj[e]}[w]
+                    target += 2.0 * (b @ a)
+            a, b = torch.randn(r, hidden, generator=g) * 0.1, torch.randn(cfg.num_local_experts, r, generator=g) * 0.1
+            tensors[f"{prefix}.gate.lora_A.weight"], tensors[f"{prefix}.gate.lora_B.weight"] = a, b
+            mlp.gate.weight += 2.0 * (b @ a)
+    adapter = tmp_path / "mftcoder_adapter"
+    adapter.mkdir()
+    save_file(tensors, str(adapter / "adapter_model.safetensors"))
+    (adapter / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": r, "lora_alpha": 8, "lora_dropout": 0.05, "bias": "none",
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate", "w1", "w2", "w3"]}))
+    out = export_adapter(adapter, model_dir, tmp_path / "out", dtype="fp32")
+    exported = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ids = _batch()["input_ids"]
+    assert (_logits(reference, ids) - _logits(base, ids)).abs().max() > 1e-3
+    torch.testing.assert_close(_logits(exported, ids), _logits(reference, ids), rtol=1e-5, atol=1e-5)

@@ -21,13 +21,14 @@ nested as ``base_layer.`` wrappers in the module's parameter order (the first is
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torch import nn
 
 __all__ = ["ParamLoRA", "EXPERT_PARAMS", "apply_expert_lora", "expert_targets", "lora_target_parameters",
            "param_adapters_to_peft", "peft_to_param_adapters", "merge_param_lora", "init_param_lora",
-           "MFTCODER_EXPERT_NAMES", "expert_target_names"]
+           "MFTCODER_EXPERT_NAMES", "expert_target_names", "ExpertLayout"]
 
 # Fused expert parameters, in the order every transformers family registers them (peft nests in this order).
 EXPERT_PARAMS = ("gate_up_proj", "up_proj", "down_proj")
@@ -284,3 +285,40 @@ def merge_param_lora(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, sca
         raise ValueError(f"shape mismatch for {name}: the base model has {tuple(weight.shape)}, the adapter gives "
                          f"{tuple(delta.shape)} (lora_B {tuple(b.shape)} @ lora_A {tuple(a.shape)})")
     return weight.float() + delta
+
+
+class ExpertLayout:
+    """How a model directory's architecture holds its fused experts, from a meta-device copy (no weights read):
+    ``transposed`` (parameters stored ``[E, in, out]``, GPT-OSS) and ``source(key)``, where a tensor of its
+    safetensors files goes in the model (transformers' conversion table: Mixtral's per-expert ``w1`` / ``w3``
+    files are rows of ``gate_up_proj``, ``block_sparse_moe.gate`` is ``mlp.gate``)."""
+
+    def __init__(self, model_dir):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(model_dir)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        self.transposed = {f"{path}.{name}" for path, module in model.named_modules()
+                           for name in _fused_params(module) if getattr(module, "is_transposed", False)}
+        try:
+            from transformers.conversion_mapping import get_model_conversion_mapping
+
+            self.transforms = get_model_conversion_mapping(model)
+        except Exception:  # noqa: BLE001 - another transformers: keys as they are
+            self.transforms = []
+
+    def source(self, key: str) -> tuple[str, int | None, int, int | None]:
+        """(model parameter name, part, parts, expert): the file tensor ``key`` is ``part`` of ``parts`` row
+        blocks of expert ``expert`` of that parameter (None, 1, None: the whole parameter)."""
+        for transform in self.transforms:
+            new_key, pattern = transform.rename_source_key(key)
+            if pattern is None:
+                continue
+            if not getattr(transform, "operations", None):
+                key = new_key
+                continue
+            numbers = re.findall(r"\.(\d+)\.", key)
+            patterns = list(transform.source_patterns)
+            return new_key, patterns.index(pattern), len(patterns), int(numbers[-1]) if numbers else 0
+        return key, None, 1, None
