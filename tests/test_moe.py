@@ -245,3 +245,45 @@ def test_mftcoder_mixtral_adapter_merges_onto_fused_experts(tokenized_dir, tmp_p
     ids = _batch()["input_ids"]
     assert (_logits(reference, ids) - _logits(base, ids)).abs().max() > 1e-3
     torch.testing.assert_close(_logits(exported, ids), _logits(reference, ids), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ checkpoint / resume
+
+@pytest.mark.slow
+def test_recipe_saves_resumes_and_exports_expert_adapters(tmp_path, smollm2_dir):
+    """The LoRA recipe on a tiny Mixtral with adapters on the experts and the router: a run resumed from step 2
+    reaches step 4's adapter exactly; the checkpoint loads in peft and exports to the same logits."""
+    import shutil
+
+    peft = pytest.importorskip("peft")
+    from mft_components.inference.export import export_checkpoint
+    from mft_components.training import checkpoint as ck
+    from tests.test_recipes import LORA_RECIPE, _config, _records, _run, _write_tasks
+
+    vocab = len(transformers.AutoTokenizer.from_pretrained(smollm2_dir))
+    model_dir = make_tiny_model_dir(tmp_path / "model", "mixtral", vocab_size=vocab, tokenizer_dir=smollm2_dir)
+    assets = {"model_dir": str(model_dir), "data_paths": _write_tasks(tmp_path / "data", n=12)}
+    cfg = _config(assets, tmp_path, save_every_n_steps=2, eval_every_n_steps=2,
+                  **{"model.lora": {"rank": 4, "alpha": 8, "dropout": 0.1, "target_modules": TARGETS}})
+    _run(LORA_RECIPE, cfg)
+    straight, resumed = tmp_path / "out", tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(straight / "step_2", resumed / "step_2")
+    _run(LORA_RECIPE, cfg, f"output_dir={resumed}", "resume=auto")
+    a, b = ck.load_checkpoint_weights(straight / "step_4"), ck.load_checkpoint_weights(resumed / "step_4")
+    assert a.keys() == b.keys() and any(".experts.base_layer.lora_A" in k for k in a)
+    assert all(a[k].abs().max() > 0 for k in a if "lora_B" in k)  # every adapter trained, experts' and router's
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+    assert [r["step"] for r in _records(resumed, "train")] == [3, 4]
+
+    ids = _batch()["input_ids"]
+    config = json.loads((straight / "step_4" / "adapter_config.json").read_text())
+    assert config["target_parameters"] == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj", "mlp.gate.weight"]
+    base = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with_peft = _logits(peft.PeftModel.from_pretrained(base, straight / "step_4"), ids)
+    out = export_checkpoint(straight / "step_4", tmp_path / "export", dtype="fp32")
+    exported = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    torch.testing.assert_close(_logits(exported, ids), with_peft, rtol=1e-4, atol=1e-4)
+    base = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    assert (_logits(base, ids) - with_peft).abs().max() > 1e-4  # training moved the experts' adapters
