@@ -287,3 +287,41 @@ def test_recipe_saves_resumes_and_exports_expert_adapters(tmp_path, smollm2_dir)
     torch.testing.assert_close(_logits(exported, ids), with_peft, rtol=1e-4, atol=1e-4)
     base = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     assert (_logits(base, ids) - with_peft).abs().max() > 1e-4  # training moved the experts' adapters
+
+
+# ---------------------------------------------------------------------------------------------- router loss
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "olmoe", "gpt_oss"])
+def test_router_aux_loss_is_transformers_over_real_tokens(tiny_dir, family):
+    """MFTModel's load-balancing loss over the real tokens of a padded batch = transformers' own aux_loss
+    (load_balancing_loss_func with the attention mask) of the same model."""
+    model_dir = tiny_dir(family)
+    model = _build(model_dir)
+    _randomise_lora_b(model)
+    batch = _batch()
+    real = torch.ones_like(batch["input_ids"], dtype=torch.bool)
+    real[1, 6:] = False  # row 1 ends in padding
+    batch["sample_ids"] = torch.where(real, 0, -1)
+    batch["labels"] = batch["labels"].masked_fill(~real, -100)
+    with torch.no_grad():
+        _, aux = model(batch)
+        ref = model.hf_model(input_ids=batch["input_ids"], attention_mask=real.long(), output_router_logits=True)
+    assert ref.aux_loss is not None
+    torch.testing.assert_close(aux, ref.aux_loss.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_router_aux_loss_coef_defaults_to_the_model_config():
+    from mft_components.loss.task_weighted import TaskWeightedLoss
+
+    config = MOE_CONFIGS["olmoe"](VOCAB)  # router_aux_loss_coef 0.01
+    unset = TaskWeightedLoss()
+    assert "model config's" in unset.resolve_router_aux_loss_coef(config, moe=True)
+    assert unset.router_aux_loss_coef == config.router_aux_loss_coef == 0.01
+    off = TaskWeightedLoss(router_aux_loss_coef=0)
+    off.resolve_router_aux_loss_coef(config, moe=True)
+    assert off.router_aux_loss_coef == 0.0
+    dense = TaskWeightedLoss()
+    dense.resolve_router_aux_loss_coef(config, moe=False)
+    assert dense.router_aux_loss_coef == 0.0
+    with pytest.raises(ValueError, match="loss.router_aux_loss_coef: expected a non-negative number"):
+        TaskWeightedLoss(router_aux_loss_coef=-1)
