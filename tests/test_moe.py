@@ -325,3 +325,20 @@ def test_router_aux_loss_coef_defaults_to_the_model_config():
     assert dense.router_aux_loss_coef == 0.0
     with pytest.raises(ValueError, match="loss.router_aux_loss_coef: expected a non-negative number"):
         TaskWeightedLoss(router_aux_loss_coef=-1)
+
+
+@pytest.mark.parametrize("targets", [None, "[q_proj,k_proj,v_proj,o_proj,gate,w1,w2,w3]"])
+def test_mftcoder_import_of_a_mixtral_config_says_what_the_adapter_covers(tmp_path, targets):
+    from mft_components.interop import mftcoder
+
+    src = tmp_path / "lora_mixtral.json"
+    src.write_text(json.dumps({"data_paths": "[a,b]", "output_dir": "o", "pretrained_model_path": "m",
+                               "model_type": "mixtral", "peft_type": "lora", "target_modules": targets}))
+    result, _ = mftcoder.import_mftcoder(src)
+    text = mftcoder.report(result, "out.yaml")
+    assert "router_aux_loss_coef" not in result.config.get("loss", {})  # null: the model config's, as MFTCoder
+    if targets is None:
+        assert result.config["model"]["lora"]["target_modules"] == "all-linear"
+        assert "all-linear covers attention, the routed experts" in text
+    else:
+        assert "w1 and w3 adapt the fused experts' gate_up_proj" in text
