@@ -342,3 +342,60 @@ def test_mftcoder_import_of_a_mixtral_config_says_what_the_adapter_covers(tmp_pa
         assert "all-linear covers attention, the routed experts" in text
     else:
         assert "w1 and w3 adapt the fused experts' gate_up_proj" in text
+
+
+# ---------------------------------------------------------------------------------------------------- QLoRA
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_nf4_experts_close_to_bf16_and_adapters_train(tiny_dir, family):
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor
+
+    model_dir = tiny_dir(family)
+    batch = _batch()
+    lora = {"rank": 4, "alpha": 8, "target_modules": TARGETS}
+    bf16 = build_model(model_dir, method="lora", dtype="bf16", attn_implementation="eager", lora=lora)
+    qlora = build_model(model_dir, method="qlora", dtype="bf16", attn_implementation="eager", lora=lora)
+    experts = qlora.hf_model.model.layers[0].mlp.experts
+    assert isinstance(experts.gate_up_proj, NF4Tensor) and experts.gate_up_proj.shape == (4 * 128, 64)
+    with torch.no_grad():
+        ref, _ = bf16(batch)
+        ours, _ = qlora(batch)
+    # NF4 error: a few percent of the per-token loss of a random model, as for dense QLoRA (tests/test_models.py)
+    assert (ours.float().mean() - ref.float().mean()).abs() < 0.05 * ref.float().mean()
+    _randomise_lora_b(qlora)
+    losses, aux = qlora(batch)
+    (losses.mean() + aux).backward()
+    grads = {n: p.grad for n, p in qlora.named_parameters() if p.requires_grad}
+    assert any(".experts.lora." in n for n in grads)
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
+    # the merged (dequantised) model computes what the QLoRA model computes
+    with torch.no_grad():
+        before, _ = qlora(batch)
+        merge_lora_weights(qlora.hf_model)
+        after, _ = qlora(batch)
+    torch.testing.assert_close(after.float(), before.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.slow
+def test_fsdp2_expert_adapters_match_single_process(tmp_path):
+    """Expert and router adapters (plain and over NF4 experts) sharded by FSDP2 over 2 ranks: the loss, every
+    adapter gradient and the gathered adapter equal one process's."""
+    from pathlib import Path
+
+    from tests.conftest import run_torchrun
+
+    model_dir = make_tiny_model_dir(tmp_path / "mixtral", "mixtral", vocab_size=1024)
+    script = Path(__file__).parent / "dist" / "fsdp_model_check.py"
+    proc = run_torchrun(script, f"{model_dir}=lora:experts,qlora:experts")
+    for spec in ("lora:experts", "qlora:experts"):
+        assert f"OK {model_dir} {spec}" in proc.stdout
+
+
+def test_router_aux_loss_of_a_padding_only_micro_batch_is_zero():
+    """A rank's micro-batch can be all padding: its load-balancing loss is 0 with a finite gradient, not NaN."""
+    from mft_components.models.moe import router_aux_loss
+
+    logits = torch.randn(2, 6, 4, requires_grad=True)
+    aux = router_aux_loss((logits,), 4, 2, torch.zeros(2, 6, dtype=torch.bool))
+    aux.backward()
+    assert aux.item() == 0 and torch.isfinite(logits.grad).all()

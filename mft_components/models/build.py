@@ -24,7 +24,7 @@ from torch import nn
 from mft_components.device import gpu_too_old
 from mft_components.distributed import get_rank
 from mft_components.models.attention import BACKENDS, resolve_attn_implementation
-from mft_components.models.expert_lora import apply_expert_lora, expert_target_names
+from mft_components.models.expert_lora import apply_expert_lora, expert_target_names, quantize_experts
 from mft_components.models.liger import apply_liger_kernels, resolve_liger
 from mft_components.models.lora import (
     LoRALinear,
@@ -32,6 +32,7 @@ from mft_components.models.lora import (
     NF4Linear,
     NF4Tensor,
     nf4_block_sizes,
+    quantize_nf4,
     set_trainable_params,
 )
 from mft_components.models.model import MFTModel, decoder_layers
@@ -182,6 +183,8 @@ def apply_lora(hf_model: nn.Module, lora: dict, quantize_base: bool) -> list[str
             setattr(layer.get_submodule(parent_name) if parent_name else layer, child, new)
         if targets == "all-linear" or set(targets) & set(expert_target_names):
             swapped += [f"layers.{layer_idx}.{p}" for p in apply_expert_lora(layer, targets, lora)]
+        if quantize_base:  # QLoRA: the routed experts (most of a MoE model's weights) in NF4 too
+            quantize_experts(layer, quantize_nf4)
     if not swapped:
         raise ValueError(
             f"model.lora.target_modules: {targets!r} matched no nn.Linear, MoE expert or router in the decoder "

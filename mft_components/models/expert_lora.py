@@ -7,8 +7,8 @@ with a 2-D ``weight [E, H]``. A ``ParamLoRA`` holds per-expert low-rank factors 
     A [E, r, in]   B [E, out, r]        W_e  ->  W_e + scale * B_e @ A_e      (one batched matmul over e)
 
 and the owning module's class is swapped for a subclass whose attribute ``gate_up_proj`` (``down_proj``,
-``weight``) reads as that sum, so transformers' own expert computation (grouped_mm, batched_mm or its eager loop)
-runs unchanged on the adapted weights: no Python loop over tokens, and an expert's factors receive gradient only
+``weight``) reads as that sum inside its forward (everywhere else: the stored parameter), so transformers' own
+expert computation (grouped_mm, batched_mm or its eager loop) runs unchanged on the adapted weights: no Python loop over tokens, and an expert's factors receive gradient only
 from the tokens routed to it. The base parameter keeps its name and its place in ``_parameters`` (checkpoint
 loading, FSDP2 and state dicts see the plain weight). Dropout cannot apply to a weight-space update; these
 adapters train without it (as peft's ``target_parameters`` do).
@@ -28,7 +28,8 @@ from torch import nn
 
 __all__ = ["ParamLoRA", "EXPERT_PARAMS", "apply_expert_lora", "expert_targets", "lora_target_parameters",
            "param_adapters_to_peft", "peft_to_param_adapters", "merge_param_lora", "init_param_lora",
-           "MFTCODER_EXPERT_NAMES", "expert_target_names", "ExpertLayout"]
+           "MFTCODER_EXPERT_NAMES", "expert_target_names", "ExpertLayout", "quantize_experts",
+           "fold_param_adapters", "expert_count"]
 
 # Fused expert parameters, in the order every transformers family registers them (peft nests in this order).
 EXPERT_PARAMS = ("gate_up_proj", "up_proj", "down_proj")
@@ -89,28 +90,35 @@ def init_param_lora(a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def _adapted_weight(module: nn.Module, name: str) -> torch.Tensor:
-    base = module._parameters[name]
     cache = module.__dict__.get("_lora_weights")
     if cache is not None and name in cache:
         return cache[name]
-    adapter = module._modules["lora"][name]
-    delta = adapter.delta()
-    return base + delta.to(base.dtype)
+    base = module._parameters[name]
+    shape = module.__dict__.get("_nf4_shapes", {}).get(name)
+    if shape is not None:  # a 4-bit base stored [E*out, in]: dequantised to the compute dtype, as a LoRALinear's
+        base = base.to(module._nf4_dtype).view(shape)
+    adapters = module._modules.get("lora")
+    if adapters is None or name not in adapters:
+        return base
+    return base + adapters[name].delta().to(base.dtype)
 
 
 def _param_property(name: str) -> property:
+    # Only inside the module's forward does the name read as the adapted weight: everything else (FSDP2, which
+    # re-reads its parameters with getattr, state dicts, optimizers) sees the stored parameter itself.
     def get(self):
-        adapters = self._modules.get("lora")
-        if adapters is not None and name in adapters:
-            return _adapted_weight(self, name)
+        cache = self.__dict__.get("_lora_weights")
+        if cache is not None and name in cache:
+            return cache[name]
         return nn.Module.__getattr__(self, name)
 
-    return property(get, doc=f"{name}, plus its LoRA update when it has one")
+    return property(get, doc=f"{name}; inside forward: dequantised and plus its LoRA update where it has them")
 
 
 def _forward_once(self, *args, **kwargs):
     # The eager expert loop reads gate_up_proj[e] once per expert: build each adapted weight once per forward.
-    self._lora_weights = {name: _adapted_weight(self, name) for name in self._modules["lora"]}
+    names = set(self._modules.get("lora") or ()) | set(self.__dict__.get("_nf4_shapes", {}))
+    self._lora_weights = {name: _adapted_weight(self, name) for name in names}
     try:
         return super(type(self), self).forward(*args, **kwargs)
     finally:
@@ -121,6 +129,8 @@ _ADAPTED_CLASSES: dict[type, type] = {}
 
 
 def _adapted_class(cls: type) -> type:
+    if cls in _ADAPTED_CLASSES.values():
+        return cls
     if cls not in _ADAPTED_CLASSES:
         attrs = {name: _param_property(name) for name in (*EXPERT_PARAMS, "weight")}
         attrs["forward"] = _forward_once
@@ -166,13 +176,36 @@ def expert_targets(layer: nn.Module, targets) -> dict[str, list[str]]:
     return out
 
 
+def quantize_experts(layer: nn.Module, quantize) -> int:
+    """QLoRA: store every fused expert parameter of ``layer`` as a 2-D NF4 weight ``[E*out, in]`` (torchao's NF4
+    is 2-D; FSDP2 shards it by rows like any NF4 weight), read back dequantised to its dtype in the 3-D shape.
+    ``quantize``: ``lora.quantize_nf4``. Loading reshapes the checkpoint's 3-D tensor to the stored 2-D one.
+    Returns the number of parameters quantised."""
+    count = 0
+    for _, module in list(layer.named_modules()):
+        for name in _fused_params(module):
+            base = module._parameters[name]
+            shape = tuple(base.shape)
+            flat = torch.empty(shape[0] * shape[1], shape[2], dtype=base.dtype, device=base.device)
+            try:
+                weight = quantize(flat)
+            except ValueError:  # a size NF4 cannot block: keep it as it is
+                continue
+            module._parameters[name] = nn.Parameter(weight, requires_grad=False)
+            module.__dict__.setdefault("_nf4_shapes", {})[name] = shape
+            module._nf4_dtype = base.dtype
+            module.__class__ = _adapted_class(type(module))
+            count += 1
+    return count
+
+
 def apply_expert_lora(layer: nn.Module, targets, lora: dict) -> list[str]:
     """Give the experts / routers of ``layer`` that ``targets`` select a ``ParamLoRA`` per adapted parameter
     (meta device is fine; ``init_param_lora`` initialises them). Returns the adapted parameters' paths."""
     adapted = []
     for path, names in expert_targets(layer, targets).items():
         module = layer.get_submodule(path)
-        transposed = bool(getattr(module, "is_transposed", False)) and module._parameters[names[0]].ndim == 3
+        transposed = bool(getattr(module, "is_transposed", False)) and names[0] != "weight"
         adapters = nn.ModuleDict()
         for name in names:
             base = module._parameters[name]
@@ -182,6 +215,28 @@ def apply_expert_lora(layer: nn.Module, targets, lora: dict) -> list[str]:
         module.lora = adapters
         module.__class__ = _adapted_class(type(module))
     return adapted
+
+
+@torch.no_grad()
+def fold_param_adapters(model: nn.Module) -> None:
+    """Merge every ParamLoRA into its base parameter (NF4 experts dequantised) and give each module back its
+    transformers class: the model computes what it computed, as plain transformers modules."""
+    for module in list(model.modules()):
+        if type(module) not in _ADAPTED_CLASSES.values():
+            continue
+        names = set(module._modules.get("lora") or ()) | set(module.__dict__.get("_nf4_shapes", {}))
+        merged = {name: _adapted_weight(module, name).detach() for name in names}
+        for name, weight in merged.items():
+            module._parameters[name] = nn.Parameter(weight.clone(), requires_grad=False)
+        module._modules.pop("lora", None)
+        module.__dict__.pop("_nf4_shapes", None)
+        module.__class__ = module.__class__.__bases__[0]
+
+
+def expert_count(module: nn.Module, name: str) -> int:
+    """E of a fused expert parameter, also when it is stored as 2-D NF4 (``quantize_experts``)."""
+    shape = module.__dict__.get("_nf4_shapes", {}).get(name)
+    return shape[0] if shape is not None else module._parameters[name].shape[0]
 
 
 def lora_target_parameters(model: nn.Module) -> list[str]:

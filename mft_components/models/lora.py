@@ -31,7 +31,7 @@ from torchao.quantization import to_nf4
 from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor as _torchao_nf4
 from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor, SubclassTensorArgs
 
-from mft_components.models.expert_lora import ParamLoRA, param_adapters_to_peft, peft_to_param_adapters
+from mft_components.models.expert_lora import fold_param_adapters, param_adapters_to_peft, peft_to_param_adapters
 
 
 class LoRAOptions(TypedDict, total=False):
@@ -378,15 +378,8 @@ def merge_lora_weights(model: nn.Module) -> nn.Module:
     Returns:
         nn.Module: `model`, now free of LoRALinear modules (its state dict has the base model's keys).
     """
+    fold_param_adapters(model)  # MoE experts / routers (expert_lora)
     for name, module in list(model.named_modules()):
-        if isinstance(module._modules.get("lora"), nn.ModuleDict) and all(
-                isinstance(m, ParamLoRA) for m in module._modules["lora"].values()):
-            for param, adapter in module._modules["lora"].items():
-                base = module._parameters[param]
-                base.data = (base.data.float() + adapter.delta().float()).to(base.dtype)
-            del module.lora
-            module.__class__ = module.__class__.__bases__[0]  # expert_lora swapped it for a subclass
-            continue
         if isinstance(module, LoRALinear):
             weight = module.merged_weight()
         elif isinstance(module, NF4Linear):

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from mft_components.models.expert_lora import ParamLoRA, init_param_lora
+from mft_components.models.expert_lora import ParamLoRA, expert_count, init_param_lora
 from mft_components.models.lora import LoRALinear
 from mft_components.models.model import MFTModel
 from mft_components.models.parallelize import make_param_like
@@ -114,7 +114,7 @@ class _KeyMapper:
 
     def _expected(self, target: str) -> int:
         mod, attr = self.owners[target][0]
-        return mod._parameters[attr].shape[0]
+        return expert_count(mod, attr)
 
 
 @torch.no_grad()
@@ -189,6 +189,8 @@ def _is_meta(t: torch.Tensor) -> bool:
 def _assign(own: list[tuple[nn.Module, str]], full: torch.Tensor, device, dtype, where: str) -> None:
     mod, attr = own[0]
     old = mod._parameters[attr]
+    if full.ndim == 3 and attr in mod.__dict__.get("_nf4_shapes", {}) and tuple(full.shape) == mod._nf4_shapes[attr]:
+        full = full.reshape(old.shape)  # fused experts stored as 2-D NF4 (expert_lora.quantize_experts)
     if tuple(old.shape) != tuple(full.shape):
         raise ValueError(f"{where}: checkpoint shape {tuple(full.shape)} != model shape {tuple(old.shape)}")
     # copy=True: never keep a parameter backed by the memory-mapped checkpoint file
