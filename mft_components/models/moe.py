@@ -1,8 +1,8 @@
 """Mixture-of-experts models: the router's load-balancing loss over real tokens, and the expert count.
 
-The routed experts of MoE families are fused 3-D parameters in transformers 5 (not ``nn.Linear``): LoRA goes on
-attention and the dense / shared-expert MLPs (``build.DEFAULT_LORA_TARGETS``) and the experts stay frozen;
-``MFTModel.forward`` adds ``router_aux_loss`` when the config asks for it (``loss.router_aux_loss_coef``).
+The routed experts of MoE families are fused 3-D parameters in transformers 5 (not ``nn.Linear``); their LoRA
+(``target_modules: experts``, ``router``, ...) is ``expert_lora.py``. ``MFTModel.forward`` returns
+``router_aux_loss``; the loss adds it times ``loss.router_aux_loss_coef`` (default: the model config's).
 """
 
 from __future__ import annotations
