@@ -121,11 +121,11 @@ def _reference_expert_grads(experts, hidden, top_k_index, top_k_weights):
     return out
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"])
 def test_expert_gradients_match_a_per_expert_loop(tiny_dir, family):
     model = _build(tiny_dir(family), targets=["experts"])
     _randomise_lora_b(model)
-    experts = model.hf_model.model.layers[0].mlp.experts
+    experts = model.hf_model.model.layers[-1].mlp.experts  # DeepSeek-V3's first layer is dense
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(9, model.config.hidden_size, generator=g)
     top_k_index = torch.tensor([[0, 1], [1, 0], [0, 1], [1, 0], [0, 1], [1, 0], [1, 0], [0, 1], [1, 0]])
@@ -399,3 +399,9 @@ def test_router_aux_loss_of_a_padding_only_micro_batch_is_zero():
     aux = router_aux_loss((logits,), 4, 2, torch.zeros(2, 6, dtype=torch.bool))
     aux.backward()
     assert aux.item() == 0 and torch.isfinite(logits.grad).all()
+
+
+def test_expert_targets_on_a_dense_model_are_a_config_error(tmp_path):
+    model_dir = make_tiny_model_dir(tmp_path / "llama", "llama", vocab_size=VOCAB)
+    with pytest.raises(ValueError, match=r"\['experts'\] name MoE experts / routers, but LlamaForCausalLM is not"):
+        build_model(model_dir, method="lora", dtype="fp32", lora={"target_modules": ["q_proj", "experts"]})

@@ -163,6 +163,10 @@ def apply_lora(hf_model: nn.Module, lora: dict, quantize_base: bool) -> list[str
     """
     targets = lora["target_modules"]
     layers = decoder_layers(hf_model)
+    moe_names = sorted(set(targets) & set(expert_target_names)) if targets != "all-linear" else []
+    if moe_names and num_experts(hf_model.config) is None:
+        raise ValueError(f"model.lora.target_modules: {moe_names} name MoE experts / routers, but "
+                         f"{type(hf_model).__name__} is not a mixture-of-experts model; remove them")
     swapped = []
     for layer_idx, layer in enumerate(layers):
         for name, module in list(layer.named_modules()):
