@@ -405,3 +405,15 @@ def test_expert_targets_on_a_dense_model_are_a_config_error(tmp_path):
     model_dir = make_tiny_model_dir(tmp_path / "llama", "llama", vocab_size=VOCAB)
     with pytest.raises(ValueError, match=r"\['experts'\] name MoE experts / routers, but LlamaForCausalLM is not"):
         build_model(model_dir, method="lora", dtype="fp32", lora={"target_modules": ["q_proj", "experts"]})
+
+
+def test_shipped_mixtral_config_adapts_experts_and_router(tiny_dir):
+    import yaml
+
+    from mft_components.config.registry import configs_dir
+    from mft_components.models.build import build_meta_model
+
+    cfg = yaml.safe_load((configs_dir() / "mixtral_qlora.yaml").read_text())
+    model, lora = build_meta_model(tiny_dir("mixtral"), cfg["model"]["method"], cfg["model"]["lora"], "bf16")
+    adapted = {n.split(".lora.")[-1] for n, m in model.named_modules() if isinstance(m, ParamLoRA)}
+    assert adapted == {"gate_up_proj", "down_proj", "weight"}
