@@ -84,7 +84,8 @@ from mft_components.distributed import (
     is_collective_timeout,
     run_in_step,
 )
-from mft_components.models import prepare_batch
+from mft_components.models import num_experts, prepare_batch
+from mft_components.models.expert_lora import lora_target_parameters
 from mft_components.models.lora import adapter_to_peft_state_dict, lora_target_names, peft_adapter_config
 from mft_components.models.parallelize import gather_state_dict, report_compile
 from mft_components.recipe_config.schema import LoRARecipeConfig
@@ -230,6 +231,10 @@ class LoRAFinetuneRecipe:
         except ValueError as e:  # settings this machine cannot run (an attention or kernels of another device)
             sys.exit(f"config error: {e}")
         self.model.train()
+        moe = num_experts(self.model.config) is not None
+        why = self.loss_fn.resolve_router_aux_loss_coef(self.model.config, moe)
+        if moe and self.is_rank0:
+            print(f"[mft] {why}", flush=True)
 
     def _setup_optimizer(self) -> None:
         """The optimizer over the trainable parameters only (the adapters); fused AdamW on CUDA (one kernel for all
@@ -451,7 +456,8 @@ class LoRAFinetuneRecipe:
         return {
             "weights": adapter_to_peft_state_dict(adapter),
             "adapter_config": peft_adapter_config(self.base_model_dir, lora["rank"], lora["alpha"], lora["dropout"],
-                                                  lora_target_names(self.model), lora.get("use_rslora", False)),
+                                                  lora_target_names(self.model), lora.get("use_rslora", False),
+                                                  lora_target_parameters(self.model)),
         }
 
     def save_checkpoint(self, evaluations_pending: bool = False) -> None:

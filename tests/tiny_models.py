@@ -120,6 +120,53 @@ TINY_CONFIGS: dict[str, Callable[[int], transformers.PretrainedConfig]] = {
 MOE_FAMILIES = ("qwen3_moe",)
 
 
+# More MoE families with fused experts (transformers 5), used by tests/test_moe.py: 4 experts, 2 per token,
+# expert width 64. Kept out of TINY_CONFIGS so that the dense-model tests parametrised over it stay as fast.
+def _mixtral(vocab_size: int) -> transformers.PretrainedConfig:
+    kwargs = _common(vocab_size) | {"intermediate_size": 64}
+    return transformers.MixtralConfig(**kwargs, head_dim=HEAD_DIM, num_local_experts=4, num_experts_per_tok=2,
+                                      sliding_window=None, tie_word_embeddings=False)
+
+
+def _qwen2_moe(vocab_size: int) -> transformers.PretrainedConfig:
+    # Qwen2-MoE: a shared expert (dense MLP) gated by shared_expert_gate, an nn.Linear [1, H].
+    return transformers.Qwen2MoeConfig(**_common(vocab_size), moe_intermediate_size=64,
+                                       shared_expert_intermediate_size=128, num_experts=4, num_experts_per_tok=2,
+                                       decoder_sparse_step=1, tie_word_embeddings=False)
+
+
+def _olmoe(vocab_size: int) -> transformers.PretrainedConfig:
+    kwargs = _common(vocab_size) | {"intermediate_size": 64}
+    return transformers.OlmoeConfig(**kwargs, num_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)
+
+
+def _gpt_oss(vocab_size: int) -> transformers.PretrainedConfig:
+    # GPT-OSS: experts stored transposed [E, in, out] with biases, interleaved gate/up, a router with a bias.
+    kwargs = _common(vocab_size) | {"intermediate_size": 64}
+    return transformers.GptOssConfig(**kwargs, head_dim=HEAD_DIM, num_local_experts=4, num_experts_per_tok=2,
+                                     sliding_window=128, layer_types=["sliding_attention", "full_attention"],
+                                     tie_word_embeddings=False)
+
+
+def _deepseek_v3(vocab_size: int) -> transformers.PretrainedConfig:
+    # DeepSeek-V3: MLA attention (no GQA), a dense first layer, grouped sigmoid routing with a float32 router.
+    kwargs = _common(vocab_size) | {"num_key_value_heads": HEADS}
+    return transformers.DeepseekV3Config(
+        **kwargs, moe_intermediate_size=64, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+        n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
+        qk_rope_head_dim=16, v_head_dim=16, tie_word_embeddings=False, rope_interleave=True)
+
+
+MOE_CONFIGS: dict[str, Callable[[int], transformers.PretrainedConfig]] = {
+    "qwen3_moe": _qwen3_moe,
+    "mixtral": _mixtral,
+    "qwen2_moe": _qwen2_moe,
+    "olmoe": _olmoe,
+    "gpt_oss": _gpt_oss,
+    "deepseek_v3": _deepseek_v3,
+}
+
+
 def make_tiny_model_dir(
     path: str | Path,
     family: str = "llama",
@@ -145,11 +192,12 @@ def make_tiny_model_dir(
     Raises:
         KeyError: unknown family.
     """
-    if family not in TINY_CONFIGS:
-        raise KeyError(f"unknown tiny model family {family!r}; expected one of {sorted(TINY_CONFIGS)}")
+    configs = TINY_CONFIGS | MOE_CONFIGS
+    if family not in configs:
+        raise KeyError(f"unknown tiny model family {family!r}; expected one of {sorted(configs)}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    config = TINY_CONFIGS[family](vocab_size)
+    config = configs[family](vocab_size)
     if tokenizer_dir is not None:
         tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
         config.bos_token_id = tok.bos_token_id

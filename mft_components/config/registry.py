@@ -25,6 +25,7 @@ RECIPE_CONFIGS: dict[str, tuple[str, ...]] = {
         "mistral_lora",
         "starcoder2_lora",
         "deepseek_coder_lora",
+        "mixtral_qlora",
     ),
     "full_finetune_distributed": ("qwen_full",),
     "preference_finetune_distributed": ("qwen_dpo",),

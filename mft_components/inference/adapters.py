@@ -17,12 +17,14 @@ from pathlib import Path
 
 import torch
 
+from mft_components.models.expert_lora import merge_param_lora, peft_to_param_adapters
 from mft_components.training.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CheckpointError, load_safetensors
 
 LEGACY_ADAPTER_WEIGHTS = "adapter_model.bin"  # peft before 0.6 and MFTCoder's older adapters
 
 __all__ = ["ExportError", "LoRAAdapter", "LEGACY_ADAPTER_WEIGHTS", "lora_scale", "adapter_weights_file",
-           "read_adapter_tensors", "read_adapter", "merge_lora_tensor", "check_finite_tensor"]
+           "read_adapter_tensors", "read_adapter", "merge_lora_tensor", "check_finite_tensor",
+           "plan_param_merges", "merge_planned"]
 
 _PEFT_KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?P<which>[AB])\.weight$")
 _PEFT_PREFIX = "base_model.model."
@@ -33,7 +35,6 @@ _UNMERGEABLE_OPTIONS = {
     "rank_pattern": "per-module ranks",
     "alpha_pattern": "per-module alphas",
     "layer_replication": "layers are replicated",
-    "target_parameters": "LoRA on raw parameters (e.g. fused MoE experts)",
     "trainable_token_indices": "trained token embeddings",
     "alora_invocation_tokens": "activated LoRA applies only after its invocation tokens",
     "use_qalora": "QA-LoRA pools its inputs",
@@ -63,6 +64,8 @@ class LoRAAdapter:
     scale: float
     replaced: dict[str, torch.Tensor] = field(default_factory=dict)
     fan_in_fan_out: bool = False
+    # peft target_parameters (fused MoE experts, routers): base tensor name -> (A [E, r, in], B [E, out, r]) or 2-D
+    params: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 def lora_scale(adapter_config: dict) -> float:
@@ -151,8 +154,23 @@ def read_adapter(adapter_dir: str | Path) -> LoRAAdapter:
     saved_modules = tuple(config.get("modules_to_save") or ())
     halves: dict[str, dict[str, torch.Tensor]] = {}
     replaced: dict[str, torch.Tensor] = {}
-    for key, tensor in read_adapter_tensors(w_path).items():
+    tensors = read_adapter_tensors(w_path)
+    for key, tensor in tensors.items():
         check_finite_tensor(tensor, f"{w_path}: tensor {key}", "the adapter is corrupted, or training diverged")
+    params = {}
+    if config.get("target_parameters"):  # peft's ParamWrapper layout: fused experts, routers
+        try:
+            rest, factors = peft_to_param_adapters(
+                {k.removeprefix(_PEFT_PREFIX).replace(".default.weight", ".weight"): v for k, v in tensors.items()},
+                config["target_parameters"], config["r"])
+        except ValueError as e:
+            raise ExportError(f"{w_path}: {e}") from e
+        tensors = {_PEFT_PREFIX + k: v for k, v in rest.items()}
+        for key, a in factors.items():
+            if key.endswith(".lora_a.weight"):
+                owner, _, param = key[: -len(".lora_a.weight")].rpartition(".lora.")
+                params[f"{owner}.{param}"] = (a, factors[key.replace(".lora_a.weight", ".lora_b.weight")])
+    for key, tensor in tensors.items():
         m = _PEFT_KEY.match(key)
         if m is not None:
             halves.setdefault(m["path"], {})[m["which"]] = tensor
@@ -177,7 +195,7 @@ def read_adapter(adapter_dir: str | Path) -> LoRAAdapter:
                               f"match r={config['r']} from {cfg_path} (expected [r, in] and [out, r])")
         pairs[path] = (a, b)
     return LoRAAdapter(config=config, pairs=pairs, scale=lora_scale(config), replaced=replaced,
-                       fan_in_fan_out=bool(config.get("fan_in_fan_out")))
+                       fan_in_fan_out=bool(config.get("fan_in_fan_out")), params=params)
 
 
 def check_finite_tensor(tensor: torch.Tensor, what: str, why: str) -> None:
@@ -205,3 +223,85 @@ def merge_lora_tensor(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, sc
     if fan_in_fan_out:
         return torch.addmm(weight.float(), a.float().t(), b.float().t(), alpha=scale)
     return torch.addmm(weight.float(), b.float(), a.float(), alpha=scale)
+
+
+# MFTCoder's (transformers 4) Mixtral names: each expert's w1 (gate), w3 (up), w2 (down) linears and the router
+# `block_sparse_moe.gate`; transformers 5 stores them fused: mlp.experts.gate_up_proj [E, 2I, H] = [w1; w3] per
+# expert, mlp.experts.down_proj [E, H, I] = w2, mlp.gate.weight.
+_LEGACY_EXPERT = re.compile(r"^(?P<layer>.+)\.block_sparse_moe\.experts\.(?P<e>\d+)\.(?P<w>w[123])$")
+_LEGACY_ROUTER = re.compile(r"^(?P<layer>.+)\.block_sparse_moe\.gate$")
+_LEGACY_FUSED = {"w1": "gate_up_proj", "w3": "gate_up_proj", "w2": "down_proj"}
+
+
+def plan_param_merges(adapter: LoRAAdapter, shapes: dict[str, tuple], layout) -> dict[str, list[tuple]]:
+    """What merges into each base tensor on disk that holds (part of) a fused expert or router parameter:
+    ``{file tensor name: [(index into it or None, A, B, transposed)]}``.
+
+    Covers the adapter's ``target_parameters`` onto either file layout (fused tensors, or one tensor per expert
+    as transformers saves Mixtral / Qwen-MoE: each gets its expert's factors, B cut to its rows), and MFTCoder's
+    per-expert ``w1`` / ``w2`` / ``w3`` and ``block_sparse_moe.gate`` pairs onto fused files (those pairs leave
+    ``adapter.pairs``; onto per-expert files they merge as they are).
+
+    Args:
+        shapes: the base's file tensor names and shapes.
+        layout: ``expert_lora.ExpertLayout`` of the base.
+
+    Raises:
+        ExportError: an adapted parameter the base does not have, or one it stores in a layout not handled.
+    """
+    plan: dict[str, list[tuple]] = {}
+    by_param: dict[str, list[tuple]] = {}
+    for disk in shapes:
+        name, part, parts, expert = layout.source(disk)
+        by_param.setdefault(name, []).append((disk, part, parts, expert))
+    for name, (a, b) in adapter.params.items():
+        if name not in by_param:
+            raise ExportError(f"the adapter targets the parameter {name}, which the base model does not have; was "
+                              f"it trained on another base model? Pass the right one with --base")
+        transposed = a.ndim == 3 and name in layout.transposed
+        for disk, part, parts, expert in by_param[name]:
+            if expert is None:
+                plan.setdefault(disk, []).append((None, a, b, transposed))
+                continue
+            if transposed or a.ndim != 3:
+                raise ExportError(f"{name}: the base stores it per expert in {disk}, a layout the merge does not "
+                                  f"handle for this architecture")
+            rows = b.shape[1] // parts
+            plan.setdefault(disk, []).append((None, a[expert], b[expert, part * rows:(part + 1) * rows], False))
+    for path in list(adapter.pairs):
+        if f"{path}.weight" in shapes:
+            continue
+        expert, router = _LEGACY_EXPERT.match(path), _LEGACY_ROUTER.match(path)
+        if expert is not None:
+            fused = f"{expert['layer']}.mlp.experts.{_LEGACY_FUSED[expert['w']]}"
+            half = {"w1": 0, "w3": 1}.get(expert["w"])
+            e = int(expert["e"])
+        elif router is not None:
+            fused, half, e = f"{router['layer']}.mlp.gate.weight", None, None
+        else:
+            continue
+        whole = [disk for disk, _, _, ex in by_param.get(fused, []) if ex is None]
+        if len(whole) != 1 or fused in layout.transposed:
+            continue
+        a, b = adapter.pairs.pop(path)
+        rows = shapes[whole[0]][1] // 2 if half is not None else None
+        index = None if e is None else (e,) if half is None else (e, slice(half * rows, (half + 1) * rows))
+        plan.setdefault(whole[0], []).append((index, a, b, False))
+    return plan
+
+
+def merge_planned(weight: torch.Tensor, entries: list[tuple], scale: float, name: str) -> torch.Tensor:
+    """``weight`` (a float32 copy) plus every planned update (``plan_param_merges``).
+
+    Raises:
+        ExportError: an update's shape does not fit.
+    """
+    out = weight.to(torch.float32, copy=True)
+    for index, a, b, transposed in entries:
+        target = out if index is None else out[index]
+        try:
+            target.copy_(merge_param_lora(target, a, b, scale, transposed, name))
+        except ValueError as e:
+            raise ExportError(f"{e}; was this adapter trained on another base model? Pass the right one with "
+                              f"--base") from e
+    return out

@@ -46,12 +46,15 @@ from mft_components.inference.adapters import (
     ExportError,
     LoRAAdapter,
     adapter_weights_file,
+    merge_planned,
     merge_lora_tensor,
+    plan_param_merges,
     read_adapter,
     read_adapter_tensors,
 )
 from mft_components.inference.export_args import add_arguments
 from mft_components.inference.gguf import convert_after_export, convert_export_dir
+from mft_components.models.expert_lora import ExpertLayout
 from mft_components.inference.shards import (
     DTYPE_NAMES,
     OUTPUT_DTYPES,
@@ -411,6 +414,8 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, base: 
             def transform(spec, t):
                 if spec.name in adapter.replaced:  # a bias or module the adapter trained in place of the base's
                     return adapter.replaced[spec.name]
+                if spec.name in param_plan:  # fused MoE experts / router (expert_lora)
+                    return merge_planned(t, param_plan[spec.name], adapter.scale, f"{spec.name} (from {spec.file})")
                 if spec.name not in by_weight:
                     return t
                 a, b = by_weight[spec.name]
@@ -423,6 +428,7 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, base: 
             raise ExportError(str(e)) from e
         specs = read_specs(files, out_dtype)
         if not full:
+            param_plan = _plan_param_merges(adapter, specs, weights_dir)
             _check_adapter_against_base(adapter, specs, weights_dir)
 
         tokenizer = _load_tokenizer(tokenizer_dir or _find_tokenizer_dir(checkpoint_dir, meta, base_dir),
@@ -471,6 +477,14 @@ def _swap_in(new: Path, out: Path) -> None:
     else:
         os.replace(new, out)  # nothing there, or an empty directory (rename replaces it)
     (out / _PARTIAL_MARK).unlink()
+
+
+def _plan_param_merges(adapter: LoRAAdapter, specs: list[TensorSpec], base_dir: Path) -> dict:
+    """Fused MoE experts / routers (``adapters.plan_param_merges``); the base's layout is read only when needed."""
+    shapes = {s.name: s.shape for s in specs}
+    if not adapter.params and all(f"{path}.weight" in shapes for path in adapter.pairs):
+        return {}
+    return plan_param_merges(adapter, shapes, ExpertLayout(base_dir))
 
 
 def _check_adapter_against_base(adapter: LoRAAdapter, specs: list[TensorSpec], base_dir: Path) -> None:

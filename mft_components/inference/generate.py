@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 from mft_components.data.templates import ChatFormat
-from mft_components.inference.adapters import ExportError, merge_lora_tensor, read_adapter
+from mft_components.inference.adapters import (ExportError, merge_lora_tensor, merge_planned, plan_param_merges,
+                                                read_adapter)
 from mft_components.inference.decoding import generate_batched
 from mft_components.inference.export import CHAT_FORMAT_FILE, remote_code_refused
 from mft_components.inference.generate_args import add_arguments
@@ -125,6 +126,15 @@ def merge_adapter_into(model: torch.nn.Module, adapter_dir: str | Path) -> None:
                 raise GenerateError(f"{where}: the adapter holds {name} {tuple(tensor.shape)}, the model has "
                                     f"{tuple(param.shape)}; is --model the base the adapter was trained on?")
             param.copy_(tensor)
+        # fused MoE experts / routers: the adapter's target_parameters, MFTCoder's per-expert w1 / w2 / w3
+        shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        try:
+            plan = plan_param_merges(adapter, shapes, _LoadedLayout(model))
+        except ExportError as e:
+            raise GenerateError(f"{where}: {e}") from e
+        for name, entries in plan.items():
+            param = model.get_parameter(name)
+            param.copy_(merge_planned(param, entries, adapter.scale, name))
         for path, (a, b) in adapter.pairs.items():
             try:
                 linear = model.get_submodule(path)
@@ -133,6 +143,18 @@ def merge_adapter_into(model: torch.nn.Module, adapter_dir: str | Path) -> None:
                                     f"model has not; is --model the base the adapter was trained on?") from e
             merged = merge_lora_tensor(linear.weight, a, b, adapter.scale, f"{path}.weight", adapter.fan_in_fan_out)
             linear.weight.copy_(merged)
+
+
+class _LoadedLayout:
+    """``expert_lora.ExpertLayout`` of a loaded model: parameters are named as in memory."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.transposed = {f"{path}.{n}" for path, m in model.named_modules() if getattr(m, "is_transposed", False)
+                           for n, p in m.named_parameters(recurse=False) if p.ndim == 3}
+
+    @staticmethod
+    def source(key: str):
+        return key, None, 1, None
 
 
 def load_generation_model(model_dir: str | Path, adapter: str | Path | None = None, dtype: str = "fp32",

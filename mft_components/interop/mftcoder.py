@@ -326,6 +326,9 @@ def report(result: Imported, written_to: str) -> str:
         out += [f"  {target}: {placeholder}  (from {key})" for key, target, placeholder in result.fill_in]
     out.append(f"{len(result.dropped)} MFTCoder key(s) not written, and why:")
     out += [f"  {key}: {why}" for key, why in result.dropped]
+    targets = result.comments.get("model.lora.target_modules")
+    if targets:  # what the adapter covers (MoE experts and router) is worth reading before a long run
+        out.append("model.lora.target_modules: " + " ".join(targets))
     out.append(f"check it: mft validate --config {written_to} --recipe {result.recipe}")
     return "\n".join(out)
 

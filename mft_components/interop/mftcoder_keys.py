@@ -172,11 +172,25 @@ def _lora(name: str) -> Callable[[Any, dict], Out]:
 def _target_modules(value: Any, args: dict) -> Out:
     if args["peft_type"] is None:
         return "full fine-tuning (peft_type null) has no adapter"
+    moe = str(args.get("model_type") or "").endswith(("moe", "mixtral"))
     if not value:  # MFTCoder tests `if args.target_modules`: null, "" and [] all mean every linear layer
-        return {"model.lora.target_modules": ("all-linear", "MFTCoder's default (null): every linear layer")}
+        return {"model.lora.target_modules": ("all-linear", "MFTCoder's default (null): every linear layer"
+                                              + (f"; {_ALL_LINEAR_MOE}" if moe else ""))}
     if isinstance(value, str) and value != "all-linear":
         value = _split_list(value, "target_modules") if value.startswith("[") else [value]
-    return {"model.lora.target_modules": (value, "")}
+    if value == "all-linear":
+        return {"model.lora.target_modules": (value, _ALL_LINEAR_MOE if moe else "")}
+    expert_names = sorted(set(value) & {"w1", "w2", "w3", "gate"})
+    return {"model.lora.target_modules": (value, f"{', '.join(expert_names)}: {_EXPERT_NAMES}" if expert_names else "")}
+
+
+# What MFTCoder's MoE targets become: transformers 5 fuses each layer's experts into 3-D parameters.
+_ALL_LINEAR_MOE = ("in this MoE model all-linear covers attention, the routed experts (fused gate_up_proj / "
+                   "down_proj, MFTCoder's per-expert w1, w3 / w2) and the router (gate), as MFTCoder's did, with "
+                   "loss.router_aux_loss_coef left at the model config's (MFTCoder trains with "
+                   "output_router_logits)")
+_EXPERT_NAMES = ("w1 and w3 adapt the fused experts' gate_up_proj (one rank-r adapter per expert over both "
+                 "halves; MFTCoder had one per half), w2 down_proj, gate the router")
 
 
 def _micro_batch(value: Any, args: dict) -> Out:

@@ -135,7 +135,9 @@ class TaskWeightedLoss:
         coba_tau (float): temperature of the divergence factor.
         coba_update_interval (int): optimiser steps between CoBa updates (see ``coba_due``).
         coba_sample_valid_num (int): validation micro-batches the recipe evaluates per CoBa update.
-        router_aux_loss_coef (float): coefficient of the MoE load-balancing loss.
+        router_aux_loss_coef (float | None): coefficient of the MoE load-balancing loss; None (the default) = the
+            model config's ``router_aux_loss_coef`` for a MoE model (as transformers and MFTCoder train it, set by
+            ``resolve_router_aux_loss_coef`` once the model is known), 0 to turn it off.
 
     Raises:
         ValueError: on an unknown mode, bad weights or hyperparameters (messages name the ``loss.*`` key).
@@ -153,7 +155,7 @@ class TaskWeightedLoss:
         coba_tau: float = 5,
         coba_update_interval: int = 1,
         coba_sample_valid_num: int = 1,
-        router_aux_loss_coef: float = 0.0,
+        router_aux_loss_coef: float | None = None,
     ):
         resolved = LOSS_MODE_ALIASES.get(str(mode).lower(), str(mode).lower())
         if resolved not in LOSS_MODES:
@@ -180,7 +182,12 @@ class TaskWeightedLoss:
         self.chunk_size = int(chunk_size)
         self.projection_dtype = projection_dtype
         self.cross_entropy = cross_entropy
-        self.router_aux_loss_coef = float(router_aux_loss_coef)
+        if router_aux_loss_coef is not None and not (isinstance(router_aux_loss_coef, (int, float))
+                                                     and not isinstance(router_aux_loss_coef, bool)
+                                                     and router_aux_loss_coef >= 0):
+            raise ValueError(f"loss.router_aux_loss_coef: expected a non-negative number (or null: the model "
+                             f"config's), got {router_aux_loss_coef!r}")
+        self.router_aux_loss_coef = None if router_aux_loss_coef is None else float(router_aux_loss_coef)
         self.coba_update_interval = int(coba_update_interval)
         self.coba_sample_valid_num = int(coba_sample_valid_num)
         self._user_weights = task_weights
@@ -196,6 +203,15 @@ class TaskWeightedLoss:
                 "cross_entropy": self.cross_entropy}
 
     # -- setup ------------------------------------------------------------------------------------------------
+
+    def resolve_router_aux_loss_coef(self, model_config, moe: bool) -> str:
+        """Fix the load-balancing coefficient once the model is known: an unset one becomes the MoE model
+        config's ``router_aux_loss_coef`` (0 for a dense model). Returns what was chosen and why, for the log."""
+        if self.router_aux_loss_coef is not None:
+            return f"loss.router_aux_loss_coef: {self.router_aux_loss_coef:g} (from the config)"
+        self.router_aux_loss_coef = float(getattr(model_config, "router_aux_loss_coef", 0.0) or 0.0) if moe else 0.0
+        return (f"loss.router_aux_loss_coef: {self.router_aux_loss_coef:g} (the model config's router_aux_loss_coef; "
+                f"set loss.router_aux_loss_coef: 0 to train without the load-balancing loss)")
 
     def setup(self, task_names: list[str]) -> None:
         """Bind the task list (``MFTData.task_names``) and resolve ``task_weights`` against it.

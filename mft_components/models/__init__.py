@@ -4,6 +4,7 @@
     packed_attention.py  mft's own packed-sequence attentions (per-sample SDPA, varlen_attn) and boundaries
     attention.py         BACKENDS, the one table of attentions, and the `auto` choice per device
     moe.py               the router's load-balancing loss, the expert count
+    expert_lora.py       LoRA on fused MoE experts and routers (ParamLoRA), NF4 experts, peft target_parameters
     liger.py             liger-kernel's RMSNorm / SwiGLU / RoPE kernels (CUDA)
     model.py             MFTModel (decoder + chunked cross entropy in one forward), prepare_batch
     parallelize.py       activation checkpointing, per-layer compile, FSDP2 sharding, gather_state_dict

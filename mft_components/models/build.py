@@ -25,6 +25,7 @@ from torch import nn
 from mft_components.device import gpu_too_old
 from mft_components.distributed import get_rank
 from mft_components.models.attention import BACKENDS, resolve_attn_implementation
+from mft_components.models.expert_lora import apply_expert_lora, expert_target_names, quantize_experts
 from mft_components.models.liger import apply_liger_kernels, resolve_liger
 from mft_components.models.lora import (
     LoRALinear,
@@ -32,6 +33,7 @@ from mft_components.models.lora import (
     NF4Linear,
     NF4Tensor,
     nf4_block_sizes,
+    quantize_nf4,
     set_trainable_params,
 )
 from mft_components.models.model import MFTModel, decoder_layers
@@ -159,10 +161,12 @@ def _parameters_on_meta():
 
 def apply_lora(hf_model: nn.Module, lora: dict, quantize_base: bool) -> list[str]:
     """Swap the target nn.Linears of the decoder layers for LoRALinear (QLoRA: NF4 base; other decoder-layer
-    linears become frozen NF4Linear). Works on the meta device.
+    linears become frozen NF4Linear), and give the MoE experts / routers that ``target_modules`` select their
+    per-expert adapters (``expert_lora``: ``experts``, ``router`` / ``gate``, MFTCoder's ``w1`` / ``w2`` / ``w3``;
+    ``all-linear`` = every linear, the experts and the router). Works on the meta device.
 
     Returns:
-        list[str]: qualified names of the LoRALinear modules.
+        list[str]: qualified names of the LoRALinear modules and adapted expert / router parameters.
 
     Raises:
         ValueError: no linear matched `lora["target_modules"]`.
@@ -170,6 +174,10 @@ def apply_lora(hf_model: nn.Module, lora: dict, quantize_base: bool) -> list[str
     targets = lora["target_modules"]
     layers = decoder_layers(hf_model)
     _check_rank_fits(layers, targets, lora["rank"])
+    moe_names = sorted(set(targets) & set(expert_target_names)) if targets != "all-linear" else []
+    if moe_names and num_experts(hf_model.config) is None:
+        raise ValueError(f"model.lora.target_modules: {moe_names} name MoE experts / routers, but "
+                         f"{type(hf_model).__name__} is not a mixture-of-experts model; remove them")
     swapped = []
     for layer_idx, layer in enumerate(layers):
         for name, module in list(layer.named_modules()):
@@ -188,10 +196,15 @@ def apply_lora(hf_model: nn.Module, lora: dict, quantize_base: bool) -> list[str
                 continue
             parent_name, _, child = name.rpartition(".")
             setattr(layer.get_submodule(parent_name) if parent_name else layer, child, new)
+        if targets == "all-linear" or set(targets) & set(expert_target_names):
+            swapped += [f"layers.{layer_idx}.{p}" for p in apply_expert_lora(layer, targets, lora)]
+        if quantize_base:  # QLoRA: the routed experts (most of a MoE model's weights) in NF4 too
+            quantize_experts(layer, quantize_nf4)
     if not swapped:
         raise ValueError(
-            f"model.lora.target_modules: {targets!r} matched no nn.Linear in the decoder layers of "
-            f"{type(hf_model).__name__}; linear names there: {sorted(_linear_names(layers))}"
+            f"model.lora.target_modules: {targets!r} matched no nn.Linear, MoE expert or router in the decoder "
+            f"layers of {type(hf_model).__name__}; linear names there: {sorted(_linear_names(layers))}"
+            + ("" if num_experts(hf_model.config) is None else "; and experts, router (w1, w2, w3, gate)")
         )
     return swapped
 

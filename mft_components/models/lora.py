@@ -32,6 +32,8 @@ from torchao.quantization import to_nf4
 from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor as _torchao_nf4
 from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor, SubclassTensorArgs
 
+from mft_components.models.expert_lora import fold_param_adapters, param_adapters_to_peft, peft_to_param_adapters
+
 
 class LoRAOptions(TypedDict, total=False):
     """The keys of a config's ``model.lora`` (``mft validate`` checks them against this)."""
@@ -296,24 +298,36 @@ def adapter_to_peft_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str,
     """Rename adapter keys to PEFT's: `<path>.lora_a.weight` -> `base_model.model.<path>.lora_A.weight`.
 
     `<path>` is the module path inside the transformers causal LM (an `MFTModel`'s `hf_model.` prefix and
-    FSDP / activation-checkpoint wrapper names are dropped). Non-adapter keys are ignored.
+    FSDP / activation-checkpoint wrapper names are dropped). Non-adapter keys are ignored. Adapters of expert /
+    router parameters (``<owner>.lora.<param>.lora_a.weight``) take peft's ``target_parameters`` layout
+    (``expert_lora.param_adapters_to_peft``).
     """
     out = {}
+    params = {}
     for key, value in state_dict.items():
         if not _is_adapter_name(key):
             continue
         key = hf_key(key)
+        if ".lora." in key:
+            params[key] = value
+            continue
         key = key.replace(".lora_a.weight", ".lora_A.weight").replace(".lora_b.weight", ".lora_B.weight")
         out[f"base_model.model.{key}"] = value
+    out.update(param_adapters_to_peft(params))
     return out
 
 
-def peft_to_adapter_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Inverse of `adapter_to_peft_state_dict`: PEFT keys -> keys of the transformers model (no `hf_model.`)."""
+def peft_to_adapter_state_dict(state_dict: dict[str, torch.Tensor], target_parameters=None,
+                               rank: int | None = None) -> dict[str, torch.Tensor]:
+    """Inverse of `adapter_to_peft_state_dict`: PEFT keys -> keys of the transformers model (no `hf_model.`).
+    ``target_parameters`` and ``rank`` (the adapter config's) are needed when it adapts expert / router
+    parameters."""
+    state_dict = {k.removeprefix("base_model.model.").replace(".default.weight", ".weight"): v
+                  for k, v in state_dict.items()}
     out = {}
+    if target_parameters:
+        state_dict, out = peft_to_param_adapters(state_dict, target_parameters, rank)
     for key, value in state_dict.items():
-        key = key.removeprefix("base_model.model.")
-        key = key.replace(".lora_A.default.weight", ".lora_a.weight").replace(".lora_B.default.weight", ".lora_b.weight")
         key = key.replace(".lora_A.weight", ".lora_a.weight").replace(".lora_B.weight", ".lora_b.weight")
         out[key] = value
     return out
@@ -340,6 +354,7 @@ def peft_adapter_config(
     dropout: float,
     target_modules: list[str],
     use_rslora: bool = False,
+    target_parameters: list[str] | None = None,
 ) -> dict:
     """The `adapter_config.json` content that `peft.PeftModel.from_pretrained` needs for our adapter.
 
@@ -347,10 +362,14 @@ def peft_adapter_config(
         base_model_dir: the base model directory (recorded as `base_model_name_or_path`).
         rank, alpha, dropout, use_rslora: the LoRA hyper-parameters used in training.
         target_modules: module leaf names carrying adapters (see `lora_target_names`).
+        target_parameters: adapted expert / router parameters (``expert_lora.lora_target_parameters``). peft
+            refuses them with a dropout, which no weight-space update has; the config then says 0 (it changes
+            nothing at inference).
 
     Returns:
         dict: JSON-serialisable PEFT LoraConfig fields.
     """
+    extra = {"target_parameters": sorted(target_parameters), "lora_dropout": 0.0} if target_parameters else {}
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -366,7 +385,7 @@ def peft_adapter_config(
         "init_lora_weights": True,
         "modules_to_save": None,
         "use_dora": False,
-    }
+    } | extra
 
 
 @torch.no_grad()
@@ -379,6 +398,7 @@ def merge_lora_weights(model: nn.Module) -> nn.Module:
     Returns:
         nn.Module: `model`, now free of LoRALinear modules (its state dict has the base model's keys).
     """
+    fold_param_adapters(model)  # MoE experts / routers (expert_lora)
     for name, module in list(model.named_modules()):
         if isinstance(module, LoRALinear):
             weight = module.merged_weight()

@@ -1,8 +1,8 @@
 """Mixture-of-experts models: the router's load-balancing loss over real tokens, and the expert count.
 
-The routed experts of MoE families are fused 3-D parameters in transformers 5 (not ``nn.Linear``): LoRA goes on
-attention and the dense / shared-expert MLPs (``build.DEFAULT_LORA_TARGETS``) and the experts stay frozen;
-``MFTModel.forward`` adds ``router_aux_loss`` when the config asks for it (``loss.router_aux_loss_coef``).
+The routed experts of MoE families are fused 3-D parameters in transformers 5 (not ``nn.Linear``); their LoRA
+(``target_modules: experts``, ``router``, ...) is ``expert_lora.py``. ``MFTModel.forward`` returns
+``router_aux_loss``; the loss adds it times ``loss.router_aux_loss_coef`` (default: the model config's).
 """
 
 from __future__ import annotations
@@ -45,9 +45,15 @@ def router_aux_loss(router_logits, num_experts: int, top_k: int, token_mask: tor
     layers = tuple(t.reshape(-1, t.shape[-1]) for t in router_logits if t is not None)
     if not layers:
         return torch.zeros((), dtype=torch.float32)
-    mask = None if token_mask is None else token_mask.reshape(1, -1).to(torch.float32)
-    if mask is not None and mask.shape[1] != layers[0].shape[0]:
+    if token_mask is None:
+        return load_balancing_loss_func(layers, num_experts, top_k, None).float()
+    mask = token_mask.reshape(1, -1)
+    if mask.shape[1] != layers[0].shape[0]:
         raise ValueError(
             f"router_aux_loss: token_mask has {mask.shape[1]} tokens, router logits have {layers[0].shape[0]} rows"
         )
-    return load_balancing_loss_func(layers, num_experts, top_k, mask).float()
+    # A micro-batch of padding only (a rank's share of a short step) has no real token: 0, not 0/0 = NaN. Its
+    # loss is computed over all rows and multiplied by 0 (a finite value times 0: no NaN gradient, no host sync).
+    any_real = mask.any()
+    safe = torch.where(any_real, mask, torch.ones_like(mask)).to(torch.float32)
+    return load_balancing_loss_func(layers, num_experts, top_k, safe).float() * any_real

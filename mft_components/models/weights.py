@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from mft_components.models.expert_lora import ParamLoRA, expert_count, init_param_lora
 from mft_components.models.lora import LoRALinear
 from mft_components.models.model import MFTModel
 from mft_components.models.parallelize import make_param_like
@@ -113,7 +114,7 @@ class _KeyMapper:
 
     def _expected(self, target: str) -> int:
         mod, attr = self.owners[target][0]
-        return mod._parameters[attr].shape[0]
+        return expert_count(mod, attr)
 
 
 @torch.no_grad()
@@ -128,11 +129,20 @@ def load_weights(model: MFTModel, owners: dict, device: torch.device, dtype: tor
     """
     model_dir = Path(model.model_dir)
     mapper = _KeyMapper(model.hf_model, owners)
+    buffers = _persistent_buffers(model.hf_model)
     unexpected: list[str] = []
     for file in safetensors_files(model_dir):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for key in f.keys():
                 for name, tensor in mapper(key, f.get_tensor(key)):
+                    if name not in owners and name in buffers:  # e.g. DeepSeek-V3's router score correction
+                        mod, attr = buffers[name]
+                        old = mod._buffers[attr]
+                        if tuple(old.shape) != tuple(tensor.shape):
+                            raise ValueError(f"{file.name}: {key}: checkpoint shape {tuple(tensor.shape)} != model "
+                                             f"buffer shape {tuple(old.shape)}")
+                        mod._buffers[attr] = tensor.to(device=old.device, dtype=old.dtype, copy=True)
+                        continue
                     if name not in owners:
                         if not name.endswith("rotary_emb.inv_freq"):
                             unexpected.append(f"{file.name}: {name}")
@@ -161,6 +171,16 @@ def load_weights(model: MFTModel, owners: dict, device: torch.device, dtype: tor
                 mod._buffers[name] = buf.to(device)
 
 
+def _persistent_buffers(module: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """{state-dict name: (module, attribute)} of the buffers a checkpoint holds (persistent ones)."""
+    out = {}
+    for mod_name, mod in module.named_modules():
+        for attr, buf in mod._buffers.items():
+            if buf is not None and attr not in mod._non_persistent_buffers_set:
+                out[f"{mod_name}.{attr}" if mod_name else attr] = (mod, attr)
+    return out
+
+
 def _is_meta(t: torch.Tensor) -> bool:
     local = getattr(t, "_local_tensor", t)
     return local.device.type == "meta"
@@ -169,6 +189,8 @@ def _is_meta(t: torch.Tensor) -> bool:
 def _assign(own: list[tuple[nn.Module, str]], full: torch.Tensor, device, dtype, where: str) -> None:
     mod, attr = own[0]
     old = mod._parameters[attr]
+    if full.ndim == 3 and attr in mod.__dict__.get("_nf4_shapes", {}) and tuple(full.shape) == mod._nf4_shapes[attr]:
+        full = full.reshape(old.shape)  # fused experts stored as 2-D NF4 (expert_lora.quantize_experts)
     if tuple(old.shape) != tuple(full.shape):
         raise ValueError(f"{where}: checkpoint shape {tuple(full.shape)} != model shape {tuple(old.shape)}")
     # copy=True: never keep a parameter backed by the memory-mapped checkpoint file
@@ -201,6 +223,14 @@ _MALLOC_TRIM = None
 def _init_lora(model: MFTModel, device) -> None:
     """Materialise LoRA weights: lora_a Kaiming-uniform from the global RNG (same on every rank), lora_b zeros."""
     for mod in model.modules():
+        if isinstance(mod, ParamLoRA):  # per-expert factors: each expert's A initialised as a LoRALinear's
+            a, b = mod.lora_a.weight, mod.lora_b.weight
+            full_a = torch.empty(a.shape, dtype=a.dtype, device="cpu")
+            full_b = torch.empty(b.shape, dtype=b.dtype, device="cpu")
+            init_param_lora(full_a, full_b)
+            mod.lora_a._parameters["weight"] = make_param_like(a, full_a.to(device))
+            mod.lora_b._parameters["weight"] = make_param_like(b, full_b.to(device))
+            continue
         if not isinstance(mod, LoRALinear):
             continue
         for sub in (mod.lora_a, mod.lora_b):

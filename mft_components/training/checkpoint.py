@@ -559,7 +559,10 @@ def load_adapter(model: torch.nn.Module, ckpt_dir: str | os.PathLike) -> None:
     Raises:
         ValueError: the checkpoint's adapter and the model's LoRA modules do not match (names or shapes).
     """
-    saved = peft_to_adapter_state_dict(load_checkpoint_weights(ckpt_dir))
+    config_path = Path(ckpt_dir) / ADAPTER_CONFIG
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    saved = peft_to_adapter_state_dict(load_checkpoint_weights(ckpt_dir), config.get("target_parameters"),
+                                       config.get("r"))
     seen = set()
     for name, param in model.named_parameters():
         key = hf_key(name)

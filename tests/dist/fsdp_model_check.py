@@ -1,7 +1,8 @@
 """torchrun script: FSDP2-sharded build_model gives the single-process loss and adapter gradients.
 
 Usage: torchrun --nproc-per-node 2 tests/dist/fsdp_model_check.py MODEL_DIR=METHOD[,METHOD] ...
-Every rank builds the unsharded reference too and compares; rank 0 prints OK.
+Every rank builds the unsharded reference too and compares; rank 0 prints OK. A METHOD ``lora:experts`` /
+``qlora:experts`` also puts adapters on the MoE experts and router (expert_lora).
 """
 
 import sys
@@ -31,12 +32,15 @@ def main(specs: list[str]) -> None:
     destroy_distributed()
 
 
-def check(model_dir: str, method: str, rank: int, world: int, device) -> None:
+def check(model_dir: str, spec: str, rank: int, world: int, device) -> None:
     b = batch()
+    method, _, targets = spec.partition(":")
+    lora = {"target_modules": ["q_proj", "experts", "router"]} if targets == "experts" else None
+    kwargs = {} if method == "full" else {"lora": lora}
     torch.manual_seed(0)
-    ref = build_model(model_dir, method=method, dtype="fp32")
+    ref = build_model(model_dir, method=method, dtype="fp32", **kwargs)
     torch.manual_seed(0)
-    model = build_model(model_dir, method=method, dtype="fp32", distributed=True, device=device)
+    model = build_model(model_dir, method=method, dtype="fp32", distributed=True, device=device, **kwargs)
     # Give lora_b non-zero values (same on every rank) so gradients reach lora_a too.
     for m in (ref, model):
         torch.manual_seed(5)
@@ -68,7 +72,7 @@ def check(model_dir: str, method: str, rank: int, world: int, device) -> None:
         assert set(sd) == set(ref_sd), (sorted(sd)[:3], sorted(ref_sd)[:3])
         for k in sd:
             torch.testing.assert_close(sd[k], ref_sd[k])
-        print(f"OK {model_dir} {method} loss={total.item():.6f} grads={len(grads)}", flush=True)
+        print(f"OK {model_dir} {spec} loss={total.item():.6f} grads={len(grads)}", flush=True)
     else:
         assert sd == {}
 
