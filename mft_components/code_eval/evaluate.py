@@ -30,6 +30,7 @@ import torch.distributed as dist
 from mft_components.code_eval.options import CodeEvalError, CodeEvalOptions
 from mft_components.code_eval.pass_at_k import mean_pass_at_k
 from mft_components.code_eval.sandbox import ISOLATIONS, Limits, Sandbox, SandboxError
+from mft_components.code_eval.suite_check import run_check, suite_tasks
 from mft_components.code_eval.suites import (DATAFRAMEBENCH_TASKS, DEFAULT_TIMEOUT_S, EvalSetError, Problem,
                                              extract_code, load_task)
 from mft_components.config.core import to_container
@@ -330,10 +331,12 @@ class CodeEvaluator:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``mft eval``."""
-    parser.add_argument("--model", required=True,
-                        help="an exported directory, a checkpoint (output_dir/step_N) or a base model directory")
-    parser.add_argument("--suite", required=True,
-                        help="dataframebench, humaneval, or an eval JSONL file (README: Code evaluation)")
+    parser.add_argument("--model", help="an exported directory, a checkpoint (output_dir/step_N) or a base model "
+                                         "directory")
+    parser.add_argument("--suite", help="dataframebench, humaneval, or an eval JSONL file (README: Code evaluation)")
+    parser.add_argument("--check-suite", metavar="SUITE", default=None,
+                        help="instead of a model: run every canonical solution of humaneval or dataframebench[:TASK] "
+                             "and name the problems that do not pass here (missing module, failed test, timeout)")
     parser.add_argument("--task", action="append", default=None,
                         help=f"dataframebench: which tasks (default all: {', '.join(DATAFRAMEBENCH_TASKS)}); "
                              "a file: the task's name (default the file's stem)")
@@ -388,14 +391,37 @@ def _load_model(model: str, template: str | None, dtype: str, device: str | None
         raise
 
 
+def _options(args: argparse.Namespace, tasks: dict[str, str]) -> CodeEvalOptions:
+    return CodeEvalOptions.from_config({"tasks": tasks, **{k: getattr(args, k) for k in (
+        "num_samples", "k", "temperature", "top_p", "max_new_tokens", "batch_size", "cpu_threads", "max_problems",
+        "timeout_s", "memory_mb", "max_processes", "workers", "python", "isolation", "seed")}})
+
+
+def _check_suite(args: argparse.Namespace) -> int:
+    """``mft eval --check-suite SUITE``: status 0 when every canonical solution passes, 1 when one does not."""
+    try:
+        tasks = suite_tasks(args.check_suite, args.task)
+        options = _options(args, tasks)
+        sandbox = make_sandbox(options)
+    except (ValueError, SandboxError) as e:
+        print(f"mft eval: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return run_check(tasks, options, sandbox)
+    finally:
+        sandbox.close()
+
+
 def run(args: argparse.Namespace) -> int:
     """``mft eval``: per-task table on stdout, every answer with its verdict in ``--output``; errors: status 2."""
+    if args.check_suite:
+        return _check_suite(args)
+    if not args.model or not args.suite:
+        print("mft eval: error: --model and --suite are required (or --check-suite SUITE)", file=sys.stderr)
+        return 2
     try:
         tasks = _suite_tasks(args.suite, args.task)
-        section = {"tasks": tasks, **{k: getattr(args, k) for k in (
-            "num_samples", "k", "temperature", "top_p", "max_new_tokens", "batch_size", "cpu_threads", "max_problems",
-            "timeout_s", "memory_mb", "max_processes", "workers", "python", "isolation", "seed")}}
-        options = CodeEvalOptions.from_config(section)
+        options = _options(args, tasks)
         problems = load_tasks(options.tasks, options.max_problems, options.timeout_s)
         sandbox = make_sandbox(options)
         gm = _load_model(args.model, args.template, args.dtype, args.device, args.trust_remote_code)

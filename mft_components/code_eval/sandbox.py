@@ -218,7 +218,7 @@ class Sandbox:
         else:
             parts.append("no process-count limit (root, no writable pids cgroup)")
         lim = self.limits
-        parts.append(f"timeout {lim.timeout_s:g}s, memory {lim.memory_mb or 'unlimited'} MB, "
+        parts.append(f"timeout {lim.timeout_s:g}s (or the suite's), memory {lim.memory_mb or 'unlimited'} MB, "
                      f"file size {lim.file_size_mb} MB, minimal environment, OMP_NUM_THREADS=1; verdicts from the "
                      "harness (a per-run token), not the exit status")
         return "; ".join(parts)
