@@ -194,3 +194,24 @@ def test_bad_records_name_file_line_and_field(tmp_path):
     assert suites.check_task_source("dataframebench:unit_tests").startswith("dataframebench task 'unit_tests'")
     assert suites.check_task_source(str(tmp_path / "none.jsonl")).startswith("path does not exist")
     assert suites.check_task_source("humaneval") is None
+
+
+def test_check_suite_names_broken_environments(sandbox, capsys):
+    """`mft eval --check-suite`: canonical solutions pass; one needing a module the interpreter lacks is named as such,
+    a wrong one as failed."""
+    from mft_components.code_eval import evaluate as ce
+    from mft_components.code_eval.suite_check import check_suite, classify
+
+    records = check_suite({"humaneval": "humaneval"}, sandbox, max_problems=3)
+    assert [(r["task_id"], r["kind"]) for r in records] == [(f"HumanEval/{i}", "passed") for i in range(3)]
+    problem = suites.Problem("p", [{"role": "user", "content": "q"}], UNITTEST, "unittest")
+    missing, wrong = sandbox.run_many([problem.program("import mft_no_such_module\ndef f():\n    return 1\n"),
+                                       problem.program("def f():\n    return 2\n")])
+    assert classify(missing) == "missing module mft_no_such_module" and classify(wrong) == "failed"
+    parser = __import__("argparse").ArgumentParser()
+    ce.add_arguments(parser)
+    assert ce.run(parser.parse_args(["--check-suite", "mbpp"])) == 2
+    assert "--check-suite: 'mbpp': expected humaneval or dataframebench" in capsys.readouterr().err
+
+
+UNITTEST = "import unittest\nclass T(unittest.TestCase):\n    def test(self):\n        self.assertEqual(f(), 1)\n"
