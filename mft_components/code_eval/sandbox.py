@@ -46,7 +46,7 @@ from pathlib import Path
 
 from mft_components.code_eval.cgroups import PidsCgroup
 from mft_components.code_eval.isolation import (UidLease, bwrap_arguments, hidden_paths, interpreter_paths,
-                                                reachable_by_others)
+                                                reachable_by_others, tasks_of)
 
 __all__ = ["Limits", "Program", "RunResult", "Sandbox", "SandboxError", "ISOLATIONS"]
 
@@ -311,14 +311,17 @@ class Sandbox:
             os.close(token_w)
             fds.remove(token_w)
             argv = [self.python, "-c", _DRIVER, str(token_r), str(verdict_w)]
+            if self.mode == "bwrap" and uid is not None:
+                argv.append(str(uid))  # bubblewrap runs as root (it binds what only root reaches); the driver drops
             if self.mode == "bwrap":
                 argv = [*bwrap_arguments(self.hide, self.expose, home), *argv]
             with tempfile.TemporaryFile() as out:
                 cfg = {"argv": argv, "cwd": home, "env": self._environment(home, env),
                        "rlimits": self._rlimits(timeout), "timeout": timeout + (10.0 if probe else 0.0),
                        "cgroup": cgroup.procs_file if cgroup else None, "uid": uid,
-                       "nproc": self.limits.max_processes if cgroup is None and (uid is not None or
-                                                                                 os.geteuid() != 0) else None,
+                       "nproc": None if cgroup is not None or (uid is None and os.geteuid() == 0) else
+                       self.limits.max_processes + (0 if uid is not None else tasks_of(os.getuid())),
+                       "uid_in_driver": self.mode == "bwrap",
                        "namespaces": self.mode == "namespaces", "userns": os.geteuid() != 0,
                        "hide": self.hide, "expose": self.expose, "writable": [home],
                        "pass_fds": [token_r, verdict_w], "out_fd": out.fileno()}

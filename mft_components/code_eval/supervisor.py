@@ -106,32 +106,20 @@ def _enter_namespaces(cfg):
     if cfg["userns"]:
         flags |= CLONE_NEWUSER
     _check(libc.unshare(flags), "unshare")
-    if cfg["userns"]:  # map this user to the namespace's root, which may then mount
+    if cfg["userns"]:
+        # This user keeps its uid inside: the namespace's creator holds every capability there (init mounts with
+        # them), and the program, not uid 0 there, loses them at exec: it cannot undo the mounts.
         with open("/proc/self/setgroups", "w") as f:
             f.write("deny")
         with open("/proc/self/uid_map", "w") as f:
-            f.write(f"0 {uid} 1")
+            f.write(f"{uid} {uid} 1")
         with open("/proc/self/gid_map", "w") as f:
-            f.write(f"0 {gid} 1")
+            f.write(f"{gid} {gid} 1")
 
 
 def _join(procs_file):
     with open(procs_file, "w") as f:
         f.write("0")
-
-
-def _tasks_of(uid):
-    """Tasks (threads) the kernel counts for ``uid`` now: RLIMIT_NPROC must allow those plus the program's."""
-    tasks = 0
-    for pid in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                status = dict(line.split(":", 1) for line in f if ":" in line)
-        except (OSError, ValueError):
-            continue
-        if status.get("Uid", "").split()[:1] == [str(uid)]:
-            tasks += int(status.get("Threads", "1"))
-    return tasks
 
 
 def _program(cfg, err_w):
@@ -141,11 +129,10 @@ def _program(cfg, err_w):
         for name, value in cfg["rlimits"].items():
             resource.setrlimit(getattr(resource, name), (value, value))
         if cfg["nproc"] is not None:
-            limit = cfg["nproc"] + (_tasks_of(os.getuid()) if cfg["uid"] is None else 0)
-            resource.setrlimit(resource.RLIMIT_NPROC, (limit, limit))
+            resource.setrlimit(resource.RLIMIT_NPROC, (cfg["nproc"], cfg["nproc"]))
         if cfg["cgroup"] and not cfg["namespaces"]:  # (init joined it: the filesystem is read-only now)
             _join(cfg["cgroup"])
-        if cfg["uid"] is not None:
+        if cfg["uid"] is not None and not cfg["uid_in_driver"]:  # (bwrap, as root, binds first: the driver drops)
             os.setgroups([])
             os.setgid(cfg["uid"])
             os.setuid(cfg["uid"])
