@@ -211,3 +211,39 @@ def test_isolation_modes_are_refused_by_name_when_they_cannot_start():
         assert auto.isolation.startswith(("bubblewrap", "namespaces"))
     finally:
         auto.close()
+
+
+def test_namespaces_for_a_user_other_than_root(tmp_path):
+    """isolation: namespaces started by an unprivileged user (a user namespace keeps its uid): the program sees only
+    its own processes, cannot write the checkout, and cannot undo the mounts that hide the rest."""
+    system_python = "/usr/bin/python3"
+    if os.geteuid() != 0 or not os.access(system_python, os.X_OK):
+        pytest.skip(f"needs root (to become nobody) and {system_python} (the venv's interpreter is under /root)")
+    root = Path(__file__).resolve().parents[1]
+    programs = [f"import os\nassert str({os.getpid()}) not in os.listdir('/proc')\nassert os.listdir('/root') == []",
+                f"open({str(root / 'mft-nonroot-probe')!r}, 'w')",
+                "import subprocess\nassert subprocess.run(['umount', '/root']).returncode != 0"]
+    script = (f"import sys\nsys.path.insert(0, {str(root)!r})\n"
+              "from mft_components.code_eval.sandbox import Limits, Sandbox, SandboxError\n"
+              "try:\n"
+              f"    sb = Sandbox(python={system_python!r}, workers=1, limits=Limits(timeout_s=10, max_processes=16),\n"
+              "                 isolation='namespaces')\n"
+              "except SandboxError as e:\n    print('SKIP', e)\n    raise SystemExit(0)\n"
+              f"print(sb.isolation)\nfor r in sb.run_many({programs!r}):\n"
+              "    print(r.status, r.reason)\nsb.close()\n")
+
+    def nobody():
+        os.setgroups([])
+        os.setgid(65534)
+        os.setuid(65534)
+
+    proc = subprocess.run([system_python, "-c", script], preexec_fn=nobody, capture_output=True, text=True,
+                          timeout=120, cwd="/", env={"PATH": "/usr/bin:/bin", "HOME": "/"})
+    lines = proc.stdout.splitlines()
+    if lines and lines[0].startswith("SKIP"):
+        pytest.skip(f"namespaces are not permitted to a user other than root here: {lines[0]}")
+    assert "; this user's uid, its own session and supervisor;" in lines[0], proc.stdout + proc.stderr[-2000:]
+    assert lines[1] == "passed passed"
+    assert lines[2].startswith("failed OSError: [Errno 30] Read-only file system")
+    assert lines[3] == "passed passed"
+    assert not (root / "mft-nonroot-probe").exists()
