@@ -84,8 +84,8 @@ def _restore(snap):
     threading.setprofile(None)
     sys.modules.update(snap["sys.modules"])
     for namespace, saved in [(vars(builtins), snap["builtins"])] + [(vars(m), d) for m, d in snap["modules"]]:
-        for key in [k for k in namespace if k not in saved]:
-            del namespace[key]
+        for key in [k for k, v in namespace.items() if k not in saved and not isinstance(v, types.ModuleType)]:
+            del namespace[key]  # (a submodule imported since, e.g. unittest.mock, stays its package's attribute)
         namespace.update(saved)
     for cls, saved in snap["classes"]:
         for key in [k for k in vars(cls) if k not in saved]:
