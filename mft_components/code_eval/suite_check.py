@@ -25,6 +25,7 @@ from mft_components.code_eval.suites import DATAFRAMEBENCH_TASKS, EvalSetError, 
 __all__ = ["canonical_solutions", "check_suite", "classify", "run_check", "suite_tasks"]
 
 _MISSING = re.compile(r"ModuleNotFoundError: No module named '([^']+)'")
+_EXCEPTION = re.compile(r"^([\w.]+(?:Error|Exception)\b.*)$", re.MULTILINE)
 # which ground truth answers each dataframebench task
 _TRUTH_OF_TASK = {"pandas_solution": "pandas", "polars_solution": "polars", "pandas_to_polars": "polars"}
 
@@ -59,7 +60,8 @@ def classify(result: RunResult) -> str:
 
 def check_suite(tasks: dict[str, str], sandbox: Sandbox, timeout_s: float | None = None,
                 max_problems: int | None = None) -> list[dict]:
-    """One record per (task, problem): ``task``, ``task_id``, ``status``, ``kind`` (:func:`classify`), ``reason``."""
+    """One record per (task, problem): ``task``, ``task_id``, ``status``, ``kind`` (:func:`classify`), ``reason``,
+    ``exception`` (the first exception line of its output) and ``seconds``."""
     records = []
     for task, source in tasks.items():
         problems: list[Problem] = load_task(source)[:max_problems]
@@ -70,9 +72,10 @@ def check_suite(tasks: dict[str, str], sandbox: Sandbox, timeout_s: float | None
         runnable = [p for p in problems if p.task_id in truths]
         results = sandbox.run_many([p.program(truths[p.task_id]) for p in runnable])
         for p, r in zip(runnable, results):
+            first = _EXCEPTION.search(r.output) if not r.passed else None
             records.append({"task": task, "task_id": p.task_id, "status": r.status,
                             "kind": "passed" if r.passed else classify(r), "reason": r.reason,
-                            "seconds": round(r.seconds, 2)})
+                            "exception": first.group(1)[:200] if first else None, "seconds": round(r.seconds, 2)})
     return records
 
 
@@ -82,7 +85,8 @@ def run_check(tasks: dict[str, str], options: CodeEvalOptions, sandbox: Sandbox)
     records = check_suite(tasks, sandbox, options.timeout_s, options.max_problems)
     broken = [r for r in records if r["kind"] != "passed"]
     for r in broken:
-        print(f"{r['task']}  {r['task_id']}  {r['kind']}: {r['reason']} ({r['seconds']:.1f}s)")
+        why = r["reason"] + (f" - {r['exception']}" if r["exception"] and r["exception"] not in r["reason"] else "")
+        print(f"{r['task']}  {r['task_id']}  {r['kind']}: {why} ({r['seconds']:.1f}s)")
     slowest = max(records, key=lambda r: r["seconds"], default=None)
     kinds = {}
     for r in broken:
