@@ -10,6 +10,7 @@
     mft import mftcoder CONFIG.json [-o my.yaml]   an mft config from an MFTCoder train config
     mft generate --model DIR (--prompt TEXT | --file PROMPTS.jsonl) [...]
     mft eval --model DIR --suite dataframebench|humaneval|FILE.jsonl [--task T ...] [...]
+    mft eval --check-suite humaneval|dataframebench[:TASK]   do the suite's canonical solutions pass here?
 """
 
 from __future__ import annotations
