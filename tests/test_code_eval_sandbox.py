@@ -205,8 +205,12 @@ def test_isolation_modes_are_refused_by_name_when_they_cannot_start():
         with pytest.raises(SandboxError, match=r"isolation: bwrap: cannot start here \(bwrap: bwrap is not installed"
                                                r".*use isolation: process"):
             Sandbox(isolation="bwrap")
-    auto = Sandbox(workers=1, limits=LIMITS)
-    try:  # auto never falls back to the weakest mode on its own
+    try:
+        auto = Sandbox(workers=1, limits=LIMITS)
+    except SandboxError as e:  # auto never falls back to the weakest mode on its own: it says why
+        assert "use isolation: process" in str(e) and "namespaces:" in str(e)
+        pytest.skip(f"neither bubblewrap nor namespaces start here: {e}")
+    try:
         assert auto.mode in ("bwrap", "namespaces"), auto.failures
         assert auto.isolation.startswith(("bubblewrap", "namespaces"))
     finally:
