@@ -43,6 +43,10 @@ import types
 import unittest
 
 _write, _exit, _close = os.write, os._exit, os.close
+# The harness's own builtins: functions defined below look names up in this copy, so an answer that patches the
+# builtins module while its function is tested (``builtins.len = lambda x: 0``) does not reach the counting and
+# reporting here; the tests get the real ones back before they run (_restore).
+__builtins__ = dict(vars(builtins))
 
 
 def _line(text):
