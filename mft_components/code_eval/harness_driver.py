@@ -116,30 +116,84 @@ def _defined_tests(test_source):
             and item.name.startswith("test")}
 
 
+class _Outcomes(unittest.TextTestResult):
+    """The runner's result, defined before the answer runs: what each test ended with, kept here, not in the
+    TestResult lists an answer could patch (``addFailure``) or empty; unittest is put back after every test, so
+    what an answer's function patches while one test runs is gone for the next."""
+
+    snap = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.outcomes = {}
+
+    def _mark(self, test, outcome):
+        self.outcomes.setdefault(id(test), []).append(outcome)
+
+    def stopTest(self, test):
+        try:
+            super().stopTest(test)
+        finally:
+            _restore(self.snap)
+
+    def addSuccess(self, test):
+        self._mark(test, "ok")
+        super().addSuccess(test)
+
+    def addExpectedFailure(self, test, err):
+        self._mark(test, "ok")
+        super().addExpectedFailure(test, err)
+
+    def addFailure(self, test, err):
+        self._mark(test, "failure")
+        super().addFailure(test, err)
+
+    def addError(self, test, err):
+        self._mark(test, "error")
+        super().addError(test, err)
+
+    def addUnexpectedSuccess(self, test):
+        self._mark(test, "error")
+        super().addUnexpectedSuccess(test)
+
+    def addSkip(self, test, reason):
+        self._mark(test, "skip")
+        super().addSkip(test, reason)
+
+    def addSubTest(self, test, subtest, err):
+        if err is not None:
+            self._mark(test, "failure" if issubclass(err[0], test.failureException) else "error")
+        super().addSubTest(test, subtest, err)
+
+
 def _run_unittest(module, test_source, snap):
     _restore(snap)
     suite = _LOADER_CLS().loadTestsFromModule(module)
-    ran = set()  # collected before the run: a suite drops its tests as they finish
-    stack = [suite]
+    tests, stack = [], [suite]  # collected before the run: a suite drops its tests as they finish
     while stack:
         item = stack.pop()
         if isinstance(item, _SUITE_CLS):
             stack.extend(item)
         else:
-            ran.add((type(item).__name__, getattr(item, "_testMethodName", "")))
-    result = _RUNNER_CLS(stream=_STDERR, verbosity=2).run(suite)
-    counts = (result.testsRun, len(result.failures), len(result.errors) + len(result.unexpectedSuccesses),
-              len(result.skipped))
+            tests.append(item)
+    _Outcomes.snap = snap
+    result = _RUNNER_CLS(stream=_STDERR, verbosity=2, resultclass=_Outcomes).run(suite)
+    ran = {(type(t).__name__, getattr(t, "_testMethodName", "")) for t in tests}
     missing = sorted(f"{c}.{m}" for c, m in _defined_tests(test_source) - ran)
+    ends = [result.outcomes.get(id(t), []) for t in tests]
+    counts = (sum(1 for e in ends if e), sum(1 for e in ends if "failure" in e), sum(1 for e in ends if "error" in e),
+              sum(1 for e in ends if "skip" in e))
     if missing:
         return False, counts, f"tests the test code defines did not run: {', '.join(missing[:5])}"
     run, failures, errors, skipped = counts
-    passed = run > 0 and failures == errors == skipped == 0
+    unfinished = sum(1 for e in ends if not e)
+    passed = run > 0 and failures == errors == skipped == unfinished == 0 and all(set(e) == {"ok"} for e in ends)
     if passed:
         return True, counts, "passed"
     if run == 0:
         return False, counts, "no test ran"
-    return False, counts, f"tests: {run} run, {failures} failed, {errors} errors, {skipped} skipped"
+    return False, counts, (f"tests: {run} run, {failures} failed, {errors} errors, {skipped} skipped"
+                           + (f", {unfinished} without an outcome" if unfinished else ""))
 
 
 def _answer_and_tests(spec, snap):
