@@ -26,7 +26,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-__all__ = ["UID_RANGE", "UidLease", "tasks_of", "interpreter_paths", "hidden_paths", "reachable_by_others", "bwrap_arguments"]
+__all__ = ["UID_RANGE", "UidLease", "tasks_of", "namespaces_problem", "interpreter_paths", "hidden_paths", "reachable_by_others", "bwrap_arguments"]
 
 UID_RANGE = range(64000, 65000)
 # never hidden, whatever the homes or the checkout are: the system the interpreter runs on
@@ -165,3 +165,19 @@ def tasks_of(uid: int) -> int:
         if status.get("Uid", "").split()[:1] == [str(uid)]:
             tasks += int(status.get("Threads", "1"))
     return tasks
+
+
+def namespaces_problem(python: str) -> str | None:
+    """Why ``isolation: namespaces`` cannot start here (None: ``unshare`` of the namespaces it needs works), for
+    ``mft validate``; a child process tries, so that this one stays where it is."""
+    code = ("import ctypes, os, sys\n"
+            "flags = 0x00020000 | 0x04000000 | 0x08000000 | 0x20000000 | 0x40000000\n"
+            "flags |= 0x10000000 if os.geteuid() != 0 else 0\n"
+            "libc = ctypes.CDLL(None, use_errno=True)\n"
+            "if libc.unshare(flags) != 0:\n"
+            "    sys.exit('unshare: ' + os.strerror(ctypes.get_errno()))\n")
+    try:
+        out = subprocess.run([python, "-I", "-S", "-c", code], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"{python} cannot run: {e}"
+    return None if out.returncode == 0 else (out.stderr.strip().splitlines() or ["unshare failed"])[-1]

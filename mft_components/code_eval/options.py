@@ -8,9 +8,11 @@ values. Eval files named in ``tasks`` are read, so their bad records are listed 
 from __future__ import annotations
 
 import shutil
+import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
+from mft_components.code_eval.isolation import namespaces_problem
 from mft_components.code_eval.suites import DATAFRAMEBENCH_TASKS, EvalSetError, check_task_source, read_eval_file
 
 __all__ = ["CodeEvalError", "CodeEvalOptions"]
@@ -132,6 +134,12 @@ class CodeEvalOptions:
             out.append(("isolation", "bwrap: `bwrap` is not installed (apt-get install bubblewrap), or use auto"))
         if opts["isolation"] not in ("auto", "bwrap", "namespaces", "process"):
             out.append(("isolation", f"is {opts['isolation']!r}: expected auto, bwrap, namespaces or process"))
+        elif opts["isolation"] == "namespaces" or (opts["isolation"] == "auto" and shutil.which("bwrap") is None):
+            problem = namespaces_problem(shutil.which(str(opts["python"] or "")) or sys.executable)
+            if problem:
+                out.append(("isolation", f"{opts['isolation']}: Linux namespaces are not permitted here ({problem})"
+                                         + ("" if opts["isolation"] == "namespaces" else " and bwrap is not installed")
+                                         + "; install bubblewrap, or ask for the weakest isolation: process"))
         return out
 
     @classmethod
