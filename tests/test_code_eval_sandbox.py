@@ -251,3 +251,23 @@ def test_namespaces_for_a_user_other_than_root(tmp_path):
     assert lines[2].startswith("failed OSError: [Errno 30] Read-only file system")
     assert lines[3] == "passed passed"
     assert not (root / "mft-nonroot-probe").exists()
+
+
+def test_uid_leases_are_exclusive_and_the_output_dir_is_hidden(tmp_path):
+    """Concurrent programs never share a uid (an flock per uid, also across processes); a run's output_dir joins
+    the hidden paths."""
+    from mft_components.code_eval.isolation import UID_RANGE, UidLease
+
+    with UidLease() as a, UidLease() as b:
+        assert a != b and a in UID_RANGE and b in UID_RANGE
+        other = subprocess.run([sys.executable, "-c", "from mft_components.code_eval.isolation import UidLease\n"
+                                f"with UidLease() as u:\n    print(u)\n"], capture_output=True, text=True,
+                               cwd=Path(__file__).resolve().parents[1], env=os.environ, timeout=60)
+        assert int(other.stdout) not in (a, b), other.stderr
+    sb = Sandbox(workers=1, limits=LIMITS, isolation="process")
+    try:
+        (tmp_path / "out").mkdir()
+        sb.hide_also(tmp_path / "out")
+        assert str((tmp_path / "out").resolve()) in sb.hide
+    finally:
+        sb.close()
