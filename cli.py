@@ -14,6 +14,7 @@
     mft pairs --model DIR --suite SUITE --num-samples N -o DIR     preference pairs from execution results
     mft plot RUN_DIR [--output DIR]                per-task loss, pass@k, lr, tokens/s curves as PNGs
     mft runs compare A B                          per-task table of two runs' best checkpoints
+    mft eval --check-suite humaneval|dataframebench[:TASK]   do the suite's canonical solutions pass here?
 """
 
 from __future__ import annotations

@@ -202,3 +202,15 @@ def test_table_format():
         "overall                 6     0.375     0.500",
     ]
     assert math.isnan(ce._score([], {}, [])["pass@1"])
+
+
+def test_sandbox_errors_are_left_out_of_pass_at_k():
+    """An answer the sandbox could not run (status error) is no verdict: pass@k is over the others, per task."""
+    rec = lambda i, s, status: {"task": "t", "index": i, "sample": s, "status": status}  # noqa: E731
+    records = [rec(0, "greedy", "passed"), rec(1, "greedy", "error"), rec(2, "greedy", "failed"),
+               rec(0, 0, "passed"), rec(0, 1, "error"), rec(1, 0, "failed"), rec(1, 1, "passed"),
+               rec(2, 0, "failed"), rec(2, 1, "failed")]
+    metrics = ce._score(records, {"t": [None] * 3}, [2])
+    assert metrics["task_errors"] == {"t": 2}
+    assert metrics["pass@1"] == 0.5  # problems 0 and 2; problem 1's only greedy answer was not run
+    assert metrics["pass@2"] == 0.5  # problems 1 and 2; problem 0 has one sampled verdict left, fewer than k

