@@ -14,7 +14,6 @@ from typing import Literal
 
 from mft_components.assets.dataframebench import DATAFRAMEBENCH_TASKS
 from mft_components.code_eval.isolation import namespaces_problem
-from mft_components.code_eval.suites import EvalSetError, check_task_source, read_eval_file
 
 __all__ = ["CodeEvalError", "CodeEvalOptions"]
 
