@@ -206,6 +206,8 @@ class Sandbox:
                      "homes, checkout, output_dir and /tmp hidden; read-only filesystem but the program's directory)"]
         else:
             parts = ["separate process (no namespaces: programs read what their uid may and reach the network)"]
+        if self.failures:  # what auto tried first and why it did not start
+            parts[0] += " instead of " + ", ".join(f"{m} ({p[:80]})" for m, p in self.failures.items())
         if self.uid_switch:
             parts.append("its own uid (64000-64999), session and supervisor")
         else:
