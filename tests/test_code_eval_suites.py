@@ -225,3 +225,16 @@ def test_check_suite_names_broken_environments(sandbox, capsys):
 
 
 UNITTEST = "import unittest\nclass T(unittest.TestCase):\n    def test(self):\n        self.assertEqual(f(), 1)\n"
+
+
+def test_stricter_than_dataframebench_evaluator_on_early_exits(sandbox, dataframebench):
+    """dataframebench's evaluator takes exit status 0 as a pass: an answer that ends with sys.exit(0) before its tests
+    passes there. mft fails it (the harness reports no test run)."""
+    evaluate, _, python = dataframebench
+    records = {r["task_id"]: r for r in dataframebench_records("test")}
+    problem = next(p for p in suites.dataframebench_problems("pandas_solution") if p.task_id == "DFB/B0084")
+    answer = "```python\ndef task_func(data):\n    return {}\n\nimport sys\nsys.exit(0)\n```"
+    theirs = evaluate.evaluate_response(answer, records[problem.task_id], python_executable=python).passed
+    ours = sandbox.run(problem.program(suites.extract_code(answer)))
+    assert theirs is True
+    assert ours.status == "failed" and ours.reason == "SystemExit(0) before the tests finished"

@@ -206,6 +206,8 @@ class Sandbox:
                      "homes, checkout, output_dir and /tmp hidden; read-only filesystem but the program's directory)"]
         else:
             parts = ["separate process (no namespaces: programs read what their uid may and reach the network)"]
+        if self.failures:  # what auto tried first and why it did not start
+            parts[0] += " instead of " + ", ".join(f"{m} ({p[:80]})" for m, p in self.failures.items())
         if self.uid_switch:
             parts.append("its own uid (64000-64999), session and supervisor")
         else:
@@ -371,6 +373,10 @@ def _supervise(python: str, cfg: dict, limit_s: float) -> tuple[dict, str | None
     except subprocess.TimeoutExpired:
         _kill_group(proc.pid)  # the supervisor's init / program die with it (PR_SET_PDEATHSIG)
         proc.communicate()
+        if cfg["uid"] is not None and not cfg["namespaces"]:  # what the program forked does not: the uid's sweep
+            subprocess.run([python, "-I", "-S", "-c", f"import os\nos.setgroups([])\nos.setgid({cfg['uid']})\n"
+                            f"os.setuid({cfg['uid']})\ntry:\n    os.kill(-1, 9)\nexcept OSError:\n    pass\n"],
+                           timeout=30, env={"PATH": "/usr/bin:/bin"})
         return {}, f"sandbox supervisor did not finish within {limit_s:g} s"
     lines = stdout.decode(errors="replace").strip().splitlines()
     try:
