@@ -32,7 +32,7 @@ from mft_components.code_eval.eval_args import (add_arguments, add_model_argumen
 from mft_components.code_eval.options import CodeEvalError, CodeEvalOptions
 from mft_components.code_eval.pass_at_k import mean_pass_at_k
 from mft_components.code_eval.sandbox import ISOLATIONS, Limits, Sandbox, SandboxError
-from mft_components.code_eval.suite_check import run_check, suite_tasks
+from mft_components.code_eval.suite_check import run_check, suite_tasks as check_suite_tasks
 from mft_components.code_eval.suites import (DATAFRAMEBENCH_TASKS, DEFAULT_TIMEOUT_S, EvalSetError, Problem,
                                              extract_code, load_task)
 from mft_components.config.core import to_container
@@ -397,7 +397,7 @@ def load_model(model: str, template: str | None, dtype: str, device: str | None,
 def _check_suite(args: argparse.Namespace) -> int:
     """``mft eval --check-suite SUITE``: status 0 when every canonical solution passes, 1 when one does not."""
     try:
-        tasks = suite_tasks(args.check_suite, args.task)
+        tasks = check_suite_tasks(args.check_suite, args.task)
         options = options_from_arguments(args, tasks)
         sandbox = make_sandbox(options)
     except (ValueError, SandboxError) as e:
