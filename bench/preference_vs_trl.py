@@ -57,19 +57,20 @@ def load_pairs(max_length: int, max_prompt_length: int, count: int, seed: int) -
     model_dir, data_dir = prepare_smollm2(), prepare_dataframebench()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     fmt = ChatFormat()
-    pairs = []
+    candidates = []
     for task in sorted(p for p in Path(data_dir).iterdir() if p.is_dir()):
         conversations = [parse_record(decode_record(line))[1] for f in sorted(task.glob("*.jsonl"))
                          for line in f.read_bytes().splitlines() if line.strip()]
-        for a, b in zip(conversations, conversations[1:] + conversations[:1]):
-            if a[-1]["content"] == b[-1]["content"]:
-                continue
-            p, (c, c_mask), (r, r_mask), _ = tokenize_pair(fmt, tokenizer, a[:-1], a[-1]["content"],
-                                                           b[-1]["content"], max_length, max_prompt_length)
-            # the answers through their last loss token (EOS): what TRL's completion is
-            c, r = c[:max(i for i, m in enumerate(c_mask) if m) + 1], r[:max(i for i, m in enumerate(r_mask) if m) + 1]
-            pairs.append({"prompt_ids": p, "chosen_ids": c, "rejected_ids": r})
-    random.Random(seed).shuffle(pairs)
+        candidates += [(a, b) for a, b in zip(conversations, conversations[1:] + conversations[:1])
+                       if a[-1]["content"] != b[-1]["content"]]
+    random.Random(seed).shuffle(candidates)
+    pairs = []
+    for a, b in candidates[:count]:  # tokenised only as many as are used
+        p, (c, c_mask), (r, r_mask), _ = tokenize_pair(fmt, tokenizer, a[:-1], a[-1]["content"], b[-1]["content"],
+                                                       max_length, max_prompt_length)
+        # the answers through their last loss token (EOS): what TRL's completion is
+        c, r = c[:max(i for i, m in enumerate(c_mask) if m) + 1], r[:max(i for i, m in enumerate(r_mask) if m) + 1]
+        pairs.append({"prompt_ids": p, "chosen_ids": c, "rejected_ids": r})
     return model_dir, pairs[:count]
 
 
