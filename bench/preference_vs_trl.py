@@ -165,7 +165,9 @@ def main() -> None:
     parser.add_argument("--trl-batch", type=int, default=2, help="TRL's pairs per micro-batch")
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--max-prompt-length", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    # One thread: on shared cores a second intra-op thread waits for its descheduled partner (bench/RESULTS.md,
+    # code_eval_speed); pass --threads 2 on an idle machine.
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
     parser.add_argument("--worker", choices=("mft", "trl"), help=argparse.SUPPRESS)
