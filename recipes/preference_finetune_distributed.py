@@ -110,7 +110,7 @@ class PreferenceFinetuneRecipe(LoRAFinetuneRecipe):
         if not self.loss_fn.needs_reference:
             return None
         if self.reference_tables is not None:
-            return self.reference_tables[split].to(self.device)[batch["pair_index"]]
+            return self.reference_tables[split][batch["pair_index"]]
         if self.reference_model is not None:
             model, switch = self.reference_model, contextlib.nullcontext()
         else:
@@ -137,7 +137,7 @@ class PreferenceFinetuneRecipe(LoRAFinetuneRecipe):
             if stored.get("key") == key:
                 if self.is_rank0:
                     print(f"reference log-probs: reusing {path}", flush=True)
-                return {"train": stored["train"], "valid": stored["valid"]}
+                return {split: stored[split].to(self.device) for split in ("train", "valid")}
         tables = {}
         for split, samples in (("train", self.data.train_samples), ("valid", self.data.valid_samples)):
             table = torch.zeros(len(samples), 2, dtype=torch.float64, device=self.device)
@@ -149,10 +149,9 @@ class PreferenceFinetuneRecipe(LoRAFinetuneRecipe):
                     batch = prepare_batch(host, self.device, self.model.config)
                     logps = self.reference_logps(batch)
                     table[batch["pair_index"]] = logps.double()
-            all_reduce_sum(table)
-            tables[split] = table.cpu()
+            tables[split] = all_reduce_sum(table)
         if self.is_rank0:
-            torch.save({"key": key, **tables}, path)
+            torch.save({"key": key, **{split: t.cpu() for split, t in tables.items()}}, path)
             print(f"reference log-probs of {len(tables['train'])} + {len(tables['valid'])} pairs stored in {path}",
                   flush=True)
         return tables

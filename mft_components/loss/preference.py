@@ -218,6 +218,17 @@ class PreferenceLoss:
             counts: ``step_counts`` of this step.
             ref_logps: the reference's summed log-probs [P, 2] (dpo, ipo, rpo); ignored by orpo and simpo.
         """
+        losses, metric_sums = self.pair_losses_and_metrics(token_losses, batch, ref_logps)
+        tasks = batch["pair_task_ids"].to(losses.device)
+        share = (losses.double() * self.pair_coefficients(tasks, counts).to(losses.device)).sum()
+        self._sums = self._sums.to(losses.device) + metric_sums
+        self._loss_sum = self._loss_sum.to(losses.device) + share.detach()
+        return share.float()
+
+    def pair_losses_and_metrics(self, token_losses: torch.Tensor, batch: dict, ref_logps: torch.Tensor | None = None
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-pair losses [P], per-task sums of ``METRICS`` float64 [len(METRICS), K]) of a micro-batch, without
+        touching the step's state (validation uses it alone)."""
         logps, n = pair_logps(token_losses, batch)
         if self.needs_reference and ref_logps is None:
             raise ValueError(f"loss.preference {self.preference} needs the reference log-probs of the batch")
@@ -225,14 +236,11 @@ class PreferenceLoss:
                                       label_smoothing=self.label_smoothing, rpo_alpha=self.rpo_alpha,
                                       gamma=self.gamma)
         tasks = batch["pair_task_ids"].to(losses.device)
-        coef = self.pair_coefficients(tasks, counts).to(losses.device)
-        share = (losses.double() * coef).sum()
         values = torch.stack([losses.detach().double(), (rewards[:, 0] > rewards[:, 1]).double(),
                               (rewards[:, 0] - rewards[:, 1]).double(), rewards[:, 0].double(),
                               rewards[:, 1].double(), logps[:, 0].detach().double(), logps[:, 1].detach().double()])
-        self._sums = self._sums.to(losses.device).index_add(1, tasks, values)
-        self._loss_sum = self._loss_sum.to(losses.device) + share.detach()
-        return share.float()
+        sums = torch.zeros(len(METRICS), len(self.task_names), dtype=torch.float64, device=losses.device)
+        return losses, sums.index_add(1, tasks, values)
 
     # -- the protocol read_log_step reads ------------------------------------------------------------------
     def step_loss(self) -> torch.Tensor:

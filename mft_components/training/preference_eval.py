@@ -49,7 +49,6 @@ def evaluate_preference(model, batches: list[dict], loss_fn: PreferenceLoss, dev
         n = int(n_all.item())
     sums = torch.zeros(len(METRICS), k, dtype=torch.float64, device=device)
     pairs = torch.zeros(k, dtype=torch.float64, device=device)
-    saved = (loss_fn._sums, loss_fn._loss_sum, loss_fn._pairs)
     for i in range(n):
         host = batches[min(i, len(batches) - 1)]
         if i >= len(batches):  # padding pass for FSDP's collective forward: the same shapes, no pair counted
@@ -58,12 +57,8 @@ def evaluate_preference(model, batches: list[dict], loss_fn: PreferenceLoss, dev
         batch = prepare_batch(host, device, model.config)
         ref = reference(batch, "valid")
         token_losses, _ = model(batch, **loss_fn.ce_kwargs)
-        counts = torch.bincount(host["pair_task_ids"], minlength=k)[:k].to(device)
-        loss_fn._reset(device)
-        loss_fn(token_losses, batch, counts, ref_logps=ref)
-        sums += loss_fn._sums
-        pairs += counts.double()
-    loss_fn._sums, loss_fn._loss_sum, loss_fn._pairs = saved
+        sums += loss_fn.pair_losses_and_metrics(token_losses, batch, ref)[1]
+        pairs += torch.bincount(host["pair_task_ids"], minlength=k)[:k].to(device, torch.float64)
     if is_distributed():
         all_reduce_sum(sums)
         all_reduce_sum(pairs)

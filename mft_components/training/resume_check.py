@@ -99,9 +99,12 @@ RESUME_RULES: dict[str, Rule] = {
     "data.truncation": _refuse("which samples exist and how long they are: " + _POSITION),
     "data.task_sampling": _refuse("each epoch's order of batches, which the saved data position points into"),
     "data.temperature": _refuse("each epoch's order of batches, which the saved data position points into"),
+    "data.max_length": _refuse("how long each preference pair is, and so the rows: " + _POSITION),
+    "data.max_prompt_length": _refuse("how long each preference pair is, and so the rows: " + _POSITION),
     "data.*": _apply(),  # on_bad_record (a bad record stops the run while reading), num_workers, cache_dir
     "loss._component_": _refuse("another loss: its saved state (CoBa history) is this loss's"),
     "loss.mode": _refuse("what was optimised, and the loss's saved state (CoBa history)"),
+    "loss.preference": _refuse("another preference objective: what was optimised so far"),
     "loss.*": _apply(),  # task_weights, chunk_size, projection_dtype, cross_entropy, coba_*, router_aux_loss_coef
     "optimizer._component_": _refuse("the saved optimizer state is this optimizer's"),
     "optimizer.amsgrad": _refuse("amsgrad keeps one more moment per parameter than the saved state has"),
@@ -133,6 +136,7 @@ RESUME_RULES: dict[str, Rule] = {
     "distributed_timeout_s": _apply(),
     "save_on_preemption": _apply(),
     "preemption_grace_s": _apply(),
+    "reference": _apply("the same reference log-probs, computed on the fly or read from output_dir"),
 }
 _UNKNOWN = _apply("a key mft has no resume rule for: applied as given")
 _ABSENT = object()
