@@ -160,9 +160,12 @@ def build_pairs(tasks: dict[str, list[Problem]], records: list[dict], reference_
 
 
 def check_references(tasks: dict[str, list[Problem]], records: list[dict], sandbox: Sandbox) -> dict:
-    """Run the reference solution of every problem that has one and no passing answer; ``(task, index)`` -> passed."""
+    """Run the reference solution of every problem that has one, a failing answer and no (finished) passing answer:
+    the problems :func:`build_pairs` would pair with it. Returns ``(task, index)`` -> passed."""
     solved = {(r["task"], r["index"]) for r in records if r["status"] == "passed" and r["finished"]}
-    todo = [(t, i, p) for t, ps in tasks.items() for i, p in enumerate(ps) if p.solution and (t, i) not in solved]
+    failing = {(r["task"], r["index"]) for r in records if r["status"] != "passed"}
+    todo = [(t, i, p) for t, ps in tasks.items() for i, p in enumerate(ps)
+            if p.solution and (t, i) in failing and (t, i) not in solved]
     results = sandbox.run_many([p.program(p.solution) for _, _, p in todo])
     return {(t, i): result.status == "passed" for (t, i, _), result in zip(todo, results)}
 
