@@ -1,5 +1,6 @@
 # Two commands set up everything on a fresh machine:
 #   make demo   a real multi-task LoRA fine-tune of SmolLM2-135M-Instruct on CPU, then export and generate
+#   make demo-preference   then a short DPO stage on pairs built from the demo model's answers run against tests
 #   make test   the test suite
 # Torch is installed first and pinned (a local CPU wheel here); elsewhere, e.g. TORCH_SPEC="torch==2.13.0" with
 # a CUDA index: `TORCH_SPEC=... PIP_EXTRA_INDEX_URL=... make test`. Everything else is installed at the versions the
@@ -12,7 +13,7 @@ CONSTRAINTS ?= constraints.txt
 BIN := $(VENV)/bin
 LATEST_VENV ?= .venv-latest
 
-.PHONY: install test test-fast test-latest constraints demo clean
+.PHONY: install test test-fast test-latest constraints demo demo-preference clean
 
 install: $(VENV)/.installed
 
@@ -73,3 +74,17 @@ demo: install
 	$(BIN)/mft export $(DEMO_OUT) --output $(DEMO_OUT)/exported --force
 	$(BIN)/mft generate --model $(DEMO_OUT)/exported --greedy --max-new-tokens 200 \
 		--prompt "$$($(BIN)/python -c 'from mft_components.assets import DEMO_PROMPT; print(DEMO_PROMPT)')"
+
+# The preference demo, after `make demo` (run first when its exported model is missing): pairs for two dataframebench
+# tasks from the demo model's answers run against the problems' tests (reference solutions chosen, failing answers
+# rejected), a short DPO stage on the demo's exported model, then per-task reward accuracy before / after.
+DPO_OUT ?= outputs/demo_dpo
+
+demo-preference: install
+	test -d $(DEMO_OUT)/exported || $(MAKE) demo
+	rm -rf $(DPO_OUT)
+	$(BIN)/python -m mft_components.interop.demo_preference pairs --model $(DEMO_OUT)/exported -o $(DPO_OUT)/pairs
+	$(BIN)/mft run preference_finetune_distributed --config demo_dpo model.model_dir=$(DEMO_OUT)/exported \
+		output_dir=$(DPO_OUT)/train 'data.data_paths=[$(DPO_OUT)/pairs/pandas_solution.jsonl,$(DPO_OUT)/pairs/polars_solution.jsonl]' \
+		$(DPO_ARGS)
+	$(BIN)/python -m mft_components.interop.demo_preference report $(DPO_OUT)/train

@@ -47,7 +47,8 @@ from mft_components.code_eval.sandbox import Sandbox, SandboxError
 from mft_components.code_eval.suites import Problem
 from mft_components.inference.generate import GenerateError
 
-__all__ = ["TaskPairs", "reference_answer", "build_pairs", "write_pairs", "format_summary", "add_arguments", "run"]
+__all__ = ["TaskPairs", "reference_answer", "build_pairs", "check_references", "write_pairs", "format_summary",
+           "make_pairs", "add_arguments", "run"]
 
 # What `mft pairs` decodes with unless told: sampling (pairs need both verdicts on one prompt).
 PAIRS_DEFAULTS = {"num_samples": 8, "temperature": 1.0}
@@ -159,9 +160,12 @@ def build_pairs(tasks: dict[str, list[Problem]], records: list[dict], reference_
 
 
 def check_references(tasks: dict[str, list[Problem]], records: list[dict], sandbox: Sandbox) -> dict:
-    """Run the reference solution of every problem that has one and no passing answer; ``(task, index)`` -> passed."""
+    """Run the reference solution of every problem that has one, a failing answer and no (finished) passing answer:
+    the problems :func:`build_pairs` would pair with it. Returns ``(task, index)`` -> passed."""
     solved = {(r["task"], r["index"]) for r in records if r["status"] == "passed" and r["finished"]}
-    todo = [(t, i, p) for t, ps in tasks.items() for i, p in enumerate(ps) if p.solution and (t, i) not in solved]
+    failing = {(r["task"], r["index"]) for r in records if r["status"] != "passed"}
+    todo = [(t, i, p) for t, ps in tasks.items() for i, p in enumerate(ps)
+            if p.solution and (t, i) in failing and (t, i) not in solved]
     results = sandbox.run_many([p.program(p.solution) for _, _, p in todo])
     return {(t, i): result.status == "passed" for (t, i, _), result in zip(todo, results)}
 
@@ -223,18 +227,36 @@ def run(args: argparse.Namespace) -> int:
         print(f"mft pairs: error: {e}", file=sys.stderr)
         return 2
     print(f"isolation: {sandbox.isolation}", file=sys.stderr)
+    try:
+        make_pairs(gm, tasks, options, sandbox, out_dir, args.max_pairs_per_problem)
+    finally:
+        sandbox.close()
+    return 0
+
+
+def make_pairs(gm, tasks: dict[str, list[Problem]], options, sandbox: Sandbox, out_dir: str | Path,
+               max_pairs_per_problem: int | None = None) -> dict[str, TaskPairs]:
+    """Sample, execute, pair and write (``mft pairs`` after its checks); prints the per-task summary.
+
+    Args:
+        gm: a ``GenerationModel`` (``evaluate.load_model``).
+        tasks: task -> problems.
+        options: ``CodeEvalOptions`` (``num_samples`` answers per problem, sampling and sandbox settings).
+        sandbox: where the answers and the references run.
+        out_dir: where ``TASK.jsonl``, ``answers.jsonl`` and ``summary.json`` go.
+    """
+    out_dir = Path(out_dir)
     start = time.perf_counter()
     tokenizer = with_training_eos(gm.tokenizer, gm.eos_token_id)
     items, answers = generate_answers(gm.model, tokenizer, gm.chat_format, tasks, options, greedy=False)
     generate_s = time.perf_counter() - start
     records, execute_s = execute_answers(items, answers, tokenizer, sandbox)
     reference_passed = check_references(tasks, records, sandbox)
-    sandbox.close()
-    result = build_pairs(tasks, records, reference_passed, args.max_pairs_per_problem)
+    result = build_pairs(tasks, records, reference_passed, max_pairs_per_problem)
     write_pairs(result, out_dir)
     write_records(records, out_dir / "answers.jsonl")
     print(format_summary(result))
     print(f"{len(records)} answers in {time.perf_counter() - start:.1f}s (generation {generate_s:.1f}s, execution "
           f"{execute_s:.1f}s); pairs: {out_dir}/TASK.jsonl, answers and verdicts: {out_dir}/answers.jsonl, "
           f"counts: {out_dir}/summary.json")
-    return 0
+    return result
