@@ -169,7 +169,8 @@ def _save_adapter(model, model_dir, out):
     return out
 
 
-@pytest.mark.parametrize("family,files", [("mixtral", "per_expert"), ("mixtral", "fused"), ("gpt_oss", "fused")])
+@pytest.mark.parametrize("family,files", [("mixtral", "per_expert"), ("mixtral", "fused"), ("gpt_oss", "fused")] + [
+    pytest.param(f, "as saved", marks=pytest.mark.slow) for f in ("qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")])
 def test_merged_export_equals_trained(tokenized_dir, tmp_path, family, files):
     """Our adapter merged onto the base's files: one tensor per expert (Mixtral as transformers saves it) or fused
     (GPT-OSS, stored [E, in, out])."""
