@@ -191,8 +191,10 @@ def apply_lora(hf_model: nn.Module, lora: dict, quantize_base: bool) -> list[str
             quantize_experts(layer, quantize_nf4)
     if not swapped:
         raise ValueError(
-            f"model.lora.target_modules: {targets!r} matched no nn.Linear, MoE expert or router in the decoder "
-            f"layers of {type(hf_model).__name__}; linear names there: {sorted(_linear_names(layers))}"
+            f"model.lora.target_modules: {targets!r} matched no nn.Linear"
+            + ("" if num_experts(hf_model.config) is None else ", MoE expert or router")
+            + f" in the decoder layers of {type(hf_model).__name__}; linear names there: "
+            f"{sorted(_linear_names(layers))}"
             + ("" if num_experts(hf_model.config) is None else "; and experts, router (w1, w2, w3, gate)")
         )
     return swapped
