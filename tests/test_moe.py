@@ -246,6 +246,8 @@ def test_mftcoder_mixtral_adapter_merges_onto_fused_experts(tokenized_dir, tmp_p
     ids = _batch()["input_ids"]
     assert (_logits(reference, ids) - _logits(base, ids)).abs().max() > 1e-3
     torch.testing.assert_close(_logits(exported, ids), _logits(reference, ids), rtol=1e-5, atol=1e-5)
+    merge_adapter_into(base, adapter)  # mft generate --model BASE --adapter MFTCODER_DIR: the loaded model is fused
+    torch.testing.assert_close(_logits(base, ids), _logits(reference, ids), rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------ checkpoint / resume
