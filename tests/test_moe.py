@@ -169,7 +169,8 @@ def _save_adapter(model, model_dir, out):
     return out
 
 
-@pytest.mark.parametrize("family,files", [("mixtral", "per_expert"), ("mixtral", "fused"), ("gpt_oss", "fused")])
+@pytest.mark.parametrize("family,files", [("mixtral", "per_expert"), ("mixtral", "fused"), ("gpt_oss", "fused")] + [
+    pytest.param(f, "as saved", marks=pytest.mark.slow) for f in ("qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")])
 def test_merged_export_equals_trained(tokenized_dir, tmp_path, family, files):
     """Our adapter merged onto the base's files: one tensor per expert (Mixtral as transformers saves it) or fused
     (GPT-OSS, stored [E, in, out])."""
@@ -245,6 +246,8 @@ def test_mftcoder_mixtral_adapter_merges_onto_fused_experts(tokenized_dir, tmp_p
     ids = _batch()["input_ids"]
     assert (_logits(reference, ids) - _logits(base, ids)).abs().max() > 1e-3
     torch.testing.assert_close(_logits(exported, ids), _logits(reference, ids), rtol=1e-5, atol=1e-5)
+    merge_adapter_into(base, adapter)  # mft generate --model BASE --adapter MFTCODER_DIR: the loaded model is fused
+    torch.testing.assert_close(_logits(base, ids), _logits(reference, ids), rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------ checkpoint / resume
@@ -417,3 +420,20 @@ def test_shipped_mixtral_config_adapts_experts_and_router(tiny_dir):
     model, lora = build_meta_model(tiny_dir("mixtral"), cfg["model"]["method"], cfg["model"]["lora"], "bf16")
     adapted = {n.split(".lora.")[-1] for n, m in model.named_modules() if isinstance(m, ParamLoRA)}
     assert adapted == {"gate_up_proj", "down_proj", "weight"}
+
+
+def test_persistent_buffers_load_from_the_checkpoint(tmp_path):
+    """DeepSeek-V3's router keeps e_score_correction_bias as a buffer: it is read from the checkpoint (a wrong
+    one changes which experts are chosen), not left at its constructor's zeros."""
+    from safetensors.torch import load_file
+
+    model_dir = make_tiny_model_dir(tmp_path / "ds", "deepseek_v3", vocab_size=VOCAB)
+    weights = load_file(model_dir / "model.safetensors")
+    key = next(k for k in weights if k.endswith("e_score_correction_bias"))
+    weights[key] = torch.tensor([3.0, -3.0, 3.0, -3.0])
+    save_file(weights, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    model = build_model(model_dir, method="full", dtype="fp32", attn_implementation="eager")
+    torch.testing.assert_close(model.hf_model.get_buffer(key), weights[key])
+    ref = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ids = _batch()["input_ids"]
+    torch.testing.assert_close(_logits(model.hf_model, ids), _logits(ref, ids))

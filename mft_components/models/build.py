@@ -25,7 +25,7 @@ from torch import nn
 from mft_components.device import gpu_too_old
 from mft_components.distributed import get_rank
 from mft_components.models.attention import BACKENDS, resolve_attn_implementation
-from mft_components.models.expert_lora import apply_expert_lora, expert_target_names, quantize_experts
+from mft_components.models.expert_lora import ParamLoRA, apply_expert_lora, expert_target_names, quantize_experts
 from mft_components.models.liger import apply_liger_kernels, resolve_liger
 from mft_components.models.lora import (
     LoRALinear,
@@ -202,8 +202,10 @@ def apply_lora(hf_model: nn.Module, lora: dict, quantize_base: bool) -> list[str
             quantize_experts(layer, quantize_nf4)
     if not swapped:
         raise ValueError(
-            f"model.lora.target_modules: {targets!r} matched no nn.Linear, MoE expert or router in the decoder "
-            f"layers of {type(hf_model).__name__}; linear names there: {sorted(_linear_names(layers))}"
+            f"model.lora.target_modules: {targets!r} matched no nn.Linear"
+            + ("" if num_experts(hf_model.config) is None else ", MoE expert or router")
+            + f" in the decoder layers of {type(hf_model).__name__}; linear names there: "
+            f"{sorted(_linear_names(layers))}"
             + ("" if num_experts(hf_model.config) is None else "; and experts, router (w1, w2, w3, gate)")
         )
     return swapped
@@ -319,7 +321,20 @@ def build_model(
         model.compile_watch = CompileWatch(model, COMPILE_SCOPES[scope], auto=compile == "auto")
     load_weights(model, param_owners, device, torch_dtype)
     _print_param_counts(model)
+    if get_rank() == 0 and num_experts(hf_model.config) is not None and method != "full":
+        print(f"[mft] MoE: {_moe_adapters(model, lora_cfg)}", flush=True)
     return model
+
+
+def _moe_adapters(model: MFTModel, lora_cfg: dict) -> str:
+    """What the adapters of a MoE model cover: the issue a migrating user meets is experts left frozen unsaid."""
+    adapted = sorted({name.rsplit(".lora.", 1)[-1].replace("weight", "router") for name, m in model.named_modules()
+                      if isinstance(m, ParamLoRA)})
+    if not adapted:
+        return ("the routed experts and the router are frozen (add experts, router to model.lora.target_modules, "
+                "or use all-linear, to adapt them)")
+    dropout = " (they train without dropout)" if lora_cfg.get("dropout") else ""
+    return f"LoRA on {', '.join(adapted)} of every MoE layer{dropout}"
 
 
 def build_meta_model(
