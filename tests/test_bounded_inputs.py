@@ -9,10 +9,13 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import cli
+from mft_components.data import tokenize
 from tests.test_data import conv, data_config, write_jsonl
+
 
 ANCHOR_BOMB = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
     f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]\n" for i in range(9)
@@ -72,3 +75,32 @@ def test_fifos_as_or_inside_task_paths_are_named(smollm2_dir, tmp_path, capsys):
     assert cli.main(["data", "--config", str(config)]) == 0
     assert (f"data.data_paths[0]: {tmp_path / 'task'}: skipped 1 *.jsonl that are not regular files "
             f"({tmp_path / 'task' / 'pipe.jsonl'}: a FIFO (named pipe))") in capsys.readouterr().out
+
+
+def test_a_damaged_cache_entry_is_rebuilt_with_a_warning(smollm2_dir, tmp_path, capsys):
+    """Each damage as a later run meets it: the entry's checksums are verified at its first use in a process
+    (`_VERIFIED` is that process's record, emptied here as a new run starts with it empty)."""
+    write_jsonl(tmp_path / "task" / "a.jsonl", [conv(i) for i in range(3)])
+    config = data_config(tmp_path, smollm2_dir, [tmp_path / "task"])
+    show = ["data", "--config", str(config), "--show", "3", "--color", "never"]
+    assert cli.main(show) == 0
+    first = capsys.readouterr().out
+    [entry] = [p.parent for p in (tmp_path / "cache").rglob("info.json")]
+    for damage in ("mask.npy all ones", "lengths.npy truncated", "ids.npy empty", "info.json empty"):
+        name, what = damage.split(" ", 1)
+        path = entry / name
+        if what == "all ones":  # same size: only the hash can tell
+            np.save(path, np.ones_like(np.load(path)))
+        elif what == "truncated":
+            path.write_bytes(path.read_bytes()[:-8])
+        else:
+            path.write_bytes(b"")
+        tokenize._VERIFIED.clear()
+        assert cli.main(show) == 0
+        out, err = capsys.readouterr()
+        assert f"[mft] warning: tokenisation cache entry {entry} is damaged (" in err, (damage, err)
+        assert out == first, damage  # the prompts are still marked as not trained: the entry was rebuilt
+        tokenize._VERIFIED.clear()
+        assert cli.main(show) == 0
+        out, err = capsys.readouterr()
+        assert "warning" not in err and out == first, damage  # intact again
