@@ -104,3 +104,31 @@ def test_a_damaged_cache_entry_is_rebuilt_with_a_warning(smollm2_dir, tmp_path, 
         assert cli.main(show) == 0
         out, err = capsys.readouterr()
         assert "warning" not in err and out == first, damage  # intact again
+
+
+def test_validate_warns_per_task_about_samples_lost_to_seq_len(smollm2_dir, tmp_path, capsys):
+    import yaml
+
+    from tests.tiny_models import make_tiny_model_dir
+
+    model = make_tiny_model_dir(tmp_path / "model", "llama", tokenizer_dir=smollm2_dir)
+    long = {"prompt": "Explain.", "answer": "word " * 200}
+    write_jsonl(tmp_path / "short" / "a.jsonl", [conv(i) for i in range(40)] + [long])  # 1 of 41: 2%
+    write_jsonl(tmp_path / "long" / "a.jsonl", [conv(i) for i in range(3)] + [long] * 2)  # 2 of 5: 40%
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump({
+        "output_dir": str(tmp_path / "out"),
+        "model": {"_component_": "mft_components.models.build_model", "model_dir": str(model),
+                  "lora": {"rank": 4, "alpha": 8}},
+        "tokenizer": {"_component_": "mft_components.models.load_tokenizer", "path": str(model)},
+        "data": {"_component_": "mft_components.data.build_mft_data", "seq_len": 64, "num_workers": 0,
+                 "valid_size": 1, "truncation": "drop", "cache_dir": str(tmp_path / "cache"),
+                 "data_paths": [str(tmp_path / "short"), str(tmp_path / "long")]},
+        "optimizer": {"_component_": "torch.optim.AdamW", "lr": 1e-3},
+    }))
+    assert cli.main(["validate", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert ("task short: 1 dropped of 41 samples (2%) as longer than data.seq_len=64 tokens (data.truncation: drop); "
+            "raise data.seq_len to keep them whole\n") in out
+    assert "WARNING: task long: 2 dropped of 5 samples (40%) as longer than data.seq_len=64" in out
+    assert "WARNING: task short" not in out
