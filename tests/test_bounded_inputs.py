@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import cli
 from mft_components.data import tokenize
@@ -132,3 +134,47 @@ def test_validate_warns_per_task_about_samples_lost_to_seq_len(smollm2_dir, tmp_
             "raise data.seq_len to keep them whole\n") in out
     assert "WARNING: task long: 2 dropped of 5 samples (40%) as longer than data.seq_len=64" in out
     assert "WARNING: task short" not in out
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A real 512 KiB tmpfs (needs the right to mount: root or CAP_SYS_ADMIN), unmounted afterwards."""
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_is_named_with_the_bytes_needed(full_disk, smollm2_dir, tmp_path, capsys):
+    from mft_components.device import DiskFullError
+    from mft_components.training import checkpoint as ck
+    from tests.test_export import train_and_save
+    from tests.tiny_models import make_tiny_model_dir
+
+    # The tokenisation cache: the run goes on without caching, and says why.
+    write_jsonl(tmp_path / "task" / "a.jsonl", [conv(i) for i in range(3)])
+    (full_disk / "filler").write_bytes(b"\0" * (512 * 1024 - 8192))
+    config = data_config(tmp_path, smollm2_dir, [tmp_path / "task"], cache_dir=str(full_disk / "cache"))
+    assert cli.main(["data", "--config", str(config)]) == 0
+    err = capsys.readouterr().err
+    assert (f"[mft] warning: the disk is full: writing a tokenisation cache entry into {full_disk / 'cache'}"
+            in err and "going on without caching it" in err), err
+    (full_disk / "filler").unlink()
+
+    # A checkpoint: nothing half-written is left.
+    weights = {"base_model.model.x.lora_A.weight": torch.zeros(256, 1024)}  # 1 MB
+    with pytest.raises(DiskFullError, match=rf"the disk is full: writing checkpoint step_3 into {full_disk} needs "
+                                            r"about 1\.0 MB, 0\.[0-9] MB free there"):
+        ck.save_checkpoint(full_disk, 3, weights=weights, meta={}, adapter_config={"r": 4})
+    assert sorted(p.name for p in full_disk.iterdir()) == ["cache"]
+
+    # An export of a model of 25.5 MB.
+    base = make_tiny_model_dir(tmp_path / "base", "llama", vocab_size=49152, tokenizer_dir=smollm2_dir)
+    checkpoint, _ = train_and_save(base, tmp_path / "run", "lora")
+    assert cli.main(["export", str(checkpoint), "--output", str(full_disk / "export")]) == 2
+    err = capsys.readouterr().err
+    assert f"mft export: error: the disk is full: writing the export into {full_disk} needs about 25.5 MB, 0.5 MB free" in err, err
+    assert sorted(p.name for p in full_disk.iterdir()) == ["cache"]

@@ -30,6 +30,7 @@ import numpy as np
 
 from mft_components.data.records import BadRecord, DataError, decode_record, parse_record
 from mft_components.data.templates import ChatFormat, encode_texts
+from mft_components.device import disk_full
 from mft_components.distributed import get_rank, get_world_size, is_distributed, run_in_step
 
 __all__ = ["TRUNCATION_MODES", "CACHE_VERSION", "check_truncation", "tokenizer_fingerprint", "tokenize_files"]
@@ -223,6 +224,19 @@ class _HashingWriter:
 
 
 def _cache_write(entry: Path, result: dict) -> None:
+    """Write a cache entry; a full disk leaves it out with a warning (the run goes on with the result in hand)."""
+    try:
+        _write_entry(entry, result)
+    except OSError as e:
+        full = disk_full(e, "a tokenisation cache entry", entry.parent.parent,
+                         sum(result[name].nbytes for name in _ARRAYS))
+        if full is None:
+            raise
+        print(f"[mft] warning: {full}; going on without caching it (data.cache_dir moves the cache)",
+              file=sys.stderr, flush=True)
+
+
+def _write_entry(entry: Path, result: dict) -> None:
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{entry.name}.tmp-", dir=entry.parent))
     try:
