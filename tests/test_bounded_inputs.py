@@ -178,3 +178,49 @@ def test_a_full_disk_is_named_with_the_bytes_needed(full_disk, smollm2_dir, tmp_
     err = capsys.readouterr().err
     assert f"mft export: error: the disk is full: writing the export into {full_disk} needs about 25.5 MB, 0.5 MB free" in err, err
     assert sorted(p.name for p in full_disk.iterdir()) == ["cache"]
+
+
+def test_wrong_shape_adamw_moments_are_named():
+    from mft_components.training.state import gather_optimizer_state, load_optimizer_state
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    state = gather_optimizer_state(model, optimizer)
+    state["state"]["0.weight"]["exp_avg_sq"] = torch.zeros(3, 5)
+    with pytest.raises(ValueError, match=r"recipe_state.pt: the optimizer's exp_avg_sq of 0.weight has shape \(3, 5\), "
+                                         r"the parameter \(3, 4\); the file is damaged or from another model"):
+        load_optimizer_state(model, optimizer, state)
+
+
+def test_a_1tb_tensor_in_a_base_models_header_and_a_bit_flipped_adapter_are_named(smollm2_dir, tmp_path, capsys):
+    """A base model whose safetensors header claims 1 TB (in a file of a few bytes) is named by export, generate
+    and validate before anything allocates for it; `mft generate --adapter` checks the checkpoint's consistency
+    record as export does."""
+    from tests.test_export import train_and_save
+    from tests.tiny_models import make_tiny_model_dir
+
+    base = make_tiny_model_dir(tmp_path / "base", "llama", vocab_size=49152, tokenizer_dir=smollm2_dir)
+    checkpoint, _ = train_and_save(base, tmp_path / "run", "lora")
+    raw = bytearray((checkpoint / "adapter_model.safetensors").read_bytes())
+    raw[-5] ^= 0x10
+    (checkpoint / "adapter_model.safetensors").write_bytes(raw)
+    assert cli.main(["generate", "--model", str(base), "--adapter", str(checkpoint), "--prompt", "hi"]) == 2
+    assert ("mft generate: error: damaged checkpoint: " in capsys.readouterr().err)
+
+    hostile = tmp_path / "hostile"
+    hostile.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (hostile / name).write_bytes((base / name).read_bytes())
+    header = json.dumps({"model.embed_tokens.weight": {"dtype": "F32", "shape": [1 << 20, 1 << 18],
+                                                       "data_offsets": [0, 1 << 40]}}).encode()
+    header += b" " * (-len(header) % 8)
+    (hostile / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 64)
+    claim = (f"{hostile / 'model.safetensors'}: its header describes 1,099,511,627,776 bytes of tensors (1,099.5 "
+             f"GB), the file holds 64 after the header")
+    assert cli.main(["generate", "--model", str(hostile), "--prompt", "hi", "--template", "mft"]) == 2
+    assert f"mft generate: error: --model {claim}" in capsys.readouterr().err
+    ok_copy = train_and_save(base, tmp_path / "run2", "lora")[0]
+    assert cli.main(["export", str(ok_copy), "--base", str(hostile), "--output", str(tmp_path / "out")]) == 2
+    assert f"mft export: error: {claim}" in capsys.readouterr().err
