@@ -194,6 +194,7 @@ def test_wrong_shape_adamw_moments_are_named():
         load_optimizer_state(model, optimizer, state)
 
 
+@pytest.mark.slow
 def test_a_1tb_tensor_in_a_base_models_header_and_a_bit_flipped_adapter_are_named(smollm2_dir, tmp_path, capsys):
     """A base model whose safetensors header claims 1 TB (in a file of a few bytes) is named by export, generate
     and validate before anything allocates for it; `mft generate --adapter` checks the checkpoint's consistency
@@ -224,3 +225,30 @@ def test_a_1tb_tensor_in_a_base_models_header_and_a_bit_flipped_adapter_are_name
     ok_copy = train_and_save(base, tmp_path / "run2", "lora")[0]
     assert cli.main(["export", str(ok_copy), "--base", str(hostile), "--output", str(tmp_path / "out")]) == 2
     assert f"mft export: error: {claim}" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_file_size_limit_is_named_like_a_full_disk(smollm2_dir, tmp_path):
+    """Where no tmpfs can be mounted: `ulimit -f` (RLIMIT_FSIZE) makes writes fail with EFBIG in a child process."""
+    import resource
+    import signal
+    import sys
+
+    from tests.conftest import REPO_ROOT
+    from tests.test_export import train_and_save
+    from tests.tiny_models import make_tiny_model_dir
+
+    base = make_tiny_model_dir(tmp_path / "base", "llama", vocab_size=49152, tokenizer_dir=smollm2_dir)
+    checkpoint, _ = train_and_save(base, tmp_path / "run", "lora")
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    proc = subprocess.run([sys.executable, "-c", "import sys, cli; sys.exit(cli.main())", "export", str(checkpoint),
+                           "--output", str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO_ROOT,
+                          timeout=300, preexec_fn=limit_file_size, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2, proc.stderr
+    assert (f"mft export: error: a file would exceed this process's file-size limit (ulimit -f): writing the export "
+            f"into {tmp_path} needs about 25.5 MB") in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()
