@@ -74,7 +74,7 @@ from mft_components.config import instantiate, parse, to_container
 from mft_components.data.records import DataError
 from mft_components.data.sampling import LoaderStateError, build_train_loader, build_valid_loader
 from mft_components.data.stats import format_stats, task_stats
-from mft_components.device import peak_memory_gb
+from mft_components.device import DiskFullError, peak_memory_gb
 from mft_components.distributed import (
     collective_timeout_message,
     decided_by_rank0,
@@ -82,7 +82,6 @@ from mft_components.distributed import (
     end_worker,
     init_distributed,
     is_collective_timeout,
-    run_in_step,
 )
 from mft_components.models import num_experts, prepare_batch
 from mft_components.models.expert_lora import lora_target_parameters
@@ -491,7 +490,8 @@ class LoRAFinetuneRecipe:
 
         # The other ranks wait in step (a short all-reduce each second), not in one barrier: writing and hashing a
         # large checkpoint may take longer than distributed_timeout_s, which is meant for a rank that stopped.
-        run_in_step(write if self.is_rank0 else lambda: None)
+        # A full disk stops every rank with rank 0's message (DiskFullError), not a traceback and a timeout.
+        decided_by_rank0(write, errors=(DiskFullError,))
         self.last_saved_step = position.step
 
     def load_checkpoint(self, path: Path) -> None:
@@ -565,6 +565,11 @@ def _setup_and_train(recipe: LoRAFinetuneRecipe) -> None:
         sys.exit(1)
     except LoaderStateError as e:  # a resume with another global batch, found when the loader restarts
         sys.exit(f"resume error: {e}")
+    except DiskFullError as e:  # a checkpoint did not fit; the ones before it are whole
+        if recipe.is_rank0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        recipe.cleanup()
+        sys.exit(1)
     except RuntimeError as e:
         _exit_if_collective_timeout(recipe, e)
         raise

@@ -94,6 +94,7 @@ def test_hidden_files_are_skipped_and_a_linked_task_keeps_the_links_name(smollm2
             f"(.backup.jsonl, .ipynb_checkpoints/, .old/), as MFTCoder does") in out
 
 
+@pytest.mark.slow
 def test_older_bin_adapter_merges_and_generates_with_a_template(tmp_path, smollm2_dir, capsys):
     """MFTCoder's adapters were saved by older peft as adapter_model.bin: `mft export --adapter` merges one (read
     with torch.load(weights_only=True)) to peft's logits, and `mft generate --adapter --template` prompts with it."""

@@ -28,11 +28,13 @@ from mft_components.data.tasks import discover_tasks
 from mft_components.data.templates import ChatFormat
 from mft_components.data.tokenize import check_truncation, tokenize_files
 
-__all__ = ["BAD_RECORD_MODES", "MAX_LISTED_PROBLEMS", "resolve_data_config", "build_mft_data"]
+__all__ = ["BAD_RECORD_MODES", "MAX_LISTED_PROBLEMS", "LENGTH_WARNING_SHARE", "length_notes", "resolve_data_config",
+           "build_mft_data"]
 
 BAD_RECORD_MODES = ("error", "skip")
 MAX_LISTED_PROBLEMS = 20
 DEFAULT_MAX_RECORD_BYTES = 8 << 20  # 8 MiB: far above any conversation that fits a context window
+LENGTH_WARNING_SHARE = 0.05  # a task losing more of its samples to seq_len than this gets a WARNING
 
 
 def _problem_lines(path: Path | TableSource, problems: list[tuple[int, str, str]]) -> list[str]:
@@ -96,6 +98,24 @@ def _check_options(seq_len, packing, truncation, task_sampling, temperature, on_
     if valid_size is not None and (not isinstance(valid_size, int) or valid_size < 0):
         raise DataError(f"data.valid_size: expected a non-negative integer (samples per task), got {valid_size!r}")
     check_task_sampling(task_sampling, temperature)
+
+
+def length_notes(counts: dict[str, dict[str, int]], seq_len: int, truncation: str) -> list[str]:
+    """A line per task that loses samples to ``seq_len``: how many were dropped or truncated, of how many read
+    (a ``WARNING`` above ``LENGTH_WARNING_SHARE``), and what would keep them whole."""
+    lines = []
+    for name, c in counts.items():
+        cut = c["dropped"] + c["truncated"]
+        total = c["kept"] + c["dropped"]  # the samples read well (bad records are reported apart)
+        if not cut:
+            continue
+        what = (f"{c['dropped']} dropped" if c["dropped"] else "") + (", " if c["dropped"] and c["truncated"] else "") \
+            + (f"{c['truncated']} truncated (answers cut, no end token)" if c["truncated"] else "")
+        share = cut / total if total else 1.0
+        head = "WARNING: " if share > LENGTH_WARNING_SHARE else ""
+        lines.append(f"{head}task {name}: {what} of {total} samples ({share:.0%}) as longer than data.seq_len="
+                     f"{seq_len} tokens (data.truncation: {truncation}); raise data.seq_len to keep them whole")
+    return lines
 
 
 def _check_valid_size(valid_size: int | None, counts: dict[str, dict[str, int]], separate_valid: bool) -> None:
@@ -226,6 +246,7 @@ def build_mft_data(
     if problems and on_bad_record == "error":
         _raise_problems(problems, ", ".join(task_names))
     _check_valid_size(valid_size, counts, bool(valid_tasks))
+    notes += length_notes(counts, seq_len, truncation)
     if empty:
         detail = "; ".join(
             f"{n}: {counts[n]['records']} records, {counts[n]['bad']} bad, {counts[n]['dropped']} dropped as longer "

@@ -1,12 +1,14 @@
 """Tokenisation of the task files, in worker processes, behind a cache keyed by everything that changes the ids.
 
     files --hash--> cache key (file bytes, tokenizer, chat format, seq_len, truncation)
-          --hit---> memory-map ids/mask arrays                                              (warm start)
+          --hit---> checksums (size always, SHA-256 once per run) --> memory-map ids/mask arrays (warm start)
           --miss--> byte ranges of lines --worker processes--> parse, validate, render segments,
                     batch-tokenise, truncate --> arrays --> written atomically to the cache   (cold start)
 
 Under torch.distributed the local rank 0 of each node builds the cache while the other ranks wait in step,
-then every rank memory-maps it. Too-long conversations follow ``data.truncation`` (``TRUNCATION_MODES``).
+then every rank memory-maps it. Too-long conversations follow ``data.truncation`` (``TRUNCATION_MODES``). An entry
+records each array's size and SHA-256 (hashed while it is written); one that does not match (edited, truncated,
+emptied) is removed with a warning and rebuilt, never trained on.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -28,6 +31,7 @@ import numpy as np
 from mft_components.data.records import BadRecord, DataError, decode_record, parse_record
 from mft_components.data.tables import TableSource, load_table, table_fingerprint, table_records
 from mft_components.data.templates import ChatFormat, encode_texts
+from mft_components.device import disk_full
 from mft_components.distributed import get_rank, get_world_size, is_distributed, run_in_step
 
 __all__ = ["TRUNCATION_MODES", "CACHE_VERSION", "check_truncation", "tokenizer_fingerprint", "tokenize_files"]
@@ -232,27 +236,97 @@ def _file_key(content_hash: str, tok_fp: str, job: _Job) -> str:
 _ARRAYS = ("ids", "mask", "lengths", "lines", "turns")
 
 
+class _HashingWriter:
+    """A file object that hashes what is written through it: a cache entry's checksum costs no second read."""
+
+    def __init__(self, f):
+        self._f, self.hash, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        self.hash.update(view)
+        self.size += len(view)
+        return self._f.write(view)
+
+    def __getattr__(self, name):  # np.save may ask for fileno, tell, flush, ...
+        return getattr(self._f, name)
+
+
 def _cache_write(entry: Path, result: dict) -> None:
+    """Write a cache entry; a full disk leaves it out with a warning (the run goes on with the result in hand)."""
+    try:
+        _write_entry(entry, result)
+    except OSError as e:
+        full = disk_full(e, "a tokenisation cache entry", entry.parent.parent,
+                         sum(result[name].nbytes for name in _ARRAYS))
+        if full is None:
+            raise
+        print(f"[mft] warning: {full}; going on without caching it (data.cache_dir moves the cache)",
+              file=sys.stderr, flush=True)
+
+
+def _write_entry(entry: Path, result: dict) -> None:
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{entry.name}.tmp-", dir=entry.parent))
     try:
+        checksums = {}
         for name in _ARRAYS:
-            np.save(tmp / f"{name}.npy", result[name])
+            with open(tmp / f"{name}.npy", "wb") as f:
+                writer = _HashingWriter(f)
+                np.save(writer, result[name])
+            checksums[f"{name}.npy"] = {"size": writer.size, "sha256": writer.hash.hexdigest()}
         info = {k: result[k] for k in ("records", "dropped", "truncated")}
         info["problems"] = result["problems"]
+        info["files"] = checksums
         (tmp / "info.json").write_text(json.dumps(info))
         try:
             os.rename(tmp, entry)
+            _VERIFIED.add(str(entry))  # hashed as written: its first read need not hash it again
         except OSError:
             pass  # another rank or process wrote the same entry first; same content by construction
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# Entries whose checksums this process has verified: each is hashed once per run, at its first use.
+_VERIFIED: set[str] = set()
+
+
+def _entry_damage(entry: Path) -> tuple[dict | None, str | None]:
+    """(info.json content, None) for an intact entry, or (None, what is wrong). Sizes are checked at every read,
+    the SHA-256 of every array at the first read in this process."""
+    try:
+        info = json.loads((entry / "info.json").read_text())
+        files = info["files"]
+        for name in _ARRAYS:
+            expected = files[f"{name}.npy"]
+            size = (entry / f"{name}.npy").stat().st_size
+            if size != expected["size"]:
+                return None, f"{name}.npy has {size:,} bytes, its checksum record {expected['size']:,}"
+        if str(entry) not in _VERIFIED:
+            for name in _ARRAYS:
+                with open(entry / f"{name}.npy", "rb") as f:
+                    digest = hashlib.file_digest(f, "sha256").hexdigest()
+                if digest != files[f"{name}.npy"]["sha256"]:
+                    return None, f"{name}.npy does not match its SHA-256 checksum"
+            _VERIFIED.add(str(entry))
+    except FileNotFoundError as e:
+        return None, f"{Path(e.filename).name} is missing"
+    except (OSError, ValueError, KeyError, TypeError) as e:  # unreadable, empty or garbled info.json
+        return None, f"info.json is unreadable or incomplete ({type(e).__name__}: {e})"
+    return info, None
+
+
 def _cache_read(entry: Path) -> dict | None:
-    if not (entry / "info.json").exists():
+    """The cached result, or None: no entry, or a damaged one (removed, with a warning, to be rebuilt)."""
+    if not entry.exists():
         return None
-    result = json.loads((entry / "info.json").read_text())
+    result, damage = _entry_damage(entry)
+    if damage is not None:
+        print(f"[mft] warning: tokenisation cache entry {entry} is damaged ({damage}); rebuilding it",
+              file=sys.stderr, flush=True)
+        shutil.rmtree(entry, ignore_errors=True)
+        return None
     result["problems"] = [tuple(p) for p in result["problems"]]
     for name in _ARRAYS:
         # ids and mask are memory-mapped: a warm start reads only what training touches. A plain ndarray view

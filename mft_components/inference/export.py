@@ -42,6 +42,7 @@ import torch
 from safetensors.torch import save_file
 
 from mft_components.data.templates import ChatFormat
+from mft_components.device import disk_full
 from mft_components.inference.adapters import (
     ExportError,
     LoRAAdapter,
@@ -403,6 +404,7 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, base: 
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = _sibling(output_dir, "tmp")
+    needed = 0  # bytes of the weights to write, once known
     try:
         if full:
             weights_dir, transform = checkpoint_dir, (lambda spec, t: t)
@@ -427,6 +429,7 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, base: 
         except FileNotFoundError as e:
             raise ExportError(str(e)) from e
         specs = read_specs(files, out_dtype)
+        needed = sum(spec.nbytes for spec in specs)
         if not full:
             param_plan = _plan_param_merges(adapter, specs, weights_dir)
             _check_adapter_against_base(adapter, specs, weights_dir)
@@ -452,8 +455,11 @@ def export_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, base: 
             if not full:
                 _write_adapter(tmp / "adapter", checkpoint_dir, base_dir, chat_meta)
         _swap_in(tmp, output_dir)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        full_disk = disk_full(e, "the export", output_dir.parent, needed)
+        if full_disk is not None:
+            raise ExportError(str(full_disk)) from e
         raise
     return output_dir
 

@@ -37,7 +37,8 @@ from mft_components.inference.decoding import generate_batched
 from mft_components.inference.export import CHAT_FORMAT_FILE, remote_code_refused
 from mft_components.inference.generate_args import add_arguments
 from mft_components.inference.shards import OUTPUT_DTYPES
-from mft_components.training.checkpoint import ADAPTER_CONFIG, read_checkpoint_meta
+from mft_components.models.weights import safetensors_files, safetensors_problem
+from mft_components.training.checkpoint import ADAPTER_CONFIG, CheckpointError, read_checkpoint_meta, verify_checkpoint
 from mft_components.training.checkpoint import META_FILE as CHECKPOINT_META
 
 __all__ = ["GenerateError", "GenerationModel", "Generation", "load_generation_model", "merge_adapter_into",
@@ -194,6 +195,12 @@ def load_generation_model(model_dir: str | Path, adapter: str | Path | None = No
                             f"--adapter, or pass the base model as --model")
     if dtype not in OUTPUT_DTYPES:
         raise GenerateError(f"dtype: expected one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}")
+    for d in ([adapter_dir] if adapter_dir else []) + [model_dir]:
+        if (d / CHECKPOINT_META).is_file():  # a training checkpoint: its files must match their record, as export
+            try:                              # checks (a bit-flipped adapter would be used silently)
+                verify_checkpoint(d)
+            except CheckpointError as e:
+                raise GenerateError(f"damaged checkpoint: {e}") from e
     try:
         chat_dict, eos_token, meta_path = _read_chat_meta(([adapter_dir] if adapter_dir else []) + [model_dir])
     except GenerateError as e:
@@ -210,6 +217,12 @@ def load_generation_model(model_dir: str | Path, adapter: str | Path | None = No
     if eos_id is None or (eos_id == tokenizer.unk_token_id and eos_token != tokenizer.unk_token):
         raise GenerateError(f"{meta_path}: eos_token {eos_token!r} is not in the tokenizer's vocabulary")
 
+    try:
+        weight_files = safetensors_files(model_dir)
+    except FileNotFoundError:
+        weight_files = []  # transformers reads other layouts, and says what it misses
+    for problem in filter(None, map(safetensors_problem, weight_files)):
+        raise GenerateError(f"--model {problem}")
     # Load in float32 so that an adapter merge is exact, then cast.
     with _refusing_remote_code(model_dir, "model"):
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,

@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 
 from mft_components.inference.adapters import ExportError, check_finite_tensor
+from mft_components.models.weights import safetensors_problem
 
 __all__ = ["OUTPUT_DTYPES", "DTYPE_NAMES", "TensorSpec", "read_specs", "main_dtype", "parse_size",
            "write_sharded_weights"]
@@ -53,6 +54,9 @@ def read_specs(files: list[Path], dtype: torch.dtype | None) -> list[TensorSpec]
     """Names and shapes from the headers only; floating tensors are cast to `dtype` (None: keep), others keep theirs."""
     specs = []
     for f in files:
+        problem = safetensors_problem(f)  # before safetensors or anything else trusts the header's sizes
+        if problem is not None:
+            raise ExportError(problem)
         with safe_open(f, framework="pt") as st:
             for name in st.keys():
                 sl = st.get_slice(name)

@@ -55,7 +55,10 @@ def _id_differences(trained, exported, chat_format: ChatFormat) -> str | None:
         return tok.convert_ids_to_tokens(ids)
 
     for messages in _SAMPLE_CONVERSATIONS:
-        want, _ = chat_format.render(messages, trained)
+        try:
+            want, _ = chat_format.render(messages, trained)
+        except Exception:  # noqa: BLE001 - a template: hf that refuses this shape (no system role): nothing to compare
+            continue
         got, _ = chat_format.render(messages, exported)
         if want != got:
             text = chat_format.render_text(messages, trained)

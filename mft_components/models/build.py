@@ -47,7 +47,7 @@ from mft_components.models.parallelize import (
     resolve_compile,
     shard_model,
 )
-from mft_components.models.weights import load_weights, parameter_owners, safetensors_files
+from mft_components.models.weights import load_weights, parameter_owners, safetensors_files, safetensors_problem
 
 __all__ = ["DEFAULT_LORA_TARGETS", "build_model", "build_meta_model", "resolve_lora_config", "apply_lora",
            "load_tokenizer", "param_bytes"]
@@ -367,9 +367,11 @@ def build_meta_model(
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"model.model_dir: {model_dir} has no config.json (expected a Hugging Face model directory)")
     try:
-        safetensors_files(model_dir)  # no weights: say so now, not after the data is built
+        files = safetensors_files(model_dir)  # no weights: say so now, not after the data is built
     except FileNotFoundError as e:
         raise FileNotFoundError(f"model.model_dir: {e}") from None
+    for problem in filter(None, map(safetensors_problem, files)):
+        raise ValueError(f"model.model_dir: {problem}")
     try:
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     except ValueError as e:

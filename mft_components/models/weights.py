@@ -22,7 +22,9 @@ from mft_components.models.lora import LoRALinear
 from mft_components.models.model import MFTModel
 from mft_components.models.parallelize import make_param_like
 
-__all__ = ["safetensors_files", "parameter_owners", "load_weights"]
+__all__ = ["safetensors_files", "safetensors_problem", "parameter_owners", "load_weights"]
+
+_MAX_HEADER_BYTES = 100_000_000  # safetensors' own bound on the JSON header
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,33 @@ def safetensors_files(model_dir: Path) -> list[Path]:
         f"{model_dir}: no model.safetensors or model.safetensors.index.json (found: {found[:20]}); "
         "convert .bin checkpoints to safetensors first"
     )
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """What makes a safetensors file unusable, from its header and its size alone (no tensor is read), or None.
+
+    A header claiming more bytes than the file holds (a 1 TB tensor in a 1 MB file: damaged, truncated or
+    hostile) is named before anything allocates memory for it.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{path}: {size} bytes, too short for a safetensors file"
+            n = int.from_bytes(head, "little")
+            if n > _MAX_HEADER_BYTES or 8 + n > size:
+                return f"{path}: its header length claims {n:,} bytes, the file holds {size:,}: damaged or truncated"
+            header = json.loads(f.read(n))
+        spans = [entry["data_offsets"] for name, entry in header.items() if name != "__metadata__"]
+        claimed = max((int(end) for _, end in spans), default=0)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        return f"{path}: not a readable safetensors header ({type(e).__name__}: {e})"
+    held = size - 8 - n
+    if claimed != held:
+        return (f"{path}: its header describes {claimed:,} bytes of tensors ({claimed / 1e9:,.1f} GB), the file holds "
+                f"{held:,} after the header: damaged, truncated, or not the model it claims to be")
+    return None
 
 
 class _KeyMapper:

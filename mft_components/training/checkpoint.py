@@ -42,6 +42,7 @@ import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 from safetensors.torch import load_file, save_file
 
+from mft_components.device import disk_full, tensor_bytes
 from mft_components.distributed import decided_by_rank0
 from mft_components.models.lora import hf_key, peft_to_adapter_state_dict
 
@@ -99,6 +100,7 @@ def save_checkpoint(
 
     Raises:
         ValueError: neither or both of ``adapter_config`` and ``model_config`` given.
+        DiskFullError: the disk filled (or a quota or file-size limit was hit); nothing is left half-written.
     """
     if (adapter_config is None) == (model_config is None):
         raise ValueError("save_checkpoint: give exactly one of adapter_config (LoRA) or model_config (full)")
@@ -132,8 +134,11 @@ def save_checkpoint(
         else:
             os.replace(tmp, final)
         _fsync(output_dir)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        full = disk_full(e, f"checkpoint step_{step}", output_dir, tensor_bytes(weights) + tensor_bytes(recipe_state))
+        if full is not None:
+            raise full from e
         raise
     return final
 

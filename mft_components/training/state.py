@@ -101,13 +101,31 @@ def gather_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimi
 
 
 @torch.no_grad()
+def _check_state_shapes(saved: dict[str, Any], params: dict[str, torch.nn.Parameter]) -> None:
+    """Every saved moment (AdamW's exp_avg, exp_avg_sq, ...) belongs to a parameter of this run and has its shape:
+    a damaged or foreign recipe_state.pt is named here, not by a broadcasting error in the first step.
+
+    Raises:
+        ValueError: naming the parameter, the state and both shapes.
+    """
+    for name, entry in saved.items():
+        if name not in params:
+            raise ValueError(f"recipe_state.pt: the optimizer state names {name}, which this run does not train")
+        shape = tuple(params[name].shape)  # a DTensor's shape is the full one, as saved
+        for key, value in entry.items():
+            if key != "step" and isinstance(value, torch.Tensor) and tuple(value.shape) != shape:
+                raise ValueError(f"recipe_state.pt: the optimizer's {key} of {name} has shape {tuple(value.shape)}, "
+                                 f"the parameter {shape}; the file is damaged or from another model")
+
+
 def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     """Load a state from :func:`gather_optimizer_state` into the optimizer of a (possibly sharded) model.
 
     Every rank passes the same full state and keeps its own shard of each tensor.
 
     Raises:
-        ValueError: the saved parameter groups do not match the optimizer's (another model or method).
+        ValueError: the saved parameter groups do not match the optimizer's (another model or method), or a
+            saved moment does not have its parameter's shape.
     """
     names = _param_names(model)
     if len(state["param_groups"]) != len(optimizer.param_groups):
@@ -121,6 +139,7 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
         group.update({k: v for k, v in saved.items() if k != "params"})
         by_name.update({names[id(p)]: p for p in group["params"]})
         group_of.update({names[id(p)]: group for p in group["params"]})
+    _check_state_shapes(state["state"], by_name)
     optimizer.state.clear()
     for name, entry in state["state"].items():
         p = by_name[name]
