@@ -420,7 +420,8 @@ class LoRAFinetuneRecipe:
                   flush=True)
             best = checkpoints.get(self.early_stopping.best_step, checkpoints.get(step))
             self.logger.summary(summary_values(**summary), artifact_dir=best)  # W&B / MLflow (artifact if asked)
-            print(write_plots_at_end(self.output_dir), flush=True)  # output_dir/plots/*.png, as `mft plot` draws
+            if self.cfg.plots:  # output_dir/plots/*.png, as `mft plot` draws them
+                print(write_plots_at_end(self.output_dir), flush=True)
 
     def stop_reason(self) -> str:
         stopping = self.early_stopping
