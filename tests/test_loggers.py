@@ -146,7 +146,7 @@ def test_the_logger_thread_never_waits_for_a_slow_logger(tmp_path):
     start = time.perf_counter()
     for step in range(20):
         loggers.log("train", step, {"loss": 1.0})
-    assert time.perf_counter() - start < 0.1
+    assert time.perf_counter() - start < 1.0  # 20 calls of a logger that takes 0.5 s each: 10 s if it waited
     assert loggers.run_ids() == {"slow": "flaky-run"}
     loggers.close(timeout=0.01)  # left behind, said so
 
