@@ -372,21 +372,30 @@ class ExternalLoggers:
         self._started.set()
         while True:
             item = self._queue.get()
-            if item[0] == "log":
-                _, kind, step, metrics = item
-                values = flatten_metrics(kind, metrics)
-                for logger in list(self._loggers):
-                    self._call(logger, "log", f"at step {step}", values, step)
-            elif item[0] == "summary":
-                _, values, artifact_dir = item
-                for logger in list(self._loggers):
-                    self._call(logger, "summary", "logging the summary", values)
-                    if artifact_dir is not None and getattr(logger, "log_artifact", False):
-                        self._call(logger, "artifact", f"uploading {artifact_dir}", artifact_dir)
-            else:
-                for logger in list(self._loggers):
-                    self._call(logger, "finish", "at its end", item[1])
-                return
+            try:
+                if not self._handle(item):
+                    return
+            finally:
+                self._queue.task_done()  # queue.join() waits until what was queued is logged
+
+    def _handle(self, item: tuple) -> bool:
+        """Do one queued thing; False after the finish."""
+        if item[0] == "log":
+            _, kind, step, metrics = item
+            values = flatten_metrics(kind, metrics)
+            for logger in list(self._loggers):
+                self._call(logger, "log", f"at step {step}", values, step)
+        elif item[0] == "summary":
+            _, values, artifact_dir = item
+            for logger in list(self._loggers):
+                self._call(logger, "summary", "logging the summary", values)
+                if artifact_dir is not None and getattr(logger, "log_artifact", False):
+                    self._call(logger, "artifact", f"uploading {artifact_dir}", artifact_dir)
+        else:
+            for logger in list(self._loggers):
+                self._call(logger, "finish", "at its end", item[1])
+            return False
+        return True
 
     def _call(self, logger, method: str, when: str, *args) -> bool:
         try:
