@@ -265,7 +265,7 @@ class LoRAFinetuneRecipe:
     def _setup_output(self) -> None:
         """Output for people, on rank 0, and the evaluators that write to it (with a resumed run's history)."""
         cfg, config = self.cfg, to_container(self.cfg)
-        external, tensorboard = build_metric_loggers(config["metric_loggers"]) if self.is_rank0 else ([], False)
+        external, tensorboard = build_metric_loggers(config.get("metric_loggers")) if self.is_rank0 else ([], False)
         self.logger = MetricLogger(self.output_dir, enabled=self.is_rank0, tensorboard=cfg.tensorboard or tensorboard,
                                    start_step=self.position.step,  # rows after the checkpoint are written again
                                    external=external, config=config, run_ids=self.logger_run_ids)
@@ -433,7 +433,8 @@ class LoRAFinetuneRecipe:
                   flush=True)
             best = checkpoints.get(self.early_stopping.best_step, checkpoints.get(step))
             self.logger.summary(summary_values(**summary), artifact_dir=best)  # W&B / MLflow (artifact if asked)
-            print(write_plots_at_end(self.output_dir), flush=True)  # output_dir/plots/*.png, as `mft plot` draws
+            if self.cfg.plots:  # output_dir/plots/*.png, as `mft plot` draws them
+                print(write_plots_at_end(self.output_dir), flush=True)
 
     def stop_reason(self) -> str:
         stopping = self.early_stopping

@@ -21,7 +21,7 @@ def two_runs(assets, tmp_path_factory):
     runs = []
     for name, lr in (("a", 1e-2), ("b", 3e-2)):
         root = tmp_path_factory.mktemp(f"run_{name}")
-        cfg = _config(assets, root, eval_every_n_steps=2, save_every_n_steps=2, **{"optimizer.lr": lr})
+        cfg = _config(assets, root, eval_every_n_steps=2, save_every_n_steps=2, plots=True, **{"optimizer.lr": lr})
         _run(LORA_RECIPE, cfg)
         runs.append(root / "out")
     return runs

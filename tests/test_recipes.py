@@ -74,6 +74,7 @@ def _config(assets, tmp_path: Path, name: str = "cfg", method: str = "lora", **o
         "micro_batch_size": 1,
         "gradient_accumulation_steps": 2,
         "tensorboard": False,
+        "plots": False,
     }
     if method != "full":
         cfg["model"]["lora"] = {"rank": 4, "alpha": 8, "dropout": 0.0}

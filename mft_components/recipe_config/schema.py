@@ -84,6 +84,7 @@ class RecipeConfig:
         metric_loggers: W&B, MLflow, TensorBoard as well as metrics.jsonl: names (``[tensorboard, wandb,
             mlflow]``) or ``_component_`` nodes (``training/loggers.py``: ``WandBLogger``, ``MLflowLogger``, or
             your own class); null: metrics.jsonl and, with ``tensorboard``, TensorBoard.
+        plots: at the end of the run, draw its curves into ``output_dir/plots`` (``mft plot``; needs matplotlib).
         distributed_timeout_s: under torchrun, how long a rank waits in one collective (all-reduce, FSDP's
             gathers) for the other ranks before the run ends with a message naming the rank that stopped answering
             (null: torch's default, 30 min). Work one rank does alone (checkpoint writes, the data cache build,
@@ -121,6 +122,7 @@ class RecipeConfig:
     log_every_n_steps: int = _at_least(1, 1)
     tensorboard: bool = True
     metric_loggers: list | None = None
+    plots: bool = True
     distributed_timeout_s: float | None = _positive(600.0)
     eval: EvalConfig = field(default_factory=EvalConfig)
     save_on_preemption: bool = True

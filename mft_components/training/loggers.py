@@ -225,10 +225,14 @@ class MLflowLogger:
         return run_id
 
     def log(self, values: dict[str, float], step: int) -> None:
+        self.log_many([(values, step)])
+
+    def log_many(self, records: list[tuple[dict[str, float], int]]) -> None:
+        """Several steps' values in one ``log_batch`` (MLflow takes up to 1000 metrics in one)."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(_mlflow_key(k), v, now, step) for k, v in values.items()]
+        metrics = [Metric(_mlflow_key(k), v, now, step) for values, step in records for k, v in values.items()]
         for i in range(0, len(metrics), 1000):
             self._client.log_batch(self._run_id, metrics=metrics[i:i + 1000])
 
@@ -327,7 +331,8 @@ def build_metric_loggers(entries: list | None) -> tuple[list, bool]:
 
 
 class ExternalLoggers:
-    """Runs the loggers on one background thread: :meth:`log` only puts the record on a queue.
+    """Runs the loggers on one background thread: :meth:`log` only puts the record on a queue; the thread sends
+    what came in the last ``flush_interval_s`` together (a logger with ``log_many`` gets them in one call).
 
     Args:
         loggers: from :func:`build_metric_loggers`.
@@ -336,6 +341,8 @@ class ExternalLoggers:
         run_ids: logger key -> run id saved in the recipe state of the checkpoint this run resumes (empty: new
             runs).
     """
+
+    flush_interval_s = 1.0
 
     def __init__(self, loggers: list, output_dir: Path, config: dict, run_ids: dict[str, str] | None = None):
         self._loggers = list(loggers)
@@ -370,14 +377,38 @@ class ExternalLoggers:
             if self._call(logger, "start", "at its start", output_dir, config, run_ids.get(logger.key)):
                 self._ids[logger.key] = self._last
         self._started.set()
+        last = 0.0
         while True:
-            item = self._queue.get()
+            items = [self._queue.get()]
+            # Records that come more often than every flush_interval_s go out together: one MLflow transaction
+            # for all of them, and fewer turns of this thread holding the GIL while the training thread waits.
+            if items[0][0] == "log" and (wait := last + self.flush_interval_s - time.monotonic()) > 0:
+                time.sleep(wait)
+            while True:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            last = time.monotonic()
+            try:
+                going_on = self._handle(items)
+            finally:
+                for _ in items:
+                    self._queue.task_done()  # queue.join() waits until what was queued is logged
+            if not going_on:
+                return
+
+    def _handle(self, items: list[tuple]) -> bool:
+        """Do the queued things in order; False after the finish."""
+        records: list[tuple[dict[str, float], int]] = []
+        for item in items:
             if item[0] == "log":
                 _, kind, step, metrics = item
-                values = flatten_metrics(kind, metrics)
-                for logger in list(self._loggers):
-                    self._call(logger, "log", f"at step {step}", values, step)
-            elif item[0] == "summary":
+                records.append((flatten_metrics(kind, metrics), step))
+                continue
+            self._log(records)
+            records = []
+            if item[0] == "summary":
                 _, values, artifact_dir = item
                 for logger in list(self._loggers):
                     self._call(logger, "summary", "logging the summary", values)
@@ -386,7 +417,18 @@ class ExternalLoggers:
             else:
                 for logger in list(self._loggers):
                     self._call(logger, "finish", "at its end", item[1])
-                return
+                return False
+        self._log(records)
+        return True
+
+    def _log(self, records: list[tuple[dict[str, float], int]]) -> None:
+        for logger in list(self._loggers) if records else ():
+            if hasattr(logger, "log_many"):
+                self._call(logger, "log_many", f"at steps {records[0][1]}-{records[-1][1]}", records)
+                continue
+            for values, step in records:
+                if not self._call(logger, "log", f"at step {step}", values, step):
+                    break
 
     def _call(self, logger, method: str, when: str, *args) -> bool:
         try:

@@ -131,6 +131,7 @@ RESUME_RULES: dict[str, Rule] = {
     "saving_limit": _apply(),
     "log_every_n_steps": _apply(),
     "tensorboard": _apply(),
+    "plots": _apply(),
     "metric_loggers": _apply("the W&B / MLflow runs in the checkpoint's recipe state continue; an added logger "
                              "starts a run"),
     "distributed_timeout_s": _apply(),
