@@ -38,7 +38,7 @@ __all__ = ["GGUF_TYPES", "MODELFILE", "gguf_file_name", "check_convertible", "co
 # llama.cpp's --outtype values we offer: lossless halves and its 8-bit block quantisation (the others are k-quants
 # made by llama-quantize, a compiled tool, or ternary types for models trained for them).
 MODELFILE = "Modelfile"
-_CHAT_FORMAT_FILE = "mft_chat_format.json"  # export.CHAT_FORMAT_FILE (export imports this module's caller side)
+_CHAT_FORMAT_FILE = "mft_chat_format.json"  # export.CHAT_FORMAT_FILE, repeated: export.py imports this module
 # The families the README lists as tested, named in a refusal (the converter knows ~280 architecture names).
 _TESTED_FAMILIES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                     "Qwen3MoeForCausalLM", "GemmaForCausalLM", "Phi3ForCausalLM", "Starcoder2ForCausalLM",
@@ -176,7 +176,7 @@ def _read_chat_meta(export_dir: Path) -> tuple[ChatFormat, str | None]:
         raise ExportError(f"{path}: cannot read the training format ({e}); export the checkpoint again") from None
 
 
-def export_gguf(export_dir: str | Path, gguf_type: str | None = "f16", ollama: bool = False, force: bool = False,
+def export_gguf(export_dir: str | Path, gguf_type: str = "f16", ollama: bool = False, force: bool = False,
                 converter_dir: str | Path | None = None) -> list[Path]:
     """Add a GGUF file (and an Ollama Modelfile) to an mft Hugging Face export.
 
