@@ -268,6 +268,35 @@ def test_bad_data_fails_before_the_model_loads(assets, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_tasks_from_datasets_files_train_and_resume_as_jsonl(assets, tmp_path):
+    """The same two tasks as Parquet (chat_rounds column) and as a save_to_disk directory read through a column
+    mapping train exactly as their JSONL files do, and a run stopped at step 2 resumes to the same step 4."""
+    datasets = pytest.importorskip("datasets")
+    add, upper = (Path(p) / "train.jsonl" for p in assets["data_paths"])
+    datasets.Dataset.from_json(str(add)).to_parquet(str(tmp_path / "add.parquet"))
+    rows = [json.loads(line) for line in upper.read_text().splitlines()]
+    datasets.Dataset.from_list([{"question": r["prompt"], "solution": r["answer"]} for r in rows]).save_to_disk(
+        str(tmp_path / "upper_saved"))
+    tables = [str(tmp_path / "add.parquet"),
+              {"path": str(tmp_path / "upper_saved"), "name": "upper",
+               "columns": {"prompt": "question", "answer": "solution"}}]
+    jsonl_cfg = _config(assets, tmp_path, "jsonl", save_every_n_steps=2, eval_every_n_steps=2)
+    cfg = _config(assets, tmp_path, save_every_n_steps=2, eval_every_n_steps=2, **{"data.data_paths": tables})
+    _run(LORA_RECIPE, jsonl_cfg, f"output_dir={tmp_path / 'jsonl'}")
+    _run(LORA_RECIPE, cfg)
+    straight, resumed = tmp_path / "out", tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(straight / "step_2", resumed / "step_2")
+    _run(LORA_RECIPE, cfg, f"output_dir={resumed}", "resume=auto")
+    losses = {r["step"]: r["loss"] for r in _records(tmp_path / "jsonl", "train")}
+    assert {r["step"]: r["loss"] for r in _records(straight, "train")} == losses
+    assert [(r["step"], r["loss"]) for r in _records(resumed, "train")] == [(3, losses[3]), (4, losses[4])]
+    a, b = ck.load_checkpoint_weights(tmp_path / "jsonl" / "step_4"), ck.load_checkpoint_weights(resumed / "step_4")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.slow
 def test_a_run_prints_no_library_noise(assets, tmp_path):
     """`mft run` of a QLoRA config (torchao loads) with a loader worker: stderr holds neither torchdata's `set_vital`
     deprecation warning nor torchao's `Failed to load ..._C...so` lines."""
