@@ -240,6 +240,8 @@ def test_gguf_refusals_before_any_work(tmp_path, capsys):
     (export / "mft_chat_format.json").write_text(json.dumps({"chat_format": {"template": "hf"}, "eos_token": "</s>"}))
     assert _mft("export", export, "--ollama") == 2
     assert "trained with template: hf" in capsys.readouterr().err
+    assert _mft("export", export, "--gguf", "-o", tmp_path / "elsewhere") == 2
+    assert "is an export, not a checkpoint: --gguf / --ollama add to it in place" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------------------------
