@@ -170,6 +170,24 @@ def test_byte_level_bpe_tokenizer_smollm2(tmp_path, smollm2_dir, converter, caps
     _check_gguf(tmp_path / "out", "model-f16.gguf", torch.float16, "llama")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("family,tokenizer,gguf_architecture", [
+    ("mistral", "sentencepiece", "llama"),  # llama.cpp runs Mistral as its llama architecture
+    ("starcoder2", "smollm2", "starcoder2"),
+])
+def test_other_shipped_families(family, tokenizer, gguf_architecture, tmp_path, sp_tokenizer_dir, smollm2_dir,
+                                converter, capsys):
+    """More families transformers' GGUF loader reads back (StarCoder2: LayerNorm, biases; llama.cpp converts it
+    only with a byte-level BPE tokenizer it recognises, so SmolLM2's)."""
+    tokenizer_dir = sp_tokenizer_dir if tokenizer == "sentencepiece" else smollm2_dir
+    vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
+    base = make_tiny_model_dir(tmp_path / "base", family=family, vocab_size=vocab, tokenizer_dir=tokenizer_dir, seed=3)
+    ck, _ = train_and_save(base, tmp_path / "run", "lora", target_modules="all-linear")
+    shutil.copytree(base, tmp_path / "other")
+    assert _mft("export", ck, "--output", tmp_path / "out", "--gguf") == 0, capsys.readouterr().err
+    _check_gguf(tmp_path / "out", "model-f16.gguf", torch.float16, gguf_architecture)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Refusals: messages, not tracebacks
 # ----------------------------------------------------------------------------------------------------------------
@@ -222,6 +240,8 @@ def test_gguf_refusals_before_any_work(tmp_path, capsys):
     (export / "mft_chat_format.json").write_text(json.dumps({"chat_format": {"template": "hf"}, "eos_token": "</s>"}))
     assert _mft("export", export, "--ollama") == 2
     assert "trained with template: hf" in capsys.readouterr().err
+    assert _mft("export", export, "--gguf", "-o", tmp_path / "elsewhere") == 2
+    assert "is an export, not a checkpoint: --gguf / --ollama add to it in place" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------------------------

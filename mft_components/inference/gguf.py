@@ -228,10 +228,11 @@ def convert_export_dir(args: argparse.Namespace) -> bool:
         return False
     if args.adapter_only:
         raise ExportError("--gguf / --ollama convert the merged model; they cannot go with --adapter-only")
-    if args.checkpoint_dir is None or args.output is not None:
+    if args.checkpoint_dir is None or not (Path(args.checkpoint_dir) / _CHAT_FORMAT_FILE).is_file():
         return False
-    if not (Path(args.checkpoint_dir) / _CHAT_FORMAT_FILE).is_file():
-        return False
+    if args.output is not None:
+        raise ExportError(f"{args.checkpoint_dir} is an export, not a checkpoint: --gguf / --ollama add to it in "
+                          f"place, so drop --output {args.output}")
     for path in export_gguf(args.checkpoint_dir, args.gguf_type, args.ollama, args.force):
         print(f"mft export: wrote {path}")
     return True
