@@ -9,7 +9,8 @@ __all__ = ["OUTPUT_DTYPE_NAMES", "GGUF_TYPES", "add_arguments", "add_gguf_argume
 
 # The --dtype choices: the keys of shards.OUTPUT_DTYPES (tests/test_cli.py checks they agree).
 OUTPUT_DTYPE_NAMES = ("auto", "bf16", "fp16", "fp32")
-# GGUF weight types `mft export --gguf-type` writes with llama.cpp's converter (gguf.py).
+# llama.cpp's --outtype values we offer: lossless halves and its 8-bit block quantisation (the others are k-quants
+# made by llama-quantize, a compiled tool, or ternary types for models trained for them).
 GGUF_TYPES = ("f16", "bf16", "q8_0")
 
 

@@ -35,8 +35,6 @@ from mft_components.inference.export_args import GGUF_TYPES
 __all__ = ["GGUF_TYPES", "MODELFILE", "gguf_file_name", "check_convertible", "convert_to_gguf", "ollama_template",
            "modelfile_text", "export_gguf", "convert_export_dir", "convert_after_export"]
 
-# llama.cpp's --outtype values we offer: lossless halves and its 8-bit block quantisation (the others are k-quants
-# made by llama-quantize, a compiled tool, or ternary types for models trained for them).
 MODELFILE = "Modelfile"
 _CHAT_FORMAT_FILE = "mft_chat_format.json"  # export.CHAT_FORMAT_FILE, repeated: export.py imports this module
 # The families the README lists as tested, named in a refusal (the converter knows ~280 architecture names).
