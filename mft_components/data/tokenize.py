@@ -36,7 +36,9 @@ from mft_components.distributed import get_rank, get_world_size, is_distributed,
 __all__ = ["TRUNCATION_MODES", "CACHE_VERSION", "check_truncation", "tokenizer_fingerprint", "tokenize_files"]
 
 TRUNCATION_MODES = ("drop", "truncate")
-CACHE_VERSION = 3  # 2: empty assistant content and lone surrogates are bad records; 3: text records end "\n<EOS>"
+# 2: empty assistant content and lone surrogates are bad records; 3: text records end "\n<EOS>"; 4: checksummed
+# entries, max_record_bytes in the key (a v3 entry would read as damaged: a new key skips it quietly)
+CACHE_VERSION = 4
 # Conversations up to this many bytes in total are tokenised in-process: forking workers costs more than it saves.
 _IN_PROCESS_BYTES = 1 << 20
 _CHUNK_BYTES = 1 << 20
