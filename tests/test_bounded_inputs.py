@@ -252,3 +252,19 @@ def test_a_file_size_limit_is_named_like_a_full_disk(smollm2_dir, tmp_path):
     assert (f"mft export: error: a file would exceed this process's file-size limit (ulimit -f): writing the export "
             f"into {tmp_path} needs about 25.5 MB") in proc.stderr, proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_run_whose_checkpoint_fills_the_disk_stops_with_a_message(full_disk, smollm2_dir, tmp_path, capsys):
+    from tests.test_recipes import _config, _write_tasks
+    from tests.tiny_models import make_tiny_model_dir
+
+    model = make_tiny_model_dir(tmp_path / "model", "llama", tokenizer_dir=smollm2_dir)
+    assets = {"model_dir": str(model), "data_paths": _write_tasks(tmp_path / "data", n=6)}
+    cfg = _config(assets, tmp_path, max_steps=1, output_dir=str(full_disk / "out"))
+    (full_disk / "filler").write_bytes(b"\0" * (512 * 1024 - 48 * 1024))  # room for metrics, not a checkpoint
+    assert cli.main(["run", "lora_finetune_distributed", "--config", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert f"error: the disk is full: writing checkpoint step_1 into {full_disk / 'out'} needs about 0.1 MB" in err, err
+    assert "Traceback" not in err
+    assert not [p for p in (full_disk / "out").iterdir() if p.name.startswith("step_")]

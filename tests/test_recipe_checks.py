@@ -45,6 +45,12 @@ def assets(tmp_path_factory, smollm2_dir):
     (no_eos / "tokenizer_config.json").write_text(json.dumps({
         **json.loads((model / "tokenizer_config.json").read_text()), "eos_token": None}))
     (root / "a_file").write_text("not a directory")
+    huge = root / "huge_header"  # a safetensors header claiming a 1 TB tensor, in a file of a few bytes
+    huge.mkdir()
+    shutil.copy(model / "config.json", huge)
+    header = json.dumps({"lm_head.weight": {"dtype": "F32", "shape": [1 << 20, 1 << 18], "data_offsets": [0, 1 << 40]}})
+    header = header.encode() + b" " * (-len(header) % 8)
+    (huge / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 64)
     config = root / "cfg.yaml"
     config.write_text(yaml.safe_dump({
         "output_dir": str(root / "out"),
@@ -109,6 +115,8 @@ BAD_SETTINGS = [
     ("model.lora.alpha=1e308", "model.lora.alpha: 1e+308 gives a LoRA scale alpha / rank of 2.5e+307; expected a scale "
                                "up to 10000 (alpha is usually 1-2x the rank: rank 4, alpha 8)"),
     ("model.lora.alpha=strong", "'model.lora.alpha' is 'strong': expected a number"),
+    ("model.model_dir={root}/huge_header", "model.model_dir: {root}/huge_header/model.safetensors: its header "
+                                           "describes 1,099,511,627,776 bytes of tensors (1,099.5 GB), the file holds 64"),
     ("data.data_paths=null", "data.data_paths: expected a list of task directories or .jsonl files, got None"),
     ("output_dir={root}/a_file/run", "'output_dir' is '{root}/a_file/run': it is under {root}/a_file, a file"),
 ]

@@ -38,7 +38,8 @@ __all__ = ["TRUNCATION_MODES", "CACHE_VERSION", "check_truncation", "tokenizer_f
 
 TRUNCATION_MODES = ("drop", "truncate")
 # 2: empty assistant content and lone surrogates are bad records; 3: text records end "\n<EOS>"; 4: messages /
-# conversations records are read (a file of them was cached as all bad records before), data.max_record_bytes
+# conversations records are read (a file of them was cached as all bad records before), checksummed entries,
+# max_record_bytes in the key (a v3 entry would read as damaged: a new key skips it quietly)
 CACHE_VERSION = 4
 # Conversations up to this many bytes in total are tokenised in-process: forking workers costs more than it saves.
 _IN_PROCESS_BYTES = 1 << 20
