@@ -126,3 +126,14 @@ def test_bad_options_name_the_key(tmp_path, smollm2_tokenizer, kwargs, key):
     options = {"max_length": 32, "max_prompt_length": 16, **kwargs}
     with pytest.raises(DataError, match=key):
         build_preference_data(smollm2_tokenizer, data_paths=[str(tmp_path / "t.jsonl")], **options)
+
+
+def test_fingerprint_follows_the_pairs(tmp_path, smollm2_tokenizer):
+    """What precomputed reference log-probs are keyed to: the same data gives the same key, one changed answer
+    another."""
+    path = _write(tmp_path / "t.jsonl", [TRL_TEXT, {**TRL_TEXT, "chosen": "three"}])
+    options = dict(data_paths=[str(path)], valid_ratio=0, max_length=32, max_prompt_length=16)
+    first = build_preference_data(smollm2_tokenizer, **options).fingerprint()
+    assert build_preference_data(smollm2_tokenizer, **options).fingerprint() == first
+    _write(path, [TRL_TEXT, {**TRL_TEXT, "chosen": "3!"}])
+    assert build_preference_data(smollm2_tokenizer, **options).fingerprint() != first

@@ -11,6 +11,7 @@ task -> packed rows -> each rank's micro-batches. Data flows one way, down this 
     build.py      build_mft_data, the ``data:`` node's builder: every option checked before a record is read
     stats.py      per-task statistics and their table
     report.py     the ``mft data`` command
+    preference_records.py, preference.py   preference pairs (the preference recipe's data): shapes, pairs, rows
 
 The names of the flat ``data.py`` this package replaced are all here.
 """
@@ -24,8 +25,10 @@ from mft_components.data.packing import PACKING_MODES, collate, pack_samples
 from mft_components.data.sampling import TASK_SAMPLING_MODES, LoaderStateError, build_train_loader, build_valid_loader
 from mft_components.data.build import BAD_RECORD_MODES, build_mft_data, resolve_data_config
 from mft_components.data.stats import STAT_KEYS, format_stats, task_stats, total_stats
+from mft_components.data.preference import PreferenceData, build_preference_data
 
 __all__ = ["DataError", "parse_prompt_rounds", "parse_record", "ChatFormat", "discover_tasks", "TRUNCATION_MODES",
            "tokenizer_fingerprint", "MFTData", "Sample", "PACKING_MODES", "collate", "pack_samples",
            "TASK_SAMPLING_MODES", "LoaderStateError", "build_train_loader", "build_valid_loader", "BAD_RECORD_MODES",
-           "build_mft_data", "resolve_data_config", "STAT_KEYS", "format_stats", "task_stats", "total_stats"]
+           "build_mft_data", "resolve_data_config", "STAT_KEYS", "format_stats", "task_stats", "total_stats",
+           "PreferenceData", "build_preference_data"]

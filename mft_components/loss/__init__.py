@@ -19,6 +19,7 @@ from mft_components.loss.cross_entropy import (
     loss_token_index,
 )
 from mft_components.loss.coba import CoBa
+from mft_components.loss.preference import PREFERENCE_LOSSES, PreferenceLoss
 from mft_components.loss.task_weighted import (
     LOSS_MODE_ALIASES,
     LOSS_MODES,
@@ -29,4 +30,4 @@ from mft_components.loss.task_weighted import (
 
 __all__ = ["CROSS_ENTROPY_KERNELS", "IGNORE_INDEX", "LOSS_INDEX", "PROJECTION_DTYPES", "check_label_range",
            "chunked_cross_entropy", "loss_token_index", "CoBa", "LOSS_MODE_ALIASES", "LOSS_MODES", "StepCounts",
-           "TaskWeightedLoss", "task_loss_sums"]
+           "TaskWeightedLoss", "task_loss_sums", "PREFERENCE_LOSSES", "PreferenceLoss"]
