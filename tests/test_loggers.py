@@ -64,7 +64,8 @@ def test_wandb_and_mlflow_get_every_series_and_a_resume_continues_the_same_runs(
     """Two steps, then a resume to four: one W&B run id and one MLflow run, holding what metrics.jsonl holds."""
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))  # no `wandb login` either
+    monkeypatch.setenv("HOME", str(tmp_path))
     out = tmp_path / "out"
     cfg = _config(assets, tmp_path, max_steps=2, eval_every_n_steps=2, save_every_n_steps=2,
                   metric_loggers=["wandb", "mlflow"])
