@@ -61,13 +61,16 @@ def test_flatten_metrics_gives_each_task_its_own_series():
 
 def test_wandb_and_mlflow_get_every_series_and_a_resume_continues_the_same_runs(assets, tmp_path, monkeypatch,
                                                                                  capsys):
-    """Two steps, then a resume to four: one W&B run id and one MLflow run, holding what metrics.jsonl holds."""
+    """Two steps, then a resume to four: one W&B run id and one MLflow run, holding what metrics.jsonl holds; the
+    best checkpoint as a W&B artifact (asked for)."""
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))  # no `wandb login` either
+    monkeypatch.setenv("HOME", str(tmp_path))
     out = tmp_path / "out"
     cfg = _config(assets, tmp_path, max_steps=2, eval_every_n_steps=2, save_every_n_steps=2,
-                  metric_loggers=["wandb", "mlflow"])
+                  metric_loggers=[{"_component_": "mft_components.training.loggers.WandBLogger",
+                                   "log_artifact": True}, "mlflow"])
     _run(LORA_RECIPE, cfg)
     assert "wandb has no API key" in capsys.readouterr().err  # offline, and says so
     _run(LORA_RECIPE, cfg, "max_steps=4", "resume=auto")
@@ -102,6 +105,10 @@ def test_wandb_and_mlflow_get_every_series_and_a_resume_continues_the_same_runs(
                                         capture_output=True, text=True, check=True, timeout=60).stdout)
     assert summary["summary"]["steps"] == 4 and summary["summary"]["best_step"] == evals[-1]["best_step"]
     assert summary["state"] == "finished"
+    (artifact,) = [rec["artifact"] for rec in _wandb_records(run_files[1]) if rec["type"] == "artifact"]
+    files = {entry["path"] for entry in artifact["manifest"]["contents"]}
+    assert artifact["type"] == "model" and "adapter_model.safetensors" in files  # the best checkpoint's weights
+    assert not any(name.startswith("recipe_state") for name in files)
 
 
 class RaisingLogger:

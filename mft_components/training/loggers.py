@@ -150,7 +150,7 @@ def _wandb_api_key_configured() -> bool:
         return True
     host = urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
     try:
-        return netrc.netrc().authenticators(host) is not None
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
     except (OSError, netrc.NetrcParseError):
         return False
 
@@ -438,7 +438,7 @@ class ExternalLoggers:
             self._loggers.remove(logger)
             print(f"warning: metric_loggers: {logger.key} failed {when} ({type(e).__name__}: {e}); it is off for the "
                   f"rest of the run (metrics.jsonl keeps every value)", file=sys.stderr, flush=True)
-            if method != "finish" and method != "start":
+            if method not in ("start", "finish"):  # a started run is closed, marked failed
                 try:
                     logger.finish(False)
                 except Exception:  # noqa: BLE001 - already reported
