@@ -314,9 +314,9 @@ class Sandbox:
             fds.remove(token_w)
             argv = [self.python, "-c", _DRIVER, str(token_r), str(verdict_w)]
             if self.mode == "bwrap" and uid is not None:
-                argv.append(str(uid))  # bubblewrap runs as root (it binds what only root reaches); the driver drops
+                argv += [str(uid), home]  # bubblewrap runs as root (it binds what only root reaches); the driver drops
             if self.mode == "bwrap":
-                argv = [*bwrap_arguments(self.hide, self.expose, home), *argv]
+                argv = [*bwrap_arguments(self.hide, self.expose, home, driver_enters=uid is not None), *argv]
             with tempfile.TemporaryFile() as out:
                 cfg = {"argv": argv, "cwd": home, "env": self._environment(home, env),
                        "rlimits": self._rlimits(timeout), "timeout": timeout + (10.0 if probe else 0.0),
