@@ -132,12 +132,19 @@ def test_bwrap_read_only_filesystem_and_no_network(bwrap_sandbox, tmp_path):
             f"import os\nos.remove({str(victim)!r})",
             f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)",
             "import os\nopen('mine.txt', 'w').write('ok')\nassert open(os.path.expanduser('~/mine.txt')).read() == 'ok'",
+            # what it sees is read-only: outside, the program's uid would get "Permission denied" instead
+            "open('/usr/mft-sandbox-probe', 'w').write('x')",
+            "import os\nos.remove('/etc/passwd')",
         ])
     finally:
         server.close()
-    write_r, remove_r, net_r, own_r = results
-    assert write_r.status == "failed" and "Read-only file system" in write_r.reason
-    assert remove_r.status == "failed" and "Read-only file system" in remove_r.reason
+    write_r, remove_r, net_r, own_r, create_r, unlink_r = results
+    # tmp_path is under the hidden /tmp: the program does not even see it
+    assert write_r.status == "failed" and "No such file or directory" in write_r.reason
+    assert remove_r.status == "failed" and "No such file or directory" in remove_r.reason
+    assert create_r.status == "failed" and "Read-only file system" in create_r.reason
+    assert unlink_r.status == "failed" and "Read-only file system" in unlink_r.reason
+    assert not os.path.exists("/usr/mft-sandbox-probe")
     assert net_r.status == "failed" and "Error" in net_r.reason
     assert own_r.passed, own_r.output
     assert not outside.exists() and victim.read_text() == "precious"
