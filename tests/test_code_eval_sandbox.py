@@ -150,6 +150,41 @@ def test_bwrap_read_only_filesystem_and_no_network(bwrap_sandbox, tmp_path):
     assert not outside.exists() and victim.read_text() == "precious"
 
 
+def test_bwrap_hides_secrets_and_runs_as_its_own_uid(bwrap_sandbox):
+    """Under bubblewrap (started as root: the driver drops): the program is its own uid without capabilities, in
+    its own run directory, and sees no /etc/shadow, no home but the interpreter bound back, no checkout and no
+    output_dir."""
+    import tempfile
+
+    if os.geteuid() != 0:
+        pytest.skip("the uid switch is root's")
+    checkout = Path(__file__).resolve().parents[1]
+    interpreter_dirs = {p for p in bwrap_sandbox.expose}
+    # what /root holds that the interpreter does not need (its path's first component under /root is bound back)
+    root_secrets = [str(p) for p in Path("/root").iterdir()
+                    if not any(d == str(p) or d.startswith(str(p) + "/") for d in interpreter_dirs)]
+    out = Path(tempfile.mkdtemp(dir="/run"))  # an output_dir outside the hidden /tmp
+    try:
+        (out / "metrics.jsonl").write_text("secret")
+        bwrap_sandbox.hide_also(out)
+        program = (
+            "import os, sys\n"
+            "assert 64000 <= os.getuid() < 65000 and os.getgid() == os.getuid() and os.getgroups() == [], os.getuid()\n"
+            "caps = [l for l in open('/proc/self/status') if l.startswith(('CapEff', 'CapPrm'))]\n"
+            "assert all(int(l.split()[1], 16) == 0 for l in caps), caps\n"
+            "assert os.getcwd() == os.path.expanduser('~') and os.path.exists('program.py'), os.getcwd()\n"
+            # /dev/null bound over it (a device on a nodev mount: even root there could not read it), or empty
+            "import stat\nst = os.stat('/etc/shadow')\nassert stat.S_ISCHR(st.st_mode) or st.st_size == 0, st\n"
+            f"assert not any(os.path.exists(p) for p in {root_secrets!r}), os.listdir('/root')\n"
+            f"assert sys.executable == {bwrap_sandbox.python!r}\n"
+            f"assert not os.path.exists({str(checkout / 'pyproject.toml')!r})\n"
+            f"assert not os.path.exists({str(out / 'metrics.jsonl')!r})\n")
+        result = bwrap_sandbox.run(program)
+    finally:
+        shutil.rmtree(out)
+    assert result.passed, (result.reason, result.output)
+
+
 def test_bad_interpreter():
     with pytest.raises(SandboxError, match="python: /nonexistent/python"):
         Sandbox(python="/nonexistent/python")
