@@ -200,7 +200,7 @@ class Sandbox:
         """One line saying how programs are isolated here (printed by every evaluation)."""
         if self.mode == "bwrap":
             parts = ["bubblewrap (read-only filesystem but the program's directory; homes, checkout, output_dir "
-                     "hidden; no network; own pid namespace)"]
+                     "and /tmp hidden; no network; own pid, ipc, uts namespaces: only its own processes)"]
         elif self.mode == "namespaces":
             parts = ["namespaces (own pid, mount, network, ipc, uts namespaces: only its own processes, no network; "
                      "homes, checkout, output_dir and /tmp hidden; read-only filesystem but the program's directory)"]
