@@ -259,9 +259,11 @@ def test_isolation_modes_are_refused_by_name_when_they_cannot_start():
         auto.close()
 
 
-def test_namespaces_for_a_user_other_than_root(tmp_path):
-    """isolation: namespaces started by an unprivileged user (a user namespace keeps its uid): the program sees only
-    its own processes, cannot write the checkout, and cannot undo the mounts that hide the rest."""
+@pytest.mark.parametrize("isolation", ["namespaces", "bwrap"])
+def test_namespaces_for_a_user_other_than_root(tmp_path, isolation):
+    """isolation: namespaces / bwrap started by an unprivileged user (a user namespace keeps its uid): the program
+    sees only its own processes, cannot write the checkout (under bwrap the tmpfs over it would be its own uid's,
+    were it not read-only), and cannot undo the mounts that hide the rest."""
     system_python = "/usr/bin/python3"
     if os.geteuid() != 0 or not os.access(system_python, os.X_OK):
         pytest.skip(f"needs root (to become nobody) and {system_python} (the venv's interpreter is under /root)")
@@ -273,7 +275,7 @@ def test_namespaces_for_a_user_other_than_root(tmp_path):
               "from mft_components.code_eval.sandbox import Limits, Sandbox, SandboxError\n"
               "try:\n"
               f"    sb = Sandbox(python={system_python!r}, workers=1, limits=Limits(timeout_s=10, max_processes=16),\n"
-              "                 isolation='namespaces')\n"
+              f"                 isolation={isolation!r})\n"
               "except SandboxError as e:\n    print('SKIP', e)\n    raise SystemExit(0)\n"
               f"print(sb.isolation)\nfor r in sb.run_many({programs!r}):\n"
               "    print(r.status, r.reason)\nsb.close()\n")
@@ -287,7 +289,7 @@ def test_namespaces_for_a_user_other_than_root(tmp_path):
                           timeout=120, cwd="/", env={"PATH": "/usr/bin:/bin", "HOME": "/"})
     lines = proc.stdout.splitlines()
     if lines and lines[0].startswith("SKIP"):
-        pytest.skip(f"namespaces are not permitted to a user other than root here: {lines[0]}")
+        pytest.skip(f"{isolation} is not permitted to a user other than root here: {lines[0]}")
     assert "; this user's uid, its own session and supervisor;" in lines[0], proc.stdout + proc.stderr[-2000:]
     assert lines[1] == "passed passed"
     assert lines[2].startswith("failed OSError: [Errno 30] Read-only file system")

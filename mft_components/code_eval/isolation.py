@@ -166,16 +166,19 @@ def bwrap_arguments(hide: list[str], expose: list[str], run_dir: str,
     for secret in ("/etc/shadow", "/etc/gshadow", "/etc/sudoers"):
         if os.path.isfile(secret):
             args += ["--ro-bind", "/dev/null", secret]
+    # the tmpfs over homes, the checkout and output_dir read-only once the binds are in (where this is not root,
+    # the program's own uid owns them), as the namespaces mode remounts them; /tmp and co. stay writable
+    read_only = [a for h in top if h not in _SHARED_TMP for a in ("--remount-ro", h)]
     if driver_enters:
         # bubblewrap started as root, the driver drops to the program's uid: no user namespace (--unshare-all's
         # would map only uid 0, and setuid to the program's uid would fail there); and no --chdir: bubblewrap
         # changes directory with its capabilities dropped, which the run directory (mode 0700, the program's
         # uid's) refuses; the driver enters it once it is that uid
         unshare = ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try"]
-        return args + [*parents(run_dir), "--bind", run_dir, run_dir, "--chdir", "/", *unshare, "--die-with-parent",
-                       "--new-session"]
-    return args + [*parents(run_dir), "--bind", run_dir, run_dir, "--chdir", run_dir, "--unshare-all", "--die-with-parent",
-                   "--new-session"]
+        return args + [*parents(run_dir), "--bind", run_dir, run_dir, *read_only, "--chdir", "/", *unshare,
+                       "--die-with-parent", "--new-session"]
+    return args + [*parents(run_dir), "--bind", run_dir, run_dir, *read_only, "--chdir", run_dir, "--unshare-all",
+                   "--die-with-parent", "--new-session"]
 
 
 def tasks_of(uid: int) -> int:
