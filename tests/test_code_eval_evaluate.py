@@ -105,16 +105,32 @@ def test_select_by_pass_at_1_resumes_exactly(assets, tmp_path):  # noqa: F811
         (step, metrics["pass@1"]) for step, metrics in a["code_evaluator"].values()] == [(4, 0.0), (2, 0.0)]
 
 
+def _strongest_isolation() -> str:
+    """auto where bubblewrap or namespaces start (bubblewrap here and in CI), else process."""
+    from mft_components.code_eval.sandbox import Sandbox, SandboxError
+
+    try:
+        Sandbox(workers=1, isolation="auto").close()
+        return "auto"
+    except SandboxError:
+        return "process"
+
+
 def test_code_evaluation_leaves_training_unchanged(assets, tmp_path):  # noqa: F811
     """Sampled answers use their own RNG stream and the model goes back to train mode with its own attention:
-    a run with code evaluations trains exactly as one without (dropout on, so the RNG would show)."""
+    a run with code evaluations trains exactly as one without (dropout on, so the RNG would show); under the
+    strongest isolation here, which the trainer starts with output_dir hidden."""
+    isolation = _strongest_isolation()
     code = {"tasks": {"sums": _eval_file(tmp_path / "sums.jsonl")}, "every_n_steps": 1, "max_new_tokens": 4,
-            "num_samples": 2, "isolation": "process"}
+            "num_samples": 2, "isolation": isolation}
     plain = _config(assets, tmp_path, name="plain", **{"model.lora.dropout": 0.2})
     with_code = _config(assets, tmp_path, name="code", eval={"code": code}, **{"model.lora.dropout": 0.2})
     _run(LORA_RECIPE, plain, f"output_dir={tmp_path / 'a'}")
     _run(LORA_RECIPE, with_code, f"output_dir={tmp_path / 'b'}")
     assert [r["step"] for r in _records(tmp_path / "b", "code_eval")] == [0, 1, 2, 3, 4]
+    if isolation == "auto" and shutil.which("bwrap"):
+        reported = ck.read_checkpoint_meta(tmp_path / "b" / "step_4")["code_eval"]["isolation"]
+        assert reported.startswith("bubblewrap") and "instead of" not in reported, reported
     assert [r["loss"] for r in _records(tmp_path / "a", "train")] == [r["loss"] for r in _records(tmp_path / "b", "train")]
     a, b = ck.load_checkpoint_weights(tmp_path / "a" / "step_4"), ck.load_checkpoint_weights(tmp_path / "b" / "step_4")
     for k in a:

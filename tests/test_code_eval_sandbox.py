@@ -132,15 +132,57 @@ def test_bwrap_read_only_filesystem_and_no_network(bwrap_sandbox, tmp_path):
             f"import os\nos.remove({str(victim)!r})",
             f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)",
             "import os\nopen('mine.txt', 'w').write('ok')\nassert open(os.path.expanduser('~/mine.txt')).read() == 'ok'",
+            # what it sees is read-only: outside, the program's uid would get "Permission denied" instead
+            "open('/usr/mft-sandbox-probe', 'w').write('x')",
+            "import os\nos.remove('/etc/passwd')",
         ])
     finally:
         server.close()
-    write_r, remove_r, net_r, own_r = results
-    assert write_r.status == "failed" and "Read-only file system" in write_r.reason
-    assert remove_r.status == "failed" and "Read-only file system" in remove_r.reason
+    write_r, remove_r, net_r, own_r, create_r, unlink_r = results
+    # tmp_path is under the hidden /tmp: the program does not even see it
+    assert write_r.status == "failed" and "No such file or directory" in write_r.reason
+    assert remove_r.status == "failed" and "No such file or directory" in remove_r.reason
+    assert create_r.status == "failed" and "Read-only file system" in create_r.reason
+    assert unlink_r.status == "failed" and "Read-only file system" in unlink_r.reason
+    assert not os.path.exists("/usr/mft-sandbox-probe")
     assert net_r.status == "failed" and "Error" in net_r.reason
     assert own_r.passed, own_r.output
     assert not outside.exists() and victim.read_text() == "precious"
+
+
+def test_bwrap_hides_secrets_and_runs_as_its_own_uid(bwrap_sandbox):
+    """Under bubblewrap (started as root: the driver drops): the program is its own uid without capabilities, in
+    its own run directory, and sees no /etc/shadow, no home but the interpreter bound back, no checkout and no
+    output_dir."""
+    import tempfile
+
+    if os.geteuid() != 0:
+        pytest.skip("the uid switch is root's")
+    checkout = Path(__file__).resolve().parents[1]
+    interpreter_dirs = {p for p in bwrap_sandbox.expose}
+    # what /root holds that the interpreter does not need (its path's first component under /root is bound back)
+    root_secrets = [str(p) for p in Path("/root").iterdir()
+                    if not any(d == str(p) or d.startswith(str(p) + "/") for d in interpreter_dirs)]
+    out = Path(tempfile.mkdtemp(dir="/run"))  # an output_dir outside the hidden /tmp
+    try:
+        (out / "metrics.jsonl").write_text("secret")
+        bwrap_sandbox.hide_also(out)
+        program = (
+            "import os, sys\n"
+            "assert 64000 <= os.getuid() < 65000 and os.getgid() == os.getuid() and os.getgroups() == [], os.getuid()\n"
+            "caps = [l for l in open('/proc/self/status') if l.startswith(('CapEff', 'CapPrm'))]\n"
+            "assert all(int(l.split()[1], 16) == 0 for l in caps), caps\n"
+            "assert os.getcwd() == os.path.expanduser('~') and os.path.exists('program.py'), os.getcwd()\n"
+            # /dev/null bound over it (a device on a nodev mount: even root there could not read it), or empty
+            "import stat\nst = os.stat('/etc/shadow')\nassert stat.S_ISCHR(st.st_mode) or st.st_size == 0, st\n"
+            f"assert not any(os.path.exists(p) for p in {root_secrets!r}), os.listdir('/root')\n"
+            f"assert sys.executable == {bwrap_sandbox.python!r}\n"
+            f"assert not os.path.exists({str(checkout / 'pyproject.toml')!r})\n"
+            f"assert not os.path.exists({str(out / 'metrics.jsonl')!r})\n")
+        result = bwrap_sandbox.run(program)
+    finally:
+        shutil.rmtree(out)
+    assert result.passed, (result.reason, result.output)
 
 
 def test_bad_interpreter():
@@ -217,9 +259,11 @@ def test_isolation_modes_are_refused_by_name_when_they_cannot_start():
         auto.close()
 
 
-def test_namespaces_for_a_user_other_than_root(tmp_path):
-    """isolation: namespaces started by an unprivileged user (a user namespace keeps its uid): the program sees only
-    its own processes, cannot write the checkout, and cannot undo the mounts that hide the rest."""
+@pytest.mark.parametrize("isolation", ["namespaces", "bwrap"])
+def test_namespaces_for_a_user_other_than_root(tmp_path, isolation):
+    """isolation: namespaces / bwrap started by an unprivileged user (a user namespace keeps its uid): the program
+    sees only its own processes, cannot write the checkout (under bwrap the tmpfs over it would be its own uid's,
+    were it not read-only), and cannot undo the mounts that hide the rest."""
     system_python = "/usr/bin/python3"
     if os.geteuid() != 0 or not os.access(system_python, os.X_OK):
         pytest.skip(f"needs root (to become nobody) and {system_python} (the venv's interpreter is under /root)")
@@ -231,7 +275,7 @@ def test_namespaces_for_a_user_other_than_root(tmp_path):
               "from mft_components.code_eval.sandbox import Limits, Sandbox, SandboxError\n"
               "try:\n"
               f"    sb = Sandbox(python={system_python!r}, workers=1, limits=Limits(timeout_s=10, max_processes=16),\n"
-              "                 isolation='namespaces')\n"
+              f"                 isolation={isolation!r})\n"
               "except SandboxError as e:\n    print('SKIP', e)\n    raise SystemExit(0)\n"
               f"print(sb.isolation)\nfor r in sb.run_many({programs!r}):\n"
               "    print(r.status, r.reason)\nsb.close()\n")
@@ -245,7 +289,7 @@ def test_namespaces_for_a_user_other_than_root(tmp_path):
                           timeout=120, cwd="/", env={"PATH": "/usr/bin:/bin", "HOME": "/"})
     lines = proc.stdout.splitlines()
     if lines and lines[0].startswith("SKIP"):
-        pytest.skip(f"namespaces are not permitted to a user other than root here: {lines[0]}")
+        pytest.skip(f"{isolation} is not permitted to a user other than root here: {lines[0]}")
     assert "; this user's uid, its own session and supervisor;" in lines[0], proc.stdout + proc.stderr[-2000:]
     assert lines[1] == "passed passed"
     assert lines[2].startswith("failed OSError: [Errno 30] Read-only file system")

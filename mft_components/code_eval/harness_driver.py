@@ -1,7 +1,8 @@
 """The harness inside the sandbox: runs an answer's code, then its tests, and only then reports the verdict.
 
-Run by the eval interpreter as ``python -c <this file's source> TOKEN_FD VERDICT_FD [UID]`` (standard library
-only: the eval interpreter need not have mft; UID: the uid to become first, under bubblewrap started as root).
+Run by the eval interpreter as ``python -c <this file's source> TOKEN_FD VERDICT_FD [UID RUN_DIR]`` (standard
+library only: the eval interpreter need not have mft; UID: the uid to become first, under bubblewrap started as
+root, then RUN_DIR the directory to enter).
 A verdict is the one line ``TOKEN<TAB>passed|failed<TAB>run<TAB>failures<TAB>errors<TAB>skipped<TAB>reason``
 written to the verdict pipe after every test has run; the sandbox believes nothing else, not the exit status: an
 answer that leaves early (``sys.exit(0)``, ``posix._exit(0)``, ``os.execv``, ctypes' ``exit``, an exiting
@@ -238,6 +239,7 @@ def _main():
     token_fd, verdict_fd = int(sys.argv[1]), int(sys.argv[2])
     if len(sys.argv) > 3:
         _drop_to(int(sys.argv[3]))
+        os.chdir(sys.argv[4])  # as that uid: the run directory is its own, mode 0700
     chunks = []
     while True:
         chunk = os.read(token_fd, 4096)

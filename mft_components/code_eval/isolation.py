@@ -132,25 +132,53 @@ def reachable_by_others(paths: list[str]) -> bool:
     return True
 
 
-def bwrap_arguments(hide: list[str], expose: list[str], run_dir: str) -> list[str] | None:
+def bwrap_arguments(hide: list[str], expose: list[str], run_dir: str,
+                    driver_enters: bool = False) -> list[str] | None:
     """bubblewrap's arguments up to the program: ``/`` read-only, the hidden paths as empty tmpfs with the exposed
     ones bound back, the run directory writable, no network, own pid / ipc / uts namespaces; None where not
-    installed."""
+    installed. ``driver_enters``: started as root, the harness driver becomes the program's uid and enters
+    ``run_dir`` itself."""
     bwrap = shutil.which("bwrap")
     if bwrap is None:
         return None
     args = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
     top = [h for h in hide if not any(o != h and _under(h, o) for o in hide)]
     for h in top:
-        args += ["--tmpfs", h]
+        # the shared temporary directories as the namespaces mode makes them: writable by every uid, sticky
+        args += ["--perms", "1777" if h in _SHARED_TMP else "0755", "--tmpfs", h]
+    made: set[str] = set()
+
+    def parents(path: str) -> list[str]:
+        # bubblewrap makes a bind target's missing parents mode 0700, which the program's uid cannot traverse
+        root = next((h for h in top if _under(path, h)), None)
+        if root is None:
+            return []
+        out, d = [], os.path.dirname(path)
+        while d != root and _under(d, root) and d not in made:
+            made.add(d)
+            out.append(d)
+            d = os.path.dirname(d)
+        return [a for d in reversed(out) for a in ("--perms", "0755", "--dir", d)]
+
     for p in expose:
         if any(_under(p, h) for h in top):
-            args += ["--ro-bind", p, p]
+            args += [*parents(p), "--ro-bind", p, p]
     for secret in ("/etc/shadow", "/etc/gshadow", "/etc/sudoers"):
         if os.path.isfile(secret):
             args += ["--ro-bind", "/dev/null", secret]
-    return args + ["--bind", run_dir, run_dir, "--chdir", run_dir, "--unshare-all", "--die-with-parent",
-                   "--new-session"]
+    # the tmpfs over homes, the checkout and output_dir read-only once the binds are in (where this is not root,
+    # the program's own uid owns them), as the namespaces mode remounts them; /tmp and co. stay writable
+    read_only = [a for h in top if h not in _SHARED_TMP for a in ("--remount-ro", h)]
+    if driver_enters:
+        # bubblewrap started as root, the driver drops to the program's uid: no user namespace (--unshare-all's
+        # would map only uid 0, and setuid to the program's uid would fail there); and no --chdir: bubblewrap
+        # changes directory with its capabilities dropped, which the run directory (mode 0700, the program's
+        # uid's) refuses; the driver enters it once it is that uid
+        unshare = ["--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try"]
+        return args + [*parents(run_dir), "--bind", run_dir, run_dir, *read_only, "--chdir", "/", *unshare,
+                       "--die-with-parent", "--new-session"]
+    return args + [*parents(run_dir), "--bind", run_dir, run_dir, *read_only, "--chdir", run_dir, "--unshare-all",
+                   "--die-with-parent", "--new-session"]
 
 
 def tasks_of(uid: int) -> int:

@@ -200,7 +200,7 @@ class Sandbox:
         """One line saying how programs are isolated here (printed by every evaluation)."""
         if self.mode == "bwrap":
             parts = ["bubblewrap (read-only filesystem but the program's directory; homes, checkout, output_dir "
-                     "hidden; no network; own pid namespace)"]
+                     "and /tmp hidden; no network; own pid, ipc, uts namespaces: only its own processes)"]
         elif self.mode == "namespaces":
             parts = ["namespaces (own pid, mount, network, ipc, uts namespaces: only its own processes, no network; "
                      "homes, checkout, output_dir and /tmp hidden; read-only filesystem but the program's directory)"]
@@ -314,9 +314,9 @@ class Sandbox:
             fds.remove(token_w)
             argv = [self.python, "-c", _DRIVER, str(token_r), str(verdict_w)]
             if self.mode == "bwrap" and uid is not None:
-                argv.append(str(uid))  # bubblewrap runs as root (it binds what only root reaches); the driver drops
+                argv += [str(uid), home]  # bubblewrap runs as root (it binds what only root reaches); the driver drops
             if self.mode == "bwrap":
-                argv = [*bwrap_arguments(self.hide, self.expose, home), *argv]
+                argv = [*bwrap_arguments(self.hide, self.expose, home, driver_enters=uid is not None), *argv]
             with tempfile.TemporaryFile() as out:
                 cfg = {"argv": argv, "cwd": home, "env": self._environment(home, env),
                        "rlimits": self._rlimits(timeout), "timeout": timeout + (10.0 if probe else 0.0),
