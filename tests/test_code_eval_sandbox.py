@@ -315,3 +315,23 @@ def test_uid_leases_are_exclusive_and_the_output_dir_is_hidden(tmp_path):
         assert str((tmp_path / "out").resolve()) in sb.hide
     finally:
         sb.close()
+
+
+def test_validate_tries_bubblewrap_as_a_run_would(tmp_path, monkeypatch):
+    """`mft validate` finds a bubblewrap that is installed but does not start (as root it once never did: every
+    run with isolation: bwrap was refused while validate passed); auto then falls back to namespaces."""
+    from mft_components.code_eval.options import CodeEvalOptions
+
+    fake = tmp_path / "bin" / "bwrap"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'bwrap: No permissions to create new namespace' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    tasks = {"t": "humaneval"}
+    problems = dict(CodeEvalOptions.value_problems({"tasks": tasks, "isolation": "bwrap"}))
+    assert problems["isolation"].startswith("bwrap: cannot start here"), problems
+    assert "No permissions to create new namespace" in problems["isolation"]
+    auto = dict(CodeEvalOptions.value_problems({"tasks": tasks, "isolation": "auto"}))
+    from mft_components.code_eval.isolation import namespaces_problem
+
+    assert ("isolation" in auto) == (namespaces_problem(sys.executable) is not None), auto

@@ -131,17 +131,25 @@ class CodeEvalOptions:
         choices = ["loss", "pass@1"] + [f"pass@{k}" for k in ks if isinstance(k, int) and k >= 2]
         if opts["select_by"] not in choices:
             out.append(("select_by", f"is {opts['select_by']!r}: expected one of {', '.join(choices)}"))
-        if opts["python"] is not None and shutil.which(str(opts["python"])) is None:
+        python_ok = opts["python"] is None or shutil.which(str(opts["python"])) is not None
+        if not python_ok:
             out.append(("python", f"{opts['python']!r} is not an executable interpreter"))
         if opts["isolation"] == "bwrap" and shutil.which("bwrap") is None:
             out.append(("isolation", "bwrap: `bwrap` is not installed (apt-get install bubblewrap), or use auto"))
         if opts["isolation"] not in ("auto", "bwrap", "namespaces", "process"):
             out.append(("isolation", f"is {opts['isolation']!r}: expected auto, bwrap, namespaces or process"))
-        elif opts["isolation"] == "namespaces" or (opts["isolation"] == "auto" and shutil.which("bwrap") is None):
+        elif opts["isolation"] == "bwrap" and shutil.which("bwrap") and python_ok:
+            problem = bwrap_problem(opts["python"])
+            if problem:
+                out.append(("isolation", problem.removeprefix("isolation: ")))
+        elif opts["isolation"] == "namespaces" or (opts["isolation"] == "auto" and (
+                shutil.which("bwrap") is None or (python_ok and bwrap_problem(opts["python"])))):
             problem = namespaces_problem(shutil.which(str(opts["python"] or "")) or sys.executable)
             if problem:
                 out.append(("isolation", f"{opts['isolation']}: Linux namespaces are not permitted here ({problem})"
-                                         + ("" if opts["isolation"] == "namespaces" else " and bwrap is not installed")
+                                         + ("" if opts["isolation"] == "namespaces" else
+                                            " and bwrap is not installed" if shutil.which("bwrap") is None else
+                                            " and bwrap does not start")
                                          + "; install bubblewrap, or ask for the weakest isolation: process"))
         return out
 
@@ -157,3 +165,15 @@ class CodeEvalOptions:
         if problems:
             raise CodeEvalError("\n".join(f"eval.code.{k}: {p}" for k, p in problems))
         return cls(**section)
+
+
+def bwrap_problem(python: str | None) -> str | None:
+    """Why ``isolation: bwrap`` does not start here (None: it gives a verdict), found as a run finds it: the
+    sandbox's own probe program (bubblewrap installed is not enough: as root it once never started)."""
+    from mft_components.code_eval.sandbox import Sandbox, SandboxError
+
+    try:
+        Sandbox(python=python, workers=1, isolation="bwrap").close()
+    except SandboxError as e:
+        return str(e)
+    return None
