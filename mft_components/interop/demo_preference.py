@@ -31,7 +31,7 @@ __all__ = ["DEMO_PAIR_TASKS", "demo_pair_problems", "build_demo_pairs", "format_
 
 DEMO_PAIR_TASKS = ("pandas_solution", "polars_solution")
 DEMO_PAIR_SPLIT = "val"
-DEMO_PAIR_PROBLEMS = 8
+DEMO_PAIR_PROBLEMS = 6
 
 
 def demo_pair_problems(out_dir: str | Path, problems: int = DEMO_PAIR_PROBLEMS, split: str = DEMO_PAIR_SPLIT,
@@ -53,7 +53,7 @@ def demo_pair_problems(out_dir: str | Path, problems: int = DEMO_PAIR_PROBLEMS, 
             for t in DEMO_PAIR_TASKS}
 
 
-def build_demo_pairs(model: str | Path, out_dir: str | Path, num_samples: int = 2, max_new_tokens: int = 160,
+def build_demo_pairs(model: str | Path, out_dir: str | Path, num_samples: int = 2, max_new_tokens: int = 128,
                      problems: int = DEMO_PAIR_PROBLEMS) -> dict:
     """The demo's pairs: eval files in ``out_dir/problems``, pairs in ``out_dir/TASK.jsonl`` (see module doc)."""
     out_dir = Path(out_dir)
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="the SFT demo's exported model (outputs/demo/exported)")
     p.add_argument("-o", "--output", required=True, help="directory for the pairs")
     p.add_argument("--num-samples", type=int, default=2)
-    p.add_argument("--max-new-tokens", type=int, default=160)
+    p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--problems", type=int, default=DEMO_PAIR_PROBLEMS, help="problems per task")
     r = sub.add_parser("report", help="per-task reward accuracy before and after the DPO stage")
     r.add_argument("train_dir", help="the DPO stage's output_dir")
