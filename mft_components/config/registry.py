@@ -28,7 +28,7 @@ RECIPE_CONFIGS: dict[str, tuple[str, ...]] = {
         "mixtral_qlora",
     ),
     "full_finetune_distributed": ("qwen_full",),
-    "preference_finetune_distributed": ("qwen_dpo",),
+    "preference_finetune_distributed": ("qwen_dpo", "demo_dpo"),
 }
 
 
