@@ -32,6 +32,7 @@ from mft_components.models.lora import (
     peft_adapter_config,
 )
 from mft_components.models import build_model
+from mft_components.models.expert_lora import lora_target_parameters
 from mft_components.data.templates import ChatFormat
 from tests.tiny_models import TINY_CONFIGS, make_tiny_model_dir
 
@@ -95,7 +96,8 @@ def train_and_save(base_dir: Path, out_root: Path, method: str, *, use_rslora: b
     else:
         weights = adapter_to_peft_state_dict(get_adapter_state_dict(model))
         adapter_config = peft_adapter_config(base_dir, lora["rank"], lora["alpha"], lora["dropout"],
-                                             lora_target_names(model.hf_model), use_rslora)
+                                             lora_target_names(model.hf_model), use_rslora,
+                                             lora_target_parameters(model.hf_model))
         path = ckpt.save_checkpoint(out_root, 7, weights=weights, meta=meta, adapter_config=adapter_config)
     return path, model
 

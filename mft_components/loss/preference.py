@@ -145,6 +145,11 @@ class PreferenceLoss:
         self._weights: list[float] | None = None
         self.router_aux_loss_coef = 0.0
 
+    def resolve_router_aux_loss_coef(self, model_config, moe: bool) -> str:
+        """The SFT loss's hook (the recipe calls it once the model is built): preference losses add no
+        load-balancing term, as TRL's DPOTrainer does not unless asked; said for the log of a MoE model."""
+        return "loss.router_aux_loss_coef: 0 (the preference losses add no router load-balancing loss)"
+
     @property
     def needs_reference(self) -> bool:
         return self.preference not in REFERENCE_FREE
