@@ -62,7 +62,7 @@ explicit mask of the picture, the reference the tests compare every attention wi
 from __future__ import annotations
 
 from bisect import bisect_left, insort
-from typing import Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -71,7 +71,7 @@ from mft_components.data.dataset import Sample
 from mft_components.data.records import DataError
 
 __all__ = ["PACKING_MODES", "PAD_MULTIPLE", "check_packing", "pack_samples", "pack_lengths", "packing_efficiency",
-           "collate"]
+           "collate", "collate_sequences"]
 
 PACKING_MODES = ("pack", "padding")
 # Padded lengths are rounded up to a multiple of 8: tensor-core friendly and fewer distinct shapes.
@@ -212,6 +212,14 @@ def collate(
     Raises:
         ValueError: a row is longer than ``pad_to``.
     """
+    return collate_sequences(rows, lambda s: ((s.input_ids, s.loss_mask, s.task_id),), pad_to=pad_to, pad_id=pad_id)
+
+
+def collate_sequences(rows: Sequence[Sequence[Any] | None], sequences: Callable[[Any], Iterable[tuple]], *,
+                      pad_to: int | None = None, pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """``collate`` for rows of items that each hold one or more sequences back to back: ``sequences(item)`` gives
+    ``(ids, loss_mask, task_id)`` per sequence (a preference pair: chosen, then rejected), each its own sample;
+    ``item.input_ids`` is all of them (the row's length)."""
     lengths = [sum(len(s.input_ids) for s in row) if row else 0 for row in rows]
     longest = max(lengths, default=0)
     if pad_to is None:
@@ -227,19 +235,19 @@ def collate(
     next_sample = 0
     for b, row in enumerate(rows):
         start = 0
-        for s in row or ():
-            ids = np.asarray(s.input_ids, dtype=np.int64)
-            mask = np.asarray(s.loss_mask, dtype=bool)
-            n, end = len(ids), start + len(ids)
-            input_ids[b, start:end] = ids
-            # Shift inside the sample: the prediction at t targets token t+1 if that token carries loss. The
-            # last token of a sample predicts nothing (its label stays -100), so no label crosses samples.
-            labels[b, start : end - 1] = np.where(mask[1:], ids[1:], IGNORE_INDEX)
-            position_ids[b, start:end] = np.arange(n)
-            sample_ids[b, start:end] = next_sample
-            task_ids[b, start:end] = int(s.task_id)
-            next_sample += 1
-            start = end
+        for item in row or ():
+            for ids, mask, task_id in sequences(item):
+                ids, mask = np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=bool)
+                n, end = len(ids), start + len(ids)
+                input_ids[b, start:end] = ids
+                # Shift inside the sample: the prediction at t targets token t+1 if that token carries loss. The
+                # last token of a sample predicts nothing (its label stays -100), so no label crosses samples.
+                labels[b, start : end - 1] = np.where(mask[1:], ids[1:], IGNORE_INDEX)
+                position_ids[b, start:end] = np.arange(n)
+                sample_ids[b, start:end] = next_sample
+                task_ids[b, start:end] = int(task_id)
+                next_sample += 1
+                start = end
     return {
         "input_ids": torch.from_numpy(input_ids),
         "labels": torch.from_numpy(labels),

@@ -34,7 +34,7 @@ import torch
 
 from mft_components.data.build import _raise_problems, resolve_data_config
 from mft_components.data.dataset import MFTData, split_task
-from mft_components.data.packing import IGNORE_INDEX, PAD_MULTIPLE, _round_up
+from mft_components.data.packing import collate_sequences
 from mft_components.data.preference_records import parse_preference_record
 from mft_components.data.records import BadRecord, DataError, decode_record
 from mft_components.data.templates import ChatFormat
@@ -119,46 +119,17 @@ def collate_pairs(rows: Sequence[Sequence[PairSample] | None], *, pad_to: int | 
     """The batch dict of ``packing.collate`` (shifted labels, position ids restarting per sequence, sample ids,
     task ids) for rows of whole pairs, plus per pair: ``pair_task_ids`` and ``pair_index`` (its index in its
     split, the key of precomputed reference log-probs), both int64 [P]."""
-    lengths = [sum(len(s.input_ids) for s in row) if row else 0 for row in rows]
-    longest = max(lengths, default=0)
-    if pad_to is None:
-        pad_to = max(_round_up(longest, PAD_MULTIPLE), PAD_MULTIPLE)
-    elif longest > pad_to:
-        raise ValueError(f"a row has {longest} tokens but the micro-batch is padded to {pad_to} (data.seq_len)")
-    shape = (len(rows), pad_to)
-    input_ids = np.full(shape, pad_id, dtype=np.int64)
-    labels = np.full(shape, IGNORE_INDEX, dtype=np.int64)
-    position_ids = np.zeros(shape, dtype=np.int64)
-    sample_ids = np.full(shape, -1, dtype=np.int64)
-    task_ids = np.full(shape, -1, dtype=np.int64)
-    pair_tasks, pair_index = [], []
-    next_sample = 0
-    for b, row in enumerate(rows):
-        start = 0
-        for pair in row or ():
-            ids_all = np.asarray(pair.input_ids, dtype=np.int64)
-            mask_all = np.asarray(pair.loss_mask, dtype=bool)
-            for a, z in ((0, pair.chosen_len), (pair.chosen_len, len(ids_all))):
-                ids, mask = ids_all[a:z], mask_all[a:z]
-                end = start + len(ids)
-                input_ids[b, start:end] = ids
-                labels[b, start:end - 1] = np.where(mask[1:], ids[1:], IGNORE_INDEX)
-                position_ids[b, start:end] = np.arange(len(ids))
-                sample_ids[b, start:end] = next_sample
-                task_ids[b, start:end] = int(pair.task_id)
-                next_sample += 1
-                start = end
-            pair_tasks.append(int(pair.task_id))
-            pair_index.append(int(pair.index))
-    return {
-        "input_ids": torch.from_numpy(input_ids),
-        "labels": torch.from_numpy(labels),
-        "position_ids": torch.from_numpy(position_ids),
-        "sample_ids": torch.from_numpy(sample_ids),
-        "task_ids": torch.from_numpy(task_ids),
-        "pair_task_ids": torch.tensor(pair_tasks, dtype=torch.int64),
-        "pair_index": torch.tensor(pair_index, dtype=torch.int64),
-    }
+    batch = collate_sequences(rows, _pair_sequences, pad_to=pad_to, pad_id=pad_id)
+    pairs = [pair for row in rows for pair in row or ()]
+    batch["pair_task_ids"] = torch.tensor([int(p.task_id) for p in pairs], dtype=torch.int64)
+    batch["pair_index"] = torch.tensor([int(p.index) for p in pairs], dtype=torch.int64)
+    return batch
+
+
+def _pair_sequences(pair: PairSample) -> tuple[tuple, tuple]:
+    """A pair's two sequences (chosen, then rejected), each its own sample in the batch."""
+    ids, mask, c = pair.input_ids, pair.loss_mask, pair.chosen_len
+    return (ids[:c], mask[:c], pair.task_id), (ids[c:], mask[c:], pair.task_id)
 
 
 @dataclass
