@@ -58,7 +58,7 @@ def main() -> None:
         tasks = {t: str(root / f"{t}.jsonl") for t in DEMO_EVAL_TASKS}
     options = CodeEvalOptions(tasks=tasks, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                               max_problems=args.max_problems, timeout_s=30)
-    problems = load_tasks(options.tasks, options.max_problems)
+    problems = load_tasks(options)
     torch_threads = torch.get_num_threads()
     sandbox = make_sandbox(options)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

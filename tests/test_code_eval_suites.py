@@ -238,3 +238,14 @@ def test_stricter_than_dataframebench_evaluator_on_early_exits(sandbox, datafram
     ours = sandbox.run(problem.program(suites.extract_code(answer)))
     assert theirs is True
     assert ours.status == "failed" and ours.reason == "SystemExit(0) before the tests finished"
+
+
+def test_eval_code_timeout_replaces_the_suites_default():
+    """``eval.code.timeout_s`` (`mft eval` / `mft pairs --timeout-s`) replaces a suite's default timeout; null keeps
+    the suite's (HumanEval 10 s)."""
+    from mft_components.code_eval.evaluate import load_tasks
+
+    default = load_tasks(CodeEvalOptions(tasks={"h": "humaneval"}, max_problems=2))
+    assert [p.timeout_s for p in default["h"]] == [suites.SUITE_TIMEOUTS_S["humaneval"]] * 2
+    given = load_tasks(CodeEvalOptions(tasks={"h": "humaneval"}, max_problems=2, timeout_s=3.5))
+    assert [p.timeout_s for p in given["h"]] == [3.5, 3.5]

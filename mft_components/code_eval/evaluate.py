@@ -58,14 +58,14 @@ class CodeEvalResult:
     records: list[dict]
 
 
-def load_tasks(tasks: dict[str, str], max_problems: int | None = None,
-               timeout_s: float | None = None) -> dict[str, list[Problem]]:
-    """Each task's problems (the first ``max_problems``); ``timeout_s`` replaces the suites' default timeouts."""
-    out = {name: load_task(source)[:max_problems] for name, source in tasks.items()}
-    if timeout_s is not None:
+def load_tasks(options: CodeEvalOptions) -> dict[str, list[Problem]]:
+    """Each task's problems (the first ``options.max_problems``); ``options.timeout_s``, when set, replaces the
+    suites' default timeouts (taking the options whole: no caller can drop the user's timeout)."""
+    out = {name: load_task(source)[:options.max_problems] for name, source in options.tasks.items()}
+    if options.timeout_s is not None:
         for problems in out.values():
             for p in problems:
-                p.timeout_s = timeout_s
+                p.timeout_s = options.timeout_s
     return out
 
 
@@ -253,7 +253,7 @@ class CodeEvaluator:
         self.logger = self.progress = self.output_dir = self.early_stopping = None
         if self.enabled:
             try:
-                self.tasks = load_tasks(options.tasks, options.max_problems, options.timeout_s)
+                self.tasks = load_tasks(options)
                 self.sandbox = make_sandbox(options)
             except (EvalSetError, SandboxError) as e:
                 raise CodeEvalError(str(e)) from e
@@ -418,7 +418,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         options = options_from_arguments(args, suite_tasks(args.suite, args.task))
-        problems = load_tasks(options.tasks, options.max_problems, options.timeout_s)
+        problems = load_tasks(options)
         sandbox = make_sandbox(options)
         gm = load_model(args.model, args.template, args.dtype, args.device, args.trust_remote_code)
     except (ValueError, SandboxError, GenerateError) as e:  # CodeEvalError, EvalSetError are ValueErrors

@@ -220,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
         if out_dir.exists() and not out_dir.is_dir():
             raise ValueError(f"--output {out_dir}: is a file; expected a directory (it is created if missing)")
         options = options_from_arguments(args, suite_tasks(args.suite, args.task), _OPTIONS)
-        tasks = load_tasks(options.tasks, options.max_problems)
+        tasks = load_tasks(options)
         sandbox = make_sandbox(options)
         gm = load_model(args.model, args.template, args.dtype, args.device, args.trust_remote_code)
     except (ValueError, SandboxError, GenerateError) as e:  # CodeEvalError, EvalSetError are ValueErrors

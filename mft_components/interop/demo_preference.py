@@ -61,7 +61,7 @@ def build_demo_pairs(model: str | Path, out_dir: str | Path, num_samples: int = 
     options = CodeEvalOptions.from_config({"tasks": {t: str(f) for t, f in files.items()}, "num_samples": num_samples,
                                            "temperature": 1.0, "max_new_tokens": max_new_tokens, "batch_size": 8,
                                            "timeout_s": 30, "isolation": "auto"})
-    tasks = load_tasks(options.tasks)
+    tasks = load_tasks(options)
     sandbox = make_sandbox(options)
     try:
         gm = load_model(str(model), None, "fp32", "cpu")

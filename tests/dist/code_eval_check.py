@@ -55,7 +55,7 @@ def main(model_dir: str, eval_file: str) -> None:
     # The whole evaluation: greedy and sampled answers split over ranks, verdicts gathered on every rank.
     options = CodeEvalOptions(tasks={"t": eval_file}, num_samples=2, max_new_tokens=4, batch_size=2, timeout_s=5,
                               isolation="process")  # (what is checked here is the gathering, not the isolation)
-    tasks = load_tasks(options.tasks)
+    tasks = load_tasks(options)
     result = evaluate_code(model, tok, fmt, tasks, options, make_sandbox(options))
     n = len(tasks["t"])
     assert len(result.records) == 3 * n, len(result.records)
