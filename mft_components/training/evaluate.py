@@ -146,6 +146,15 @@ class Evaluator:
         not a candidate for the best checkpoint (there is no checkpoint of step 0).
         """
         result = evaluate(model, self.valid_batches, self.task_names, self.device, self.forward_kwargs)
+        improved = self.record(step, result, track)
+        self.logger.log("eval", step, {**result.to_dict(), "best_step": self.early_stopping.best_step})
+        per_task = "  ".join(f"{t} {v:.3f}" for t, v in result.task_loss.items())
+        self.progress.write(f"step {step} eval loss {result.loss:.4f}{' (best)' if improved else ''}: {per_task}")
+        return improved
+
+    def record(self, step: int, result, track: bool) -> bool:
+        """Early stopping, ``best`` and ``last`` (or, untracked, the step-0 ``reference``) for a finished
+        evaluation; True on a new best. Shared by the evaluators of every recipe."""
         improved = track and self.early_stopping.update(step, result.loss)
         if improved:
             self.best = result
@@ -153,9 +162,6 @@ class Evaluator:
             self.last = (step, result)
         else:
             self.reference = result
-        self.logger.log("eval", step, {**result.to_dict(), "best_step": self.early_stopping.best_step})
-        per_task = "  ".join(f"{t} {v:.3f}" for t, v in result.task_loss.items())
-        self.progress.write(f"step {step} eval loss {result.loss:.4f}{' (best)' if improved else ''}: {per_task}")
         return improved
 
     def state_dict(self) -> dict[str, Any]:

@@ -89,13 +89,7 @@ class PreferenceEvaluator(Evaluator):
     def run(self, model, step: int, track: bool = True) -> bool:
         result, metrics = evaluate_preference(model, self.valid_batches, self.loss_fn, self.device,
                                               self.reference_fn)
-        improved = track and self.early_stopping.update(step, result.loss)
-        if improved:
-            self.best = result
-        if track:
-            self.last = (step, result)
-        else:
-            self.reference = result
+        improved = self.record(step, result, track)
         self.logger.log("eval", step, {**metrics, "best_step": self.early_stopping.best_step})
         per_task = "  ".join(f"{t} acc {metrics.get(f'accuracy/{t}', math.nan):.2f}" for t in result.task_loss)
         self.progress.write(f"step {step} eval loss {result.loss:.4f} reward accuracy "
