@@ -34,13 +34,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+from mft_components.assets.cache import file_sha256  # noqa: E402 (after the path it is found on)
 
 
 def tensors(path: Path) -> dict[str, tuple[str, tuple[int, ...], str]]:
@@ -123,7 +117,7 @@ def main() -> None:
                 hand_t.append(timed([sys.executable, str(converter / "convert_hf_to_gguf.py"), str(out),
                                      "--outtype", gguf_type, "--outfile", str(by_hand)]))
             (ow, oc), (hw, hc) = [tuple(min(x[i] for x in t) for i in (0, 1)) for t in (ours_t, hand_t)]
-            same_bytes = sha256(ours) == sha256(by_hand)
+            same_bytes = file_sha256(ours) == file_sha256(by_hand)
             same_tensors = tensors(ours) == tensors(by_hand)
             print(f"| {gguf_type} | {ow:.1f} / {oc:.1f} s | {hw:.1f} / {hc:.1f} s | {ow / hw:.2f}x / {oc / hc:.2f}x | "
                   f"{ours.stat().st_size / 2**20:.1f} MiB | {'yes' if same_bytes else 'no'} | "

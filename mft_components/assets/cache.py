@@ -8,6 +8,7 @@ inside the temporary directory: a directory that exists under its final name is 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["MARKER", "cache_root", "build_atomically", "run_pip"]
+__all__ = ["MARKER", "cache_root", "build_atomically", "run_pip", "file_sha256"]
 
 MARKER = "mft_ready.json"
 
@@ -72,3 +73,9 @@ def run_pip(*args: str) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"`{' '.join(cmd)}` failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The hex SHA-256 of a file's bytes, read in blocks (checkpoint records, resume fingerprints, pinned downloads)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -20,14 +20,13 @@ environment's torch, numpy, sentencepiece and transformers. ``make gguf`` fills 
 from __future__ import annotations
 
 import ast
-import hashlib
 import json
 import sys
 import tarfile
 import tempfile
 from pathlib import Path
 
-from mft_components.assets.cache import MARKER, build_atomically, cache_root, run_pip
+from mft_components.assets.cache import MARKER, build_atomically, cache_root, file_sha256, run_pip
 
 __all__ = ["LLAMA_CPP_PYTHON_VERSION", "LLAMA_CPP_COMMIT", "prepare_llama_cpp_converter", "converter_architectures"]
 
@@ -41,14 +40,6 @@ _KEEP = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/gguf/", "LICENSE")
 _ARCHITECTURES = "architectures.json"  # what the converter registers, listed when the cache is filled
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _download_sdist(into: Path) -> Path:
     requirement = into / "requirements.txt"
     requirement.write_text(f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} --hash=sha256:{_SDIST_SHA256}\n")
@@ -57,7 +48,7 @@ def _download_sdist(into: Path) -> Path:
     run_pip("download", "--no-deps", "--no-binary", ":all:", "--require-hashes", "-r", str(requirement),
             "-d", str(into))
     sdist = into / _SDIST
-    if not sdist.is_file() or _sha256(sdist) != _SDIST_SHA256:
+    if not sdist.is_file() or file_sha256(sdist) != _SDIST_SHA256:
         raise RuntimeError(f"{sdist}: missing or not the pinned sdist (sha256 {_SDIST_SHA256})")
     return sdist
 
@@ -89,7 +80,7 @@ def prepare_llama_cpp_converter(cache_dir: str | Path | None = None) -> Path:
                 # The "data" filter (no links out, no devices) where this Python has it (3.10.12+, 3.11.4+).
                 safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
                 tar.extractall(tmp, members=members, **safe)
-        if _sha256(tmp / "convert_hf_to_gguf.py") != _CONVERTER_SHA256:
+        if file_sha256(tmp / "convert_hf_to_gguf.py") != _CONVERTER_SHA256:
             raise RuntimeError(f"{sdist}: convert_hf_to_gguf.py is not the pinned file (sha256 {_CONVERTER_SHA256})")
         (tmp / _ARCHITECTURES).write_text(json.dumps(_registered_architectures(tmp)) + "\n")
         return {"llama_cpp_python": LLAMA_CPP_PYTHON_VERSION, "llama_cpp_commit": LLAMA_CPP_COMMIT,

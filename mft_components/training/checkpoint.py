@@ -28,7 +28,6 @@ state: ``state.gather_training_state``) and calls :func:`save_checkpoint` on ran
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -42,6 +41,7 @@ import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 from safetensors.torch import load_file, save_file
 
+from mft_components.assets.cache import file_sha256
 from mft_components.device import disk_full, tensor_bytes
 from mft_components.distributed import decided_by_rank0
 from mft_components.models.lora import hf_key, peft_to_adapter_state_dict
@@ -176,13 +176,8 @@ def _save_full_weights(tmp: Path, weights: dict[str, torch.Tensor], model_config
 
 def _file_record(directory: Path) -> dict[str, dict[str, Any]]:
     """``{file name: {"size", "sha256"}}`` of every file in ``directory`` (the checkpoint's consistency record)."""
-    return {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+    return {p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)}
             for p in sorted(directory.iterdir()) if p.is_file() and p.name != META_FILE}
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _umask() -> int:
@@ -468,7 +463,7 @@ def verify_checkpoint(ckpt_dir: str | os.PathLike, *, resumable: bool = False) -
         if size != want.get("size"):
             raise CheckpointError(f"{path}: {size:,} bytes, the record in {META_FILE} says {want.get('size'):,} "
                                   f"(truncated, emptied or replaced after the checkpoint was written)")
-        if _sha256(path) != want.get("sha256"):
+        if file_sha256(path) != want.get("sha256"):
             raise CheckpointError(f"{path}: its content differs from the record in {META_FILE} (sha256): corrupted, "
                                   f"or replaced by another checkpoint's file")
     return meta

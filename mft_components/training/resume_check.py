@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mft_components.assets.cache import file_sha256
 from mft_components.config.core import COMPONENT_KEY, ConfigError, import_object
 from mft_components.data.records import DataError
 from mft_components.data.tasks import discover_tasks
@@ -194,7 +195,7 @@ def run_record(config: dict, hash_data: bool = True) -> dict[str, Any]:
         for name in _TOKENIZER_FILES:
             file = Path(os.path.expanduser(str(path))) / name
             if file.is_file():
-                files.update(f"{name}\0{_sha256(file)}\0".encode())
+                files.update(f"{name}\0{file_sha256(file)}\0".encode())
         record["tokenizer"] = {"path": str(path), "files_sha256": files.hexdigest()}
     paths = _builder_arg(config.get("data"), "mft_components.data.build_mft_data", "data_paths")
     if paths:
@@ -208,7 +209,7 @@ def run_record(config: dict, hash_data: bool = True) -> dict[str, Any]:
             # one task per entry, in order; a `datasets` task is its data files
             roots = [Path(os.path.expanduser(str(p["path"] if isinstance(p, dict) else p))) for p in paths]
             record["tasks"] = {name: [{"path": str(f), "name": _name_in(f, root), "size": f.stat().st_size,
-                                       "sha256": _sha256(f)}
+                                       "sha256": file_sha256(f)}
                                       for f in _data_files(files)]
                                for root, (name, files) in zip(roots, tasks.items())}
     return record
@@ -235,11 +236,6 @@ def _builder_arg(node: Any, builder: str, name: str) -> Any:
         except (ConfigError, ImportError):
             pass
     return None
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 # ------------------------------------------------------------------------------------------ comparing
